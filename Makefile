@@ -1,0 +1,40 @@
+# Every target works on a fresh clone: it creates .venv and installs what it needs.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+# torch first, pinned: on these machines 2.13.0 is a local CPU wheel; an unpinned torch
+# pulled in by another package would download a multi-GB CUDA build.
+TORCH  ?= torch==2.13.0
+
+.PHONY: test demo bench notebooks cuda-check clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q "$(TORCH)"
+	$(PIP) install -q -e ".[test,notebooks]"
+	touch $@
+
+# The whole test suite on CPU: parity against diffusers, loading, conversion, notebooks.
+test: $(VENV)/.installed
+	$(PY) -m pytest -q -m "not cuda" tests
+
+# The main job. MODEL=/path/to/Qwen-Image runs the real weights; without it a tiny random-weight
+# checkpoint in the official layout is written and run.
+demo: $(VENV)/.installed
+	$(PY) -m qwenimage_minimal demo $(if $(MODEL),--model "$(MODEL)")
+
+bench: $(VENV)/.installed
+	$(PY) benchmarks/bench_mmdit.py
+
+# Re-executes every notebook in place, so the committed outputs are current.
+notebooks: $(VENV)/.installed
+	$(VENV)/bin/jupyter nbconvert --to notebook --execute --inplace notebooks/*.ipynb
+
+# Needs a CUDA GPU and a Python with CUDA torch + diffusers (PYTHON=...); never part of CI.
+cuda-check:
+	PYTHON=$(PYTHON) bash benchmarks/cuda_check.sh
+
+clean:
+	rm -rf $(VENV) .pytest_cache out

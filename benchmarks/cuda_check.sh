@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# make cuda-check: parity in bf16 on a CUDA GPU against diffusers, then the benchmarks on it.
+# Uses the Python that has CUDA torch and diffusers (PYTHON=..., default python3); never part of CI.
+set -euo pipefail
+PY=${PYTHON:-python3}
+cd "$(dirname "$0")/.."
+$PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'cuda-check needs a CUDA GPU')"
+$PY -c "import diffusers, torch; print('torch', torch.__version__, '| diffusers', diffusers.__version__, '|', torch.cuda.get_device_name())"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+echo "== parity tests, bf16 on CUDA"
+$PY -m pytest -q -s -m cuda -p no:cacheprovider tests
+echo "== MMDiT block benchmark, bf16, 1024x1024 (4096 image + 256 text tokens)"
+$PY benchmarks/bench_mmdit.py --device cuda --dtype bf16 --img-tokens 4096 --txt-tokens 256 --repeats 20 --warmup 5 --skip-load ${BENCH_JSON:+--json "$BENCH_JSON"}
+echo "== MMDiT block benchmark, fp32, CPU-sized problem on the GPU (256 image + 32 text tokens)"
+$PY benchmarks/bench_mmdit.py --device cuda --dtype fp32 --repeats 20 --warmup 5 --skip-load

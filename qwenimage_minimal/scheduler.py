@@ -1,0 +1,169 @@
+"""The flow-matching Euler scheduler: which noise levels to visit, and how to step between them.
+
+Flow matching trains the model on straight paths between data and noise,
+
+    x_sigma = (1 - sigma) * x0 + sigma * noise,     sigma in [0, 1],
+
+so the velocity dx/dsigma = noise - x0 is what the MMDiT predicts. Sampling integrates that ODE
+from sigma = 1 (pure noise) to 0 with Euler steps: x <- x + (sigma_next - sigma) * v.
+
+Which sigmas? Start evenly spaced, sigma_k = linspace(1, 1/N, N), then *shift* them towards 1
+(more steps at high noise), by more for bigger images, since a bigger image at the same sigma
+still shows more of its structure. Qwen-Image uses the exponential shift
+
+    sigma' = e^mu / (e^mu + (1/sigma - 1)),     mu linear in the token count:
+    mu = 0.5 at 256 tokens (256 px) ... 0.9 at 8192 tokens (extrapolated beyond),
+
+then stretches the schedule so its last value is exactly `shift_terminal` (0.02), and appends 0.
+A constant shift s is the same formula with mu = ln s (Qwen-Image-Lightning uses s = 3).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from . import checkpoint as ckpt
+
+
+@dataclass
+class SchedulerConfig:
+    """Defaults are the official Qwen-Image scheduler/scheduler_config.json."""
+    num_train_timesteps: int = 1000
+    base_image_seq_len: int = 256
+    max_image_seq_len: int = 8192
+    base_shift: float = 0.5
+    max_shift: float = 0.9
+    shift_terminal: float | None = 0.02
+    use_dynamic_shifting: bool = True
+    shift: float = 1.0                       # used only when use_dynamic_shifting is False
+    time_shift_type: str = "exponential"
+
+    def __post_init__(self):
+        if self.time_shift_type not in ("exponential", "linear"):
+            raise ValueError(f"time_shift_type must be 'exponential' or 'linear', got {self.time_shift_type!r}")
+        if self.shift_terminal is not None and not 0 <= self.shift_terminal < 1:
+            raise ValueError(f"shift_terminal must be in [0, 1), got {self.shift_terminal}")
+
+
+def lightning_config() -> SchedulerConfig:
+    """Qwen-Image-Lightning (4/8-step distilled LoRAs): a constant shift of 3, no terminal stretch."""
+    return SchedulerConfig(base_shift=math.log(3), max_shift=math.log(3), shift_terminal=None)
+
+
+def compute_mu(image_seq_len: int, config: SchedulerConfig) -> float:
+    """mu grows linearly with the number of image tokens (interpolated, or extrapolated)."""
+    slope = (config.max_shift - config.base_shift) / (config.max_image_seq_len - config.base_image_seq_len)
+    return config.base_shift + slope * (image_seq_len - config.base_image_seq_len)
+
+
+def shift_sigmas(sigmas: torch.Tensor, mu: float, time_shift_type: str = "exponential") -> torch.Tensor:
+    """Push sigmas towards 1: s' = e^mu / (e^mu + 1/s - 1) (the "linear" variant uses mu for e^mu)."""
+    strength = math.exp(mu) if time_shift_type == "exponential" else mu
+    return strength / (strength + (1 / sigmas - 1))
+
+
+def stretch_to_terminal(sigmas: torch.Tensor, terminal: float) -> torch.Tensor:
+    """Rescale (1 - sigma) so the last sigma lands exactly on `terminal`; the first stays 1."""
+    one_minus = 1 - sigmas
+    return 1 - one_minus * (1 - terminal) / one_minus[-1]
+
+
+class FlowMatchEulerScheduler:
+    def __init__(self, config: SchedulerConfig | None = None):
+        self.config = config or SchedulerConfig()
+        self.sigmas: torch.Tensor | None = None     # (N + 1,) float32, decreasing, last = 0
+        self.timesteps: torch.Tensor | None = None  # (N,) = sigmas[:-1] * 1000, what the pipeline reports
+
+    def set_timesteps(self, num_inference_steps: int | None = None, image_seq_len: int | None = None,
+                      sigmas=None, device=None) -> torch.Tensor:
+        """Compute the schedule for `num_inference_steps` steps at `image_seq_len` image tokens.
+
+        `sigmas` replaces the default linspace(1, 1/N, N) before shifting, as in diffusers.
+        Computed in float64 and stored in float32 (the reference computes in float32; the two agree
+        to ~1e-7)."""
+        c = self.config
+        if sigmas is None:
+            if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+                raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}")
+            sigmas = torch.linspace(1.0, 1.0 / num_inference_steps, num_inference_steps, dtype=torch.float64)
+            sigmas = sigmas.to(torch.float32).to(torch.float64)  # the reference rounds its inputs to fp32
+        else:
+            sigmas = torch.as_tensor(sigmas, dtype=torch.float32).to(torch.float64)
+            if sigmas.ndim != 1 or len(sigmas) < 1 or not ((sigmas > 0) & (sigmas <= 1)).all():
+                raise ValueError("sigmas must be a non-empty 1-D sequence of values in (0, 1]")
+            if num_inference_steps is not None and num_inference_steps != len(sigmas):
+                raise ValueError(f"num_inference_steps={num_inference_steps} but {len(sigmas)} sigmas were given")
+
+        if c.use_dynamic_shifting:
+            if image_seq_len is None:
+                raise ValueError("image_seq_len is required: the shift depends on the number of image tokens "
+                                 "((height // 16) * (width // 16) for one image)")
+            sigmas = shift_sigmas(sigmas, compute_mu(image_seq_len, c), c.time_shift_type)
+        else:
+            sigmas = c.shift * sigmas / (1 + (c.shift - 1) * sigmas)
+        if c.shift_terminal and sigmas[-1] < 1:
+            # A one-step schedule is just [1]: there is nothing to stretch (diffusers divides 0 by 0
+            # here and returns NaN; we keep the single step at sigma = 1).
+            sigmas = stretch_to_terminal(sigmas, c.shift_terminal)
+
+        sigmas = sigmas.to(torch.float32)
+        self.timesteps = (sigmas * c.num_train_timesteps).to(device)
+        self.sigmas = torch.cat([sigmas, torch.zeros(1)]).to(device)
+        return self.timesteps
+
+    def step(self, velocity: torch.Tensor, step_index: int, sample: torch.Tensor) -> torch.Tensor:
+        """One Euler step from sigmas[i] to sigmas[i+1]: x + (sigma_next - sigma) * v.
+
+        The sum is taken in fp32 and cast back to the velocity's dtype. Like the reference, the
+        product dt * v stays in v's dtype (a 0-d fp32 tensor does not promote a bf16 one), so a
+        bf16 run matches diffusers bit for bit."""
+        if self.sigmas is None:
+            raise RuntimeError("call set_timesteps(...) before step(...)")
+        if not 0 <= step_index < len(self.sigmas) - 1:
+            raise IndexError(f"step_index {step_index} out of range for {len(self.sigmas) - 1} steps")
+        dt = self.sigmas[step_index + 1] - self.sigmas[step_index]
+        return (sample.float() + dt * velocity).to(velocity.dtype)
+
+    # --- training-side helpers -------------------------------------------------------------
+
+    @staticmethod
+    def add_noise(x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """x_sigma = (1 - sigma) x0 + sigma noise; sigma (B,) broadcast over the other dims."""
+        sigma = sigma.reshape(-1, *([1] * (x0.ndim - 1))).to(x0.dtype)
+        return (1 - sigma) * x0 + sigma * noise
+
+    @staticmethod
+    def velocity_target(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """What the model should predict at any sigma: d x_sigma / d sigma = noise - x0."""
+        return noise - x0
+
+    def sample_training_sigmas(self, batch_size: int, image_seq_len: int | None = None,
+                               generator: torch.Generator | None = None, logit_mean: float = 0.0,
+                               logit_std: float = 1.0) -> torch.Tensor:
+        """Noise levels for a training batch: logit-normal (SD3's choice: most mass at mid noise),
+        then the same resolution-dependent shift the sampler uses, so training matches inference."""
+        u = torch.sigmoid(logit_mean + logit_std * torch.randn(batch_size, generator=generator))
+        c = self.config
+        if c.use_dynamic_shifting and image_seq_len is not None:
+            return shift_sigmas(u, compute_mu(image_seq_len, c), c.time_shift_type)
+        return u
+
+
+CONFIG_FIELDS = ("num_train_timesteps", "base_image_seq_len", "max_image_seq_len", "base_shift", "max_shift",
+                 "shift_terminal", "use_dynamic_shifting", "shift", "time_shift_type")
+UNSUPPORTED_FLAGS = ("invert_sigmas", "use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas",
+                     "stochastic_sampling")
+
+
+def load(path) -> FlowMatchEulerScheduler:
+    """Read an official `scheduler/` folder (scheduler_config.json)."""
+    raw = ckpt.read_config(path, "scheduler_config.json")
+    if raw.get("_class_name", "FlowMatchEulerDiscreteScheduler") != "FlowMatchEulerDiscreteScheduler":
+        raise ckpt.CheckpointError(f"{path}: expected a FlowMatchEulerDiscreteScheduler config, "
+                                   f"got {raw['_class_name']}")
+    required = ("use_dynamic_shifting",) + (("base_shift", "max_shift") if raw.get("use_dynamic_shifting") else ())
+    config = ckpt.config_from_json(SchedulerConfig, raw, path, required, must_be_false=UNSUPPORTED_FLAGS)
+    return FlowMatchEulerScheduler(config)

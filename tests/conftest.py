@@ -1,0 +1,40 @@
+"""Shared test helpers: reference models with random weights, written in the official folder layout.
+
+Every parity test builds the reference (diffusers / transformers) model, randomises *all* of its
+tensors (norm weights and biases too, so a forgotten one changes the output), saves it with
+`save_pretrained` (sharded, like the official checkpoints) and loads that folder with our code.
+"""
+
+import os
+
+import pytest
+import torch
+
+torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+
+
+def randomize_(module: torch.nn.Module, seed: int = 0, scale: float = 0.1) -> torch.nn.Module:
+    """Overwrite every parameter with random values: weights ~ N(0, scale^2)-ish, norm weights ~ 1 + noise."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            noise = torch.randn(p.shape, generator=g, dtype=torch.float32)
+            if p.ndim == 1 and ("norm" in name or "gamma" in name):
+                p.copy_(1.0 + 0.2 * noise)             # norm weight: around 1, never exactly 1
+            elif p.ndim == 1:
+                p.copy_(scale * noise)                 # biases
+            else:
+                fan_in = p[0].numel()
+                p.copy_(noise / fan_in ** 0.5)         # keeps activations O(1) through the depth
+    return module
+
+
+def max_rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
+    """max |ours - ref| relative to the reference's scale (max |ref|)."""
+    ours, ref = ours.double(), ref.double()
+    return ((ours - ref).abs().max() / ref.abs().max().clamp_min(1e-12)).item()
+
+
+@pytest.fixture(scope="session")
+def tmp_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("ckpt")

@@ -1,0 +1,125 @@
+"""weights_convert.py: ComfyUI single file <-> official folder, re-sharding and casting, loudly strict."""
+
+import json
+
+import pytest
+import torch
+from diffusers import QwenImageTransformer2DModel
+from safetensors.torch import load_file, save_file
+
+import weights_convert
+from conftest import max_rel_err, randomize_
+from qwenimage_minimal import checkpoint as ckpt
+from qwenimage_minimal import mmdit
+
+# head_dim 128 like the real model, so the converter can infer the whole config from shapes.
+TINY = dict(num_layers=2, attention_head_dim=128, num_attention_heads=1, joint_attention_dim=40)
+
+
+@pytest.fixture(scope="module")
+def official(tmp_path_factory):
+    root = tmp_path_factory.mktemp("convert")
+    ref = randomize_(QwenImageTransformer2DModel(**TINY).eval(), seed=7)
+    ref.save_pretrained(root / "transformer", max_shard_size="300KB")
+    return ref, root / "transformer"
+
+
+def read_all(folder_or_file):
+    if folder_or_file.is_dir():
+        return dict(ckpt.iter_tensors(ckpt.weight_files(folder_or_file, "diffusion_pytorch_model")))
+    return load_file(folder_or_file)
+
+
+def test_folder_to_single_file_and_back_is_bit_exact(official, tmp_path):
+    ref, folder = official
+    single = tmp_path / "qwen_image_bf16.safetensors"
+    s1 = weights_convert.convert(folder, single)
+    back = tmp_path / "transformer"
+    s2 = weights_convert.convert(single, back, max_shard_size=weights_convert.parse_size("200KB"))
+    original, flat, restored = read_all(folder), read_all(single), read_all(back)
+    assert original.keys() == flat.keys() == restored.keys() == ref.state_dict().keys()
+    for k in original:
+        assert original[k].dtype == restored[k].dtype and torch.equal(original[k], restored[k]), k
+        assert torch.equal(original[k], flat[k]), k
+    assert s1["tensors_read"] == s1["tensors_written"] == s2["tensors_written"] == len(original)
+    assert len(s2["files"]) > 1 and (back / "diffusion_pytorch_model.safetensors.index.json").is_file()
+    # the inferred config equals the original (what defines the architecture)
+    inferred, orig = json.loads((back / "config.json").read_text()), json.loads((folder / "config.json").read_text())
+    for key in mmdit.REQUIRED_FIELDS:
+        assert inferred[key] == orig[key], key
+
+
+@pytest.mark.parametrize("prefix", ["model.diffusion_model.", "diffusion_model.", ""])
+def test_comfyui_single_file_converts_and_loads(official, tmp_path, prefix):
+    """A single file built with ComfyUI's naming (diffusers names, optional prefix), in bf16."""
+    ref, _ = official
+    comfy = tmp_path / "qwen_image_bf16.safetensors"
+    save_file({prefix + k: v.to(torch.bfloat16).contiguous() for k, v in ref.state_dict().items()}, comfy)
+    summary = weights_convert.convert(comfy, tmp_path / "transformer", dtype=torch.float32)
+    assert summary["prefix_stripped"] == (prefix or "")
+    model = mmdit.load(tmp_path / "transformer")
+    g = torch.Generator().manual_seed(0)
+    img, txt = torch.randn(1, 12, 64, generator=g), torch.randn(1, 5, 40, generator=g)
+    ref_bf16 = QwenImageTransformer2DModel(**TINY).eval()
+    ref_bf16.load_state_dict({k: v.to(torch.bfloat16).float() for k, v in ref.state_dict().items()})
+    with torch.no_grad():
+        expected = ref_bf16(img, txt, None, torch.tensor([0.3]), [[(1, 3, 4)]]).sample
+        got = model(img, txt, None, torch.tensor([0.3]), [(1, 3, 4)])
+    assert max_rel_err(got, expected) <= 1e-5
+
+
+def test_unknown_key_fails_loudly(official, tmp_path):
+    ref, _ = official
+    state = {k: v.contiguous() for k, v in ref.state_dict().items()}
+    state["transformer_blocks.0.attn.to_q.scale_weight"] = torch.ones(1)
+    bad = tmp_path / "bad.safetensors"
+    save_file(state, bad)
+    with pytest.raises(ckpt.CheckpointError, match=r"unexpected in the checkpoint \(1\):\n    transformer_blocks.0.attn.to_q.scale_weight"):
+        weights_convert.convert(bad, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    assert weights_convert.main([str(bad), str(tmp_path / "out2")]) == 2
+
+
+def test_missing_tensor_fails_loudly(official, tmp_path):
+    ref, _ = official
+    state = {k: v.contiguous() for k, v in ref.state_dict().items() if k != "norm_out.linear.bias"}
+    bad = tmp_path / "bad.safetensors"
+    save_file(state, bad)
+    with pytest.raises(ckpt.CheckpointError, match=r"missing from the checkpoint \(1\):\n    norm_out.linear.bias"):
+        weights_convert.convert(bad, tmp_path / "out")
+
+
+def test_refuses_to_overwrite_without_flag(official, tmp_path):
+    _, folder = official
+    out = tmp_path / "t.safetensors"
+    weights_convert.convert(folder, out)
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        weights_convert.convert(folder, out)
+    weights_convert.convert(folder, out, overwrite=True)
+
+
+def test_cast_and_reshard_folder(official, tmp_path, capsys):
+    ref, folder = official
+    code = weights_convert.main([str(folder), str(tmp_path / "bf16"), "--dtype", "bf16", "--max-shard-size", "10GB"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert f"{len(ref.state_dict())} tensors read" in printed and "dtype bfloat16" in printed
+    assert (tmp_path / "bf16" / "diffusion_pytorch_model.safetensors").is_file()  # one shard: no index
+    model = mmdit.load(tmp_path / "bf16")
+    for k, v in ref.state_dict().items():
+        assert torch.equal(model.state_dict()[k], v.to(torch.bfloat16)), k
+
+
+def test_mixed_prefixes_are_rejected(official, tmp_path):
+    ref, _ = official
+    state = {("model.diffusion_model." if i % 2 else "") + k: v.contiguous()
+             for i, (k, v) in enumerate(ref.state_dict().items())}
+    save_file(state, tmp_path / "mixed.safetensors")
+    with pytest.raises(ckpt.CheckpointError, match="lacks the prefix 'model.diffusion_model.'"):
+        weights_convert.convert(tmp_path / "mixed.safetensors", tmp_path / "out")
+
+
+def test_not_a_transformer(tmp_path):
+    save_file({"encoder.conv1.weight": torch.zeros(2, 2)}, tmp_path / "vae.safetensors")
+    with pytest.raises(ckpt.CheckpointError, match="not a Qwen-Image transformer checkpoint"):
+        weights_convert.convert(tmp_path / "vae.safetensors", tmp_path / "out")
