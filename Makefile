@@ -27,6 +27,7 @@ demo: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/bench_mmdit.py
+	$(PY) benchmarks/bench_text_encoder.py
 
 # Re-executes every notebook in place, so the committed outputs are current.
 notebooks: $(VENV)/.installed

@@ -1,21 +1,27 @@
 """Convert Qwen-Image checkpoint files between layouts, streaming, with every tensor accounted for.
 
-    python weights_convert.py SRC DST [--component transformer] [--dtype bf16] [--max-shard-size 5GB]
-                                      [--prefix model.diffusion_model.] [--config CONFIG.json] [--overwrite]
+    python weights_convert.py SRC DST [--component transformer|text_encoder] [--dtype bf16]
+                                      [--max-shard-size 5GB] [--prefix PREFIX] [--layout legacy|transformers5]
+                                      [--config CONFIG.json] [--overwrite]
 
 What it converts (the direction follows from SRC and DST):
 
-* single file -> official folder: a ComfyUI-style `qwen_image_bf16.safetensors` (the same tensor
-  names as diffusers, optionally behind a `model.diffusion_model.` or `diffusion_model.` prefix)
-  becomes a `transformer/` folder: config.json (inferred from the tensor shapes) + sharded
-  `diffusion_pytorch_model-0000i-of-0000n.safetensors` + index.
+* single file -> official folder: a ComfyUI-style single file becomes the component folder
+  (config.json inferred from the tensor shapes + sharded safetensors + index).
+  - transformer: `qwen_image_bf16.safetensors` holds the diffusers names, optionally behind a
+    `model.diffusion_model.` or `diffusion_model.` prefix.
+  - text_encoder: `qwen_2.5_vl_7b.safetensors` holds the official (legacy) Qwen2.5-VL names,
+    `model.layers.N.*`, `model.embed_tokens`, `model.norm`, `visual.*`, and maybe `lm_head`.
 * official folder -> single file: the reverse (DST ends in .safetensors); `--prefix` adds a prefix.
-* folder -> folder: re-shard and/or cast (`--dtype`).
+* folder -> folder: re-shard, cast (`--dtype`), or for the text encoder switch between the
+  official legacy key layout and the transformers 5.x one (`--layout transformers5`:
+  `model.language_model.*`, `model.visual.*`). Either layout is read.
 
 Rules: tensors are read and written one at a time (peak memory is one tensor, not the model);
-an unknown or missing tensor is an error, never a skip; nothing is overwritten without
-`--overwrite`; the outputs are re-read at the end and checked against the inputs; a summary is
-printed. Safetensors only.
+an unknown or missing tensor is an error, never a skip (the text encoder's `lm_head` may be
+absent; `visual.*` must be complete or absent); nothing is overwritten without `--overwrite`;
+the outputs are re-read at the end and checked against the inputs; a summary is printed.
+Safetensors only.
 """
 
 from __future__ import annotations
@@ -25,27 +31,31 @@ import json
 import math
 import re
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
 
 from qwenimage_minimal import checkpoint as ckpt
-from qwenimage_minimal import mmdit
+from qwenimage_minimal import mmdit, text_encoder
 
 
 @dataclass
 class Component:
-    """How one component's tensors are named in the official folder and in single files."""
+    """How one component's tensors are named in the official folder and elsewhere."""
     name: str
     stem: str                                                # official weight file stem
     prefixes: tuple[str, ...]                                # prefixes single files may carry
-    expected: Callable[[dict], dict[str, tuple[int, ...]]]   # config -> official name -> shape
+    expected: Callable[[dict], dict[str, tuple[int, ...]]]   # config -> every allowed official name -> shape
     infer_config: Callable[[dict[str, tuple[int, ...]]], dict]  # official name -> shape  => config.json dict
-    to_official: Callable[[str], str] = lambda name: name    # single-file name (prefix stripped) -> official
-    from_official: Callable[[str], str] = lambda name: name  # official -> single-file name
+    may_be_absent: Callable[[str], bool] = lambda name: False   # allowed names a checkpoint may lack
+    to_official: Callable[[str], str] = lambda name: name    # any accepted naming -> official name
+    layouts: dict[str, Callable[[str], str]] = field(default_factory=lambda: {"legacy": lambda name: name})
+    all_or_none: tuple[str, ...] = ()                        # name prefixes that are complete or absent
 
+
+# --- transformer --------------------------------------------------------------------------
 
 def _transformer_expected(config_json: dict) -> dict[str, tuple[int, ...]]:
     config = ckpt.config_from_json(mmdit.MMDiTConfig, config_json, "<config>", mmdit.REQUIRED_FIELDS,
@@ -62,20 +72,114 @@ def _transformer_infer_config(shapes: dict[str, tuple[int, ...]]) -> dict:
         raise ckpt.CheckpointError(f"not a Qwen-Image transformer checkpoint: no {absent}")
     dim, in_channels = shapes["img_in.weight"]
     head_dim = shapes["transformer_blocks.0.attn.norm_q.weight"][0]
-    blocks = {int(m.group(1)) for k in shapes if (m := re.match(r"transformer_blocks\.(\d+)\.", k))}
     if head_dim != 128:
         raise ckpt.CheckpointError(f"attention_head_dim {head_dim} is not the official 128, so the RoPE axes "
                                    "cannot be inferred: pass --config with a config.json")
-    config = mmdit.MMDiTConfig(in_channels=in_channels, num_layers=max(blocks) + 1,
+    config = mmdit.MMDiTConfig(in_channels=in_channels, num_layers=_count(shapes, "transformer_blocks"),
                                num_attention_heads=dim // head_dim, attention_head_dim=head_dim,
                                joint_attention_dim=shapes["txt_in.weight"][1],
                                out_channels=shapes["proj_out.weight"][0] // 4)
     return mmdit.config_to_json(config)
 
 
+def _count(shapes, prefix: str) -> int:
+    """How many numbered blocks `prefix.N.` the names hold."""
+    found = {int(m.group(1)) for k in shapes if (m := re.match(re.escape(prefix) + r"\.(\d+)\.", k))}
+    return max(found) + 1 if found else 0
+
+
+# --- text encoder (Qwen2.5-VL) --------------------------------------------------------------
+
+def _text_encoder_expected(config_json: dict) -> dict[str, tuple[int, ...]]:
+    """The official (legacy) names: the language model ours loads, lm_head, and the vision tower."""
+    config = text_encoder.config_from_json(config_json)
+    model = ckpt.build_on_meta(lambda: text_encoder.TextEncoder(config))
+    names = {"model." + k: tuple(v.shape) for k, v in model.state_dict().items()}
+    names["lm_head.weight"] = (config.vocab_size, config.hidden_size)
+    vision = config_json.get("vision_config") or {}
+    names.update(_vision_shapes(vision, config.hidden_size))
+    return names
+
+
+def _vision_shapes(v: dict, text_hidden: int) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of Qwen2.5-VL's vision tower (`visual.*`) for a vision_config, so a
+    conversion can account for every one of its tensors before the tower itself is implemented."""
+    d, inter, depth = v.get("hidden_size", 1280), v.get("intermediate_size", 3420), v.get("depth", 32)
+    p, tp, merge = v.get("patch_size", 14), v.get("temporal_patch_size", 2), v.get("spatial_merge_size", 2)
+    out = v.get("out_hidden_size", text_hidden)
+    shapes = {"visual.patch_embed.proj.weight": (d, v.get("in_channels", 3), tp, p, p)}
+    for i in range(depth):
+        b = f"visual.blocks.{i}."
+        shapes.update({b + "norm1.weight": (d,), b + "norm2.weight": (d,),
+                       b + "attn.qkv.weight": (3 * d, d), b + "attn.qkv.bias": (3 * d,),
+                       b + "attn.proj.weight": (d, d), b + "attn.proj.bias": (d,)})
+        for proj, shape in (("gate_proj", (inter, d)), ("up_proj", (inter, d)), ("down_proj", (d, inter))):
+            shapes[b + f"mlp.{proj}.weight"] = shape
+            shapes[b + f"mlp.{proj}.bias"] = (shape[0],)
+    merged = d * merge * merge
+    shapes.update({"visual.merger.ln_q.weight": (d,), "visual.merger.mlp.0.weight": (merged, merged),
+                   "visual.merger.mlp.0.bias": (merged,), "visual.merger.mlp.2.weight": (out, merged),
+                   "visual.merger.mlp.2.bias": (out,)})
+    return shapes
+
+
+def _text_encoder_infer_config(shapes: dict[str, tuple[int, ...]]) -> dict:
+    """The official config.json form (transformers 4.x: text fields at the top), read off the shapes;
+    head_dim 128, rope theta 1e6 and the M-RoPE sections are Qwen2.5-VL's constants."""
+    need = ["model.embed_tokens.weight", "model.layers.0.self_attn.k_proj.weight", "model.layers.0.mlp.gate_proj.weight"]
+    absent = [k for k in need if k not in shapes]
+    if absent:
+        raise ckpt.CheckpointError(f"not a Qwen2.5-VL text encoder checkpoint: no {absent}")
+    vocab, hidden = shapes["model.embed_tokens.weight"]
+    head_dim = 128
+    config = {"architectures": ["Qwen2_5_VLForConditionalGeneration"], "model_type": "qwen2_5_vl",
+              "hidden_act": "silu", "hidden_size": hidden, "vocab_size": vocab,
+              "intermediate_size": shapes["model.layers.0.mlp.gate_proj.weight"][0],
+              "num_hidden_layers": _count(shapes, "model.layers"), "num_attention_heads": hidden // head_dim,
+              "num_key_value_heads": shapes["model.layers.0.self_attn.k_proj.weight"][0] // head_dim,
+              "rms_norm_eps": 1e-06, "rope_theta": 1000000.0, "max_position_embeddings": 128000,
+              "rope_scaling": {"mrope_section": [16, 24, 24], "rope_type": "default", "type": "default"},
+              "tie_word_embeddings": False, "image_token_id": 151655, "video_token_id": 151656,
+              "vision_start_token_id": 151652, "vision_end_token_id": 151653, "vision_token_id": 151654}
+    if "visual.patch_embed.proj.weight" in shapes:
+        d, in_channels, tp, p, _ = shapes["visual.patch_embed.proj.weight"]
+        merged = shapes["visual.merger.mlp.0.weight"][0]
+        config["vision_config"] = {
+            "depth": _count(shapes, "visual.blocks"), "hidden_size": d, "in_channels": in_channels,
+            "intermediate_size": shapes["visual.blocks.0.mlp.gate_proj.weight"][0],
+            "num_heads": d // 80, "out_hidden_size": shapes["visual.merger.mlp.2.weight"][0], "patch_size": p,
+            "spatial_merge_size": int(round((merged / d) ** 0.5)), "temporal_patch_size": tp,
+            "window_size": 112, "fullatt_block_indexes": [7, 15, 23, 31], "hidden_act": "silu",
+            "tokens_per_second": 2}
+    return config
+
+
+def _text_encoder_to_official(name: str) -> str:
+    """transformers 5.x names -> the official legacy names; legacy names stay."""
+    if name.startswith("model.language_model."):
+        return "model." + name[len("model.language_model."):]
+    if name.startswith("model.visual."):
+        return name[len("model."):]
+    return name
+
+
+def _text_encoder_to_transformers5(name: str) -> str:
+    if name.startswith("visual."):
+        return "model." + name
+    if name.startswith("model."):
+        return "model.language_model." + name[len("model."):]
+    return name
+
+
 COMPONENTS = {
     "transformer": Component("transformer", mmdit.WEIGHTS_STEM, ("model.diffusion_model.", "diffusion_model."),
                              _transformer_expected, _transformer_infer_config),
+    "text_encoder": Component("text_encoder", text_encoder.WEIGHTS_STEM, (), _text_encoder_expected,
+                              _text_encoder_infer_config,
+                              may_be_absent=lambda name: name == "lm_head.weight" or name.startswith("visual."),
+                              to_official=_text_encoder_to_official,
+                              layouts={"legacy": lambda name: name, "transformers5": _text_encoder_to_transformers5},
+                              all_or_none=("visual.",)),
 }
 
 
@@ -87,32 +191,62 @@ def parse_size(text: str) -> int:
 
 
 def _source_tensors(src: Path, comp: Component, prefix: str | None):
-    """Official name -> (file, name in file), for a single file or an official folder."""
+    """Official name -> (file, name in file), for a single file or a component folder (any layout)."""
     if src.is_dir():
-        return {name: (path, name) for name, path in ckpt.weight_files(src, comp.stem).items()}, None
-    header = ckpt.SafetensorsFile(src)
-    names = header.keys()
-    prefixes = [prefix] if prefix is not None else [p for p in comp.prefixes if any(n.startswith(p) for n in names)]
-    if len(prefixes) > 1:
-        raise ckpt.CheckpointError(f"{src} mixes key prefixes {prefixes}; pass --prefix to choose one")
-    used = prefixes[0] if prefixes else ""
+        files = {name: (path, name) for name, path in ckpt.weight_files(src, comp.stem).items()}
+        used = ""
+    else:
+        names = ckpt.SafetensorsFile(src).keys()
+        found = [p for p in comp.prefixes if any(n.startswith(p) for n in names)]
+        if prefix is None and len(found) > 1:
+            raise ckpt.CheckpointError(f"{src} mixes key prefixes {found}; pass --prefix to choose one")
+        used = prefix if prefix is not None else (found[0] if found else "")
+        for name in names:
+            if not name.startswith(used):
+                raise ckpt.CheckpointError(f"{src}: tensor {name!r} lacks the prefix {used!r} that the others carry")
+        files = {name: (src, name) for name in names}
     mapping = {}
-    for name in names:
-        if used and not name.startswith(used):
-            raise ckpt.CheckpointError(f"{src}: tensor {name!r} lacks the prefix {used!r} that the others carry")
+    for name, where in files.items():
         official = comp.to_official(name[len(used):])
         if official in mapping:
             raise ckpt.CheckpointError(f"{src}: {mapping[official][1]!r} and {name!r} are the same tensor")
-        mapping[official] = (src, name)
+        mapping[official] = where
     return mapping, used
+
+
+def _check_complete(src, comp: Component, shapes: dict, expected: dict) -> None:
+    """Every tensor accounted for: nothing unknown, nothing required missing, every shape right."""
+    unknown = sorted(set(shapes) - set(expected))
+    missing = sorted(n for n in expected if n not in shapes and not comp.may_be_absent(n))
+    for group in comp.all_or_none:  # e.g. the vision tower: all of it or none of it
+        if any(n.startswith(group) for n in shapes):
+            missing += sorted(n for n in expected if n.startswith(group) and n not in shapes)
+    wrong = sorted(f"{k}: {list(shapes[k])} vs {list(expected[k])}" for k in set(shapes) & set(expected)
+                   if shapes[k] != expected[k])
+    if unknown or missing or wrong:
+        raise ckpt.CheckpointError(ckpt._describe_mismatch(src, missing, unknown, wrong).replace(
+            "do not match the model built from its config.json", f"are not a complete {comp.name} checkpoint"))
+
+
+def _plan_shards(order: list[str], sizes: dict[str, int], max_shard_size: int) -> list[list[str]]:
+    shards, current, current_size = [], [], 0
+    for n in order:
+        if current and current_size + sizes[n] > max_shard_size:
+            shards.append(current)
+            current, current_size = [], 0
+        current.append(n)
+        current_size += sizes[n]
+    return shards + [current]
 
 
 def convert(src, dst, component: str = "transformer", dtype: torch.dtype | None = None,
             max_shard_size: int = 5 * 2**30, prefix: str | None = None, config_path=None,
-            overwrite: bool = False, log=print) -> dict:
+            overwrite: bool = False, layout: str = "legacy", log=print) -> dict:
     """Convert SRC to DST (see the module docstring). Returns the summary as a dict."""
     src, dst = Path(src), Path(dst)
     comp = COMPONENTS[component]
+    if layout not in comp.layouts:
+        raise ValueError(f"--layout {layout!r}: the {component} has layouts {sorted(comp.layouts)}")
     if not src.exists():
         raise FileNotFoundError(f"source {src} does not exist")
     to_file = dst.suffix == ".safetensors"
@@ -121,9 +255,10 @@ def convert(src, dst, component: str = "transformer", dtype: torch.dtype | None 
     if src.resolve() == dst.resolve():
         raise ValueError("source and destination are the same path")
 
-    sources, stripped = _source_tensors(src, comp, prefix)
+    sources, stripped = _source_tensors(src, comp, None if src.is_dir() else prefix)
     headers = {path: ckpt.SafetensorsFile(path) for path in {p for p, _ in sources.values()}}
     shapes = {name: headers[p].shape(n) for name, (p, n) in sources.items()}
+    in_dtype = {name: headers[p].dtype(n) for name, (p, n) in sources.items()}
 
     # The config: given, read from the source folder, or inferred from the shapes.
     if config_path:
@@ -132,60 +267,45 @@ def convert(src, dst, component: str = "transformer", dtype: torch.dtype | None 
         config_json = ckpt.read_config(src)
     else:
         config_json = comp.infer_config(shapes)
-
-    # Account for every tensor: the source must hold exactly the expected names and shapes.
     expected = comp.expected(config_json)
-    unknown = sorted(set(shapes) - set(expected))
-    missing = sorted(set(expected) - set(shapes))
-    wrong = sorted(f"{k}: {list(shapes[k])} vs {list(expected[k])}" for k in set(shapes) & set(expected)
-                   if shapes[k] != expected[k])
-    if unknown or missing or wrong:
-        raise ckpt.CheckpointError(ckpt._describe_mismatch(src, missing, unknown, wrong).replace(
-            "do not match the model built from its config.json", f"are not a complete {component} checkpoint"))
+    _check_complete(src, comp, shapes, expected)
 
-    order = list(expected)  # module order, as diffusers writes its shards
-    out_dtype = {n: (dtype if dtype is not None and headers[sources[n][0]].dtype(sources[n][1]).is_floating_point
-                     else headers[sources[n][0]].dtype(sources[n][1])) for n in order}
+    order = [n for n in expected if n in shapes]  # module order, as the reference writes its shards
+    out_dtype = {n: dtype if dtype is not None and in_dtype[n].is_floating_point else in_dtype[n] for n in order}
     sizes = {n: math.prod(shapes[n]) * out_dtype[n].itemsize for n in order}
+    out_prefix = (prefix or "") if to_file else ""
+    out_name = {n: out_prefix + comp.layouts[layout](n) for n in order}
 
-    def read(name):
-        path, in_name = sources[name]
-        return headers[path].read(in_name).to(out_dtype[name])
+    def tensors(names):  # read, cast, hand over: one tensor in memory at a time
+        for n in names:
+            path, in_name = sources[n]
+            yield headers[path].read(in_name).to(out_dtype[n])
 
-    if to_file:  # one file, ComfyUI naming
-        out_prefix = prefix or ""
-        entries = [(out_prefix + comp.from_official(n), shapes[n], out_dtype[n]) for n in order]
+    if to_file:
         dst.parent.mkdir(parents=True, exist_ok=True)
-        ckpt.write_safetensors(dst, entries, (read(n) for n in order))
+        ckpt.write_safetensors(dst, [(out_name[n], shapes[n], out_dtype[n]) for n in order], tensors(order))
         files = [dst]
-    else:        # an official folder, sharded
-        shards, current, current_size = [], [], 0
-        for n in order:
-            if current and current_size + sizes[n] > max_shard_size:
-                shards.append(current)
-                current, current_size = [], 0
-            current.append(n)
-            current_size += sizes[n]
-        shards.append(current)
+    else:
+        shards = _plan_shards(order, sizes, max_shard_size)
         dst.mkdir(parents=True, exist_ok=True)
         for stale in [*dst.glob(f"{comp.stem}*.safetensors"), *dst.glob(f"{comp.stem}*.index.json")]:
             stale.unlink()  # only with --overwrite: old shards must not mix with the new ones
         if len(shards) == 1:
-            names = [f"{comp.stem}.safetensors"]
+            file_names = [f"{comp.stem}.safetensors"]
         else:
-            names = [f"{comp.stem}-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+            file_names = [f"{comp.stem}-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
         weight_map = {}
-        for shard_names, file_name in zip(shards, names):
-            entries = [(n, shapes[n], out_dtype[n]) for n in shard_names]
-            ckpt.write_safetensors(dst / file_name, entries, (read(n) for n in shard_names))
-            weight_map.update({n: file_name for n in shard_names})
+        for shard, file_name in zip(shards, file_names):
+            ckpt.write_safetensors(dst / file_name, [(out_name[n], shapes[n], out_dtype[n]) for n in shard],
+                                   tensors(shard))
+            weight_map.update({out_name[n]: file_name for n in shard})
         if len(shards) > 1:
             index = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map}
             (dst / f"{comp.stem}.safetensors.index.json").write_text(json.dumps(index, indent=2))
         (dst / "config.json").write_text(json.dumps(config_json, indent=2))
-        files = [dst / f for f in names]
+        files = [dst / f for f in file_names]
 
-    # Re-read what was written: same names (after renaming), shapes and byte counts as planned.
+    # Re-read what was written: exactly the planned names, shapes and byte counts, each once.
     written = {}
     for f in files:
         h = ckpt.SafetensorsFile(f)
@@ -193,19 +313,20 @@ def convert(src, dst, component: str = "transformer", dtype: torch.dtype | None 
             if k in written:
                 raise RuntimeError(f"tensor {k} written twice")
             written[k] = (h.shape(k), h.nbytes(k))
-    planned = {((prefix or "") + comp.from_official(n) if to_file else n): (shapes[n], sizes[n]) for n in order}
-    if written != planned:
+    if written != {out_name[n]: (shapes[n], sizes[n]) for n in order}:
         raise RuntimeError("the written files do not hold exactly the planned tensors; output is incomplete")
 
     summary = {"component": component, "tensors_read": len(sources), "tensors_written": len(written),
                "params": sum(math.prod(s) for s in shapes.values()), "bytes_written": sum(sizes.values()),
                "files": [str(f) for f in files], "dtypes": sorted({str(d).replace("torch.", "") for d in out_dtype.values()}),
-               "prefix_stripped": stripped}
+               "prefix_stripped": stripped, "absent": sorted(n for n in expected if n not in shapes)}
     log(f"{component}: {summary['tensors_read']} tensors read from {src}"
         + (f" (prefix {stripped!r} stripped)" if stripped else ""))
     log(f"  {summary['tensors_written']} written to {len(files)} file(s) under {dst}: "
         f"{summary['params'] / 1e9:.2f} B params, {summary['bytes_written'] / 2**30:.2f} GiB, "
-        f"dtype {', '.join(summary['dtypes'])}")
+        f"dtype {', '.join(summary['dtypes'])}" + (f", {layout} key layout" if len(comp.layouts) > 1 else ""))
+    if summary["absent"]:
+        log(f"  not in the source (allowed): {len(summary['absent'])} tensors, e.g. {summary['absent'][:3]}")
     return summary
 
 
@@ -219,11 +340,13 @@ def main(argv=None) -> int:
     p.add_argument("--max-shard-size", type=parse_size, default=parse_size("5GB"))
     p.add_argument("--prefix", help="key prefix of the single file (read: detected by default; write: none)")
     p.add_argument("--config", help="config.json to use instead of inferring it from the tensor shapes")
+    p.add_argument("--layout", default="legacy", help="text_encoder key layout to write: legacy (official) "
+                                                      "or transformers5")
     p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
     a = p.parse_args(argv)
     try:
         convert(a.src, a.dst, a.component, ckpt.DTYPES_BY_NAME.get(a.dtype), a.max_shard_size, a.prefix,
-                a.config, a.overwrite)
+                a.config, a.overwrite, a.layout)
     except (ckpt.CheckpointError, FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -11,5 +11,7 @@ echo "== parity tests, bf16 on CUDA"
 $PY -m pytest -q -s -m cuda -p no:cacheprovider tests
 echo "== MMDiT block benchmark, bf16, 1024x1024 (4096 image + 256 text tokens)"
 $PY benchmarks/bench_mmdit.py --device cuda --dtype bf16 --img-tokens 4096 --txt-tokens 256 --repeats 20 --warmup 5 --skip-load ${BENCH_JSON:+--json "$BENCH_JSON"}
+echo "== text encoder: one full-width Qwen2.5-VL decoder layer, bf16, 1024 tokens"
+$PY benchmarks/bench_text_encoder.py --device cuda --dtype bf16 --tokens 1024 --repeats 20 --warmup 5 --skip-tokenizer ${TE_JSON:+--json "$TE_JSON"}
 echo "== MMDiT block benchmark, fp32, CPU-sized problem on the GPU (256 image + 32 text tokens)"
 $PY benchmarks/bench_mmdit.py --device cuda --dtype fp32 --repeats 20 --warmup 5 --skip-load

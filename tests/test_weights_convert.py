@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 import weights_convert
 from conftest import max_rel_err, randomize_
 from qwenimage_minimal import checkpoint as ckpt
-from qwenimage_minimal import mmdit
+from qwenimage_minimal import mmdit, text_encoder
 
 # head_dim 128 like the real model, so the converter can infer the whole config from shapes.
 TINY = dict(num_layers=2, attention_head_dim=128, num_attention_heads=1, joint_attention_dim=40)
@@ -123,3 +123,83 @@ def test_not_a_transformer(tmp_path):
     save_file({"encoder.conv1.weight": torch.zeros(2, 2)}, tmp_path / "vae.safetensors")
     with pytest.raises(ckpt.CheckpointError, match="not a Qwen-Image transformer checkpoint"):
         weights_convert.convert(tmp_path / "vae.safetensors", tmp_path / "out")
+
+
+# --- text encoder ---------------------------------------------------------------------------
+
+# head_dim 128 and vision width 160 (= 2 heads of 80) like the real model, so configs can be inferred.
+TE_TEXT = dict(vocab_size=1000, hidden_size=256, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+               num_key_value_heads=1, rms_norm_eps=1e-6,
+               rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]})
+TE_VISION = dict(depth=2, hidden_size=160, intermediate_size=48, num_heads=2, out_hidden_size=256,
+                 fullatt_block_indexes=[1], window_size=112, patch_size=14, spatial_merge_size=2, temporal_patch_size=2)
+
+
+@pytest.fixture(scope="module")
+def te_official(tmp_path_factory):
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    root = tmp_path_factory.mktemp("te_convert")
+    ref = randomize_(Qwen2_5_VLForConditionalGeneration(
+        Qwen2_5_VLConfig(text_config=TE_TEXT, vision_config=TE_VISION)).eval(), seed=3)
+    ref.save_pretrained(root / "text_encoder", max_shard_size="300KB")     # official legacy layout
+    return ref, root / "text_encoder"
+
+
+def te_tensors(path):
+    if path.is_dir():
+        return dict(ckpt.iter_tensors(ckpt.weight_files(path, "model")))
+    return load_file(path)
+
+
+def test_text_encoder_expected_names_equal_transformers(te_official):
+    """Our accounting of the official names (language model, lm_head, the whole vision tower) is exact."""
+    ref, folder = te_official
+    config = json.loads((folder / "config.json").read_text())
+    official = {k: tuple(v.shape) for k, v in te_tensors(folder).items()}
+    assert weights_convert._text_encoder_expected(config) == official
+
+
+def test_text_encoder_layouts_round_trip_bit_exact(te_official, tmp_path):
+    ref, folder = te_official
+    t5 = tmp_path / "te_t5"
+    weights_convert.convert(folder, t5, component="text_encoder", layout="transformers5")
+    assert all(k.startswith(("model.language_model.", "model.visual.", "lm_head.")) for k in te_tensors(t5))
+    assert te_tensors(t5).keys() == ref.state_dict().keys()                 # transformers 5.x's own names
+    single = tmp_path / "qwen_2.5_vl_7b.safetensors"
+    weights_convert.convert(t5, single, component="text_encoder")           # either layout is read
+    back = tmp_path / "te_back"
+    weights_convert.convert(single, back, component="text_encoder", max_shard_size=weights_convert.parse_size("200KB"))
+    original, restored = te_tensors(folder), te_tensors(back)
+    assert original.keys() == restored.keys()
+    assert all(torch.equal(original[k], restored[k]) for k in original)
+    a, b = text_encoder.load(folder), text_encoder.load(t5)
+    assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
+
+
+def test_comfyui_text_encoder_file_without_lm_head(te_official, tmp_path):
+    """A ComfyUI-style single file: the legacy names, here without lm_head; converts, loads, matches."""
+    ref, folder = te_official
+    state = {k: v for k, v in te_tensors(folder).items() if k != "lm_head.weight"}
+    comfy = tmp_path / "qwen_2.5_vl_7b.safetensors"
+    save_file(state, comfy)
+    summary = weights_convert.convert(comfy, tmp_path / "text_encoder", component="text_encoder")
+    assert summary["absent"] == ["lm_head.weight"]
+    model = text_encoder.load(tmp_path / "text_encoder")
+    ids = torch.randint(0, 1000, (1, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = ref(input_ids=ids, output_hidden_states=True).hidden_states[-1]
+        assert max_rel_err(model(ids), expected) <= 1e-5
+
+
+def test_text_encoder_partial_vision_tower_and_unknown_keys_fail(te_official, tmp_path):
+    _, folder = te_official
+    state = te_tensors(folder)
+    partial = {k: v for k, v in state.items() if not k.startswith("visual.blocks.1.")}
+    save_file(partial, tmp_path / "partial.safetensors")
+    with pytest.raises(ckpt.CheckpointError, match=r"missing from the checkpoint \(12\):\n    visual.blocks.1"):
+        weights_convert.convert(tmp_path / "partial.safetensors", tmp_path / "out", component="text_encoder",
+                                config_path=folder / "config.json")
+    save_file({**state, "model.layers.0.self_attn.q_proj.scale_weight": torch.ones(1)}, tmp_path / "fp8.safetensors")
+    with pytest.raises(ckpt.CheckpointError, match="unexpected in the checkpoint \\(1\\):\n    model.layers.0.self_attn.q_proj.scale_weight"):
+        weights_convert.convert(tmp_path / "fp8.safetensors", tmp_path / "out", component="text_encoder")

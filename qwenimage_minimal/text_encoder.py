@@ -1,0 +1,307 @@
+"""The text path of Qwen2.5-VL-7B, the language model Qwen-Image conditions on, in one file.
+
+Qwen-Image does not use the language model to generate text. It wraps the prompt in a chat
+template, runs the 28-layer decoder once, and takes the *last hidden state* (after the final
+RMSNorm) of the prompt's tokens as the conditioning sequence for the MMDiT:
+
+    "<|im_start|>system\\nDescribe the image by detailing ...<|im_end|>\\n<|im_start|>user\\n{prompt}
+     <|im_end|>\\n<|im_start|>assistant\\n"
+    -> token ids -> decoder -> (B, S, 3584) -> drop the 34 system-prompt tokens -> (B, L, 3584)
+
+The decoder is a standard pre-norm transformer: embeddings, 28 x [RMSNorm -> grouped-query
+attention (28 query heads share 4 key/value heads; q/k/v have biases) -> residual; RMSNorm ->
+SwiGLU MLP -> residual], final RMSNorm. Positions use *multimodal* RoPE: each token has three
+position ids (time, height, width). For text all three are equal, which makes it ordinary RoPE;
+image tokens (the vision tower, a later step) get their grid coordinates instead. The lm_head
+that would predict the next token is never loaded.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import checkpoint as ckpt
+
+# Prompt templates and how many leading template tokens are dropped from the embeddings
+# (everything up to and including "<|im_start|>user\n"; the suffix after the prompt stays).
+T2I_TEMPLATE = ("<|im_start|>system\nDescribe the image by detailing the color, shape, size, texture, quantity, "
+                "text, spatial relationships of the objects and background:<|im_end|>\n<|im_start|>user\n{}"
+                "<|im_end|>\n<|im_start|>assistant\n")
+T2I_DROP = 34
+EDIT_TEMPLATE = ("<|im_start|>system\nDescribe the key features of the input image (color, shape, size, texture, "
+                 "objects, background), then explain how the user's text instruction should alter or modify the "
+                 "image. Generate a new image that meets the user's requirements while maintaining consistency "
+                 "with the original input where appropriate.<|im_end|>\n<|im_start|>user\n{}<|im_end|>\n"
+                 "<|im_start|>assistant\n")
+EDIT_DROP = 64
+MAX_PROMPT_TOKENS = 1024
+
+
+@dataclass
+class TextEncoderConfig:
+    """Defaults are Qwen2.5-VL-7B's language model (text_encoder/config.json)."""
+    vocab_size: int = 152064
+    hidden_size: int = 3584
+    intermediate_size: int = 18944
+    num_hidden_layers: int = 28
+    num_attention_heads: int = 28
+    num_key_value_heads: int = 4
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 1_000_000.0
+    mrope_section: tuple[int, int, int] = (16, 24, 24)  # frequency pairs per (time, height, width)
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    def __post_init__(self):
+        self.mrope_section = tuple(self.mrope_section)
+        if sum(self.mrope_section) * 2 != self.head_dim:
+            raise ValueError(f"mrope_section {self.mrope_section} must sum to head_dim/2 = {self.head_dim // 2}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
+
+
+# ---------------------------------------------------------------------------------------------
+# Multimodal rotary embedding, "rotate half" layout
+# ---------------------------------------------------------------------------------------------
+# Unlike the MMDiT (which pairs neighbouring channels x[2i], x[2i+1] as complex numbers),
+# Qwen2.5-VL pairs channel i with channel i + head_dim/2: x is rotated as
+# x * cos + rotate_half(x) * sin with rotate_half([a, b]) = [-b, a]. The head_dim/2 = 64
+# frequencies are dealt out to the three position axes: the first 16 rotate with the time id, the
+# next 24 with the height id, the last 24 with the width id.
+
+def mrope_cos_sin(position_ids: torch.Tensor, config: TextEncoderConfig, dtype: torch.dtype):
+    """(3, B, S) position ids -> cos, sin of shape (B, S, head_dim), computed in fp32, cast to dtype."""
+    d = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float, device=position_ids.device) / d))
+    freqs = position_ids[..., None].float() * inv_freq                 # (3, B, S, d/2)
+    chunks = freqs.split(list(config.mrope_section), dim=-1)
+    freqs = torch.cat([chunk[axis] for axis, chunk in enumerate(chunks)], dim=-1)  # (B, S, d/2)
+    emb = torch.cat([freqs, freqs], dim=-1)                            # (B, S, d)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def text_position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, S) mask -> (3, B, S) ids: 0, 1, 2, ... over the real tokens, the same on all three axes."""
+    pos = attention_mask.long().cumsum(-1) - 1
+    pos = pos.masked_fill(attention_mask == 0, 0)
+    return pos[None].expand(3, -1, -1)
+
+
+# ---------------------------------------------------------------------------------------------
+# The decoder
+# ---------------------------------------------------------------------------------------------
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight; statistics in fp32, cast back to the input dtype before the weight."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: TextEncoderConfig):
+        super().__init__()
+        c = config
+        self.n_heads, self.n_kv_heads, self.head_dim = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        self.q_proj = nn.Linear(c.hidden_size, c.num_attention_heads * c.head_dim, bias=True)
+        self.k_proj = nn.Linear(c.hidden_size, c.num_key_value_heads * c.head_dim, bias=True)
+        self.v_proj = nn.Linear(c.hidden_size, c.num_key_value_heads * c.head_dim, bias=True)
+        self.o_proj = nn.Linear(c.num_attention_heads * c.head_dim, c.hidden_size, bias=False)
+
+    def forward(self, x, cos, sin, mask):
+        B, S, _ = x.shape
+        q = self.q_proj(x).view(B, S, self.n_heads, self.head_dim).transpose(1, 2)     # (B, 28, S, 128)
+        k = self.k_proj(x).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, 4, S, 128)
+        v = self.v_proj(x).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        cos, sin = cos[:, None], sin[:, None]                                          # broadcast over heads
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        # Grouped-query attention: each key/value head serves n_heads / n_kv_heads query heads.
+        k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)                # (B, 28, S, 128)
+        v = v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
+        if mask is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.o_proj(out.transpose(1, 2).reshape(B, S, -1))
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config: TextEncoderConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: TextEncoderConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, mask):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class TextEncoder(nn.Module):
+    """Qwen2.5-VL's language model without its lm_head. Returns the last hidden state, after the final norm.
+
+    `inputs_embeds` and `position_ids` let the vision tower (Edit) put image features in place of
+    `<|image_pad|>` tokens and give them 3-D grid positions; text-only callers pass neither."""
+
+    def __init__(self, config: TextEncoderConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None):
+        """input_ids (B, S), attention_mask (B, S) with 1 = token, 0 = padding -> (B, S, hidden)."""
+        B, S = input_ids.shape
+        if attention_mask is None:
+            attention_mask = torch.ones(B, S, dtype=torch.long, device=input_ids.device)
+        if tuple(attention_mask.shape) != (B, S):
+            raise ValueError(f"attention_mask must be {(B, S)} like input_ids, got {tuple(attention_mask.shape)}")
+        if int(input_ids.max()) >= self.config.vocab_size or int(input_ids.min()) < 0:
+            raise ValueError(f"input_ids must be in [0, {self.config.vocab_size}), got "
+                             f"[{int(input_ids.min())}, {int(input_ids.max())}]")
+        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (B, S, hidden)
+        if position_ids is None:
+            position_ids = text_position_ids(attention_mask)                           # (3, B, S)
+        cos, sin = mrope_cos_sin(position_ids, self.config, x.dtype)                   # (B, S, head_dim)
+
+        if bool(attention_mask.all()):
+            mask = None                                   # plain causal attention (fast kernels)
+        else:
+            valid = attention_mask.bool()
+            causal = torch.ones(S, S, dtype=torch.bool, device=x.device).tril()
+            mask = causal[None] & valid[:, None, :]       # (B, S, S): query i sees real keys j <= i
+            # A query with no real key before it (left padding) would give NaN, and NaN values
+            # poison every later layer even where masked (0 * NaN); let such rows see themselves.
+            empty = ~mask.any(dim=-1, keepdim=True)
+            mask = mask | (empty & torch.eye(S, dtype=torch.bool, device=x.device))
+            mask = mask[:, None]                          # (B, 1, S, S), shared by the heads
+        for layer in self.layers:
+            x = layer(x, cos, sin, mask)
+        return self.norm(x)
+
+
+# ---------------------------------------------------------------------------------------------
+# Prompt encoding, as QwenImagePipeline.encode_prompt does it
+# ---------------------------------------------------------------------------------------------
+
+def encode_prompts(tokenizer, encoder: TextEncoder, prompts, template: str = T2I_TEMPLATE, drop: int = T2I_DROP,
+                   max_sequence_length: int = MAX_PROMPT_TOKENS, device=None):
+    """prompts -> (embeds (B, L, hidden), mask (B, L) long), right-padded to the longest prompt.
+
+    Each prompt goes through the template; the first `drop` tokens (the system prompt and
+    "<|im_start|>user\\n") are removed from the hidden states, the closing
+    "<|im_end|>\\n<|im_start|>assistant\\n" stays. At most 1024 tokens after the template prefix are
+    encoded (the rest is cut, with a warning); `max_sequence_length` then cuts the result, as in
+    diffusers. The mask is always returned (all ones when nothing is padded)."""
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    if not isinstance(prompts, (list, tuple)) or not prompts:
+        raise ValueError("prompt must be a str or a non-empty list of str")
+    bad = [i for i, p in enumerate(prompts) if not isinstance(p, str)]
+    if bad:
+        raise TypeError(f"prompt(s) at index {bad} are not str: {[type(prompts[i]).__name__ for i in bad]}")
+    if not 1 <= max_sequence_length <= MAX_PROMPT_TOKENS:
+        raise ValueError(f"max_sequence_length must be in 1..{MAX_PROMPT_TOKENS}, got {max_sequence_length}")
+
+    ids = [tokenizer.encode(template.format(p)) for p in prompts]
+    limit = MAX_PROMPT_TOKENS + drop
+    for i, x in enumerate(ids):
+        if len(x) > limit:
+            warnings.warn(f"prompt {i} is {len(x) - drop} tokens long with the template; only the first "
+                          f"{MAX_PROMPT_TOKENS} are used (the rest, including the template's closing tokens, "
+                          "is cut, as in diffusers)", stacklevel=2)
+    input_ids, attention_mask = tokenizer.pad([x[:limit] for x in ids])
+    device = device or encoder.embed_tokens.weight.device
+    with torch.no_grad():
+        hidden = encoder(input_ids.to(device), attention_mask.to(device))      # (B, S, hidden)
+
+    kept = [h[m.bool()][drop:] for h, m in zip(hidden, attention_mask.to(device))]  # per prompt (L_b, hidden)
+    L = max(len(k) for k in kept)
+    embeds = hidden.new_zeros(len(kept), L, hidden.shape[-1])
+    mask = torch.zeros(len(kept), L, dtype=torch.long, device=device)
+    for b, k in enumerate(kept):
+        embeds[b, :len(k)] = k
+        mask[b, :len(k)] = 1
+    return embeds[:, :max_sequence_length], mask[:, :max_sequence_length]
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading text_encoder/
+# ---------------------------------------------------------------------------------------------
+
+WEIGHTS_STEM = "model"
+
+
+def checkpoint_name_to_ours(name: str) -> str | None:
+    """Official names -> ours, for both layouts; None for tensors not loaded on purpose.
+
+    legacy (official files):   model.layers.3.mlp.up_proj.weight,  visual.blocks.0...,  lm_head.weight
+    transformers 5.x:          model.language_model.layers.3...,   model.visual.blocks.0...
+    ours:                      layers.3.mlp.up_proj.weight
+    """
+    if name.startswith(("visual.", "model.visual.")):
+        return None                                   # the vision tower (Edit) is not part of the text path
+    if name.startswith("lm_head."):
+        return None                                   # next-token prediction: never needed here
+    for prefix in ("model.language_model.", "model."):
+        if name.startswith(prefix):
+            return name[len(prefix):]
+    return name                                       # anything else is reported as unexpected
+
+
+def config_from_json(raw: dict, folder="<config>") -> TextEncoderConfig:
+    """Read both the official (transformers 4.x, fields at the top) and the 5.x (`text_config`) forms."""
+    text = {**raw, **raw.get("text_config", {})}
+    rope = text.get("rope_parameters") or text.get("rope_scaling") or {}
+    text.setdefault("rope_theta", rope.get("rope_theta"))
+    if "mrope_section" in rope:
+        text["mrope_section"] = rope["mrope_section"]
+    required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "rms_norm_eps", "rope_theta", "mrope_section")
+    missing = [k for k in required if text.get(k) is None]
+    if missing:
+        raise ckpt.CheckpointError(f"{folder}/config.json is missing required field(s) {missing}.")
+    return TextEncoderConfig(**{k: text[k] for k in required})
+
+
+def load(path, device=None, dtype=None) -> TextEncoder:
+    """Load an official `text_encoder/` folder (either key layout); lm_head and visual.* are not read."""
+    config = config_from_json(ckpt.read_config(path), path)
+    model = ckpt.build_on_meta(lambda: TextEncoder(config))
+    return ckpt.load_weights(model, path, WEIGHTS_STEM, device=device, dtype=dtype, rename=checkpoint_name_to_ours)
