@@ -28,6 +28,7 @@ demo: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(PY) benchmarks/bench_mmdit.py
 	$(PY) benchmarks/bench_text_encoder.py
+	$(PY) benchmarks/bench_vae.py
 
 # Re-executes every notebook in place, so the committed outputs are current.
 notebooks: $(VENV)/.installed

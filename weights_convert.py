@@ -1,7 +1,7 @@
 """Convert Qwen-Image checkpoint files between layouts, streaming, with every tensor accounted for.
 
-    python weights_convert.py SRC DST [--component transformer|text_encoder] [--dtype bf16]
-                                      [--max-shard-size 5GB] [--prefix PREFIX] [--layout legacy|transformers5]
+    python weights_convert.py SRC DST [--component transformer|text_encoder|vae] [--dtype bf16]
+                                      [--max-shard-size 5GB] [--prefix PREFIX] [--layout LAYOUT]
                                       [--config CONFIG.json] [--overwrite]
 
 What it converts (the direction follows from SRC and DST):
@@ -12,6 +12,9 @@ What it converts (the direction follows from SRC and DST):
     `model.diffusion_model.` or `diffusion_model.` prefix.
   - text_encoder: `qwen_2.5_vl_7b.safetensors` holds the official (legacy) Qwen2.5-VL names,
     `model.layers.N.*`, `model.embed_tokens`, `model.norm`, `visual.*`, and maybe `lm_head`.
+  - vae: `qwen_image_vae.safetensors` holds the original Wan 2.1 names: `encoder.conv1`,
+    `encoder.downsamples.N.residual.K`, `encoder.middle.N`, `encoder.head.N`, `decoder.upsamples.N`
+    (one flat list), `conv1`/`conv2` for the quant convs. Folder -> file writes them too.
 * official folder -> single file: the reverse (DST ends in .safetensors); `--prefix` adds a prefix.
 * folder -> folder: re-shard, cast (`--dtype`), or for the text encoder switch between the
   official legacy key layout and the transformers 5.x one (`--layout transformers5`:
@@ -38,7 +41,7 @@ from typing import Callable
 import torch
 
 from qwenimage_minimal import checkpoint as ckpt
-from qwenimage_minimal import mmdit, text_encoder
+from qwenimage_minimal import mmdit, text_encoder, vae
 
 
 @dataclass
@@ -50,9 +53,16 @@ class Component:
     expected: Callable[[dict], dict[str, tuple[int, ...]]]   # config -> every allowed official name -> shape
     infer_config: Callable[[dict[str, tuple[int, ...]]], dict]  # official name -> shape  => config.json dict
     may_be_absent: Callable[[str], bool] = lambda name: False   # allowed names a checkpoint may lack
-    to_official: Callable[[str], str] = lambda name: name    # any accepted naming -> official name
-    layouts: dict[str, Callable[[str], str]] = field(default_factory=lambda: {"legacy": lambda name: name})
+    # any accepted naming -> official names (given all names of the file: some mappings depend on the set)
+    to_official: Callable[[list[str]], dict[str, str]] = lambda names: {n: n for n in names}
+    # output layouts: official name (and the config) -> name written
+    layouts: dict[str, Callable[[str, dict], str]] = field(default_factory=lambda: {"official": lambda name, config: name})
     all_or_none: tuple[str, ...] = ()                        # name prefixes that are complete or absent
+    file_layout: str | None = None                           # the layout single files use, if not the official
+
+    @property
+    def folder_layout(self) -> str:                          # the official folder's layout
+        return next(iter(self.layouts))
 
 
 # --- transformer --------------------------------------------------------------------------
@@ -154,7 +164,11 @@ def _text_encoder_infer_config(shapes: dict[str, tuple[int, ...]]) -> dict:
     return config
 
 
-def _text_encoder_to_official(name: str) -> str:
+def _text_encoder_to_official(names: list[str]) -> dict[str, str]:
+    return {n: _text_encoder_name_to_official(n) for n in names}
+
+
+def _text_encoder_name_to_official(name: str) -> str:
     """transformers 5.x names -> the official legacy names; legacy names stay."""
     if name.startswith("model.language_model."):
         return "model." + name[len("model.language_model."):]
@@ -163,12 +177,99 @@ def _text_encoder_to_official(name: str) -> str:
     return name
 
 
-def _text_encoder_to_transformers5(name: str) -> str:
+def _text_encoder_to_transformers5(name: str, config: dict) -> str:
     if name.startswith("visual."):
         return "model." + name
     if name.startswith("model."):
         return "model.language_model." + name[len("model."):]
     return name
+
+
+# --- VAE: diffusers names (the official folder) <-> the original Wan 2.1 names (ComfyUI files) -
+
+# Inside a residual block, Wan numbers the layers of one nn.Sequential: RMS_norm(0), SiLU(1),
+# CausalConv3d(2), RMS_norm(3), SiLU(4), Dropout(5), CausalConv3d(6); diffusers names them.
+_WAN_RESIDUAL = {"norm1.gamma": "residual.0.gamma", "conv1.weight": "residual.2.weight", "conv1.bias": "residual.2.bias",
+                 "norm2.gamma": "residual.3.gamma", "conv2.weight": "residual.6.weight", "conv2.bias": "residual.6.bias",
+                 "conv_shortcut.weight": "shortcut.weight", "conv_shortcut.bias": "shortcut.bias"}
+_DIFFUSERS_RESIDUAL = {wan: official for official, wan in _WAN_RESIDUAL.items()}
+_WAN_TOP = {"encoder.conv_in.": "encoder.conv1.", "decoder.conv_in.": "decoder.conv1.", "quant_conv.": "conv1.",
+            "post_quant_conv.": "conv2.", "encoder.norm_out.": "encoder.head.0.", "encoder.conv_out.": "encoder.head.2.",
+            "decoder.norm_out.": "decoder.head.0.", "decoder.conv_out.": "decoder.head.2."}
+
+
+def _vae_to_wan(name: str, config: dict) -> str:
+    """Official (diffusers) VAE name -> Wan name. The decoder is one flat list in Wan: per up block,
+    num_res_blocks + 1 residual blocks then the upsampler, so block i starts at i * (R + 2)."""
+    R = config["num_res_blocks"]
+    for official, wan in _WAN_TOP.items():
+        if name.startswith(official):
+            return wan + name[len(official):]
+    if m := re.fullmatch(r"(encoder|decoder)\.mid_block\.(resnets|attentions)\.(\d+)\.(.+)", name):
+        side, kind, i, rest = m.groups()
+        if kind == "attentions":
+            return f"{side}.middle.1.{rest}"                     # middle = [resnet, attention, resnet]
+        return f"{side}.middle.{2 * int(i)}.{_WAN_RESIDUAL.get(rest, rest)}"
+    if m := re.fullmatch(r"encoder\.down_blocks\.(\d+)\.(.+)", name):
+        return f"encoder.downsamples.{m[1]}.{_WAN_RESIDUAL.get(m[2], m[2])}"   # same flat list; resamplers keep names
+    if m := re.fullmatch(r"decoder\.up_blocks\.(\d+)\.resnets\.(\d+)\.(.+)", name):
+        return f"decoder.upsamples.{int(m[1]) * (R + 2) + int(m[2])}.{_WAN_RESIDUAL.get(m[3], m[3])}"
+    if m := re.fullmatch(r"decoder\.up_blocks\.(\d+)\.upsamplers\.0\.(.+)", name):
+        return f"decoder.upsamples.{int(m[1]) * (R + 2) + R + 1}.{m[2]}"
+    return name
+
+
+def _wan_to_vae(name: str, R: int) -> str:
+    """Wan VAE name -> official name (the inverse of _vae_to_wan); unknown names come back unchanged."""
+    for official, wan in _WAN_TOP.items():
+        if name.startswith(wan):
+            return official + name[len(wan):]
+    if m := re.fullmatch(r"(encoder|decoder)\.middle\.(\d+)\.(.+)", name):
+        side, slot, rest = m[1], int(m[2]), m[3]
+        if slot == 1:
+            return f"{side}.mid_block.attentions.0.{rest}"
+        return f"{side}.mid_block.resnets.{slot // 2}.{_DIFFUSERS_RESIDUAL.get(rest, rest)}"
+    if m := re.fullmatch(r"encoder\.downsamples\.(\d+)\.(.+)", name):
+        return f"encoder.down_blocks.{m[1]}.{_DIFFUSERS_RESIDUAL.get(m[2], m[2])}"
+    if m := re.fullmatch(r"decoder\.upsamples\.(\d+)\.(.+)", name):
+        block, slot = divmod(int(m[1]), R + 2)
+        if slot <= R:
+            return f"decoder.up_blocks.{block}.resnets.{slot}.{_DIFFUSERS_RESIDUAL.get(m[2], m[2])}"
+        return f"decoder.up_blocks.{block}.upsamplers.0.{m[2]}"
+    return name
+
+
+def _vae_to_official(names: list[str]) -> dict[str, str]:
+    if "encoder.conv1.weight" not in names:                     # already diffusers names
+        return {n: n for n in names}
+    resamples = [int(m[1]) for n in names if (m := re.match(r"encoder\.downsamples\.(\d+)\.resample\.", n))]
+    if not resamples:
+        raise ckpt.CheckpointError("a Wan-style VAE file without encoder.downsamples.N.resample tensors")
+    R = min(resamples)                                           # residual blocks before the first resample
+    return {n: _wan_to_vae(n, R) for n in names}
+
+
+def _vae_expected(config_json: dict) -> dict[str, tuple[int, ...]]:
+    config = vae.config_from_json(config_json)
+    model = ckpt.build_on_meta(lambda: vae.QwenImageVAE(config))
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def _vae_infer_config(shapes: dict[str, tuple[int, ...]]) -> dict:
+    """Architecture from the shapes; latents_mean/std are not weights: the official values are used."""
+    if "encoder.conv_in.weight" not in shapes or "post_quant_conv.weight" not in shapes:
+        raise ckpt.CheckpointError("not a Qwen-Image / Wan VAE checkpoint: no encoder.conv_in / post_quant_conv")
+    base_dim, in_channels = shapes["encoder.conv_in.weight"][:2]
+    blocks = _count(shapes, "encoder.down_blocks")
+    resamples = [i for i in range(blocks) if f"encoder.down_blocks.{i}.resample.1.weight" in shapes]
+    R = resamples[0]
+    stages = len(resamples) + 1
+    dim_mult = [shapes[f"encoder.down_blocks.{s * (R + 1)}.conv1.weight"][0] // base_dim for s in range(stages)]
+    config = vae.VAEConfig(base_dim=base_dim, z_dim=shapes["post_quant_conv.weight"][0], dim_mult=dim_mult,
+                           num_res_blocks=R, input_channels=in_channels,
+                           temperal_downsample=[f"encoder.down_blocks.{i}.time_conv.weight" in shapes for i in resamples])
+    return {"_class_name": "AutoencoderKLQwenImage", "_diffusers_version": "0.42.1", "attn_scales": [],
+            "dropout": 0.0, **{k: list(v) if isinstance(v, tuple) else v for k, v in vars(config).items()}}
 
 
 COMPONENTS = {
@@ -178,8 +279,12 @@ COMPONENTS = {
                               _text_encoder_infer_config,
                               may_be_absent=lambda name: name == "lm_head.weight" or name.startswith("visual."),
                               to_official=_text_encoder_to_official,
-                              layouts={"legacy": lambda name: name, "transformers5": _text_encoder_to_transformers5},
+                              layouts={"legacy": lambda name, config: name,
+                                       "transformers5": _text_encoder_to_transformers5},
                               all_or_none=("visual.",)),
+    "vae": Component("vae", vae.WEIGHTS_STEM, ("first_stage_model.", "vae."), _vae_expected, _vae_infer_config,
+                     to_official=_vae_to_official,
+                     layouts={"diffusers": lambda name, config: name, "wan": _vae_to_wan}, file_layout="wan"),
 }
 
 
@@ -206,17 +311,19 @@ def _source_tensors(src: Path, comp: Component, prefix: str | None):
                 raise ckpt.CheckpointError(f"{src}: tensor {name!r} lacks the prefix {used!r} that the others carry")
         files = {name: (src, name) for name in names}
     mapping = {}
+    renamed = comp.to_official([name[len(used):] for name in files])
     for name, where in files.items():
-        official = comp.to_official(name[len(used):])
+        official = renamed[name[len(used):]]
         if official in mapping:
             raise ckpt.CheckpointError(f"{src}: {mapping[official][1]!r} and {name!r} are the same tensor")
         mapping[official] = where
     return mapping, used
 
 
-def _check_complete(src, comp: Component, shapes: dict, expected: dict) -> None:
-    """Every tensor accounted for: nothing unknown, nothing required missing, every shape right."""
-    unknown = sorted(set(shapes) - set(expected))
+def _check_complete(src, comp: Component, shapes: dict, expected: dict, file_names: dict) -> None:
+    """Every tensor accounted for: nothing unknown, nothing required missing, every shape right.
+    Unknown tensors are named as the source file names them."""
+    unknown = sorted(file_names[n] for n in set(shapes) - set(expected))
     missing = sorted(n for n in expected if n not in shapes and not comp.may_be_absent(n))
     for group in comp.all_or_none:  # e.g. the vision tower: all of it or none of it
         if any(n.startswith(group) for n in shapes):
@@ -241,15 +348,16 @@ def _plan_shards(order: list[str], sizes: dict[str, int], max_shard_size: int) -
 
 def convert(src, dst, component: str = "transformer", dtype: torch.dtype | None = None,
             max_shard_size: int = 5 * 2**30, prefix: str | None = None, config_path=None,
-            overwrite: bool = False, layout: str = "legacy", log=print) -> dict:
+            overwrite: bool = False, layout: str | None = None, log=print) -> dict:
     """Convert SRC to DST (see the module docstring). Returns the summary as a dict."""
     src, dst = Path(src), Path(dst)
     comp = COMPONENTS[component]
+    to_file = dst.suffix == ".safetensors"
+    layout = layout or ((comp.file_layout or comp.folder_layout) if to_file else comp.folder_layout)
     if layout not in comp.layouts:
         raise ValueError(f"--layout {layout!r}: the {component} has layouts {sorted(comp.layouts)}")
     if not src.exists():
         raise FileNotFoundError(f"source {src} does not exist")
-    to_file = dst.suffix == ".safetensors"
     if dst.exists() and not overwrite:
         raise FileExistsError(f"{dst} already exists; pass --overwrite to replace it")
     if src.resolve() == dst.resolve():
@@ -268,13 +376,13 @@ def convert(src, dst, component: str = "transformer", dtype: torch.dtype | None 
     else:
         config_json = comp.infer_config(shapes)
     expected = comp.expected(config_json)
-    _check_complete(src, comp, shapes, expected)
+    _check_complete(src, comp, shapes, expected, {n: where[1] for n, where in sources.items()})
 
     order = [n for n in expected if n in shapes]  # module order, as the reference writes its shards
     out_dtype = {n: dtype if dtype is not None and in_dtype[n].is_floating_point else in_dtype[n] for n in order}
     sizes = {n: math.prod(shapes[n]) * out_dtype[n].itemsize for n in order}
     out_prefix = (prefix or "") if to_file else ""
-    out_name = {n: out_prefix + comp.layouts[layout](n) for n in order}
+    out_name = {n: out_prefix + comp.layouts[layout](n, config_json) for n in order}
 
     def tensors(names):  # read, cast, hand over: one tensor in memory at a time
         for n in names:
@@ -340,8 +448,9 @@ def main(argv=None) -> int:
     p.add_argument("--max-shard-size", type=parse_size, default=parse_size("5GB"))
     p.add_argument("--prefix", help="key prefix of the single file (read: detected by default; write: none)")
     p.add_argument("--config", help="config.json to use instead of inferring it from the tensor shapes")
-    p.add_argument("--layout", default="legacy", help="text_encoder key layout to write: legacy (official) "
-                                                      "or transformers5")
+    p.add_argument("--layout", help="key layout to write. text_encoder: legacy (official) or transformers5; "
+                                    "vae: diffusers (official) or wan. Default: the official layout for a "
+                                    "folder, the usual single-file layout (vae: wan) for a file")
     p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
     a = p.parse_args(argv)
     try:

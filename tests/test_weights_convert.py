@@ -203,3 +203,63 @@ def test_text_encoder_partial_vision_tower_and_unknown_keys_fail(te_official, tm
     save_file({**state, "model.layers.0.self_attn.q_proj.scale_weight": torch.ones(1)}, tmp_path / "fp8.safetensors")
     with pytest.raises(ckpt.CheckpointError, match="unexpected in the checkpoint \\(1\\):\n    model.layers.0.self_attn.q_proj.scale_weight"):
         weights_convert.convert(tmp_path / "fp8.safetensors", tmp_path / "out", component="text_encoder")
+
+
+# --- VAE --------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def vae_official(tmp_path_factory):
+    from diffusers import AutoencoderKLQwenImage
+
+    root = tmp_path_factory.mktemp("vae_convert")
+    ref = randomize_(AutoencoderKLQwenImage(base_dim=16).eval(), seed=9)
+    ref.save_pretrained(root / "vae")
+    return ref, root / "vae"
+
+
+def test_vae_wan_names_agree_with_diffusers_own_converter(vae_official, tmp_path):
+    """Our Wan naming, read back by diffusers' convert_wan_vae_to_diffusers (an independent mapping),
+    gives the official names again."""
+    from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
+
+    ref, folder = vae_official
+    wan_file = tmp_path / "qwen_image_vae.safetensors"
+    weights_convert.convert(folder, wan_file, component="vae")
+    wan = load_file(wan_file)
+    assert "encoder.conv1.weight" in wan and "decoder.upsamples.4.shortcut.weight" in wan
+    assert "encoder.middle.1.to_qkv.weight" in wan and "conv2.weight" in wan
+    back = convert_wan_vae_to_diffusers(wan)
+    original = ref.state_dict()
+    assert back.keys() == original.keys()
+    assert all(torch.equal(back[k], original[k]) for k in original)
+
+
+def test_vae_wan_file_to_folder_round_trip_and_load(vae_official, tmp_path):
+    ref, folder = vae_official
+    wan_file = tmp_path / "qwen_image_vae.safetensors"
+    weights_convert.convert(folder, wan_file, component="vae")
+    back = tmp_path / "vae"
+    summary = weights_convert.convert(wan_file, back, component="vae")
+    assert summary["tensors_written"] == len(ref.state_dict())
+    original = dict(ckpt.iter_tensors(ckpt.weight_files(folder, "diffusion_pytorch_model")))
+    restored = dict(ckpt.iter_tensors(ckpt.weight_files(back, "diffusion_pytorch_model")))
+    assert original.keys() == restored.keys() and all(torch.equal(original[k], restored[k]) for k in original)
+    inferred, orig = json.loads((back / "config.json").read_text()), json.loads((folder / "config.json").read_text())
+    for key in ("base_dim", "z_dim", "dim_mult", "num_res_blocks", "temperal_downsample", "latents_mean"):
+        assert inferred[key] == orig[key], key
+    from qwenimage_minimal import vae
+    model = vae.load(back)
+    z = torch.randn(1, 16, 4, 5)
+    with torch.no_grad():
+        assert max_rel_err(model.decode(z), ref.decode(z[:, :, None]).sample[:, :, 0]) <= 1e-5
+
+
+def test_vae_unknown_key_fails(vae_official, tmp_path):
+    _, folder = vae_official
+    wan_file = tmp_path / "w.safetensors"
+    weights_convert.convert(folder, wan_file, component="vae")
+    state = load_file(wan_file)
+    state["decoder.upsamples.3.resample.9.weight"] = torch.zeros(1)
+    save_file(state, tmp_path / "bad.safetensors")
+    with pytest.raises(ckpt.CheckpointError, match=r"unexpected in the checkpoint \(1\):\n    decoder.upsamples.3.resample.9.weight"):
+        weights_convert.convert(tmp_path / "bad.safetensors", tmp_path / "out", component="vae")
