@@ -261,7 +261,7 @@ def load_weights(model: nn.Module, folder: str | os.PathLike, stem: str, device=
         found[name] = (ckpt_name, path)
     missing = [name for name in expected if name not in found]
     if missing or unexpected or mismatched:
-        raise CheckpointError(_describe_mismatch(folder, missing, unexpected, mismatched))
+        raise CheckpointError(describe_mismatch(folder, missing, unexpected, mismatched))
 
     handles = {path: open(path, "rb") for path in headers}
     try:
@@ -286,7 +286,7 @@ def _assign(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
         module._buffers[leaf] = tensor
 
 
-def _describe_mismatch(folder, missing, unexpected, mismatched, limit: int = 12) -> str:
+def describe_mismatch(folder, missing, unexpected, mismatched, limit: int = 12) -> str:
     def block(title, names):
         if not names:
             return ""
