@@ -331,8 +331,8 @@ def _check_complete(src, comp: Component, shapes: dict, expected: dict, file_nam
     wrong = sorted(f"{k}: {list(shapes[k])} vs {list(expected[k])}" for k in set(shapes) & set(expected)
                    if shapes[k] != expected[k])
     if unknown or missing or wrong:
-        raise ckpt.CheckpointError(ckpt.describe_mismatch(src, missing, unknown, wrong).replace(
-            "do not match the model built from its config.json", f"are not a complete {comp.name} checkpoint"))
+        raise ckpt.CheckpointError(ckpt.describe_mismatch(src, missing, unknown, wrong,
+                                                          problem=f"are not a complete {comp.name} checkpoint"))
 
 
 def _plan_shards(order: list[str], sizes: dict[str, int], max_shard_size: int) -> list[list[str]]:

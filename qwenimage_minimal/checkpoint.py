@@ -286,7 +286,8 @@ def _assign(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
         module._buffers[leaf] = tensor
 
 
-def describe_mismatch(folder, missing, unexpected, mismatched, limit: int = 12) -> str:
+def describe_mismatch(folder, missing, unexpected, mismatched, limit: int = 12,
+                      problem: str = "do not match the model built from its config.json") -> str:
     def block(title, names):
         if not names:
             return ""
@@ -294,7 +295,7 @@ def describe_mismatch(folder, missing, unexpected, mismatched, limit: int = 12) 
         more = f"\n    ... and {len(names) - limit} more" if len(names) > limit else ""
         return f"\n  {title} ({len(names)}):\n    {shown}{more}"
 
-    return (f"the weights in {folder} do not match the model built from its config.json:"
+    return (f"the weights in {folder} {problem}:"
             + block("missing from the checkpoint", missing)
             + block("unexpected in the checkpoint", unexpected)
             + block("shape mismatch", mismatched)
