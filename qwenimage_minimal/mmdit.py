@@ -150,7 +150,9 @@ def apply_rope(x: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 
 class RMSNorm(nn.Module):
-    """x / rms(x) * weight, the statistics in fp32 (as the reference does, also under bf16)."""
+    """x / rms(x) * weight, the statistics in fp32; the result is cast to the weight's dtype before
+    the multiply. (Qwen2.5-VL's RMSNorm in text_encoder.py casts to the *input's* dtype instead:
+    each follows its own reference, so bf16 runs match them bit for bit.)"""
 
     def __init__(self, dim: int, eps: float):
         super().__init__()
