@@ -170,8 +170,10 @@ def test_bf16_matches_diffusers_in_bf16(tiny, tmp_path):
     z = latents(1, 16, 1, 6, 8).bfloat16()
     with torch.no_grad():
         enc, dec = ref_bf16.encode(x).latent_dist.mean, ref_bf16.decode(z).sample
-    assert max_rel_err(ours.encode(x).mean, enc) <= 1e-2
-    assert max_rel_err(ours.decode(z), dec) <= 1e-2
+    # bit-identical on this CPU today; the margin allows another conv kernel choice (on the GPU the
+    # 2-D and 3-D convs round differently: see docs/cuda_check.md)
+    assert max_rel_err(ours.encode(x).mean, enc) <= 1e-3
+    assert max_rel_err(ours.decode(z), dec) <= 1e-3
 
 
 def test_official_config_names_and_shapes_match_diffusers():
