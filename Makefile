@@ -20,8 +20,8 @@ $(VENV)/.installed: pyproject.toml
 test: $(VENV)/.installed
 	$(PY) -m pytest -q -m "not cuda" tests
 
-# The main job. MODEL=/path/to/Qwen-Image runs the real weights; without it a tiny random-weight
-# checkpoint in the official layout is written and run.
+# The main job: text-to-image, stage by stage. MODEL=/path/to/Qwen-Image runs the real weights;
+# without it a tiny random-weight Qwen-Image in the official layout is written and run on the CPU.
 demo: $(VENV)/.installed
 	$(PY) -m qwenimage_minimal demo $(if $(MODEL),--model "$(MODEL)")
 
@@ -29,6 +29,7 @@ bench: $(VENV)/.installed
 	$(PY) benchmarks/bench_mmdit.py
 	$(PY) benchmarks/bench_text_encoder.py
 	$(PY) benchmarks/bench_vae.py
+	$(PY) benchmarks/bench_pipeline.py
 
 # Re-executes every notebook in place, so the committed outputs are current.
 notebooks: $(VENV)/.installed
