@@ -44,13 +44,79 @@ print(before, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 """
 
 
+def bench_step(device, dtype, size, blocks, txt_tokens, repeats):
+    """One denoising step with true CFG (two transformer calls, combine, Euler) at `size` px with a
+    full-width transformer of `blocks` blocks: ours vs diffusers' transformer + its CFG arithmetic
+    + FlowMatchEulerDiscreteScheduler.step, the same weight tensors."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, QwenImageTransformer2DModel
+    from qwenimage_minimal import checkpoint as ckpt
+    from qwenimage_minimal import mmdit, scheduler
+
+    torch.manual_seed(0)
+    with torch.device(device):
+        ref = QwenImageTransformer2DModel(num_layers=blocks).to(dtype).eval()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.normal_(0, 0.02)
+    ours = ckpt.build_on_meta(lambda: mmdit.MMDiT(mmdit.MMDiTConfig(num_layers=blocks)))
+    ours.load_state_dict(ref.state_dict(), assign=True)
+    h = w = size // 16
+    g = torch.Generator(device=device).manual_seed(1)
+    x = torch.randn(1, h * w, 64, generator=g, device=device, dtype=dtype)
+    txt, neg = (torch.randn(1, txt_tokens, 3584, generator=g, device=device, dtype=dtype) for _ in range(2))
+    sch = scheduler.FlowMatchEulerScheduler()
+    sch.set_timesteps(50, h * w, device=device)
+    ref_sch = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=0.9,
+                                              max_image_seq_len=8192, shift_terminal=0.02)
+    ref_sch.set_timesteps(sigmas=np.linspace(1, 1 / 50, 50), mu=0.5 + 0.4 / 7936 * (h * w - 256), device=device)
+
+    def step_ours():
+        sigma = sch.timesteps[0].expand(1).to(dtype) / 1000
+        v = pipeline.cfg_combine(ours(x, txt, None, sigma, [(1, h, w)]), ours(x, neg, None, sigma, [(1, h, w)]), 4.0)
+        return sch.step(v, 0, x)
+
+    def step_ref():
+        t = ref_sch.timesteps[0]
+        sigma = t.expand(1).to(dtype) / 1000
+        cond = ref(x, txt, None, sigma, [[(1, h, w)]], return_dict=False)[0]
+        uncond = ref(x, neg, None, sigma, [[(1, h, w)]], return_dict=False)[0]
+        comb = uncond + 4.0 * (cond - uncond)
+        v = comb * (torch.norm(cond, dim=-1, keepdim=True) / torch.norm(comb, dim=-1, keepdim=True))
+        ref_sch._step_index = 0
+        return ref_sch.step(v, t, x, return_dict=False)[0]
+
+    with torch.no_grad():
+        err = (step_ours().float() - step_ref().float()).abs().max().item()
+        t_ref = median_seconds(step_ref, device, repeats, warmup=3)
+        t_ours = median_seconds(step_ours, device, repeats, warmup=3)
+    result = {"step_size": size, "step_blocks": blocks, "step_ms_ours": 1e3 * t_ours,
+              "step_ms_diffusers": 1e3 * t_ref, "step_ratio": t_ours / t_ref, "step_max_abs_diff": err}
+    print(f"one CFG step, {size}x{size}, {blocks} full-width blocks, {txt_tokens} text tokens: ours "
+          f"{result['step_ms_ours']:.1f} ms, diffusers {result['step_ms_diffusers']:.1f} ms, ratio "
+          f"{result['step_ratio']:.3f}x; max |diff| {err:.1e}")
+    return result
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--size", type=int, default=256)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--step-device", help="also time one denoising step with full-width blocks on this device")
+    p.add_argument("--step-dtype", default="bf16", choices=["bf16", "fp32"])
+    p.add_argument("--step-size", type=int, default=1024)
+    p.add_argument("--step-blocks", type=int, default=4)
+    p.add_argument("--skip-tiny", action="store_true")
     p.add_argument("--json")
     a = p.parse_args(argv)
+    result = {}
+    if a.step_device:
+        dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[a.step_dtype]
+        result.update(bench_step(torch.device(a.step_device), dtype, a.step_size, a.step_blocks, 128, 10))
+    if a.skip_tiny:
+        if a.json:
+            Path(a.json).write_text(json.dumps(result, indent=2))
+        return result
     from diffusers import QwenImagePipeline
     from diffusers.utils import logging as dlogging
     from transformers.utils import logging as tlogging
@@ -69,8 +135,8 @@ def main(argv=None):
         err = float(np.abs(run_ours() - run_ref()).max())
         cpu = torch.device("cpu")
         t_ref, t_ours = median_seconds(run_ref, cpu, a.repeats), median_seconds(run_ours, cpu, a.repeats)
-        result = {"size": a.size, "steps": a.steps, "ms_ours": 1e3 * t_ours, "ms_diffusers": 1e3 * t_ref,
-                  "ratio": t_ours / t_ref, "max_abs_pixel_diff": err}
+        result.update({"size": a.size, "steps": a.steps, "ms_ours": 1e3 * t_ours, "ms_diffusers": 1e3 * t_ref,
+                       "ratio": t_ours / t_ref, "max_abs_pixel_diff": err})
         print(f"{a.size}x{a.size}, {a.steps} steps with CFG: ours {result['ms_ours']:.0f} ms, diffusers "
               f"{result['ms_diffusers']:.0f} ms, ratio {result['ratio']:.3f}x (goal <= 1.0); max |pixel diff| {err:.1e}")
         weight_bytes = sum(f.stat().st_size for f in root.rglob("*.safetensors"))

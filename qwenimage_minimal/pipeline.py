@@ -112,6 +112,8 @@ class QwenImagePipeline:
             warnings.warn(f"true_cfg_scale={true_cfg_scale} has no effect without a negative_prompt "
                           "(the official examples use negative_prompt=' ')", stacklevel=3)
         if use_cfg:
+            if isinstance(negative_prompt, str):   # one negative prompt serves every prompt
+                negative_prompt = [negative_prompt] * (len(embeds) // num_images_per_prompt)
             neg_embeds, neg_mask = self._embeddings(negative_prompt, negative_prompt_embeds,
                                                     negative_prompt_embeds_mask, "negative_prompt",
                                                     num_images_per_prompt, max_sequence_length)

@@ -84,6 +84,16 @@ def test_batch_of_two_prompts_of_different_lengths(pair):
     assert got.shape == (2, 60, 64) and max_rel_err(got, expected) <= TOL
 
 
+def test_one_negative_prompt_serves_a_batch(pair):
+    got, expected = run_both(pair, prompt=["a cat", "a dog on a skateboard"], negative_prompt=[" ", " "],
+                             output_type="latent", seed=4)
+    _, ours, _ = pair
+    single = ours(prompt=["a cat", "a dog on a skateboard"], negative_prompt=" ", height=HEIGHT, width=WIDTH,
+                  num_inference_steps=4, output_type="latent", progress=False,
+                  generator=torch.Generator().manual_seed(4)).images
+    assert max_rel_err(got, expected) <= TOL and torch.equal(single, got)
+
+
 def test_num_images_per_prompt_and_generator_list(pair):
     ref, ours, _ = pair
     common = dict(prompt=["a dog wearing a hat"], height=HEIGHT, width=WIDTH, num_inference_steps=2,
@@ -210,3 +220,49 @@ def test_offload_gives_the_same_result_and_returns_components(pair):
     assert torch.equal(a, b)
     assert all(p.device.type == "cpu" for m in (offloaded.text_encoder, offloaded.transformer, offloaded.vae)
                for p in m.parameters())
+
+
+def mid_size_parity(tmp_path, device, size=512, steps=4):
+    """A mid-size random Qwen-Image (transformer 1536 wide x 4 blocks, text encoder 512 wide, the
+    official VAE) run in bf16 by both pipelines; also ours in fp32 as the yardstick."""
+    tok_folder = write_official_tokenizer_folder(tmp_path / "_tok")
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    te = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(
+        text_config=dict(vocab_size=151680, hidden_size=512, intermediate_size=1024, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6,
+                         rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]}),
+        vision_config=dict(depth=1, hidden_size=32, intermediate_size=48, num_heads=2, out_hidden_size=512))).eval()
+    transformer = QwenImageTransformer2DModel(num_layers=4, num_attention_heads=12, joint_attention_dim=512).eval()
+    for module, seed in ((te, 1), (transformer, 2)):
+        randomize_(module, seed=seed, scale=0.05)
+    ae = randomize_(AutoencoderKLQwenImage().eval(), seed=3)
+    ref = QwenImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler.from_config(SCHEDULER_CONFIG), vae=ae,
+                            text_encoder=te, tokenizer=Qwen2Tokenizer.from_pretrained(tok_folder), transformer=transformer)
+    ref.save_pretrained(tmp_path / "mid")
+    shutil.rmtree(tmp_path / "mid" / "tokenizer")
+    write_official_tokenizer_folder(tmp_path / "mid" / "tokenizer")
+    kwargs = dict(prompt=["a red fox in the snow", "a lighthouse at dawn, oil painting"], negative_prompt=" ",
+                  true_cfg_scale=4.0, height=size, width=size, num_inference_steps=steps, output_type="latent")
+    gen = lambda: [torch.Generator().manual_seed(s) for s in (0, 1)]
+    ref16 = QwenImagePipeline.from_pretrained(tmp_path / "mid", torch_dtype=torch.bfloat16).to(device)
+    ref16.set_progress_bar_config(disable=True)
+    expected = ref16(generator=gen(), **kwargs).images.float()
+    del ref16
+    ours16 = pipeline.QwenImagePipeline.from_pretrained(tmp_path / "mid", device=device, dtype=torch.bfloat16)
+    got = ours16(generator=gen(), progress=False, **kwargs).images.float()
+    del ours16
+    ours32 = pipeline.QwenImagePipeline.from_pretrained(tmp_path / "mid", device=device, dtype=torch.float32)
+    truth = ours32(generator=gen(), progress=False, **kwargs).images.float()
+    return max_rel_err(got, expected), max_rel_err(got, truth), max_rel_err(expected, truth)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (make cuda-check)")
+def test_mid_size_pipeline_bf16_on_cuda(tmp_path):
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    err_vs_ref, err_ours, err_ref = mid_size_parity(tmp_path, "cuda")
+    print(f"\npipeline bf16 cuda, mid-size model, 512 px, 4 steps, CFG, batch 2: final latents ours vs diffusers-bf16 "
+          f"{err_vs_ref:.2e}; vs fp32: ours {err_ours:.2e}, diffusers {err_ref:.2e}")
+    assert err_vs_ref <= 5e-2
+    assert err_ours <= 1.25 * err_ref + 1e-3
