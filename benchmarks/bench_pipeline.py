@@ -68,7 +68,7 @@ def bench_step(device, dtype, size, blocks, txt_tokens, repeats):
     sch.set_timesteps(50, h * w, device=device)
     ref_sch = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=0.9,
                                               max_image_seq_len=8192, shift_terminal=0.02)
-    ref_sch.set_timesteps(sigmas=np.linspace(1, 1 / 50, 50), mu=0.5 + 0.4 / 7936 * (h * w - 256), device=device)
+    ref_sch.set_timesteps(sigmas=np.linspace(1, 1 / 50, 50), mu=scheduler.compute_mu(h * w, sch.config), device=device)
 
     def step_ours():
         sigma = sch.timesteps[0].expand(1).to(dtype) / 1000

@@ -332,6 +332,7 @@ class MMDiT(nn.Module):
         self.norm_out = OutputNorm(dim, config.eps)
         self.proj_out = nn.Linear(dim, config.patch_size ** 2 * config.out_channels)
         self.gradient_checkpointing = False  # recompute each block in backward to save activation memory
+        self._rope_cache = {}                # (img_shapes, text_len, device) -> RoPE tables: same every step
 
     def forward(self, img, txt, txt_mask, timestep, img_shapes):
         """
@@ -358,7 +359,12 @@ class MMDiT(nn.Module):
             temb_ref = self.time_text_embed(torch.zeros_like(timestep, dtype=dtype), dtype)
             n_noise = math.prod(img_shapes[0])
 
-        img_rope, txt_rope = rope_tables(img_shapes, L, self.config, device=img.device)  # (N, Dh/2), (L, Dh/2)
+        key = (tuple(img_shapes), L, img.device)
+        if key not in self._rope_cache:      # built on the CPU and copied over once, not at every step
+            if len(self._rope_cache) > 16:
+                self._rope_cache.clear()
+            self._rope_cache[key] = rope_tables(img_shapes, L, self.config, device=img.device)
+        img_rope, txt_rope = self._rope_cache[key]                          # (N, Dh/2), (L, Dh/2) complex
         key_mask = None
         if txt_mask is not None:
             key_mask = torch.cat([txt_mask.to(device=img.device, dtype=torch.bool),
