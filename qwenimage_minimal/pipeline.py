@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +25,7 @@ import numpy as np
 import torch
 
 from . import checkpoint as ckpt
-from . import mmdit, scheduler, text_encoder, tokenizer, vae
+from . import mmdit, scheduler, text_encoder, tokenizer, vae, vision
 
 COMPONENTS = ("tokenizer", "text_encoder", "transformer", "vae", "scheduler")
 
@@ -97,6 +98,27 @@ class QwenImagePipeline:
                  callback_on_step_end=None, max_sequence_length: int = 512, tiled_vae: bool = False,
                  progress: bool = True) -> PipelineOutput:
         height, width = self._check_size(height, width)
+        self._check_call(num_inference_steps, output_type, num_images_per_prompt)
+
+        # 1. Prompts -> embeddings (positive, and negative for classifier-free guidance)
+        encode = lambda p: self.encode_prompt(p, num_images_per_prompt, max_sequence_length)
+        cond, uncond = self._prompt_pair(prompt, negative_prompt, true_cfg_scale, prompt_embeds, prompt_embeds_mask,
+                                         negative_prompt_embeds, negative_prompt_embeds_mask, encode,
+                                         num_images_per_prompt, max_sequence_length)
+        batch = len(cond[0])
+
+        # 2. Starting noise, packed into tokens: (B, 1, 16, h, w) -> (B, h/2 * w/2, 64)
+        latents = self._initial_latents(latents, batch, height, width, generator)
+        img_shapes = [(1, height // 16, width // 16)]
+
+        # 3-4. The schedule for this many tokens; denoise
+        latents = self._denoise(latents, cond, uncond, true_cfg_scale, img_shapes, num_inference_steps, sigmas,
+                                callback_on_step_end, progress)
+        return self._output(latents, height, width, output_type, tiled_vae)
+
+    # --- the steps every pipeline shares --------------------------------------------------------
+
+    def _check_call(self, num_inference_steps, output_type, num_images_per_prompt):
         if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be an integer >= 1, got {num_inference_steps!r}")
         if output_type not in ("pil", "np", "pt", "latent"):
@@ -104,25 +126,26 @@ class QwenImagePipeline:
         if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
             raise ValueError(f"num_images_per_prompt must be an integer >= 1, got {num_images_per_prompt!r}")
 
-        # 1. Prompts -> embeddings (positive, and negative for classifier-free guidance)
-        embeds, mask = self._embeddings(prompt, prompt_embeds, prompt_embeds_mask, "prompt",
-                                        num_images_per_prompt, max_sequence_length)
+    def _prompt_pair(self, prompt, negative_prompt, true_cfg_scale, prompt_embeds, prompt_embeds_mask,
+                     negative_prompt_embeds, negative_prompt_embeds_mask, encode, n, max_sequence_length):
+        """-> (embeds, mask), and the same for the negative prompt when CFG runs (else None)."""
+        cond = self._embeddings(prompt, prompt_embeds, prompt_embeds_mask, "prompt", encode, n, max_sequence_length)
         use_cfg = true_cfg_scale > 1 and (negative_prompt is not None or negative_prompt_embeds is not None)
         if true_cfg_scale > 1 and not use_cfg:
             warnings.warn(f"true_cfg_scale={true_cfg_scale} has no effect without a negative_prompt "
-                          "(the official examples use negative_prompt=' ')", stacklevel=3)
-        if use_cfg:
-            if isinstance(negative_prompt, str):   # one negative prompt serves every prompt
-                negative_prompt = [negative_prompt] * (len(embeds) // num_images_per_prompt)
-            neg_embeds, neg_mask = self._embeddings(negative_prompt, negative_prompt_embeds,
-                                                    negative_prompt_embeds_mask, "negative_prompt",
-                                                    num_images_per_prompt, max_sequence_length)
-            if len(neg_embeds) != len(embeds):
-                raise ValueError(f"negative_prompt gives {len(neg_embeds)} embeddings but prompt gives "
-                                 f"{len(embeds)}: pass one negative prompt per prompt (or a single str)")
-        batch = len(embeds)
+                          "(the official examples use negative_prompt=' ')", stacklevel=4)
+        if not use_cfg:
+            return cond, None
+        if isinstance(negative_prompt, str):   # one negative prompt serves every prompt
+            negative_prompt = [negative_prompt] * (len(cond[0]) // n)
+        uncond = self._embeddings(negative_prompt, negative_prompt_embeds, negative_prompt_embeds_mask,
+                                  "negative_prompt", encode, n, max_sequence_length)
+        if len(uncond[0]) != len(cond[0]):
+            raise ValueError(f"negative_prompt gives {len(uncond[0])} embeddings but prompt gives "
+                             f"{len(cond[0])}: pass one negative prompt per prompt (or a single str)")
+        return cond, uncond
 
-        # 2. Starting noise, packed into tokens: (B, 1, 16, h, w) -> (B, h/2 * w/2, 64)
+    def _initial_latents(self, latents, batch, height, width, generator):
         h, w = height // 8, width // 8
         dtype = self.transformer.img_in.weight.dtype
         if latents is None:
@@ -130,19 +153,20 @@ class QwenImagePipeline:
                 raise ValueError(f"generator is a list of {len(generator)} but the batch has {batch} images "
                                  "(prompts x num_images_per_prompt): pass one generator per image, or one in all")
             noise = _randn((batch, 1, 16, h, w), generator, self.device, dtype)
-            latents = mmdit.pack_latents(noise[:, 0])
-        else:
-            if tuple(latents.shape) != (batch, (h // 2) * (w // 2), 64):
-                raise ValueError(f"latents must be packed noise of shape {(batch, (h // 2) * (w // 2), 64)} for "
-                                 f"{height}x{width}, got {tuple(latents.shape)}")
-            latents = latents.to(self.device, dtype)
-        img_shapes = [(1, h // 2, w // 2)]
+            return mmdit.pack_latents(noise[:, 0])
+        if tuple(latents.shape) != (batch, (h // 2) * (w // 2), 64):
+            raise ValueError(f"latents must be packed noise of shape {(batch, (h // 2) * (w // 2), 64)} for "
+                             f"{height}x{width}, got {tuple(latents.shape)}")
+        return latents.to(self.device, dtype)
 
-        # 3. The schedule for this many tokens
+    def _denoise(self, latents, cond, uncond, true_cfg_scale, img_shapes, num_inference_steps, sigmas,
+                 callback_on_step_end, progress, image_latents=None):
+        """The sampling loop. With `image_latents` (Edit) the reference tokens ride along after the
+        noise tokens; the MMDiT sees [noise | references] and only the noise tokens' velocity is kept."""
+        batch, n_noise = latents.shape[:2]
+        dtype = latents.dtype
         self.scheduler.set_timesteps(None if sigmas is not None else num_inference_steps,
-                                     image_seq_len=latents.shape[1], sigmas=sigmas, device=self.device)
-
-        # 4. Denoise: predict the velocity, combine (CFG), Euler step
+                                     image_seq_len=n_noise, sigmas=sigmas, device=self.device)
         with self._active(self.transformer) as dit:
             steps = range(len(self.scheduler.timesteps))
             if progress:
@@ -151,21 +175,23 @@ class QwenImagePipeline:
             for i in steps:
                 t = self.scheduler.timesteps[i]
                 sigma = t.expand(batch).to(dtype) / 1000                 # as the reference: t in the latents' dtype
-                v = dit(latents, embeds, mask, sigma, img_shapes)
-                if use_cfg:
-                    v_neg = dit(latents, neg_embeds, neg_mask, sigma, img_shapes)
+                x = latents if image_latents is None else torch.cat([latents, image_latents], dim=1)
+                v = dit(x, *cond, sigma, img_shapes)[:, :n_noise]
+                if uncond is not None:
+                    v_neg = dit(x, *uncond, sigma, img_shapes)[:, :n_noise]
                     v = cfg_combine(v, v_neg, true_cfg_scale)
                 latents = self.scheduler.step(v, i, latents)
                 if callback_on_step_end is not None:
                     out = callback_on_step_end(self, i, t, {"latents": latents})
                     latents = (out or {}).get("latents", latents)
+        return latents
 
+    def _output(self, latents, height, width, output_type, tiled_vae):
+        """Packed latents -> unpack, undo the latent normalisation, VAE decode -> output_type."""
         if output_type == "latent":
             return PipelineOutput(latents)
-
-        # 5. Decode: unpack, undo the latent normalisation, VAE
         with self._active(self.vae) as ae:
-            z = mmdit.unpack_latents(latents, h, w).to(ae.post_quant_conv.weight.dtype)   # (B, 16, h, w)
+            z = mmdit.unpack_latents(latents, height // 8, width // 8).to(ae.post_quant_conv.weight.dtype)
             image = ae.decode(ae.denormalize_latents(z), tiled=tiled_vae)                  # (B, 3, H, W)
         return PipelineOutput(postprocess(image, output_type))
 
@@ -184,7 +210,7 @@ class QwenImagePipeline:
                           f"{height // 16 * 16}x{width // 16 * 16}", stacklevel=4)
         return int(height) // 16 * 16, int(width) // 16 * 16
 
-    def _embeddings(self, prompt, embeds, mask, name, n, max_sequence_length):
+    def _embeddings(self, prompt, embeds, mask, name, encode, n, max_sequence_length):
         """Prompt text or precomputed embeddings -> (embeds, mask or None); an all-ones mask is dropped."""
         if prompt is not None and embeds is not None:
             raise ValueError(f"pass either {name} or {name}_embeds, not both")
@@ -198,7 +224,7 @@ class QwenImagePipeline:
             if name == "prompt" and any(isinstance(p, str) and not p.strip() for p in prompt):
                 raise ValueError("prompt must not be empty: describe the image (an empty prompt is only "
                                  "meaningful as negative_prompt)")
-            embeds, mask = self.encode_prompt(prompt, n, max_sequence_length)
+            embeds, mask = encode(prompt)
         else:
             if embeds.ndim != 3 or embeds.shape[-1] != self.transformer.config.joint_attention_dim:
                 raise ValueError(f"{name}_embeds must be (batch, length, {self.transformer.config.joint_attention_dim}),"
@@ -216,6 +242,199 @@ class QwenImagePipeline:
             if bool(mask.all()):
                 mask = None              # no padding: plain attention (as diffusers; also faster kernels)
         return embeds, mask
+
+
+# ---------------------------------------------------------------------------------------------
+# Image editing
+# ---------------------------------------------------------------------------------------------
+
+def calculate_dimensions(target_area: int, aspect_ratio: float) -> tuple[int, int]:
+    """(width, height) of about `target_area` pixels with this width/height ratio, multiples of 32."""
+    width = math.sqrt(target_area * aspect_ratio)
+    height = width / aspect_ratio
+    return round(width / 32) * 32, round(height / 32) * 32
+
+
+class QwenImageEditPipeline(QwenImagePipeline):
+    """Qwen-Image-Edit: one input image and an instruction -> the edited image.
+
+        image ─ resize to ~1024x1024 area (aspect kept, multiples of 32) ─┬─ VAE encode (mean),
+              │                                                          │  normalise, pack ─> reference tokens
+              └─ vision processor + tower ─> features in the prompt ─────┴─ Qwen2.5-VL ─> prompt embeddings
+        noise tokens ─ MMDiT([noise | reference], prompt), keep the noise part ─ Euler ─> VAE decode
+
+    The reference tokens are the same at every step (they are never noised); RoPE gives them
+    frame index 1, so the MMDiT can tell them from the image being generated (frame 0). The output
+    size defaults to the input's (resized as above). `from_pretrained` reads model_index.json and
+    returns a QwenImageEditPlusPipeline for Edit-2509 / Edit-2511 checkpoints."""
+
+    numbered_pictures = False          # prompt prefix "<image>" (Edit) or "Picture 1: <image>..." (Edit-2509+)
+    max_images = 1
+    output_area = 1024 * 1024          # the default output size: the (last) image's aspect at this area
+    vae_area = 1024 * 1024
+    condition_area = None              # the vision tower sees the VAE-sized image
+
+    def __init__(self, tokenizer, text_encoder, vision_tower, transformer, vae, scheduler, processor_config=None,
+                 device=None, offload: bool = False):
+        super().__init__(tokenizer, text_encoder, transformer, vae, scheduler, device=device, offload=offload)
+        self.vision_tower = vision_tower
+        self.processor_config = processor_config or vision.ImageProcessorConfig()
+
+    @classmethod
+    def from_pretrained(cls, root, device=None, dtype=None, offload: bool = False) -> "QwenImageEditPipeline":
+        """Load an official Qwen-Image-Edit / -Edit-2509 / -Edit-2511 folder (same layout as Qwen-Image,
+        plus processor/). Called on QwenImageEditPipeline it picks the class model_index.json names."""
+        root = Path(root)
+        if not (root / "model_index.json").is_file():
+            raise ckpt.CheckpointError(f"{root} is not a Qwen-Image-Edit checkpoint: no model_index.json")
+        class_name = json.loads((root / "model_index.json").read_text()).get("_class_name", "")
+        kinds = {"QwenImageEditPipeline": QwenImageEditPipeline, "QwenImageEditPlusPipeline": QwenImageEditPlusPipeline}
+        if class_name not in kinds:
+            raise ckpt.CheckpointError(f"{root}/model_index.json names {class_name!r}, not an Edit pipeline "
+                                       f"({', '.join(kinds)}); for text-to-image use QwenImagePipeline")
+        if cls is QwenImageEditPipeline:
+            cls = kinds[class_name]
+        missing = [c for c in COMPONENTS if not (root / c).is_dir()]
+        if missing:
+            raise ckpt.CheckpointError(f"{root}: component folder(s) {missing} missing")
+        if not (root / "processor" / "preprocessor_config.json").is_file():
+            raise ckpt.CheckpointError(f"{root}/processor/preprocessor_config.json is missing: Edit checkpoints "
+                                       "ship it (the vision tower's image sizes); download it too")
+        device = torch.device(device or "cpu")
+        place = torch.device("cpu") if offload else device
+        return cls(tokenizer.load(root / "tokenizer"),
+                   text_encoder.load(root / "text_encoder", device=place, dtype=dtype),
+                   vision.load(root / "text_encoder", device=place, dtype=dtype),
+                   mmdit.load(root / "transformer", device=place, dtype=dtype),
+                   vae.load(root / "vae", device=place, dtype=dtype),
+                   scheduler.load(root / "scheduler"),
+                   vision.load_processor_config(root / "processor"), device=device, offload=offload)
+
+    # --- images ------------------------------------------------------------------------------
+
+    def load_images(self, image) -> list:
+        """image or list of images -> list of PIL RGB images, checked (count, type, size)."""
+        if image is None:
+            raise ValueError(f"image is required: {type(self).__name__} edits an input image")
+        images = list(image) if isinstance(image, (list, tuple)) else [image]
+        if not images:
+            raise ValueError("image is an empty list: pass at least one image")
+        if len(images) > self.max_images:
+            hint = (" (QwenImageEditPlusPipeline, for Edit-2509/2511 checkpoints, takes up to "
+                    f"{QwenImageEditPlusPipeline.max_images})" if self.max_images == 1 else "")
+            raise ValueError(f"{type(self).__name__} takes at most {self.max_images} image(s), got {len(images)}{hint}")
+        return [vision.to_rgb(img, name=f"image[{i}]" if len(images) > 1 else "image") for i, img in enumerate(images)]
+
+    def prepare_images(self, image) -> tuple[list, list]:
+        """image(s) -> (condition images for the vision tower, VAE images), PIL RGB, resized as the
+        official pipelines resize them (Lanczos, areas from `condition_area` / `vae_area`)."""
+        from PIL import Image
+        vae_images, condition_images = [], []
+        for img in self.load_images(image):
+            ratio = img.width / img.height
+            vae_images.append(img.resize(calculate_dimensions(self.vae_area, ratio), Image.LANCZOS))
+            condition_images.append(vae_images[-1] if self.condition_area is None else
+                                    img.resize(calculate_dimensions(self.condition_area, ratio), Image.LANCZOS))
+        return condition_images, vae_images
+
+    def image_features(self, condition_images) -> tuple[torch.Tensor, list]:
+        """PIL images -> (vision tower features (N, 3584), grids), all images in order."""
+        inputs = [vision.preprocess(img, self.processor_config) for img in condition_images]
+        pixels = torch.cat([p for p, _ in inputs]).to(self.device)
+        grids = [g for _, g in inputs]
+        with self._active(self.vision_tower) as tower, torch.no_grad():
+            return tower(pixels, grids), grids
+
+    def encode_image_latents(self, vae_images) -> tuple[torch.Tensor, list]:
+        """PIL images -> (normalised, packed latents (1, sum N_i, 64), their img_shapes)."""
+        tokens, shapes = [], []
+        with self._active(self.vae) as ae, torch.no_grad():
+            dtype = ae.post_quant_conv.weight.dtype
+            for img in vae_images:
+                x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255).permute(2, 0, 1)[None]
+                x = (2 * x - 1).to(self.device, dtype)                               # (1, 3, H, W) in [-1, 1]
+                z = ae.normalize_latents(ae.encode(x).mean)                          # (1, 16, H/8, W/8)
+                tokens.append(mmdit.pack_latents(z))                                 # (1, H/16 * W/16, 64)
+                shapes.append((1, z.shape[2] // 2, z.shape[3] // 2))
+        return torch.cat(tokens, dim=1), shapes
+
+    # --- prompts -----------------------------------------------------------------------------
+
+    def encode_prompt(self, prompt, image=None, num_images_per_prompt: int = 1, image_positions: str = "3d",
+                      features=None):
+        """prompt(s) + image(s) -> (embeds (B * n, L, 3584), mask (B * n, L)).
+
+        L includes the image's tokens: they follow the 64 dropped template tokens. `features`
+        (from `image_features`) skips the vision tower when the caller already ran it.
+        image_positions="sequential" reproduces diffusers 0.42.1 (see text_encoder.encode_prompts)."""
+        if features is None:
+            features = self.image_features(self.prepare_images(image)[0])
+        features, grids = features
+        prefix = text_encoder.edit_prompt_prefix(len(grids), self.numbered_pictures)
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        with self._active(self.text_encoder) as te:
+            embeds, mask = text_encoder.encode_prompts(
+                self.tokenizer, te, [prefix + p if isinstance(p, str) else p for p in prompts],
+                text_encoder.EDIT_TEMPLATE, text_encoder.EDIT_DROP, max_sequence_length=None, device=self.device,
+                image_features=features, image_grid_thw=grids, merge_size=self.vision_tower.config.spatial_merge_size,
+                image_positions=image_positions)
+        return embeds.repeat_interleave(num_images_per_prompt, 0), mask.repeat_interleave(num_images_per_prompt, 0)
+
+    # --- the edit ----------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def __call__(self, image=None, prompt=None, negative_prompt=None, true_cfg_scale: float = 4.0,
+                 height: int | None = None, width: int | None = None, num_inference_steps: int = 50, sigmas=None,
+                 num_images_per_prompt: int = 1, generator=None, latents=None, prompt_embeds=None,
+                 prompt_embeds_mask=None, negative_prompt_embeds=None, negative_prompt_embeds_mask=None,
+                 output_type: str = "pil", callback_on_step_end=None, max_sequence_length: int = 512,
+                 tiled_vae: bool = False, progress: bool = True) -> PipelineOutput:
+        """Same arguments as diffusers' QwenImageEditPipeline / QwenImageEditPlusPipeline.
+
+        image: a PIL image, an (H, W, C) array or a (C, H, W) tensor (values 0..255 or [0, 1]),
+        or a list of them for Edit-2509+. height/width default to the (last) image's size at
+        ~1024x1024 area. max_sequence_length is only checked, as in diffusers: Edit prompts are
+        never cut, since the image tokens are part of them."""
+        if not 1 <= max_sequence_length <= text_encoder.MAX_PROMPT_TOKENS:
+            raise ValueError(f"max_sequence_length must be in 1..{text_encoder.MAX_PROMPT_TOKENS}, "
+                             f"got {max_sequence_length}")
+        images = self.load_images(image)
+        condition_images, vae_images = self.prepare_images(images)
+        default_w, default_h = calculate_dimensions(self.output_area, images[-1].width / images[-1].height)
+        height, width = self._check_size(height or default_h, width or default_w)
+        self._check_call(num_inference_steps, output_type, num_images_per_prompt)
+
+        # 1. Prompts (+ the images, through the vision tower once) -> embeddings
+        features = None
+        if prompt_embeds is None or (negative_prompt is not None and negative_prompt_embeds is None):
+            features = self.image_features(condition_images)
+        encode = lambda p: self.encode_prompt(p, num_images_per_prompt=num_images_per_prompt, features=features)
+        cond, uncond = self._prompt_pair(prompt, negative_prompt, true_cfg_scale, prompt_embeds, prompt_embeds_mask,
+                                         negative_prompt_embeds, negative_prompt_embeds_mask, encode,
+                                         num_images_per_prompt, None)
+        batch = len(cond[0])
+
+        # 2. Noise tokens, and the reference images' tokens (the same for every sample)
+        latents = self._initial_latents(latents, batch, height, width, generator)
+        image_latents, image_shapes = self.encode_image_latents(vae_images)
+        image_latents = image_latents.to(latents.dtype).expand(batch, -1, -1)
+        img_shapes = [(1, height // 16, width // 16), *image_shapes]
+
+        # 3-4. Denoise [noise | references], keep the noise tokens
+        latents = self._denoise(latents, cond, uncond, true_cfg_scale, img_shapes, num_inference_steps, sigmas,
+                                callback_on_step_end, progress, image_latents=image_latents)
+        return self._output(latents, height, width, output_type, tiled_vae)
+
+
+class QwenImageEditPlusPipeline(QwenImageEditPipeline):
+    """Qwen-Image-Edit-2509 and -2511: 1 to 3 input images, named "Picture 1:", "Picture 2:", ... in
+    the prompt. Each image is read by the vision tower at ~384x384 area and encoded by the VAE at
+    ~1024x1024 area; the output size follows the last image. Edit-2511's transformer config sets
+    `zero_cond_t`: the reference tokens are then modulated as if t = 0 (mmdit.py)."""
+
+    numbered_pictures = True
+    max_images = 3
+    condition_area = 384 * 384
 
 
 def cfg_combine(v_cond: torch.Tensor, v_uncond: torch.Tensor, scale: float) -> torch.Tensor:

@@ -11,9 +11,15 @@ RMSNorm) of the prompt's tokens as the conditioning sequence for the MMDiT:
 The decoder is a standard pre-norm transformer: embeddings, 28 x [RMSNorm -> grouped-query
 attention (28 query heads share 4 key/value heads; q/k/v have biases) -> residual; RMSNorm ->
 SwiGLU MLP -> residual], final RMSNorm. Positions use *multimodal* RoPE: each token has three
-position ids (time, height, width). For text all three are equal, which makes it ordinary RoPE;
-image tokens (the vision tower, a later step) get their grid coordinates instead. The lm_head
-that would predict the next token is never loaded.
+position ids (time, height, width). For text all three are equal, which makes it ordinary RoPE.
+The lm_head that would predict the next token is never loaded.
+
+Edit prompts also hold an image: the template gets `<|vision_start|><|image_pad|><|vision_end|>`,
+the `<|image_pad|>` is repeated once per merged 2x2 patch group of the image, those slots take
+the vision tower's features (vision.py) instead of token embeddings, and they get 3-D positions:
+(frame, row, column) of their group, offset to start after the text before them. The text after
+an image continues from offset + max(rows, cols). That is how Qwen2.5-VL was trained, and what
+transformers computes when it is given `mm_token_type_ids` (see `multimodal_position_ids`).
 """
 
 from __future__ import annotations
@@ -40,6 +46,18 @@ EDIT_TEMPLATE = ("<|im_start|>system\nDescribe the key features of the input ima
                  "<|im_start|>assistant\n")
 EDIT_DROP = 64
 MAX_PROMPT_TOKENS = 1024
+# An image in a prompt. Qwen-Image-Edit puts one in front of the instruction; Edit-2509 and later
+# put "Picture 1: <image>Picture 2: <image>..." there. Either way the image tokens come after
+# the 64 dropped tokens, so the MMDiT sees the image's hidden states as part of the prompt.
+IMAGE_PLACEHOLDER = "<|vision_start|><|image_pad|><|vision_end|>"
+IMAGE_PAD = "<|image_pad|>"
+
+
+def edit_prompt_prefix(num_images: int, numbered: bool) -> str:
+    """The image part of an Edit prompt: one placeholder (Edit), or one "Picture i: " each (Edit-2509+)."""
+    if not numbered:
+        return IMAGE_PLACEHOLDER * num_images
+    return "".join(f"Picture {i + 1}: {IMAGE_PLACEHOLDER}" for i in range(num_images))
 
 
 @dataclass
@@ -97,6 +115,51 @@ def text_position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     pos = attention_mask.long().cumsum(-1) - 1
     pos = pos.masked_fill(attention_mask == 0, 0)
     return pos[None].expand(3, -1, -1)
+
+
+def multimodal_position_ids(input_ids: torch.Tensor, attention_mask: torch.Tensor, image_grid_thw,
+                            image_token_id: int, merge_size: int = 2) -> torch.Tensor:
+    """(B, S) ids and mask with runs of image tokens -> (3, B, S) position ids (as Qwen2.5-VL was trained).
+
+    Text tokens count up 0, 1, 2, ... on all three axes. An image of (t, h, w) patches takes
+    t * (h/2) * (w/2) tokens; the one for merged group (f, r, c) gets (start + f, start + r,
+    start + c), where start is the position the next text token would have had. Text after the
+    image resumes at start + max(h/2, w/2). `image_grid_thw` lists the images in the order they
+    appear, row after row; padding positions get 0."""
+    grids = [tuple(int(v) for v in g) for g in image_grid_thw]
+    B, S = input_ids.shape
+    out = torch.zeros(3, B, S, dtype=torch.long, device=input_ids.device)
+    next_grid = 0
+    for b in range(B):
+        real = attention_mask[b].bool()
+        is_image = (input_ids[b][real] == image_token_id).tolist()
+        pieces, pos, i = [], 0, 0
+        while i < len(is_image):
+            j = i
+            if not is_image[i]:                                  # a run of text
+                while j < len(is_image) and not is_image[j]:
+                    j += 1
+                pieces.append(torch.arange(pos, pos + j - i).expand(3, -1))
+                pos += j - i
+            else:                                                # one image
+                if next_grid == len(grids):
+                    raise ValueError(f"row {b} has more images (runs of image tokens) than image_grid_thw lists "
+                                     f"({len(grids)})")
+                t, h, w = grids[next_grid]
+                next_grid += 1
+                gh, gw = h // merge_size, w // merge_size
+                j = i + t * gh * gw
+                if j > len(is_image) or not all(is_image[i:j]):
+                    raise ValueError(f"row {b}: an image of grid {(t, h, w)} needs {t * gh * gw} consecutive image "
+                                     "tokens; the prompt has a different number")
+                f, r, c = torch.meshgrid(torch.arange(t), torch.arange(gh), torch.arange(gw), indexing="ij")
+                pieces.append(torch.stack([f, r, c]).reshape(3, -1) + pos)
+                pos += max(gh, gw)
+            i = j
+        out[:, b, real] = torch.cat(pieces, dim=1).to(out.device)
+    if next_grid != len(grids):
+        raise ValueError(f"image_grid_thw lists {len(grids)} images but the prompts hold {next_grid}")
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -221,14 +284,27 @@ class TextEncoder(nn.Module):
 # ---------------------------------------------------------------------------------------------
 
 def encode_prompts(tokenizer, encoder: TextEncoder, prompts, template: str = T2I_TEMPLATE, drop: int = T2I_DROP,
-                   max_sequence_length: int = MAX_PROMPT_TOKENS, device=None):
+                   max_sequence_length: int | None = MAX_PROMPT_TOKENS, device=None,
+                   image_features: torch.Tensor | None = None, image_grid_thw=None, merge_size: int = 2,
+                   image_positions: str = "3d"):
     """prompts -> (embeds (B, L, hidden), mask (B, L) long), right-padded to the longest prompt.
 
     Each prompt goes through the template; the first `drop` tokens (the system prompt and
-    "<|im_start|>user\\n") are removed from the hidden states, the closing
-    "<|im_end|>\\n<|im_start|>assistant\\n" stays. At most 1024 tokens after the template prefix are
-    encoded (the rest is cut, with a warning); `max_sequence_length` then cuts the result, as in
-    diffusers. The mask is always returned (all ones when nothing is padded)."""
+    "<|im_start|>user\n") are removed from the hidden states, the closing
+    "<|im_end|>\n<|im_start|>assistant\n" stays. The mask is always returned (all ones when
+    nothing is padded).
+
+    Text only: at most 1024 tokens after the template prefix are encoded (the rest is cut, with a
+    warning); `max_sequence_length` then cuts the result, as in diffusers.
+
+    With images (Edit): every prompt must hold one `<|image_pad|>` per image; the i-th is
+    expanded to image i's token count and filled with its rows of `image_features` (the vision
+    tower's output for all images, in order, (N, hidden)), with 3-D positions. Nothing is cut, as in
+    diffusers' Edit pipelines; a prompt whose text alone is over 1024 tokens is an error.
+    image_positions="3d" gives image tokens their grid positions, as Qwen2.5-VL was trained;
+    "sequential" numbers them like text, which is what diffusers 0.42.1 with transformers 5.x
+    computes (its encoder call omits `mm_token_type_ids`, diffusers issue #14194): use it only to
+    reproduce such outputs."""
     if isinstance(prompts, str):
         prompts = [prompts]
     if not isinstance(prompts, (list, tuple)) or not prompts:
@@ -236,29 +312,72 @@ def encode_prompts(tokenizer, encoder: TextEncoder, prompts, template: str = T2I
     bad = [i for i, p in enumerate(prompts) if not isinstance(p, str)]
     if bad:
         raise TypeError(f"prompt(s) at index {bad} are not str: {[type(prompts[i]).__name__ for i in bad]}")
-    if not 1 <= max_sequence_length <= MAX_PROMPT_TOKENS:
+    if image_positions not in ("3d", "sequential"):
+        raise ValueError(f"image_positions must be '3d' or 'sequential', got {image_positions!r}")
+    if max_sequence_length is not None and not 1 <= max_sequence_length <= MAX_PROMPT_TOKENS:
         raise ValueError(f"max_sequence_length must be in 1..{MAX_PROMPT_TOKENS}, got {max_sequence_length}")
 
     ids = [tokenizer.encode(template.format(p)) for p in prompts]
-    limit = MAX_PROMPT_TOKENS + drop
-    for i, x in enumerate(ids):
-        if len(x) > limit:
-            warnings.warn(f"prompt {i} is {len(x) - drop} tokens long with the template; only the first "
-                          f"{MAX_PROMPT_TOKENS} are used (the rest, including the template's closing tokens, "
-                          "is cut, as in diffusers)", stacklevel=2)
-    input_ids, attention_mask = tokenizer.pad([x[:limit] for x in ids])
+    if image_features is None:
+        limit = MAX_PROMPT_TOKENS + drop
+        for i, x in enumerate(ids):
+            if len(x) > limit:
+                warnings.warn(f"prompt {i} is {len(x) - drop} tokens long with the template; only the first "
+                              f"{MAX_PROMPT_TOKENS} are used (the rest, including the template's closing tokens, "
+                              "is cut, as in diffusers)", stacklevel=2)
+        ids = [x[:limit] for x in ids]
+    else:
+        pad_id = tokenizer.token_to_id(IMAGE_PAD)
+        counts = [t * h * w // merge_size ** 2 for t, h, w in image_grid_thw]
+        if sum(counts) != len(image_features):
+            raise ValueError(f"image_features has {len(image_features)} rows but image_grid_thw {image_grid_thw} "
+                             f"needs {sum(counts)}")
+        for i, x in enumerate(ids):
+            if x.count(pad_id) != len(counts):
+                raise ValueError(f"prompt {i} holds {x.count(pad_id)} {IMAGE_PAD} token(s) but {len(counts)} "
+                                 f"image(s) are given: put one {IMAGE_PLACEHOLDER} per image in the template")
+            if len(x) - len(counts) - drop > MAX_PROMPT_TOKENS:
+                raise ValueError(f"prompt {i} is {len(x) - len(counts) - drop} tokens long with the template; "
+                                 f"Edit prompts may have at most {MAX_PROMPT_TOKENS}: shorten it")
+        ids = [_expand_image_pads(x, pad_id, counts) for x in ids]
+    input_ids, attention_mask = tokenizer.pad(ids)
     device = device or encoder.embed_tokens.weight.device
-    with torch.no_grad():
-        hidden = encoder(input_ids.to(device), attention_mask.to(device))      # (B, S, hidden)
+    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
 
-    kept = [h[m.bool()][drop:] for h, m in zip(hidden, attention_mask.to(device))]  # per prompt (L_b, hidden)
+    position_ids = inputs_embeds = None
+    if image_features is not None:
+        inputs_embeds = encoder.embed_tokens(input_ids)                           # (B, S, hidden)
+        slots = (input_ids == pad_id)[..., None]
+        features = image_features.to(device, inputs_embeds.dtype).repeat(len(ids), 1)  # the same images per prompt
+        inputs_embeds = inputs_embeds.masked_scatter(slots, features)
+        if image_positions == "3d":
+            position_ids = multimodal_position_ids(input_ids, attention_mask, list(image_grid_thw) * len(ids),
+                                                   pad_id, merge_size)             # (3, B, S)
+    with torch.no_grad():
+        hidden = encoder(input_ids, attention_mask, position_ids, inputs_embeds)   # (B, S, hidden)
+
+    kept = [h[m.bool()][drop:] for h, m in zip(hidden, attention_mask)]            # per prompt (L_b, hidden)
     L = max(len(k) for k in kept)
     embeds = hidden.new_zeros(len(kept), L, hidden.shape[-1])
     mask = torch.zeros(len(kept), L, dtype=torch.long, device=device)
     for b, k in enumerate(kept):
         embeds[b, :len(k)] = k
         mask[b, :len(k)] = 1
-    return embeds[:, :max_sequence_length], mask[:, :max_sequence_length]
+    if max_sequence_length is not None:
+        embeds, mask = embeds[:, :max_sequence_length], mask[:, :max_sequence_length]
+    return embeds, mask
+
+
+def _expand_image_pads(ids: list[int], pad_id: int, counts: list[int]) -> list[int]:
+    """[..., pad, ..., pad, ...] -> the k-th pad repeated counts[k] times."""
+    out, k = [], 0
+    for token in ids:
+        if token == pad_id:
+            out.extend([pad_id] * counts[k])
+            k += 1
+        else:
+            out.append(token)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
