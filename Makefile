@@ -29,6 +29,8 @@ bench: $(VENV)/.installed
 	$(PY) benchmarks/bench_mmdit.py
 	$(PY) benchmarks/bench_text_encoder.py
 	$(PY) benchmarks/bench_vae.py
+	$(PY) benchmarks/bench_vision.py
+	$(PY) benchmarks/bench_edit.py
 	$(PY) benchmarks/bench_pipeline.py
 
 # Re-executes every notebook in place, so the committed outputs are current.

@@ -226,3 +226,76 @@ def test_checkpoint_errors(setup, tmp_path):
     with pytest.raises(CheckpointError, match="processor/preprocessor_config.json is missing"):
         pipeline.QwenImageEditPipeline.from_pretrained(no_processor)
 
+
+
+# ---------------------------------------------------------------------------------------------
+# bf16 on a GPU (make cuda-check)
+# ---------------------------------------------------------------------------------------------
+
+def mid_size_edit_parity(tmp_path, device, steps=4):
+    """Edit-2509 with two images at the official areas (1024^2 VAE / 384^2 vision), a mid-size random
+    model (transformer 1536 wide x 4 blocks, text encoder 512 wide, vision tower 1280 wide x 2
+    blocks, the official VAE), in bf16 by both pipelines with the same (our bf16) prompt embeddings;
+    ours in fp32 as the yardstick. Returns (ours vs diffusers-bf16, ours vs fp32, diffusers vs fp32)."""
+    from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImagePipeline
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer
+    from conftest import randomize_
+    from test_scheduler import OFFICIAL as SCHEDULER_CONFIG
+    from test_tokenizer import write_official_tokenizer_folder
+    tok_folder = write_official_tokenizer_folder(tmp_path / "_tok")
+    te = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(
+        text_config=dict(vocab_size=151680, hidden_size=512, intermediate_size=1024, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6,
+                         rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]}),
+        vision_config=dict(depth=2, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=512,
+                           fullatt_block_indexes=[1]))).eval()
+    transformer = QwenImageTransformer2DModel(num_layers=4, num_attention_heads=12, joint_attention_dim=512).eval()
+    for module, seed in ((te, 1), (transformer, 2)):
+        randomize_(module, seed=seed, scale=0.05)
+    ae = randomize_(AutoencoderKLQwenImage().eval(), seed=3)
+    t2i = QwenImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler.from_config(SCHEDULER_CONFIG), vae=ae,
+                            text_encoder=te, tokenizer=Qwen2Tokenizer.from_pretrained(tok_folder), transformer=transformer)
+    t2i.save_pretrained(tmp_path / "t2i")
+    shutil.rmtree(tmp_path / "t2i" / "tokenizer")
+    write_official_tokenizer_folder(tmp_path / "t2i" / "tokenizer")
+    folder = make_edit_folder(tmp_path / "t2i", tmp_path / "mid-edit", "QwenImageEditPlusPipeline")
+    del t2i, te, transformer, ae
+
+    images = [random_image(600, 900, seed=1), random_image(700, 500, seed=2)]
+    prompt = "Put the object of picture 1 into picture 2"
+    ours16 = pipeline.QwenImageEditPipeline.from_pretrained(folder, device=device, dtype=torch.bfloat16)
+    embeds, mask = ours16.encode_prompt(prompt, images)
+    neg, neg_mask = ours16.encode_prompt(" ", images)
+    kwargs = dict(image=images, true_cfg_scale=4.0, num_inference_steps=steps, output_type="latent")
+    embedded = dict(prompt_embeds=embeds, prompt_embeds_mask=mask, negative_prompt_embeds=neg,
+                    negative_prompt_embeds_mask=neg_mask)
+    gen = lambda: torch.Generator().manual_seed(0)
+    got = ours16(generator=gen(), progress=False, **embedded, **kwargs).images.float().cpu()
+    del ours16
+    bf16 = dict(torch_dtype=torch.bfloat16)
+    ref16 = QwenImageEditPlusPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(folder / "scheduler"),
+        vae=AutoencoderKLQwenImage.from_pretrained(folder / "vae", **bf16),
+        text_encoder=Qwen2_5_VLForConditionalGeneration.from_pretrained(folder / "text_encoder", dtype=torch.bfloat16),
+        tokenizer=Qwen2Tokenizer.from_pretrained(folder / "tokenizer"),
+        processor=StubProcessor(Qwen2Tokenizer.from_pretrained(folder / "tokenizer"), min_pixels=3136,
+                                max_pixels=12845056),
+        transformer=QwenImageTransformer2DModel.from_pretrained(folder / "transformer", **bf16)).to(device)
+    ref16.set_progress_bar_config(disable=True)
+    expected = ref16(generator=gen(), **embedded, **kwargs).images.float().cpu()
+    del ref16
+    ours32 = pipeline.QwenImageEditPipeline.from_pretrained(folder, device=device, dtype=torch.float32)
+    truth = ours32(generator=gen(), progress=False, prompt=prompt, negative_prompt=" ", **kwargs).images.float().cpu()
+    return max_rel_err(got, expected), max_rel_err(got, truth), max_rel_err(expected, truth)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (make cuda-check)")
+def test_mid_size_edit_plus_bf16_on_cuda(tmp_path):
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    err_vs_ref, err_ours, err_ref = mid_size_edit_parity(tmp_path, "cuda")
+    print(f"\nEdit-2509 pipeline bf16 cuda, mid-size model, 2 images at the official areas, 4 steps, CFG: final latents "
+          f"ours vs diffusers-bf16 {err_vs_ref:.2e}; vs fp32: ours {err_ours:.2e}, diffusers {err_ref:.2e}")
+    assert err_vs_ref <= 5e-2
+    assert err_ours <= 1.25 * err_ref + 1e-3

@@ -324,3 +324,48 @@ def test_diffusers_drops_mm_token_type_ids_and_encodes_images_with_sequential_po
     sequential, trained = encode("sequential"), encode("3d")
     assert max_rel_err(sequential, diffusers_embeds) <= TOL     # diffusers = sequential positions
     assert max_rel_err(trained, diffusers_embeds) > 1e-2        # and that differs from the model as trained
+
+
+# ---------------------------------------------------------------------------------------------
+# bf16 on a GPU (make cuda-check)
+# ---------------------------------------------------------------------------------------------
+
+def full_width_tower_parity(tmp_path, device, depth=4):
+    """The official tower's width (1280, 16 heads, SwiGLU 3420, merger to 3584) with `depth` blocks
+    (the last full-attention), a 1248x832 image (the size Qwen-Image-Edit feeds it: 2646 patches,
+    windows of 8x8), saved in fp32 and loaded in bf16 by both; fp32 as the yardstick.
+    Returns (ours vs transformers-bf16, ours vs fp32, transformers vs fp32), max rel errors."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    from conftest import randomize_
+    text = dict(vocab_size=151680, hidden_size=3584, intermediate_size=64, num_hidden_layers=1, num_attention_heads=28,
+                num_key_value_heads=4, rope_parameters={"rope_type": "default", "rope_theta": 1e6,
+                                                        "mrope_section": [16, 24, 24]})
+    vis = dict(depth=depth, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584,
+               fullatt_block_indexes=[depth - 1])
+    ref = randomize_(Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(text_config=text, vision_config=vis)).eval(),
+                     seed=0)
+    pixels, grid = vision.preprocess(random_image(832, 1248, seed=1))
+    with torch.no_grad():
+        truth = ref.model.visual(pixels, grid_thw=torch.tensor([grid])).pooler_output
+    ref.save_pretrained(tmp_path / "te")
+    del ref
+    ref16 = Qwen2_5_VLForConditionalGeneration.from_pretrained(tmp_path / "te", dtype=torch.bfloat16).to(device).eval()
+    with torch.no_grad():
+        expected = ref16.model.visual(pixels.to(device), grid_thw=torch.tensor([grid], device=device)).pooler_output
+    del ref16
+    ours = vision.load(tmp_path / "te", device=device, dtype=torch.bfloat16)
+    with torch.no_grad():
+        got = ours(pixels.to(device), [grid])
+    truth, expected, got = truth.double(), expected.double().cpu(), got.double().cpu()
+    return max_rel_err(got, expected), max_rel_err(got, truth), max_rel_err(expected, truth)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (make cuda-check)")
+def test_full_width_vision_tower_bf16_on_cuda(tmp_path):
+    torch.backends.cuda.matmul.allow_tf32 = False
+    err_vs_ref, err_ours, err_ref = full_width_tower_parity(tmp_path, "cuda")
+    print(f"\nvision tower bf16 cuda, full width, 4 blocks, 1248x832 image: ours vs transformers-bf16 {err_vs_ref:.2e}; "
+          f"vs fp32: ours {err_ours:.2e}, transformers {err_ref:.2e}")
+    assert err_vs_ref <= 2e-2
+    assert err_ours <= 1.25 * err_ref + 1e-3
