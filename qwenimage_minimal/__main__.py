@@ -119,6 +119,13 @@ def resolve_device(device: str | None) -> torch.device:
     return torch.device(device)
 
 
+def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
+    """--dtype bf16 | fp32; by default bf16 on a GPU (the official weights' dtype), fp32 on the CPU."""
+    if name is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"bf16": torch.bfloat16, "fp32": torch.float32}[name]
+
+
 def demo(args):
     t0 = time.perf_counter()
     stage = lambda text: print(f"[{time.perf_counter() - t0:7.2f}s] {text}", flush=True)
@@ -129,7 +136,7 @@ def demo(args):
     if args.model:
         root = Path(args.model)
         device = resolve_device(args.device)
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        dtype = resolve_dtype(None, device)
     else:
         root = write_tiny_checkpoint(args.out.parent / "tiny-qwen-image")
         stage(f"wrote a TINY RANDOM-WEIGHT Qwen-Image (official folder layout) to {root}: its image is noise")
@@ -183,7 +190,7 @@ def demo_edit(args, stage):
     if args.model:
         root = Path(args.model)
         device = resolve_device(args.device)
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        dtype = resolve_dtype(None, device)
     else:
         root = write_tiny_checkpoint(args.out.parent / "tiny-qwen-image-edit", edit=True)
         stage(f"wrote a TINY RANDOM-WEIGHT Qwen-Image-Edit-2509 (official folder layout) to {root}: its image is noise")
@@ -223,9 +230,7 @@ def demo_edit(args, stage):
 
 def generate(args):
     device = resolve_device(args.device)
-    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32, None: None}[args.dtype]
-    if dtype is None:
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = resolve_dtype(args.dtype, device)
     pipe = pipeline.QwenImagePipeline.from_pretrained(args.model, device=device, dtype=dtype, offload=args.offload)
     generator = torch.Generator().manual_seed(args.seed)
     image = pipe(prompt=args.prompt, negative_prompt=args.negative_prompt, true_cfg_scale=args.cfg,
@@ -247,9 +252,7 @@ def edit(args):
         except (UnidentifiedImageError, OSError) as e:
             raise SystemExit(f"--image {path}: not an image PIL can read ({e})")
     device = resolve_device(args.device)
-    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32, None: None}[args.dtype]
-    if dtype is None:
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = resolve_dtype(args.dtype, device)
     pipe = pipeline.QwenImageEditPipeline.from_pretrained(args.model, device=device, dtype=dtype, offload=args.offload)
     out = pipe(image=images if len(images) > 1 else images[0], prompt=args.prompt,
                negative_prompt=args.negative_prompt, true_cfg_scale=args.cfg, height=args.height, width=args.width,

@@ -1,4 +1,4 @@
-"""Text-to-image: the components joined into QwenImagePipeline.
+"""The components joined: QwenImagePipeline (text-to-image) and the Edit pipelines.
 
     prompt ─ tokenizer + Qwen2.5-VL ─> embeds (B, L, 3584), mask
     noise (B, 1, 16, H/8, W/8) ─ pack ─> x (B, N, 64)
@@ -8,8 +8,13 @@
         x = x + (sigma_next - sigma) v                           Euler step
     x ─ unpack, * latents_std + latents_mean ─> VAE decoder ─> image in [-1, 1]
 
-Argument names follow diffusers' QwenImagePipeline, and with the same generator the starting noise
-is the same tensor, so the two can be compared number for number.
+Edit (QwenImageEditPipeline, QwenImageEditPlusPipeline, further down) changes two things: the
+prompt is encoded together with the input image(s) (vision.py), and the images' VAE latents ride
+along after the noise tokens at every step, [x | reference tokens], of which only x's velocity is
+kept. Everything else is the loop above, shared.
+
+Argument names follow diffusers' pipelines, and with the same generator the starting noise is the
+same tensor, so the two can be compared number for number.
 """
 
 from __future__ import annotations
@@ -35,6 +40,30 @@ class PipelineOutput:
     images: object  # list of PIL images, a (B, H, W, 3) array, a (B, 3, H, W) tensor, or packed latents
 
 
+def _check_model_folder(root: Path, what: str) -> str:
+    """An official pipeline folder: model_index.json and the component folders. -> its _class_name."""
+    if not root.is_dir():
+        raise ckpt.CheckpointError(f"model folder {root} does not exist")
+    index = root / "model_index.json"
+    if not index.is_file():
+        raise ckpt.CheckpointError(f"{root} is not a {what} checkpoint: no model_index.json "
+                                   f"(expected {', '.join(COMPONENTS)} folders beside it)")
+    missing = [c for c in COMPONENTS if not (root / c).is_dir()]
+    if missing:
+        raise ckpt.CheckpointError(f"{root}: component folder(s) {missing} missing")
+    return json.loads(index.read_text()).get("_class_name", "")
+
+
+def _load_components(root: Path, device, dtype, offload: bool) -> dict:
+    """The five components every Qwen-Image pipeline has, on `device` (on the CPU with offload)."""
+    place = torch.device("cpu") if offload else device
+    return dict(tokenizer=tokenizer.load(root / "tokenizer"),
+                text_encoder=text_encoder.load(root / "text_encoder", device=place, dtype=dtype),
+                transformer=mmdit.load(root / "transformer", device=place, dtype=dtype),
+                vae=vae.load(root / "vae", device=place, dtype=dtype),
+                scheduler=scheduler.load(root / "scheduler"))
+
+
 class QwenImagePipeline:
     def __init__(self, tokenizer, text_encoder, transformer, vae, scheduler, device=None, offload: bool = False):
         self.tokenizer, self.text_encoder, self.transformer = tokenizer, text_encoder, transformer
@@ -50,25 +79,11 @@ class QwenImagePipeline:
         offload=True keeps every component in CPU memory and moves only the active one to `device`
         (text encoder, then transformer, then VAE): the GPU needs room for the largest alone."""
         root = Path(root)
-        if not root.is_dir():
-            raise ckpt.CheckpointError(f"model folder {root} does not exist")
-        index = root / "model_index.json"
-        if not index.is_file():
-            raise ckpt.CheckpointError(f"{root} is not a Qwen-Image checkpoint: no model_index.json "
-                                       f"(expected {', '.join(COMPONENTS)} folders beside it)")
-        missing = [c for c in COMPONENTS if not (root / c).is_dir()]
-        if missing:
-            raise ckpt.CheckpointError(f"{root}: component folder(s) {missing} missing")
-        class_name = json.loads(index.read_text()).get("_class_name", "")
-        if class_name and "Edit" in class_name:
+        class_name = _check_model_folder(root, "Qwen-Image")
+        if "Edit" in class_name:
             warnings.warn(f"{root} is a {class_name} checkpoint; loading it for text-to-image", stacklevel=2)
         device = torch.device(device or "cpu")
-        place = torch.device("cpu") if offload else device
-        return cls(tokenizer.load(root / "tokenizer"),
-                   text_encoder.load(root / "text_encoder", device=place, dtype=dtype),
-                   mmdit.load(root / "transformer", device=place, dtype=dtype),
-                   vae.load(root / "vae", device=place, dtype=dtype),
-                   scheduler.load(root / "scheduler"), device=device, offload=offload)
+        return cls(**_load_components(root, device, dtype, offload), device=device, offload=offload)
 
     @contextlib.contextmanager
     def _active(self, module: torch.nn.Module):
@@ -285,30 +300,21 @@ class QwenImageEditPipeline(QwenImagePipeline):
         """Load an official Qwen-Image-Edit / -Edit-2509 / -Edit-2511 folder (same layout as Qwen-Image,
         plus processor/). Called on QwenImageEditPipeline it picks the class model_index.json names."""
         root = Path(root)
-        if not (root / "model_index.json").is_file():
-            raise ckpt.CheckpointError(f"{root} is not a Qwen-Image-Edit checkpoint: no model_index.json")
-        class_name = json.loads((root / "model_index.json").read_text()).get("_class_name", "")
+        class_name = _check_model_folder(root, "Qwen-Image-Edit")
         kinds = {"QwenImageEditPipeline": QwenImageEditPipeline, "QwenImageEditPlusPipeline": QwenImageEditPlusPipeline}
         if class_name not in kinds:
             raise ckpt.CheckpointError(f"{root}/model_index.json names {class_name!r}, not an Edit pipeline "
                                        f"({', '.join(kinds)}); for text-to-image use QwenImagePipeline")
         if cls is QwenImageEditPipeline:
             cls = kinds[class_name]
-        missing = [c for c in COMPONENTS if not (root / c).is_dir()]
-        if missing:
-            raise ckpt.CheckpointError(f"{root}: component folder(s) {missing} missing")
         if not (root / "processor" / "preprocessor_config.json").is_file():
             raise ckpt.CheckpointError(f"{root}/processor/preprocessor_config.json is missing: Edit checkpoints "
                                        "ship it (the vision tower's image sizes); download it too")
         device = torch.device(device or "cpu")
         place = torch.device("cpu") if offload else device
-        return cls(tokenizer.load(root / "tokenizer"),
-                   text_encoder.load(root / "text_encoder", device=place, dtype=dtype),
-                   vision.load(root / "text_encoder", device=place, dtype=dtype),
-                   mmdit.load(root / "transformer", device=place, dtype=dtype),
-                   vae.load(root / "vae", device=place, dtype=dtype),
-                   scheduler.load(root / "scheduler"),
-                   vision.load_processor_config(root / "processor"), device=device, offload=offload)
+        return cls(**_load_components(root, device, dtype, offload),
+                   vision_tower=vision.load(root / "text_encoder", device=place, dtype=dtype),
+                   processor_config=vision.load_processor_config(root / "processor"), device=device, offload=offload)
 
     # --- images ------------------------------------------------------------------------------
 

@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import checkpoint as ckpt
+from .text_encoder import MLP, RMSNorm, rotate_half   # the same pieces as the language model's
 
 # ---------------------------------------------------------------------------------------------
 # 1. The image processor
@@ -253,23 +254,6 @@ def image_lengths(grid_thw) -> list[int]:
     return [h * w for t, h, w in grid_thw for _ in range(t)]
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat([-x2, x1], dim=-1)
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float = 1e-6):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x):
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
-
-
 class PatchEmbed(nn.Module):
     """A Conv3d whose kernel equals its stride: one linear map per (3, 2, 14, 14) patch."""
 
@@ -305,26 +289,13 @@ class VisionAttention(nn.Module):
         return self.proj(out[0].transpose(0, 1).reshape(N, D))
 
 
-class VisionMLP(nn.Module):
-    """SwiGLU with biases."""
-
-    def __init__(self, config: VisionConfig):
-        super().__init__()
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=True)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=True)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=True)
-
-    def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-
-
 class VisionBlock(nn.Module):
     def __init__(self, config: VisionConfig):
         super().__init__()
-        self.norm1 = RMSNorm(config.hidden_size)
+        self.norm1 = RMSNorm(config.hidden_size, eps=1e-6)
         self.attn = VisionAttention(config)
-        self.norm2 = RMSNorm(config.hidden_size)
-        self.mlp = VisionMLP(config)
+        self.norm2 = RMSNorm(config.hidden_size, eps=1e-6)
+        self.mlp = MLP(config.hidden_size, config.intermediate_size, bias=True)   # SwiGLU with biases
 
     def forward(self, x, cos, sin, lengths):
         x = x + self.attn(self.norm1(x), cos, sin, lengths)
@@ -337,7 +308,7 @@ class PatchMerger(nn.Module):
     def __init__(self, config: VisionConfig):
         super().__init__()
         group = config.hidden_size * config.spatial_merge_size ** 2
-        self.ln_q = RMSNorm(config.hidden_size)
+        self.ln_q = RMSNorm(config.hidden_size, eps=1e-6)
         self.mlp = nn.Sequential(nn.Linear(group, group), nn.GELU(), nn.Linear(group, config.out_hidden_size))
 
     def forward(self, x):
