@@ -52,7 +52,7 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 @dataclass
 class ImageProcessorConfig:
-    """Defaults are Qwen-Image-Edit's processor/preprocessor_config.json."""
+    """Defaults are Qwen2.5-VL's preprocessor_config.json, which Edit checkpoints carry in processor/."""
     min_pixels: int = 56 * 56
     max_pixels: int = 28 * 28 * 16384          # 12845056
     patch_size: int = 14
