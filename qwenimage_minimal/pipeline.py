@@ -329,7 +329,12 @@ class QwenImageEditPipeline(QwenImagePipeline):
             hint = (" (QwenImageEditPlusPipeline, for Edit-2509/2511 checkpoints, takes up to "
                     f"{QwenImageEditPlusPipeline.max_images})" if self.max_images == 1 else "")
             raise ValueError(f"{type(self).__name__} takes at most {self.max_images} image(s), got {len(images)}{hint}")
-        return [vision.to_rgb(img, name=f"image[{i}]" if len(images) > 1 else "image") for i, img in enumerate(images)]
+        images = [vision.to_rgb(img, name=f"image[{i}]" if len(images) > 1 else "image") for i, img in enumerate(images)]
+        for i, img in enumerate(images):
+            if max(img.size) / min(img.size) > 200:
+                raise ValueError(f"image {i} is {img.width}x{img.height}: aspect ratios over 200:1 are not supported "
+                                 "(Qwen2.5-VL's image processor refuses them); crop or pad it")
+        return images
 
     def prepare_images(self, image) -> tuple[list, list]:
         """image(s) -> (condition images for the vision tower, VAE images), PIL RGB, resized as the

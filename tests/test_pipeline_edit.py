@@ -179,6 +179,7 @@ def test_decoded_image(setup, small_plus_areas):
     ([], "empty list"),
     ("photo.png", "open it first"),
     (Image.new("RGB", (0, 10)), "empty"),
+    (Image.new("RGB", (4000, 10)), "over 200:1"),
 ])
 def test_bad_images(setup, image, match):
     _, folders = setup
@@ -299,3 +300,23 @@ def test_mid_size_edit_plus_bf16_on_cuda(tmp_path):
           f"ours vs diffusers-bf16 {err_vs_ref:.2e}; vs fp32: ours {err_ours:.2e}, diffusers {err_ref:.2e}")
     assert err_vs_ref <= 5e-2
     assert err_ours <= 1.25 * err_ref + 1e-3
+
+
+def test_batch_of_prompts_equals_one_by_one(setup, small_plus_areas):
+    """diffusers' Edit-2509 pipeline refuses batches; ours takes a list of prompts (of different lengths,
+    so with a padding mask) and num_images_per_prompt, the reference tokens shared. Each sample must
+    equal the same prompt run alone with the same generator."""
+    _, folders = setup
+    ours = pipeline.QwenImageEditPipeline.from_pretrained(folders["plus"])
+    image = random_image(120, 180, seed=13)
+    prompts = ["Sharpen it", "Turn the whole scene into a watercolour painting with soft edges"]
+    common = dict(image=image, negative_prompt=" ", true_cfg_scale=3.0, num_inference_steps=2, output_type="latent",
+                  progress=False, **small_size(image))
+    seeds = [[0, 1], [2, 3]]
+    batch = ours(prompt=prompts, num_images_per_prompt=2,
+                 generator=[torch.Generator().manual_seed(s) for pair in seeds for s in pair], **common).images
+    assert batch.shape[0] == 4
+    for p, (prompt, pair) in enumerate(zip(prompts, seeds)):
+        for k, seed in enumerate(pair):
+            alone = ours(prompt=prompt, generator=torch.Generator().manual_seed(seed), **common).images
+            assert max_rel_err(batch[2 * p + k:2 * p + k + 1], alone) <= TOL
