@@ -210,6 +210,7 @@ def demo_edit(args, stage):
     stage(f"vision tower: {condition[0].size[0]}x{condition[0].size[1]} -> patches {grids[0]} (t, h, w) -> "
           f"{tuple(features.shape)} features = {vision.image_token_count(grids[0])} <|image_pad|> tokens")
     embeds, mask = pipe.encode_prompt(args.prompt, features=(features, grids))
+    neg_embeds, neg_mask = pipe.encode_prompt(args.negative_prompt, features=(features, grids))
     stage(f"'Picture 1: <image>' + prompt -> Qwen2.5-VL with 3-D positions -> embeddings {tuple(embeds.shape)} "
           "(64 template tokens dropped; the image tokens stay)")
     tokens, shapes = pipe.encode_image_latents(vae_images)
@@ -221,9 +222,11 @@ def demo_edit(args, stage):
               f"noise tokens {tuple(tensors['latents'].shape)} (+ {tokens.shape[1]} reference tokens in the MMDiT)")
         return tensors
 
-    out = pipe(image=image, prompt=args.prompt, negative_prompt=args.negative_prompt, true_cfg_scale=args.cfg,
-               num_inference_steps=args.steps, generator=torch.Generator().manual_seed(args.seed),
-               callback_on_step_end=on_step, progress=False).images[0]
+    # The pipeline takes the embeddings computed above (the vision tower and the text encoder do not run again).
+    out = pipe(image=image, prompt_embeds=embeds, prompt_embeds_mask=mask, negative_prompt_embeds=neg_embeds,
+               negative_prompt_embeds_mask=neg_mask, true_cfg_scale=args.cfg, num_inference_steps=args.steps,
+               generator=torch.Generator().manual_seed(args.seed), callback_on_step_end=on_step,
+               progress=False).images[0]
     out.save(args.out)
     stage(f"edited image {out.size[0]}x{out.size[1]} -> {args.out}")
 
@@ -263,6 +266,18 @@ def edit(args):
     print(f"wrote {args.out} ({out.size[0]}x{out.size[1]})")
 
 
+def add_sampling_options(parser):
+    """The options `generate` and `edit` share."""
+    parser.add_argument("--negative-prompt", default=" ")
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--cfg", type=float, default=4.0, help="true CFG scale (1 turns guidance off)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    parser.add_argument("--dtype", choices=["bf16", "fp32"], help="default: bf16 on cuda, fp32 on cpu")
+    parser.add_argument("--tiled-vae", action="store_true", help="decode in 256 px tiles (bounded memory)")
+    parser.add_argument("--offload", action="store_true", help="keep components on the CPU, one at a time on the GPU")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m qwenimage_minimal", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -270,33 +285,19 @@ def main(argv=None):
     g = sub.add_parser("generate", help="text-to-image with an official Qwen-Image folder")
     g.add_argument("--model", required=True, help="the official Qwen-Image folder (model_index.json, ...)")
     g.add_argument("--prompt", required=True)
-    g.add_argument("--negative-prompt", default=" ")
     g.add_argument("--width", type=int, default=1328)
     g.add_argument("--height", type=int, default=1328)
-    g.add_argument("--steps", type=int, default=50)
-    g.add_argument("--cfg", type=float, default=4.0, help="true CFG scale (1 turns guidance off)")
-    g.add_argument("--seed", type=int, default=0)
     g.add_argument("--out", type=Path, default=Path("out/image.png"))
-    g.add_argument("--device", help="cuda or cpu (default: cuda when available)")
-    g.add_argument("--dtype", choices=["bf16", "fp32"], help="default: bf16 on cuda, fp32 on cpu")
-    g.add_argument("--tiled-vae", action="store_true", help="decode in 256 px tiles (bounded memory)")
-    g.add_argument("--offload", action="store_true", help="keep components on the CPU, one at a time on the GPU")
+    add_sampling_options(g)
     e = sub.add_parser("edit", help="edit image(s) with an official Qwen-Image-Edit / -2509 / -2511 folder")
     e.add_argument("--model", required=True, help="the official Qwen-Image-Edit(-2509/-2511) folder")
     e.add_argument("--image", required=True, nargs="+", type=Path,
                    help="input image(s): one for Qwen-Image-Edit, 1 to 3 for Edit-2509/2511")
     e.add_argument("--prompt", required=True, help="the edit instruction")
-    e.add_argument("--negative-prompt", default=" ")
     e.add_argument("--width", type=int, help="default: the (last) image's aspect ratio at about 1024x1024")
     e.add_argument("--height", type=int)
-    e.add_argument("--steps", type=int, default=50)
-    e.add_argument("--cfg", type=float, default=4.0, help="true CFG scale (1 turns guidance off)")
-    e.add_argument("--seed", type=int, default=0)
     e.add_argument("--out", type=Path, default=Path("out/edited.png"))
-    e.add_argument("--device", help="cuda or cpu (default: cuda when available)")
-    e.add_argument("--dtype", choices=["bf16", "fp32"], help="default: bf16 on cuda, fp32 on cpu")
-    e.add_argument("--tiled-vae", action="store_true", help="decode in 256 px tiles (bounded memory)")
-    e.add_argument("--offload", action="store_true", help="keep components on the CPU, one at a time on the GPU")
+    add_sampling_options(e)
     d = sub.add_parser("demo", help="the whole pipeline, stage by stage (tiny random model unless --model)")
     d.add_argument("--model", help="an official Qwen-Image folder (default: a tiny random-weight one)")
     d.add_argument("--prompt", help="default: a corgi with a neon sign (text-to-image), or an instruction (--edit)")

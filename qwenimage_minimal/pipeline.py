@@ -329,19 +329,23 @@ class QwenImageEditPipeline(QwenImagePipeline):
             hint = (" (QwenImageEditPlusPipeline, for Edit-2509/2511 checkpoints, takes up to "
                     f"{QwenImageEditPlusPipeline.max_images})" if self.max_images == 1 else "")
             raise ValueError(f"{type(self).__name__} takes at most {self.max_images} image(s), got {len(images)}{hint}")
-        images = [vision.to_rgb(img, name=f"image[{i}]" if len(images) > 1 else "image") for i, img in enumerate(images)]
-        for i, img in enumerate(images):
+        names = [f"image[{i}]" if len(images) > 1 else "image" for i in range(len(images))]
+        images = [vision.to_rgb(img, name=name) for img, name in zip(images, names)]
+        for img, name in zip(images, names):
             if max(img.size) / min(img.size) > 200:
-                raise ValueError(f"image {i} is {img.width}x{img.height}: aspect ratios over 200:1 are not supported "
+                raise ValueError(f"{name} is {img.width}x{img.height}: aspect ratios over 200:1 are not supported "
                                  "(Qwen2.5-VL's image processor refuses them); crop or pad it")
         return images
 
     def prepare_images(self, image) -> tuple[list, list]:
         """image(s) -> (condition images for the vision tower, VAE images), PIL RGB, resized as the
         official pipelines resize them (Lanczos, areas from `condition_area` / `vae_area`)."""
+        return self._resize_images(self.load_images(image))
+
+    def _resize_images(self, images) -> tuple[list, list]:
         from PIL import Image
         vae_images, condition_images = [], []
-        for img in self.load_images(image):
+        for img in images:
             ratio = img.width / img.height
             vae_images.append(img.resize(calculate_dimensions(self.vae_area, ratio), Image.LANCZOS))
             condition_images.append(vae_images[-1] if self.condition_area is None else
@@ -410,7 +414,7 @@ class QwenImageEditPipeline(QwenImagePipeline):
             raise ValueError(f"max_sequence_length must be in 1..{text_encoder.MAX_PROMPT_TOKENS}, "
                              f"got {max_sequence_length}")
         images = self.load_images(image)
-        condition_images, vae_images = self.prepare_images(images)
+        condition_images, vae_images = self._resize_images(images)
         default_w, default_h = calculate_dimensions(self.output_area, images[-1].width / images[-1].height)
         height, width = self._check_size(height or default_h, width or default_w)
         self._check_call(num_inference_steps, output_type, num_images_per_prompt)

@@ -327,6 +327,8 @@ def encode_prompts(tokenizer, encoder: TextEncoder, prompts, template: str = T2I
                               "is cut, as in diffusers)", stacklevel=2)
         ids = [x[:limit] for x in ids]
     else:
+        if image_grid_thw is None:
+            raise ValueError("image_features needs image_grid_thw: the (t, h, w) patch grid of each image, in order")
         pad_id = tokenizer.token_to_id(IMAGE_PAD)
         counts = [t * h * w // merge_size ** 2 for t, h, w in image_grid_thw]
         if sum(counts) != len(image_features):

@@ -200,17 +200,26 @@ def test_too_many_images(setup):
 
 @pytest.mark.parametrize("mode", ["RGBA", "P", "L"])
 def test_other_image_modes_are_converted(setup, small_plus_areas, mode):
+    """Both paths (vision tower and VAE) see the RGB image transformers' processor would make: P and L
+    converted, transparency composited on white (here a ramp from transparent to opaque)."""
     _, folders = setup
     ours = pipeline.QwenImageEditPipeline.from_pretrained(folders["plus"])
     rgb = random_image(64, 96, seed=12)
-    converted = rgb.convert(mode)
+    if mode == "RGBA":
+        rgba = np.array(rgb.convert("RGBA"))
+        rgba[..., 3] = np.linspace(0, 255, rgba.shape[1]).astype(np.uint8)[None]
+        given = Image.fromarray(rgba, "RGBA")
+        white = Image.new("RGBA", given.size, (255, 255, 255, 255))
+        expected_input = Image.alpha_composite(white, given).convert("RGB")
+    else:
+        given = rgb.convert(mode)
+        expected_input = given.convert("RGB")
     run = lambda img: ours(image=img, prompt="x", num_inference_steps=1, output_type="latent", progress=False,
                            true_cfg_scale=1.0, **small_size(rgb),
                            generator=torch.Generator().manual_seed(0)).images
-    out = run(converted)
-    if mode == "RGBA":     # fully opaque: the same as the RGB image
-        assert torch.equal(out, run(rgb))
-    assert torch.isfinite(out).all()
+    got = run(given)
+    assert torch.equal(got, run(expected_input))
+    assert not torch.equal(got, run(rgb))          # the conversion mattered: the test can fail
 
 
 def test_checkpoint_errors(setup, tmp_path):
