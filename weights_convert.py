@@ -40,8 +40,8 @@ from typing import Callable
 
 import torch
 
-from qwenimage_minimal import checkpoint as ckpt
-from qwenimage_minimal import mmdit, text_encoder, vae
+from qwenimage_minimal import weights
+from qwenimage_minimal import mmdit, text_encoder, vae, vision
 
 
 @dataclass
@@ -68,9 +68,9 @@ class Component:
 # --- transformer --------------------------------------------------------------------------
 
 def _transformer_expected(config_json: dict) -> dict[str, tuple[int, ...]]:
-    config = ckpt.config_from_json(mmdit.MMDiTConfig, config_json, "<config>", mmdit.REQUIRED_FIELDS,
-                                   must_be_false=mmdit.UNSUPPORTED_FLAGS)
-    model = ckpt.build_on_meta(lambda: mmdit.MMDiT(config))
+    config = weights.config_from_json(mmdit.MMDiTConfig, config_json, "<config>", mmdit.REQUIRED_FIELDS,
+                                      must_be_false=mmdit.UNSUPPORTED_FLAGS)
+    model = weights.build_on_meta(lambda: mmdit.MMDiT(config))
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
@@ -79,17 +79,17 @@ def _transformer_infer_config(shapes: dict[str, tuple[int, ...]]) -> dict:
     need = ["img_in.weight", "txt_in.weight", "proj_out.weight", "transformer_blocks.0.attn.norm_q.weight"]
     absent = [k for k in need if k not in shapes]
     if absent:
-        raise ckpt.CheckpointError(f"not a Qwen-Image transformer checkpoint: no {absent}")
+        raise weights.CheckpointError(f"not a Qwen-Image transformer checkpoint: no {absent}")
     dim, in_channels = shapes["img_in.weight"]
     head_dim = shapes["transformer_blocks.0.attn.norm_q.weight"][0]
     if head_dim != 128:
-        raise ckpt.CheckpointError(f"attention_head_dim {head_dim} is not the official 128, so the RoPE axes "
-                                   "cannot be inferred: pass --config with a config.json")
+        raise weights.CheckpointError(f"attention_head_dim {head_dim} is not the official 128, so the RoPE axes "
+                                      "cannot be inferred: pass --config with a config.json")
     config = mmdit.MMDiTConfig(in_channels=in_channels, num_layers=_count(shapes, "transformer_blocks"),
                                num_attention_heads=dim // head_dim, attention_head_dim=head_dim,
                                joint_attention_dim=shapes["txt_in.weight"][1],
                                out_channels=shapes["proj_out.weight"][0] // 4)
-    return mmdit.config_to_json(config)
+    return config.to_json()
 
 
 def _count(shapes, prefix: str) -> int:
@@ -101,36 +101,16 @@ def _count(shapes, prefix: str) -> int:
 # --- text encoder (Qwen2.5-VL) --------------------------------------------------------------
 
 def _text_encoder_expected(config_json: dict) -> dict[str, tuple[int, ...]]:
-    """The official (legacy) names: the language model ours loads, lm_head, and the vision tower."""
+    """The official (legacy) names: the language model ours loads, lm_head, and the vision tower
+    (built from vision_config, when the config has one)."""
     config = text_encoder.config_from_json(config_json)
-    model = ckpt.build_on_meta(lambda: text_encoder.TextEncoder(config))
+    model = weights.build_on_meta(lambda: text_encoder.TextEncoder(config))
     names = {"model." + k: tuple(v.shape) for k, v in model.state_dict().items()}
     names["lm_head.weight"] = (config.vocab_size, config.hidden_size)
-    vision = config_json.get("vision_config") or {}
-    names.update(_vision_shapes(vision, config.hidden_size))
+    if "vision_config" in config_json:
+        tower = weights.build_on_meta(lambda: vision.VisionTower(vision.config_from_json(config_json)))
+        names.update({"visual." + k: tuple(v.shape) for k, v in tower.state_dict().items()})
     return names
-
-
-def _vision_shapes(v: dict, text_hidden: int) -> dict[str, tuple[int, ...]]:
-    """Names and shapes of Qwen2.5-VL's vision tower (`visual.*`) for a vision_config, so a
-    conversion can account for every one of its tensors before the tower itself is implemented."""
-    d, inter, depth = v.get("hidden_size", 1280), v.get("intermediate_size", 3420), v.get("depth", 32)
-    p, tp, merge = v.get("patch_size", 14), v.get("temporal_patch_size", 2), v.get("spatial_merge_size", 2)
-    out = v.get("out_hidden_size", text_hidden)
-    shapes = {"visual.patch_embed.proj.weight": (d, v.get("in_channels", 3), tp, p, p)}
-    for i in range(depth):
-        b = f"visual.blocks.{i}."
-        shapes.update({b + "norm1.weight": (d,), b + "norm2.weight": (d,),
-                       b + "attn.qkv.weight": (3 * d, d), b + "attn.qkv.bias": (3 * d,),
-                       b + "attn.proj.weight": (d, d), b + "attn.proj.bias": (d,)})
-        for proj, shape in (("gate_proj", (inter, d)), ("up_proj", (inter, d)), ("down_proj", (d, inter))):
-            shapes[b + f"mlp.{proj}.weight"] = shape
-            shapes[b + f"mlp.{proj}.bias"] = (shape[0],)
-    merged = d * merge * merge
-    shapes.update({"visual.merger.ln_q.weight": (d,), "visual.merger.mlp.0.weight": (merged, merged),
-                   "visual.merger.mlp.0.bias": (merged,), "visual.merger.mlp.2.weight": (out, merged),
-                   "visual.merger.mlp.2.bias": (out,)})
-    return shapes
 
 
 def _text_encoder_infer_config(shapes: dict[str, tuple[int, ...]]) -> dict:
@@ -139,29 +119,23 @@ def _text_encoder_infer_config(shapes: dict[str, tuple[int, ...]]) -> dict:
     need = ["model.embed_tokens.weight", "model.layers.0.self_attn.k_proj.weight", "model.layers.0.mlp.gate_proj.weight"]
     absent = [k for k in need if k not in shapes]
     if absent:
-        raise ckpt.CheckpointError(f"not a Qwen2.5-VL text encoder checkpoint: no {absent}")
+        raise weights.CheckpointError(f"not a Qwen2.5-VL text encoder checkpoint: no {absent}")
     vocab, hidden = shapes["model.embed_tokens.weight"]
     head_dim = 128
-    config = {"architectures": ["Qwen2_5_VLForConditionalGeneration"], "model_type": "qwen2_5_vl",
-              "hidden_act": "silu", "hidden_size": hidden, "vocab_size": vocab,
-              "intermediate_size": shapes["model.layers.0.mlp.gate_proj.weight"][0],
-              "num_hidden_layers": _count(shapes, "model.layers"), "num_attention_heads": hidden // head_dim,
-              "num_key_value_heads": shapes["model.layers.0.self_attn.k_proj.weight"][0] // head_dim,
-              "rms_norm_eps": 1e-06, "rope_theta": 1000000.0, "max_position_embeddings": 128000,
-              "rope_scaling": {"mrope_section": [16, 24, 24], "rope_type": "default", "type": "default"},
-              "tie_word_embeddings": False, "image_token_id": 151655, "video_token_id": 151656,
-              "vision_start_token_id": 151652, "vision_end_token_id": 151653, "vision_token_id": 151654}
+    config = text_encoder.TextEncoderConfig(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=shapes["model.layers.0.mlp.gate_proj.weight"][0],
+        num_hidden_layers=_count(shapes, "model.layers"), num_attention_heads=hidden // head_dim,
+        num_key_value_heads=shapes["model.layers.0.self_attn.k_proj.weight"][0] // head_dim)
+    vision_config = None
     if "visual.patch_embed.proj.weight" in shapes:
         d, in_channels, tp, p, _ = shapes["visual.patch_embed.proj.weight"]
         merged = shapes["visual.merger.mlp.0.weight"][0]
-        config["vision_config"] = {
-            "depth": _count(shapes, "visual.blocks"), "hidden_size": d, "in_channels": in_channels,
-            "intermediate_size": shapes["visual.blocks.0.mlp.gate_proj.weight"][0],
-            "num_heads": d // 80, "out_hidden_size": shapes["visual.merger.mlp.2.weight"][0], "patch_size": p,
-            "spatial_merge_size": int(round((merged / d) ** 0.5)), "temporal_patch_size": tp,
-            "window_size": 112, "fullatt_block_indexes": [7, 15, 23, 31], "hidden_act": "silu",
-            "tokens_per_second": 2}
-    return config
+        vision_config = vision.VisionConfig(
+            depth=_count(shapes, "visual.blocks"), hidden_size=d, in_channels=in_channels,
+            intermediate_size=shapes["visual.blocks.0.mlp.gate_proj.weight"][0], num_heads=d // 80,
+            out_hidden_size=shapes["visual.merger.mlp.2.weight"][0], patch_size=p, temporal_patch_size=tp,
+            spatial_merge_size=int(round((merged / d) ** 0.5))).to_json()
+    return config.to_json(vision_config)
 
 
 def _text_encoder_to_official(names: list[str]) -> dict[str, str]:
@@ -244,21 +218,21 @@ def _vae_to_official(names: list[str]) -> dict[str, str]:
         return {n: n for n in names}
     resamples = [int(m[1]) for n in names if (m := re.match(r"encoder\.downsamples\.(\d+)\.resample\.", n))]
     if not resamples:
-        raise ckpt.CheckpointError("a Wan-style VAE file without encoder.downsamples.N.resample tensors")
+        raise weights.CheckpointError("a Wan-style VAE file without encoder.downsamples.N.resample tensors")
     R = min(resamples)                                           # residual blocks before the first resample
     return {n: _wan_to_vae(n, R) for n in names}
 
 
 def _vae_expected(config_json: dict) -> dict[str, tuple[int, ...]]:
     config = vae.config_from_json(config_json)
-    model = ckpt.build_on_meta(lambda: vae.QwenImageVAE(config))
+    model = weights.build_on_meta(lambda: vae.QwenImageVAE(config))
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
 def _vae_infer_config(shapes: dict[str, tuple[int, ...]]) -> dict:
     """Architecture from the shapes; latents_mean/std are not weights: the official values are used."""
     if "encoder.conv_in.weight" not in shapes or "post_quant_conv.weight" not in shapes:
-        raise ckpt.CheckpointError("not a Qwen-Image / Wan VAE checkpoint: no encoder.conv_in / post_quant_conv")
+        raise weights.CheckpointError("not a Qwen-Image / Wan VAE checkpoint: no encoder.conv_in / post_quant_conv")
     base_dim, in_channels = shapes["encoder.conv_in.weight"][:2]
     blocks = _count(shapes, "encoder.down_blocks")
     resamples = [i for i in range(blocks) if f"encoder.down_blocks.{i}.resample.1.weight" in shapes]
@@ -268,8 +242,7 @@ def _vae_infer_config(shapes: dict[str, tuple[int, ...]]) -> dict:
     config = vae.VAEConfig(base_dim=base_dim, z_dim=shapes["post_quant_conv.weight"][0], dim_mult=dim_mult,
                            num_res_blocks=R, input_channels=in_channels,
                            temperal_downsample=[f"encoder.down_blocks.{i}.time_conv.weight" in shapes for i in resamples])
-    return {"_class_name": "AutoencoderKLQwenImage", "_diffusers_version": "0.42.1", "attn_scales": [],
-            "dropout": 0.0, **{k: list(v) if isinstance(v, tuple) else v for k, v in vars(config).items()}}
+    return config.to_json()
 
 
 COMPONENTS = {
@@ -298,24 +271,24 @@ def parse_size(text: str) -> int:
 def _source_tensors(src: Path, comp: Component, prefix: str | None):
     """Official name -> (file, name in file), for a single file or a component folder (any layout)."""
     if src.is_dir():
-        files = {name: (path, name) for name, path in ckpt.weight_files(src, comp.stem).items()}
+        files = {name: (path, name) for name, path in weights.weight_files(src, comp.stem).items()}
         used = ""
     else:
-        names = ckpt.SafetensorsFile(src).keys()
+        names = weights.SafetensorsFile(src).keys()
         found = [p for p in comp.prefixes if any(n.startswith(p) for n in names)]
         if prefix is None and len(found) > 1:
-            raise ckpt.CheckpointError(f"{src} mixes key prefixes {found}; pass --prefix to choose one")
+            raise weights.CheckpointError(f"{src} mixes key prefixes {found}; pass --prefix to choose one")
         used = prefix if prefix is not None else (found[0] if found else "")
         for name in names:
             if not name.startswith(used):
-                raise ckpt.CheckpointError(f"{src}: tensor {name!r} lacks the prefix {used!r} that the others carry")
+                raise weights.CheckpointError(f"{src}: tensor {name!r} lacks the prefix {used!r} that the others carry")
         files = {name: (src, name) for name in names}
     mapping = {}
     renamed = comp.to_official([name[len(used):] for name in files])
     for name, where in files.items():
         official = renamed[name[len(used):]]
         if official in mapping:
-            raise ckpt.CheckpointError(f"{src}: {mapping[official][1]!r} and {name!r} are the same tensor")
+            raise weights.CheckpointError(f"{src}: {mapping[official][1]!r} and {name!r} are the same tensor")
         mapping[official] = where
     return mapping, used
 
@@ -331,7 +304,7 @@ def _check_complete(src, comp: Component, shapes: dict, expected: dict, file_nam
     wrong = sorted(f"{k}: {list(shapes[k])} vs {list(expected[k])}" for k in set(shapes) & set(expected)
                    if shapes[k] != expected[k])
     if unknown or missing or wrong:
-        raise ckpt.CheckpointError(ckpt.describe_mismatch(src, missing, unknown, wrong,
+        raise weights.CheckpointError(weights.describe_mismatch(src, missing, unknown, wrong,
                                                           problem=f"are not a complete {comp.name} checkpoint"))
 
 
@@ -364,7 +337,7 @@ def convert(src, dst, component: str = "transformer", dtype: torch.dtype | None 
         raise ValueError("source and destination are the same path")
 
     sources, stripped = _source_tensors(src, comp, None if src.is_dir() else prefix)
-    headers = {path: ckpt.SafetensorsFile(path) for path in {p for p, _ in sources.values()}}
+    headers = {path: weights.SafetensorsFile(path) for path in {p for p, _ in sources.values()}}
     shapes = {name: headers[p].shape(n) for name, (p, n) in sources.items()}
     in_dtype = {name: headers[p].dtype(n) for name, (p, n) in sources.items()}
 
@@ -372,7 +345,7 @@ def convert(src, dst, component: str = "transformer", dtype: torch.dtype | None 
     if config_path:
         config_json = json.loads(Path(config_path).read_text())
     elif src.is_dir():
-        config_json = ckpt.read_config(src)
+        config_json = weights.read_config(src)
     else:
         config_json = comp.infer_config(shapes)
     expected = comp.expected(config_json)
@@ -391,7 +364,7 @@ def convert(src, dst, component: str = "transformer", dtype: torch.dtype | None 
 
     if to_file:
         dst.parent.mkdir(parents=True, exist_ok=True)
-        ckpt.write_safetensors(dst, [(out_name[n], shapes[n], out_dtype[n]) for n in order], tensors(order))
+        weights.write_safetensors(dst, [(out_name[n], shapes[n], out_dtype[n]) for n in order], tensors(order))
         files = [dst]
     else:
         shards = _plan_shards(order, sizes, max_shard_size)
@@ -404,8 +377,8 @@ def convert(src, dst, component: str = "transformer", dtype: torch.dtype | None 
             file_names = [f"{comp.stem}-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
         weight_map = {}
         for shard, file_name in zip(shards, file_names):
-            ckpt.write_safetensors(dst / file_name, [(out_name[n], shapes[n], out_dtype[n]) for n in shard],
-                                   tensors(shard))
+            weights.write_safetensors(dst / file_name, [(out_name[n], shapes[n], out_dtype[n]) for n in shard],
+                                      tensors(shard))
             weight_map.update({out_name[n]: file_name for n in shard})
         if len(shards) > 1:
             index = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map}
@@ -416,7 +389,7 @@ def convert(src, dst, component: str = "transformer", dtype: torch.dtype | None 
     # Re-read what was written: exactly the planned names, shapes and byte counts, each once.
     written = {}
     for f in files:
-        h = ckpt.SafetensorsFile(f)
+        h = weights.SafetensorsFile(f)
         for k in h.keys():
             if k in written:
                 raise RuntimeError(f"tensor {k} written twice")
@@ -444,7 +417,7 @@ def main(argv=None) -> int:
     p.add_argument("src", help="a .safetensors file or an official component folder")
     p.add_argument("dst", help="a component folder, or a .safetensors file for a single-file output")
     p.add_argument("--component", default="transformer", choices=sorted(COMPONENTS))
-    p.add_argument("--dtype", choices=sorted(ckpt.DTYPES_BY_NAME), help="cast floating tensors (default: keep)")
+    p.add_argument("--dtype", choices=sorted(weights.DTYPES_BY_NAME), help="cast floating tensors (default: keep)")
     p.add_argument("--max-shard-size", type=parse_size, default=parse_size("5GB"))
     p.add_argument("--prefix", help="key prefix of the single file (read: detected by default; write: none)")
     p.add_argument("--config", help="config.json to use instead of inferring it from the tensor shapes")
@@ -454,9 +427,9 @@ def main(argv=None) -> int:
     p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
     a = p.parse_args(argv)
     try:
-        convert(a.src, a.dst, a.component, ckpt.DTYPES_BY_NAME.get(a.dtype), a.max_shard_size, a.prefix,
+        convert(a.src, a.dst, a.component, weights.DTYPES_BY_NAME.get(a.dtype), a.max_shard_size, a.prefix,
                 a.config, a.overwrite, a.layout)
-    except (ckpt.CheckpointError, FileNotFoundError, FileExistsError, ValueError) as e:
+    except (weights.CheckpointError, FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

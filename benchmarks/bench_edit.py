@@ -25,8 +25,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from qwenimage_minimal import pipeline  # noqa: E402
-from qwenimage_minimal.__main__ import test_picture, write_tiny_checkpoint  # noqa: E402
+from qwenimage_minimal import pipeline, sizes  # noqa: E402
 from timing import median_seconds as timed  # noqa: E402
 
 
@@ -42,7 +41,7 @@ def main(argv=None):
     from diffusers.utils import logging as dlog
     dlog.set_verbosity_error()
 
-    root = write_tiny_checkpoint(Path(tempfile.mkdtemp()) / "tiny-edit", edit=True)
+    root = sizes.write_checkpoint(Path(tempfile.mkdtemp()) / "tiny-edit", "tiny", "QwenImageEditPlusPipeline")
     ours = pipeline.QwenImageEditPipeline.from_pretrained(root)
     ref = QwenImageEditPlusPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(root / "scheduler"),
@@ -50,7 +49,7 @@ def main(argv=None):
         transformer=QwenImageTransformer2DModel.from_pretrained(root / "transformer"))
     ref.set_progress_bar_config(disable=True)
 
-    images = [test_picture(640, 448), test_picture(400, 520), test_picture(512, 512)][:a.images]
+    images = [sizes.test_picture(640, 448), sizes.test_picture(400, 520), sizes.test_picture(512, 512)][:a.images]
     embeds, mask = ours.encode_prompt("Paint the house blue", images)
     neg, neg_mask = ours.encode_prompt(" ", images)
     common = dict(image=images, prompt_embeds=embeds, prompt_embeds_mask=mask, negative_prompt_embeds=neg,

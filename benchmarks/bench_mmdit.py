@@ -18,25 +18,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from qwenimage_minimal import checkpoint as ckpt  # noqa: E402
-from qwenimage_minimal import mmdit  # noqa: E402
+from qwenimage_minimal import mmdit, weights  # noqa: E402
+from timing import median_seconds_alternating  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def bench_block(device, dtype, img_tokens, txt_tokens, repeats, warmup):
@@ -46,7 +39,7 @@ def bench_block(device, dtype, img_tokens, txt_tokens, repeats, warmup):
     torch.manual_seed(0)
     with torch.device(device):
         ref = QwenImageTransformerBlock(config.dim, config.num_attention_heads, config.attention_head_dim).to(dtype)
-        ours = ckpt.build_on_meta(lambda: mmdit.DualStreamBlock(config))
+        ours = weights.build_on_meta(lambda: mmdit.DualStreamBlock(config))
     with torch.no_grad():
         for p in ref.parameters():
             p.normal_(0, 0.02)
@@ -64,20 +57,10 @@ def bench_block(device, dtype, img_tokens, txt_tokens, repeats, warmup):
 
     run_ours = lambda: ours(img, txt, temb, img_rope, txt_rope)[0]
     run_ref = lambda: ref(img, txt, None, temb, (img_rope, txt_rope))[1]
-    times = {"ours": [], "diffusers": []}
     with torch.no_grad():
         out_ours, out_ref = run_ours(), run_ref()
         err = ((out_ours.float() - out_ref.float()).abs().max() / out_ref.float().abs().max()).item()
-        for i in range(warmup + repeats):
-            for name, fn in (("ours", run_ours), ("diffusers", run_ref)) if i % 2 else \
-                            (("diffusers", run_ref), ("ours", run_ours)):
-                sync(device)
-                t0 = time.perf_counter()
-                fn()
-                sync(device)
-                if i >= warmup:
-                    times[name].append(time.perf_counter() - t0)
-    med = {k: statistics.median(v) for k, v in times.items()}
+        med = median_seconds_alternating({"ours": run_ours, "diffusers": run_ref}, device, repeats, warmup)
     return {"block_ms_ours": 1e3 * med["ours"], "block_ms_diffusers": 1e3 * med["diffusers"],
             "block_ratio": med["ours"] / med["diffusers"], "block_max_rel_err": err,
             "img_tokens": n, "txt_tokens": txt_tokens}
@@ -88,11 +71,11 @@ def write_checkpoint(folder: Path, num_layers: int, shard_bytes: int) -> int:
     import weights_convert
 
     config = mmdit.MMDiTConfig(num_layers=num_layers)
-    model = ckpt.build_on_meta(lambda: mmdit.MMDiT(config))
+    model = weights.build_on_meta(lambda: mmdit.MMDiT(config))
     single = folder.parent / "single.safetensors"
     entries = [(k, tuple(v.shape), torch.float32) for k, v in model.state_dict().items()]
     g = torch.Generator().manual_seed(0)
-    ckpt.write_safetensors(single, entries, (torch.randn(s, generator=g) * 0.02 for _, s, _ in entries))
+    weights.write_safetensors(single, entries, (torch.randn(s, generator=g) * 0.02 for _, s, _ in entries))
     weights_convert.convert(single, folder, max_shard_size=shard_bytes, log=lambda *a: None)
     single.unlink()
     return sum(torch.Size(s).numel() * 4 for _, s, _ in entries)

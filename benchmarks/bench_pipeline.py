@@ -24,8 +24,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from qwenimage_minimal import __main__ as cli  # noqa: E402
-from qwenimage_minimal import pipeline  # noqa: E402
+from qwenimage_minimal import pipeline, sampling, sizes  # noqa: E402
 from timing import median_seconds  # noqa: E402
 
 LOAD_SNIPPET = r"""
@@ -49,8 +48,7 @@ def bench_step(device, dtype, size, blocks, txt_tokens, repeats):
     full-width transformer of `blocks` blocks: ours vs diffusers' transformer + its CFG arithmetic
     + FlowMatchEulerDiscreteScheduler.step, the same weight tensors."""
     from diffusers import FlowMatchEulerDiscreteScheduler, QwenImageTransformer2DModel
-    from qwenimage_minimal import checkpoint as ckpt
-    from qwenimage_minimal import mmdit, scheduler
+    from qwenimage_minimal import mmdit, scheduler, weights
 
     torch.manual_seed(0)
     with torch.device(device):
@@ -58,7 +56,7 @@ def bench_step(device, dtype, size, blocks, txt_tokens, repeats):
     with torch.no_grad():
         for p in ref.parameters():
             p.normal_(0, 0.02)
-    ours = ckpt.build_on_meta(lambda: mmdit.MMDiT(mmdit.MMDiTConfig(num_layers=blocks)))
+    ours = weights.build_on_meta(lambda: mmdit.MMDiT(mmdit.MMDiTConfig(num_layers=blocks)))
     ours.load_state_dict(ref.state_dict(), assign=True)
     h = w = size // 16
     g = torch.Generator(device=device).manual_seed(1)
@@ -72,7 +70,7 @@ def bench_step(device, dtype, size, blocks, txt_tokens, repeats):
 
     def step_ours():
         sigma = sch.timesteps[0].expand(1).to(dtype) / 1000
-        v = pipeline.cfg_combine(ours(x, txt, None, sigma, [(1, h, w)]), ours(x, neg, None, sigma, [(1, h, w)]), 4.0)
+        v = sampling.cfg_combine(ours(x, txt, None, sigma, [(1, h, w)]), ours(x, neg, None, sigma, [(1, h, w)]), 4.0)
         return sch.step(v, 0, x)
 
     def step_ref():
@@ -124,7 +122,7 @@ def main(argv=None):
 
     print(f"# pipeline benchmark, tiny random Qwen-Image, CPU ({torch.get_num_threads()} threads), torch {torch.__version__}")
     with tempfile.TemporaryDirectory() as tmp:
-        root = cli.write_tiny_checkpoint(Path(tmp) / "tiny")
+        root = sizes.write_checkpoint(Path(tmp) / "tiny", "tiny")
         ours = pipeline.QwenImagePipeline.from_pretrained(root)
         ref = QwenImagePipeline.from_pretrained(root)
         ref.set_progress_bar_config(disable=True)

@@ -25,8 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT / "tests"))
-from qwenimage_minimal import checkpoint as ckpt  # noqa: E402
-from qwenimage_minimal import text_encoder, tokenizer  # noqa: E402
+from qwenimage_minimal import text_encoder, tokenizer, weights  # noqa: E402
 from timing import median_seconds as timed  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -64,7 +63,7 @@ def bench_layer(device, dtype, tokens, repeats, warmup):
     with torch.no_grad():
         for p in ref.parameters():
             p.normal_(0, 0.02)
-    ours = ckpt.build_on_meta(lambda: text_encoder.DecoderLayer(config))
+    ours = weights.build_on_meta(lambda: text_encoder.DecoderLayer(config))
     ours.load_state_dict(ref.state_dict(), assign=True, strict=True)   # the same tensors
 
     g = torch.Generator(device=device).manual_seed(1)

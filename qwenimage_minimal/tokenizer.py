@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 
-from .checkpoint import CheckpointError
+from .weights import CheckpointError
 
 # Qwen2's pre-tokenizer pattern (the same as in the official tokenizer.json of Qwen2/2.5).
 SPLIT_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
@@ -90,30 +90,6 @@ class QwenTokenizer:
             input_ids[b, :len(x)] = torch.tensor(x, dtype=torch.long)
             mask[b, :len(x)] = 1
         return input_ids, mask
-
-
-def write_folder(folder, vocab_json, merges_txt) -> Path:
-    """Write an official-layout `tokenizer/` folder (as in Qwen-Image's) from a Qwen2 vocab.json and
-    merges.txt: the two files, plus tokenizer_config.json and added_tokens.json for Qwen2.5's 22
-    added tokens. Handy when only the BPE files are at hand (they ship in several packages)."""
-    import shutil
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    shutil.copy(vocab_json, folder / "vocab.json")
-    shutil.copy(merges_txt, folder / "merges.txt")
-    decoder = {str(FIRST_ADDED_ID + i): {"content": t, "lstrip": False, "normalized": False, "rstrip": False,
-                                         "single_word": False, "special": i < 14}
-               for i, t in enumerate(QWEN25_ADDED_TOKENS)}
-    config = {"add_bos_token": False, "add_prefix_space": False, "added_tokens_decoder": decoder,
-              "additional_special_tokens": QWEN25_ADDED_TOKENS[1:14], "bos_token": None,
-              "clean_up_tokenization_spaces": False, "eos_token": "<|im_end|>", "errors": "replace",
-              "model_max_length": 131072, "pad_token": PAD_TOKEN, "split_special_tokens": False,
-              "tokenizer_class": "Qwen2Tokenizer", "unk_token": None}
-    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
-    (folder / "added_tokens.json").write_text(
-        json.dumps({t: FIRST_ADDED_ID + i for i, t in enumerate(QWEN25_ADDED_TOKENS)}, indent=2))
-    return folder
 
 
 def added_tokens(folder: Path) -> list[tuple[int, str, bool]]:

@@ -23,13 +23,13 @@ strictly (194 tensors).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import checkpoint as ckpt
+from . import weights
 
 LATENTS_MEAN = (-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
                 0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921)
@@ -59,7 +59,14 @@ class VAEConfig:
 
     @property
     def scale_factor(self) -> int:
+        """Pixels per latent pixel along each side: 2 per downsampling stage (8 for the official VAE)."""
         return 2 ** (len(self.dim_mult) - 1)
+
+    def to_json(self) -> dict:
+        """vae/config.json, as diffusers writes it."""
+        fields = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+        return {"_class_name": "AutoencoderKLQwenImage", "_diffusers_version": "0.42.1", "attn_scales": [],
+                "dropout": 0.0, **fields}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -300,15 +307,17 @@ class QwenImageVAE(nn.Module):
 
     # --- the two directions, whole images/videos -------------------------------------------
 
-    def _encode(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) -> (B, 32, H/8, W/8), or (B, 3, 1 + 4k, H, W) -> (B, 32, 1 + k, H/8, W/8)."""
+    def encode_moments(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, 32, H/8, W/8), or (B, 3, 1 + 4k, H, W) -> (B, 32, 1 + k, H/8, W/8): the
+        posterior's mean and logvar stacked. A 4-D input takes the 2-D path, a 5-D one the causal 3-D
+        path with its streaming cache (the same numbers for one frame); no checks, no tiling."""
         if x.ndim == 4:
             return self.quant_conv(self.encoder(x))
         cache = {}                                      # streaming: first frame, then 4 at a time
         chunks = [x[:, :, :1]] + (list(x[:, :, 1:].split(4, dim=2)) if x.shape[2] > 1 else [])
         return self.quant_conv(torch.cat([self.encoder(chunk, cache) for chunk in chunks], dim=2))
 
-    def _decode(self, z: torch.Tensor) -> torch.Tensor:
+    def decode_unclamped(self, z: torch.Tensor) -> torch.Tensor:
         """(B, 16, h, w) -> (B, 3, 8h, 8w), or (B, 16, 1 + k, h, w) -> (B, 3, 1 + 4k, 8h, 8w); not clamped."""
         z = self.post_quant_conv(z)
         if z.ndim == 4:
@@ -324,16 +333,8 @@ class QwenImageVAE(nn.Module):
         Latents keep the input's rank: (B, 16, H/8, W/8) or (B, 16, 1 + k, H/8, W/8), unnormalised.
         A single frame, 4-D or 5-D, takes the 2-D fast path."""
         self._check_input(x, "x", self.config.input_channels, pixels=True)
-        one_frame_5d = x.ndim == 5 and x.shape[2] == 1
-        if one_frame_5d:
-            x = x[:, :, 0]
-        x = x.to(self.quant_conv.weight.dtype)
-        if tiled:
-            _check_tiles(tile_size, tile_stride)
-            moments = _tiled(x, self._encode, tile_size, tile_stride, out_scale=1 / self.config.scale_factor)
-        else:
-            moments = self._encode(x)
-        return DiagonalGaussian(moments[:, :, None] if one_frame_5d else moments)
+        return DiagonalGaussian(self._whole_or_tiled(x, self.encode_moments, tiled, tile_size, tile_stride,
+                                                     decoding=False))
 
     @torch.no_grad()
     def decode(self, z: torch.Tensor, tiled: bool = False, tile_size: int = 256,
@@ -343,17 +344,19 @@ class QwenImageVAE(nn.Module):
         Tiling: latent tiles of tile_size/8 every tile_stride/8, decoded one by one, overlaps blended
         linearly. diffusers clamps only its untiled output; ours is clamped on both paths."""
         self._check_input(z, "z", self.config.z_dim, pixels=False)
-        one_frame_5d = z.ndim == 5 and z.shape[2] == 1
-        if one_frame_5d:
-            z = z[:, :, 0]
-        z = z.to(self.post_quant_conv.weight.dtype)
-        if tiled:
-            _check_tiles(tile_size, tile_stride)
-            s = self.config.scale_factor
-            out = _tiled(z, self._decode, tile_size // s, tile_stride // s, out_scale=s)
+        return self._whole_or_tiled(z, self.decode_unclamped, tiled, tile_size, tile_stride, decoding=True).clamp(-1, 1)
+
+    def _whole_or_tiled(self, x, fn, tiled, tile_size, tile_stride, decoding: bool):
+        """fn(x) at once or tile by tile; a one-frame video takes the 2-D path and keeps its frame axis."""
+        s = self.config.scale_factor
+        one_frame_5d = x.ndim == 5 and x.shape[2] == 1
+        x = (x[:, :, 0] if one_frame_5d else x).to(self.quant_conv.weight.dtype)
+        if not tiled:
+            out = fn(x)
         else:
-            out = self._decode(z)
-        out = out.clamp(-1.0, 1.0)
+            _check_tiles(tile_size, tile_stride, s)
+            unit = s if decoding else 1            # tile sizes are in pixels; the decoder's input is in latents
+            out = _tiled(x, fn, tile_size // unit, tile_stride // unit, out_scale=s if decoding else 1 / s)
         return out[:, :, None] if one_frame_5d else out
 
     # --- latent normalisation: what the MMDiT sees ----------------------------------------------
@@ -380,13 +383,12 @@ class QwenImageVAE(nn.Module):
                              f"got {getattr(x, 'shape', type(x).__name__)}")
         if x.shape[1] != channels:
             raise ValueError(f"{name} must have {channels} channels in dim 1, got shape {tuple(x.shape)}")
-        if pixels and (x.shape[-1] % 8 or x.shape[-2] % 8):
-            raise ValueError(f"{name}: height and width must be multiples of 8, got {x.shape[-2]}x{x.shape[-1]}; "
+        s = self.config.scale_factor
+        if pixels and (x.shape[-1] % s or x.shape[-2] % s):
+            raise ValueError(f"{name}: height and width must be multiples of {s}, got {x.shape[-2]}x{x.shape[-1]}; "
                              "resize or crop the image")
         if x.ndim == 5 and pixels and (x.shape[2] - 1) % 4:
             raise ValueError(f"{name}: a video must have 1 + 4k frames, got {x.shape[2]}")
-        if not torch.isfinite(x).all():
-            raise ValueError(f"{name} contains NaN or Inf values")
 
 
 def _tiled(x, fn, tile, stride, out_scale):
@@ -430,12 +432,12 @@ def _blend(prev: torch.Tensor, cur: torch.Tensor, extent: int, dim: int) -> torc
     return torch.cat([mixed, cur.narrow(dim, extent, cur.shape[dim] - extent)], dim=dim)
 
 
-def _check_tiles(tile_size: int, tile_stride: int):
+def _check_tiles(tile_size: int, tile_stride: int, scale: int):
     if not isinstance(tile_size, int) or not isinstance(tile_stride, int):
         raise ValueError(f"tile_size and tile_stride must be ints (pixels), got {tile_size!r}, {tile_stride!r}")
-    if tile_size < 8 or tile_size % 8 or tile_stride < 8 or tile_stride % 8:
+    if tile_size < scale or tile_size % scale or tile_stride < scale or tile_stride % scale:
         raise ValueError(f"tile_size ({tile_size}) and tile_stride ({tile_stride}) must be positive multiples "
-                         "of 8 pixels (one latent pixel)")
+                         f"of {scale} pixels (one latent pixel)")
     if tile_stride > tile_size:
         raise ValueError(f"tile_stride ({tile_stride}) must not exceed tile_size ({tile_size}): "
                          "tiles would leave gaps")
@@ -452,13 +454,13 @@ WEIGHTS_STEM = "diffusion_pytorch_model"
 
 def config_from_json(raw: dict, folder="<config>") -> VAEConfig:
     if raw.get("attn_scales"):
-        raise ckpt.CheckpointError(f"{folder}/config.json: attn_scales={raw['attn_scales']} (attention in the "
-                                   "down blocks) is not used by Qwen-Image and not supported")
-    return ckpt.config_from_json(VAEConfig, raw, folder, REQUIRED_FIELDS)
+        raise weights.CheckpointError(f"{folder}/config.json: attn_scales={raw['attn_scales']} (attention in the "
+                                      "down blocks) is not used by Qwen-Image and not supported")
+    return weights.config_from_json(VAEConfig, raw, folder, REQUIRED_FIELDS)
 
 
 def load(path, device=None, dtype=None) -> QwenImageVAE:
     """Load an official `vae/` folder (config.json + diffusion_pytorch_model.safetensors)."""
-    config = config_from_json(ckpt.read_config(path), path)
-    model = ckpt.build_on_meta(lambda: QwenImageVAE(config))
-    return ckpt.load_weights(model, path, WEIGHTS_STEM, device=device, dtype=dtype)
+    config = config_from_json(weights.read_config(path), path)
+    model = weights.build_on_meta(lambda: QwenImageVAE(config))
+    return weights.load_weights(model, path, WEIGHTS_STEM, device=device, dtype=dtype)

@@ -1,180 +1,38 @@
 """The vision half of Qwen2.5-VL, which Qwen-Image-Edit uses to *read* the input image.
 
 Edit conditions the MMDiT on the instruction encoded together with the image: the image goes
-through this vision tower, its features replace the `<|image_pad|>` tokens of the prompt, and the
-language model (text_encoder.py) runs over both. Three parts, top to bottom:
+through this vision tower, its features replace the `<|image_pad|>` tokens of the prompt
+(prompts.py), and the language model (text_encoder.py) runs over both. The pixels arrive as 14x14
+patches from the image processor (images.preprocess), each 2x2 group of neighbours consecutive.
 
-1. The image processor (what transformers' Qwen2VLImageProcessor does, in numpy and PIL):
-       any image -> RGB -> resized so both sides are multiples of 28 (= 14 px patch x 2x2 merge)
-       with the area in [min_pixels, max_pixels] -> bicubic -> /255 -> CLIP mean/std
-       -> the frame repeated to the temporal patch size 2 (the tower is also a video model)
-       -> 14x14 patches, listed so that each 2x2 group of neighbours is consecutive
-       -> pixel_values (h*w, 3*2*14*14 = 1176) and grid_thw = (1, h, w) in patches.
-   The prompt then holds (h/2)(w/2) `<|image_pad|>` tokens for this image: one per 2x2 group.
+The vision transformer (32 blocks, 1280-d, 16 heads):
+    patches -> Conv3d patch embedding (a linear map of each 1176-value patch) -> (N, 1280)
+    2-D rotary embedding: half of each head's frequencies rotate with the patch row, half
+    with the column ("rotate half" layout, as in the language model)
+    window attention: most blocks attend only inside 112x112 px windows (8x8 patches); the
+    blocks in `fullatt_block_indexes` (7, 15, 23, 31) attend over the whole image. Tokens are
+    reordered once so that each window is a contiguous run, and put back after the merger.
+    patch merger: RMSNorm, each 2x2 group concatenated (4 x 1280) -> MLP -> (N/4, 3584)
 
-2. The vision transformer (32 blocks, 1280-d, 16 heads):
-       patches -> Conv3d patch embedding (a linear map of each 1176-value patch) -> (N, 1280)
-       2-D rotary embedding: half of each head's frequencies rotate with the patch row, half
-       with the column ("rotate half" layout, as in the language model)
-       window attention: most blocks attend only inside 112x112 px windows (8x8 patches); the
-       blocks in `fullatt_block_indexes` (7, 15, 23, 31) attend over the whole image. Tokens are
-       reordered once so that each window is a contiguous run, and put back after the merger.
-       patch merger: RMSNorm, each 2x2 group concatenated (4 x 1280) -> MLP -> (N/4, 3584)
-
-3. Loading: the tower's weights live in the text encoder's files under `visual.*` (legacy layout)
-   or `model.visual.*` (transformers 5.x), its config under `vision_config`.
-
-The 3-D position ids that the language model gives image tokens are in text_encoder.py, beside
-the rest of the multimodal RoPE.
+Loading: the tower's weights live in the text encoder's files under `visual.*` (legacy layout)
+or `model.visual.*` (transformers 5.x), its config under `vision_config`. The 3-D position ids
+that the language model gives image tokens are in text_encoder.py, beside the rest of the
+multimodal RoPE.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import checkpoint as ckpt
+from . import weights
 from .text_encoder import MLP, RMSNorm, rotate_half   # the same pieces as the language model's
 
 # ---------------------------------------------------------------------------------------------
-# 1. The image processor
-# ---------------------------------------------------------------------------------------------
-
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
-
-@dataclass
-class ImageProcessorConfig:
-    """Defaults are Qwen2.5-VL's preprocessor_config.json, which Edit checkpoints carry in processor/."""
-    min_pixels: int = 56 * 56
-    max_pixels: int = 28 * 28 * 16384          # 12845056
-    patch_size: int = 14
-    temporal_patch_size: int = 2
-    merge_size: int = 2
-    image_mean: tuple[float, float, float] = CLIP_MEAN
-    image_std: tuple[float, float, float] = CLIP_STD
-
-
-def processor_config_from_json(raw: dict, path="<preprocessor_config.json>") -> ImageProcessorConfig:
-    """Both forms: `min_pixels`/`max_pixels` (official files) or `size: {shortest_edge, longest_edge}` (5.x)."""
-    size = raw.get("size") or {}
-    fields = dict(min_pixels=raw.get("min_pixels", size.get("shortest_edge")),
-                  max_pixels=raw.get("max_pixels", size.get("longest_edge")))
-    for key in ("patch_size", "temporal_patch_size", "merge_size", "image_mean", "image_std"):
-        fields[key] = raw.get(key)
-    missing = [k for k, v in fields.items() if v is None]
-    if missing:
-        raise ckpt.CheckpointError(f"{path} is missing {missing}")
-    resample = raw.get("resample", 3)
-    if resample != 3:
-        raise ckpt.CheckpointError(f"{path}: resample={resample}; only 3 (bicubic), the official value, is supported")
-    return ImageProcessorConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
-
-
-def load_processor_config(folder) -> ImageProcessorConfig:
-    """Read an Edit checkpoint's `processor/preprocessor_config.json`."""
-    return processor_config_from_json(ckpt.read_config(folder, "preprocessor_config.json"),
-                                      Path(folder) / "preprocessor_config.json")
-
-
-def to_rgb(image, name: str = "image"):
-    """A PIL image, an (H, W, C) numpy array or a (C, H, W) / (1, C, H, W) tensor -> PIL RGB image.
-
-    Arrays and tensors hold uint8 0..255 or floats in [0, 1] (as in diffusers), with 1, 3 or 4
-    channels. Transparency (RGBA, LA, palette images with a transparent colour) is composited on
-    white, as transformers' processor does; palette ("P") and grey images are converted.
-    Floats are rounded to 8 bits: the vision tower's processor works on 8-bit images anyway."""
-    from PIL import Image
-    if isinstance(image, (str, Path)):
-        raise TypeError(f"{name} is a path ({image!r}); open it first: PIL.Image.open(path)")
-    if isinstance(image, torch.Tensor):
-        t = image.detach().cpu()
-        if t.ndim == 4 and t.shape[0] == 1:
-            t = t[0]
-        if t.ndim != 3 or t.shape[0] not in (1, 3, 4):
-            raise ValueError(f"{name}: a tensor must be (C, H, W) or (1, C, H, W) with C in 1, 3, 4, "
-                             f"got {tuple(image.shape)}")
-        image = t.permute(1, 2, 0).float().numpy() if t.is_floating_point() else t.permute(1, 2, 0).numpy()
-    if isinstance(image, np.ndarray):
-        a = image
-        if a.ndim == 2:
-            a = a[..., None]
-        if a.ndim != 3 or a.shape[-1] not in (1, 3, 4):
-            raise ValueError(f"{name}: an array must be (H, W) or (H, W, C) with C in 1, 3, 4, got {image.shape}")
-        if a.shape[0] == 0 or a.shape[1] == 0:
-            raise ValueError(f"{name} is empty: {image.shape}")
-        if np.issubdtype(a.dtype, np.floating):
-            if not np.isfinite(a).all() or a.min() < 0 or a.max() > 1:
-                raise ValueError(f"{name}: float arrays/tensors must hold values in [0, 1], got "
-                                 f"[{np.nanmin(a):.3g}, {np.nanmax(a):.3g}]")
-            a = (a * 255).round()
-        elif a.dtype != np.uint8 and (a.min() < 0 or a.max() > 255):
-            raise ValueError(f"{name}: integer arrays must hold 0..255, got [{a.min()}, {a.max()}]")
-        a = a.astype(np.uint8)
-        image = Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a, mode={1: "L", 3: "RGB", 4: "RGBA"}[a.shape[-1]])
-    if not isinstance(image, Image.Image):
-        raise TypeError(f"{name} must be a PIL image, a numpy array or a tensor, got {type(image).__name__}")
-    if image.width == 0 or image.height == 0:
-        raise ValueError(f"{name} has size {image.size}: it is empty")
-    if "A" in image.getbands() or image.info.get("transparency") is not None:
-        rgba = image.convert("RGBA")
-        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
-    return image.convert("RGB")
-
-
-def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = 56 * 56,
-                 max_pixels: int = 28 * 28 * 16384) -> tuple[int, int]:
-    """The size the vision tower sees: both sides multiples of `factor`, close to the input's
-    aspect ratio, the area within [min_pixels, max_pixels]."""
-    if max(height, width) / min(height, width) > 200:
-        raise ValueError(f"the image's aspect ratio {max(height, width) / min(height, width):.0f}:1 is over 200:1")
-    h, w = round(height / factor) * factor, round(width / factor) * factor
-    if h * w > max_pixels:
-        beta = math.sqrt(height * width / max_pixels)
-        h = max(factor, math.floor(height / beta / factor) * factor)
-        w = max(factor, math.floor(width / beta / factor) * factor)
-    elif h * w < min_pixels:
-        beta = math.sqrt(min_pixels / (height * width))
-        h = math.ceil(height * beta / factor) * factor
-        w = math.ceil(width * beta / factor) * factor
-    return h, w
-
-
-def preprocess(image, config: ImageProcessorConfig = ImageProcessorConfig()) -> tuple[torch.Tensor, tuple]:
-    """image -> (pixel_values (h*w, C*T*P*P) float32, grid_thw (1, h, w) in patches)."""
-    from PIL import Image
-    c = config
-    image = to_rgb(image)
-    H, W = smart_resize(image.height, image.width, c.patch_size * c.merge_size, c.min_pixels, c.max_pixels)
-    pixels = np.asarray(image.resize((W, H), Image.BICUBIC))                    # (H, W, 3) uint8
-    # Rescale in float64 then cast, normalise in float32: the same roundings as transformers.
-    x = (pixels.astype(np.float64) * (1 / 255)).astype(np.float32)
-    x = (x - np.array(c.image_mean, np.float32)) / np.array(c.image_std, np.float32)
-    x = x.transpose(2, 0, 1)                                                     # (3, H, W)
-
-    p, m, T = c.patch_size, c.merge_size, c.temporal_patch_size
-    gh, gw = H // p, W // p
-    x = x.reshape(3, gh // m, m, p, gw // m, m, p)
-    x = x.transpose(1, 4, 2, 5, 0, 3, 6)                     # (gh/m, gw/m, m, m, 3, p, p): 2x2 groups together
-    x = np.broadcast_to(x[:, :, :, :, :, None], (*x.shape[:5], T, p, p))  # one image = T identical frames
-    return torch.from_numpy(np.ascontiguousarray(x).reshape(gh * gw, 3 * T * p * p)), (1, gh, gw)
-
-
-def image_token_count(grid_thw, merge_size: int = 2) -> int:
-    """How many `<|image_pad|>` tokens an image of this patch grid takes: one per merged 2x2 group."""
-    t, h, w = grid_thw
-    return t * h * w // merge_size ** 2
-
-
-# ---------------------------------------------------------------------------------------------
-# 2. The vision transformer
+# The vision transformer
 # ---------------------------------------------------------------------------------------------
 
 @dataclass
@@ -202,6 +60,15 @@ class VisionConfig:
         if self.head_dim % 4:
             raise ValueError(f"head_dim {self.head_dim} must be a multiple of 4 (2-D rotary embedding)")
 
+    def to_json(self) -> dict:
+        """The `vision_config` entry of text_encoder/config.json (transformers' field names)."""
+        return {"depth": self.depth, "hidden_size": self.hidden_size, "intermediate_size": self.intermediate_size,
+                "num_heads": self.num_heads, "in_channels": self.in_channels, "out_hidden_size": self.out_hidden_size,
+                "patch_size": self.patch_size, "temporal_patch_size": self.temporal_patch_size,
+                "spatial_merge_size": self.spatial_merge_size, "window_size": self.window_size,
+                "fullatt_block_indexes": list(self.fullatt_block_indexes), "hidden_act": "silu",
+                "tokens_per_second": 2}
+
 
 def patch_positions(grid_thw, merge_size: int) -> torch.Tensor:
     """(row, col) of every patch, in the processor's order (2x2 groups consecutive) -> (N, 2)."""
@@ -219,8 +86,8 @@ def rope_cos_sin(positions: torch.Tensor, config: VisionConfig):
 
     head_dim/4 frequencies, each used twice: the first half of the angles follows the row, the
     second half the column, and the whole is repeated for the "rotate half" pairing."""
-    quarter = config.head_dim // 2
-    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, quarter, 2, dtype=torch.float) / quarter))
+    half = config.head_dim // 2                       # per axis: a 1-D RoPE over head_dim/2 channels
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, half, 2, dtype=torch.float) / half))
     angles = positions[..., None].float() * inv_freq           # (N, 2, head_dim/4)
     angles = angles.flatten(1)                                 # (N, head_dim/2): [rows | cols]
     emb = torch.cat([angles, angles], dim=-1)                  # (N, head_dim)
@@ -348,13 +215,13 @@ class VisionTower(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
-# 3. Loading the tower from text_encoder/
+# Loading the tower from text_encoder/
 # ---------------------------------------------------------------------------------------------
 
 def config_from_json(raw: dict, folder="<config>") -> VisionConfig:
     vision = raw.get("vision_config")
     if not isinstance(vision, dict):
-        raise ckpt.CheckpointError(f"{folder}/config.json has no vision_config: it is not a Qwen2.5-VL text encoder")
+        raise weights.CheckpointError(f"{folder}/config.json has no vision_config: it is not a Qwen2.5-VL text encoder")
     vision = dict(vision)
     if "in_chans" in vision:                             # the official (transformers 4.x) spelling
         vision.setdefault("in_channels", vision.pop("in_chans"))
@@ -362,10 +229,10 @@ def config_from_json(raw: dict, folder="<config>") -> VisionConfig:
     if theta is not None:
         vision["rope_theta"] = theta
     if vision.get("hidden_act", "silu") != "silu":
-        raise ckpt.CheckpointError(f"{folder}/config.json: vision hidden_act {vision['hidden_act']!r}; "
-                                   "Qwen2.5-VL's tower uses silu")
+        raise weights.CheckpointError(f"{folder}/config.json: vision hidden_act {vision['hidden_act']!r}; "
+                                      "Qwen2.5-VL's tower uses silu")
     required = ("depth", "hidden_size", "intermediate_size", "num_heads", "out_hidden_size", "fullatt_block_indexes")
-    return ckpt.config_from_json(VisionConfig, vision, folder, required)
+    return weights.config_from_json(VisionConfig, vision, folder, required)
 
 
 def checkpoint_name_to_ours(name: str) -> str | None:
@@ -378,6 +245,6 @@ def checkpoint_name_to_ours(name: str) -> str | None:
 
 def load(path, device=None, dtype=None) -> VisionTower:
     """Load the vision tower from an official `text_encoder/` folder."""
-    config = config_from_json(ckpt.read_config(path), path)
-    model = ckpt.build_on_meta(lambda: VisionTower(config))
-    return ckpt.load_weights(model, path, "model", device=device, dtype=dtype, rename=checkpoint_name_to_ours)
+    config = config_from_json(weights.read_config(path), path)
+    model = weights.build_on_meta(lambda: VisionTower(config))
+    return weights.load_weights(model, path, "model", device=device, dtype=dtype, rename=checkpoint_name_to_ours)

@@ -13,8 +13,8 @@ from diffusers import (AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, 
 from transformers import Qwen2Tokenizer
 
 from conftest import max_rel_err, randomize_
-from qwenimage_minimal import pipeline
-from qwenimage_minimal.checkpoint import CheckpointError
+from qwenimage_minimal import pipeline, sampling
+from qwenimage_minimal.weights import CheckpointError
 from test_scheduler import OFFICIAL as SCHEDULER_CONFIG
 from test_text_encoder import make_reference as make_text_encoder
 from test_tokenizer import write_official_tokenizer_folder
@@ -202,12 +202,12 @@ def test_not_a_checkpoint(tmp_path, pair):
 def test_cfg_rescale_keeps_the_conditional_norm():
     g = torch.Generator().manual_seed(0)
     cond, uncond = torch.randn(2, 7, 64, generator=g), torch.randn(2, 7, 64, generator=g)
-    out = pipeline.cfg_combine(cond, uncond, 4.0)
+    out = sampling.cfg_combine(cond, uncond, 4.0)
     torch.testing.assert_close(out.norm(dim=-1), cond.norm(dim=-1))
     direction = uncond + 4.0 * (cond - uncond)
     cos = torch.nn.functional.cosine_similarity(out, direction, dim=-1)
     assert torch.allclose(cos, torch.ones_like(cos), atol=1e-5)
-    assert math.isclose(float(pipeline.cfg_combine(cond, uncond, 1.0).sub(cond).abs().max()), 0.0, abs_tol=1e-5)
+    assert math.isclose(float(sampling.cfg_combine(cond, uncond, 1.0).sub(cond).abs().max()), 0.0, abs_tol=1e-5)
 
 
 def test_offload_gives_the_same_result_and_returns_components(pair):

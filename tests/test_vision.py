@@ -15,8 +15,8 @@ from transformers import Qwen2Tokenizer
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 from conftest import max_rel_err
-from qwenimage_minimal import text_encoder, tokenizer, vision
-from qwenimage_minimal.checkpoint import CheckpointError
+from qwenimage_minimal import images, prompts, text_encoder, tokenizer, vision
+from qwenimage_minimal.weights import CheckpointError
 from test_text_encoder import make_reference
 from test_tokenizer import write_official_tokenizer_folder
 
@@ -52,16 +52,16 @@ SMALL = dict(min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 30)   # small limits, 
 def test_processor_matches_transformers(size, limits):
     h, w = size
     img = random_image(h, w, seed=h * w)
-    config = vision.ImageProcessorConfig(**limits)
+    config = images.ImageProcessorConfig(**limits)
     ref = Qwen2VLImageProcessorPil(min_pixels=config.min_pixels, max_pixels=config.max_pixels)(
         images=[img], return_tensors="pt")
-    pixels, grid = vision.preprocess(img, config)
+    pixels, grid = images.preprocess(img, config)
     assert list(grid) == ref["image_grid_thw"][0].tolist()
     assert pixels.dtype == torch.float32 and pixels.shape == ref["pixel_values"].shape
     assert torch.equal(pixels, ref["pixel_values"])              # exactly: same resize, same roundings
     t, gh, gw = grid
     assert config.min_pixels <= gh * gw * 14 * 14 <= config.max_pixels
-    assert vision.image_token_count(grid) == gh * gw // 4
+    assert images.image_token_count(grid) == gh * gw // 4
 
 
 @pytest.mark.parametrize("mode", ["RGBA", "LA", "P", "L", "CMYK"])
@@ -74,7 +74,7 @@ def test_processor_converts_modes_like_transformers(mode):
     else:
         img = img.convert(mode)
     ref = Qwen2VLImageProcessorPil()(images=[img], return_tensors="pt")
-    pixels, _ = vision.preprocess(img)
+    pixels, _ = images.preprocess(img)
     assert torch.equal(pixels, ref["pixel_values"])
 
 
@@ -83,8 +83,8 @@ def test_to_rgb_accepts_arrays_and_tensors():
     a = np.array(img)
     for x in (a, a.astype(np.float32) / 255, torch.from_numpy(a).permute(2, 0, 1),
               torch.from_numpy(a).permute(2, 0, 1)[None].float() / 255):
-        assert np.array_equal(np.asarray(vision.to_rgb(x)), a)
-    assert np.array_equal(np.asarray(vision.to_rgb(img)), a)
+        assert np.array_equal(np.asarray(images.to_rgb(x)), a)
+    assert np.array_equal(np.asarray(images.to_rgb(img)), a)
 
 
 @pytest.mark.parametrize("bad,match", [
@@ -98,20 +98,20 @@ def test_to_rgb_accepts_arrays_and_tensors():
 ])
 def test_to_rgb_rejects_bad_images(bad, match):
     with pytest.raises((ValueError, TypeError), match=match):
-        vision.to_rgb(bad, name="image")
+        images.to_rgb(bad, name="image")
 
 
 def test_processor_config_both_forms(tmp_path):
     official = {"min_pixels": 3136, "max_pixels": 12845056, "patch_size": 14, "temporal_patch_size": 2,
-                "merge_size": 2, "image_mean": list(vision.CLIP_MEAN), "image_std": list(vision.CLIP_STD),
+                "merge_size": 2, "image_mean": list(images.CLIP_MEAN), "image_std": list(images.CLIP_STD),
                 "image_processor_type": "Qwen2VLImageProcessor"}
-    assert vision.processor_config_from_json(official) == vision.ImageProcessorConfig()
+    assert images.processor_config_from_json(official) == images.ImageProcessorConfig()
     Qwen2VLImageProcessorPil(min_pixels=3136, max_pixels=12845056).save_pretrained(tmp_path)  # 5.x: size dict
-    assert vision.load_processor_config(tmp_path) == vision.ImageProcessorConfig()
+    assert images.load_processor_config(tmp_path) == images.ImageProcessorConfig()
     with pytest.raises(CheckpointError, match="missing"):
-        vision.processor_config_from_json({"patch_size": 14})
+        images.processor_config_from_json({"patch_size": 14})
     with pytest.raises(CheckpointError, match="preprocessor_config.json not found"):
-        vision.load_processor_config(tmp_path / "nowhere")
+        images.load_processor_config(tmp_path / "nowhere")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -150,8 +150,8 @@ def test_window_order_matches_transformers():
 @pytest.mark.parametrize("sizes", [[(250, 180)], [(252, 364), (100, 60)]])
 def test_vision_tower_matches_transformers(reference, tower, sizes):
     model, _ = reference
-    images = [random_image(h, w, seed=i) for i, (h, w) in enumerate(sizes)]
-    inputs = [vision.preprocess(img) for img in images]
+    pictures = [random_image(h, w, seed=i) for i, (h, w) in enumerate(sizes)]
+    inputs = [images.preprocess(img) for img in pictures]
     pixels = torch.cat([p for p, _ in inputs])
     grids = [g for _, g in inputs]
     order, lengths = vision.window_order(grids, tower.config)
@@ -159,14 +159,14 @@ def test_vision_tower_matches_transformers(reference, tower, sizes):
     with torch.no_grad():
         got = tower(pixels, grids)
         expected = model.model.visual(pixels, grid_thw=torch.tensor(grids)).pooler_output
-    assert got.shape == expected.shape == (sum(vision.image_token_count(g) for g in grids), 64)
+    assert got.shape == expected.shape == (sum(images.image_token_count(g) for g in grids), 64)
     assert max_rel_err(got, expected) <= TOL
 
 
 def test_windows_and_full_attention_both_matter(tower):
     """Guard against a test that cannot fail: making every block full-attention (or windowed) changes the output."""
     img = random_image(250, 180, seed=1)
-    pixels, grid = vision.preprocess(img)
+    pixels, grid = images.preprocess(img)
     with torch.no_grad():
         base = tower(pixels, [grid])
         full = tower.config.fullatt_block_indexes
@@ -198,18 +198,18 @@ def test_vision_load_errors(reference, tmp_path):
 # The multimodal prompt: image features in the prompt, 3-D positions
 # ---------------------------------------------------------------------------------------------
 
-def edit_inputs(tok, prompts, images, numbered=True):
+def edit_inputs(tok, instructions, pictures, numbered=True):
     """What the Edit pipelines feed the encoder: the Edit template with image placeholders."""
-    inputs = [vision.preprocess(img) for img in images]
-    prefix = text_encoder.edit_prompt_prefix(len(images), numbered)
-    texts = [prefix + p for p in prompts]
+    inputs = [images.preprocess(img) for img in pictures]
+    prefix = prompts.edit_prompt_prefix(len(pictures), numbered)
+    texts = [prefix + p for p in instructions]
     return texts, torch.cat([p for p, _ in inputs]), [g for _, g in inputs]
 
 
 def reference_ids(tok, texts, grids):
     """Token ids as Qwen2VLProcessor builds them: each <|image_pad|> repeated by its image's token count."""
-    ids = [text_encoder._expand_image_pads(tok.encode(text_encoder.EDIT_TEMPLATE.format(t)), IMAGE_PAD_ID,
-                                           [vision.image_token_count(g) for g in grids]) for t in texts]
+    ids = [prompts.expand_image_pads(tok.encode(prompts.EDIT_TEMPLATE.format(t)), IMAGE_PAD_ID,
+                                     [images.image_token_count(g) for g in grids]) for t in texts]
     return tok.pad(ids)
 
 
@@ -219,16 +219,15 @@ def test_multimodal_encoding_matches_transformers_with_mm_token_type_ids(referen
     tok = tokenizer.load(root / "tokenizer")
     ours = text_encoder.load(root / "text_encoder")
     if case == "one image":
-        prompts, images = ["Make the sky purple"], [random_image(250, 180, seed=7)]
+        instructions, pictures = ["Make the sky purple"], [random_image(250, 180, seed=7)]
     else:
-        prompts = ["Put the cat from picture 1 on the sofa of picture 2", "swap them"]
-        images = [random_image(250, 180, seed=7), random_image(120, 300, seed=8)]
-    texts, pixels, grids = edit_inputs(tok, prompts, images)
+        instructions = ["Put the cat from picture 1 on the sofa of picture 2", "swap them"]
+        pictures = [random_image(250, 180, seed=7), random_image(120, 300, seed=8)]
+    texts, pixels, grids = edit_inputs(tok, instructions, pictures)
     with torch.no_grad():
         features = tower(pixels, grids)
-    embeds, mask = text_encoder.encode_prompts(tok, ours, texts, text_encoder.EDIT_TEMPLATE, text_encoder.EDIT_DROP,
-                                               max_sequence_length=None, image_features=features,
-                                               image_grid_thw=grids)
+    embeds, mask = prompts.encode_prompts(tok, ours, texts, prompts.EDIT_TEMPLATE, prompts.EDIT_PREFIX_TOKENS,
+                                          max_sequence_length=None, image_features=features, image_grid_thw=grids)
 
     input_ids, attention_mask = reference_ids(tok, texts, grids)
     with torch.no_grad():
@@ -236,7 +235,7 @@ def test_multimodal_encoding_matches_transformers_with_mm_token_type_ids(referen
                        pixel_values=torch.cat([pixels] * len(texts)), image_grid_thw=torch.tensor(grids * len(texts)),
                        mm_token_type_ids=(input_ids == IMAGE_PAD_ID).int(), output_hidden_states=True).hidden_states[-1]
     for b in range(len(texts)):
-        expected = hidden[b][attention_mask[b].bool()][text_encoder.EDIT_DROP:]
+        expected = hidden[b][attention_mask[b].bool()][prompts.EDIT_PREFIX_TOKENS:]
         n = len(expected)
         assert mask[b, :n].all() and not mask[b, n:].any()
         assert max_rel_err(embeds[b, :n], expected) <= TOL
@@ -274,7 +273,7 @@ def test_image_count_must_match_placeholders(reference, tower):
     texts, pixels, grids = edit_inputs(tok, ["edit"], [random_image(60, 60)])
     features = tower(pixels, grids)
     with pytest.raises(ValueError, match=r"holds 1 <\|image_pad\|> token\(s\) but 2 image"):
-        text_encoder.encode_prompts(tok, ours, texts, text_encoder.EDIT_TEMPLATE, 64, None,
+        prompts.encode_prompts(tok, ours, texts, prompts.EDIT_TEMPLATE, 64, None,
                                     image_features=torch.cat([features, features]), image_grid_thw=grids * 2)
 
 
@@ -311,15 +310,15 @@ def test_diffusers_drops_mm_token_type_ids_and_encodes_images_with_sequential_po
     pipe = QwenImageEditPlusPipeline(scheduler=None, vae=None, text_encoder=model, transformer=None,
                                      tokenizer=Qwen2Tokenizer.from_pretrained(root / "tokenizer"),
                                      processor=StubProcessor(Qwen2Tokenizer.from_pretrained(root / "tokenizer")))
-    images = [random_image(250, 180, seed=11), random_image(100, 200, seed=12)]
+    pictures = [random_image(250, 180, seed=11), random_image(100, 200, seed=12)]
     prompt = "Replace the background of picture 1 with picture 2"
     with torch.no_grad():
-        diffusers_embeds, _ = pipe._get_qwen_prompt_embeds(prompt, images, device=torch.device("cpu"))
-    texts, pixels, grids = edit_inputs(tok, [prompt], images)
+        diffusers_embeds, _ = pipe._get_qwen_prompt_embeds(prompt, pictures, device=torch.device("cpu"))
+    texts, pixels, grids = edit_inputs(tok, [prompt], pictures)
     with torch.no_grad():
         features = tower(pixels, grids)
-    encode = lambda positions: text_encoder.encode_prompts(
-        tok, ours, texts, text_encoder.EDIT_TEMPLATE, text_encoder.EDIT_DROP, None, image_features=features,
+    encode = lambda positions: prompts.encode_prompts(
+        tok, ours, texts, prompts.EDIT_TEMPLATE, prompts.EDIT_PREFIX_TOKENS, None, image_features=features,
         image_grid_thw=grids, image_positions=positions)[0]
     sequential, trained = encode("sequential"), encode("3d")
     assert max_rel_err(sequential, diffusers_embeds) <= TOL     # diffusers = sequential positions
@@ -344,7 +343,7 @@ def full_width_tower_parity(tmp_path, device, depth=4):
                fullatt_block_indexes=[depth - 1])
     ref = randomize_(Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(text_config=text, vision_config=vis)).eval(),
                      seed=0)
-    pixels, grid = vision.preprocess(random_image(832, 1248, seed=1))
+    pixels, grid = images.preprocess(random_image(832, 1248, seed=1))
     with torch.no_grad():
         truth = ref.model.visual(pixels, grid_thw=torch.tensor([grid])).pooler_output
     ref.save_pretrained(tmp_path / "te")

@@ -9,8 +9,7 @@ from safetensors.torch import load_file, save_file
 
 import weights_convert
 from conftest import max_rel_err, randomize_
-from qwenimage_minimal import checkpoint as ckpt
-from qwenimage_minimal import mmdit, text_encoder
+from qwenimage_minimal import mmdit, text_encoder, weights
 
 # head_dim 128 like the real model, so the converter can infer the whole config from shapes.
 TINY = dict(num_layers=2, attention_head_dim=128, num_attention_heads=1, joint_attention_dim=40)
@@ -26,7 +25,7 @@ def official(tmp_path_factory):
 
 def read_all(folder_or_file):
     if folder_or_file.is_dir():
-        return dict(ckpt.iter_tensors(ckpt.weight_files(folder_or_file, "diffusion_pytorch_model")))
+        return dict(weights.iter_tensors(weights.weight_files(folder_or_file, "diffusion_pytorch_model")))
     return load_file(folder_or_file)
 
 
@@ -74,7 +73,7 @@ def test_unknown_key_fails_loudly(official, tmp_path):
     state["transformer_blocks.0.attn.to_q.scale_weight"] = torch.ones(1)
     bad = tmp_path / "bad.safetensors"
     save_file(state, bad)
-    with pytest.raises(ckpt.CheckpointError, match=r"unexpected in the checkpoint \(1\):\n    transformer_blocks.0.attn.to_q.scale_weight"):
+    with pytest.raises(weights.CheckpointError, match=r"unexpected in the checkpoint \(1\):\n    transformer_blocks.0.attn.to_q.scale_weight"):
         weights_convert.convert(bad, tmp_path / "out")
     assert not (tmp_path / "out").exists()
     assert weights_convert.main([str(bad), str(tmp_path / "out2")]) == 2
@@ -85,7 +84,7 @@ def test_missing_tensor_fails_loudly(official, tmp_path):
     state = {k: v.contiguous() for k, v in ref.state_dict().items() if k != "norm_out.linear.bias"}
     bad = tmp_path / "bad.safetensors"
     save_file(state, bad)
-    with pytest.raises(ckpt.CheckpointError, match=r"missing from the checkpoint \(1\):\n    norm_out.linear.bias"):
+    with pytest.raises(weights.CheckpointError, match=r"missing from the checkpoint \(1\):\n    norm_out.linear.bias"):
         weights_convert.convert(bad, tmp_path / "out")
 
 
@@ -115,13 +114,13 @@ def test_mixed_prefixes_are_rejected(official, tmp_path):
     state = {("model.diffusion_model." if i % 2 else "") + k: v.contiguous()
              for i, (k, v) in enumerate(ref.state_dict().items())}
     save_file(state, tmp_path / "mixed.safetensors")
-    with pytest.raises(ckpt.CheckpointError, match="lacks the prefix 'model.diffusion_model.'"):
+    with pytest.raises(weights.CheckpointError, match="lacks the prefix 'model.diffusion_model.'"):
         weights_convert.convert(tmp_path / "mixed.safetensors", tmp_path / "out")
 
 
 def test_not_a_transformer(tmp_path):
     save_file({"encoder.conv1.weight": torch.zeros(2, 2)}, tmp_path / "vae.safetensors")
-    with pytest.raises(ckpt.CheckpointError, match="not a Qwen-Image transformer checkpoint"):
+    with pytest.raises(weights.CheckpointError, match="not a Qwen-Image transformer checkpoint"):
         weights_convert.convert(tmp_path / "vae.safetensors", tmp_path / "out")
 
 
@@ -148,7 +147,7 @@ def te_official(tmp_path_factory):
 
 def te_tensors(path):
     if path.is_dir():
-        return dict(ckpt.iter_tensors(ckpt.weight_files(path, "model")))
+        return dict(weights.iter_tensors(weights.weight_files(path, "model")))
     return load_file(path)
 
 
@@ -197,11 +196,11 @@ def test_text_encoder_partial_vision_tower_and_unknown_keys_fail(te_official, tm
     state = te_tensors(folder)
     partial = {k: v for k, v in state.items() if not k.startswith("visual.blocks.1.")}
     save_file(partial, tmp_path / "partial.safetensors")
-    with pytest.raises(ckpt.CheckpointError, match=r"missing from the checkpoint \(12\):\n    visual.blocks.1"):
+    with pytest.raises(weights.CheckpointError, match=r"missing from the checkpoint \(12\):\n    visual.blocks.1"):
         weights_convert.convert(tmp_path / "partial.safetensors", tmp_path / "out", component="text_encoder",
                                 config_path=folder / "config.json")
     save_file({**state, "model.layers.0.self_attn.q_proj.scale_weight": torch.ones(1)}, tmp_path / "fp8.safetensors")
-    with pytest.raises(ckpt.CheckpointError, match="unexpected in the checkpoint \\(1\\):\n    model.layers.0.self_attn.q_proj.scale_weight"):
+    with pytest.raises(weights.CheckpointError, match="unexpected in the checkpoint \\(1\\):\n    model.layers.0.self_attn.q_proj.scale_weight"):
         weights_convert.convert(tmp_path / "fp8.safetensors", tmp_path / "out", component="text_encoder")
 
 
@@ -241,8 +240,8 @@ def test_vae_wan_file_to_folder_round_trip_and_load(vae_official, tmp_path):
     back = tmp_path / "vae"
     summary = weights_convert.convert(wan_file, back, component="vae")
     assert summary["tensors_written"] == len(ref.state_dict())
-    original = dict(ckpt.iter_tensors(ckpt.weight_files(folder, "diffusion_pytorch_model")))
-    restored = dict(ckpt.iter_tensors(ckpt.weight_files(back, "diffusion_pytorch_model")))
+    original = dict(weights.iter_tensors(weights.weight_files(folder, "diffusion_pytorch_model")))
+    restored = dict(weights.iter_tensors(weights.weight_files(back, "diffusion_pytorch_model")))
     assert original.keys() == restored.keys() and all(torch.equal(original[k], restored[k]) for k in original)
     inferred, orig = json.loads((back / "config.json").read_text()), json.loads((folder / "config.json").read_text())
     for key in ("base_dim", "z_dim", "dim_mult", "num_res_blocks", "temperal_downsample", "latents_mean"):
@@ -261,5 +260,5 @@ def test_vae_unknown_key_fails(vae_official, tmp_path):
     state = load_file(wan_file)
     state["decoder.upsamples.3.resample.9.weight"] = torch.zeros(1)
     save_file(state, tmp_path / "bad.safetensors")
-    with pytest.raises(ckpt.CheckpointError, match=r"unexpected in the checkpoint \(1\):\n    decoder.upsamples.3.resample.9.weight"):
+    with pytest.raises(weights.CheckpointError, match=r"unexpected in the checkpoint \(1\):\n    decoder.upsamples.3.resample.9.weight"):
         weights_convert.convert(tmp_path / "bad.safetensors", tmp_path / "out", component="vae")

