@@ -23,17 +23,24 @@ What it converts (the direction follows from SRC and DST):
 Rules: tensors are read and written one at a time (peak memory is one tensor, not the model);
 an unknown or missing tensor is an error, never a skip (the text encoder's `lm_head` may be
 absent; `visual.*` must be complete or absent); nothing is overwritten without `--overwrite`;
-the outputs are re-read at the end and checked against the inputs; a summary is printed.
-Safetensors only.
+a summary is printed. Safetensors only.
+
+Nothing is lost. The output is written beside DST under a temporary name, re-read and checked
+against the inputs, and only then put in place of DST: a full disk, an error or a kill leaves the
+previous DST as it was (and the next run clears the leftover). With `--overwrite` only the files
+the conversion writes (the weight files, their index, config.json) are replaced; the source is
+never among them (converting a folder's own file into that folder is refused).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
+import os
 import re
+import shutil
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -335,6 +342,14 @@ def convert(src, dst, component: str = "transformer", dtype: torch.dtype | None 
         raise FileExistsError(f"{dst} already exists; pass --overwrite to replace it")
     if src.resolve() == dst.resolve():
         raise ValueError("source and destination are the same path")
+    if dst.exists() and dst.is_dir() == to_file:
+        raise FileExistsError(f"{dst} exists and is a {'folder' if dst.is_dir() else 'file'}, but the output is a "
+                              f"{'file' if to_file else 'folder'}: choose another destination")
+    replaced = [dst] if to_file else _outputs_in(dst, comp.stem)
+    if any(src.resolve() == old.resolve() for old in replaced if old.exists()):
+        raise ValueError(f"the source {src} is one of the files that converting into {dst} replaces: write the "
+                         "output to another folder (and move it afterwards)")
+    weights.check_writable_folder(dst.parent, f"cannot write {dst}")
 
     sources, stripped = _source_tensors(src, comp, None if src.is_dir() else prefix)
     headers = {path: weights.SafetensorsFile(path) for path in {p for p, _ in sources.values()}}
@@ -343,7 +358,7 @@ def convert(src, dst, component: str = "transformer", dtype: torch.dtype | None 
 
     # The config: given, read from the source folder, or inferred from the shapes.
     if config_path:
-        config_json = json.loads(Path(config_path).read_text())
+        config_json = weights.parse_json(Path(config_path).read_bytes(), config_path)
     elif src.is_dir():
         config_json = weights.read_config(src)
     else:
@@ -362,42 +377,33 @@ def convert(src, dst, component: str = "transformer", dtype: torch.dtype | None 
             path, in_name = sources[n]
             yield headers[path].read(in_name).to(out_dtype[n])
 
-    if to_file:
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        weights.write_safetensors(dst, [(out_name[n], shapes[n], out_dtype[n]) for n in order], tensors(order))
-        files = [dst]
-    else:
-        shards = _plan_shards(order, sizes, max_shard_size)
-        dst.mkdir(parents=True, exist_ok=True)
-        for stale in [*dst.glob(f"{comp.stem}*.safetensors"), *dst.glob(f"{comp.stem}*.index.json")]:
-            stale.unlink()  # only with --overwrite: old shards must not mix with the new ones
-        if len(shards) == 1:
-            file_names = [f"{comp.stem}.safetensors"]
-        else:
-            file_names = [f"{comp.stem}-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-        weight_map = {}
-        for shard, file_name in zip(shards, file_names):
-            weights.write_safetensors(dst / file_name, [(out_name[n], shapes[n], out_dtype[n]) for n in shard],
-                                      tensors(shard))
-            weight_map.update({out_name[n]: file_name for n in shard})
-        if len(shards) > 1:
-            index = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map}
-            (dst / f"{comp.stem}.safetensors.index.json").write_text(json.dumps(index, indent=2))
-        (dst / "config.json").write_text(json.dumps(config_json, indent=2))
-        files = [dst / f for f in file_names]
+    needed = sum(sizes.values())
+    free = shutil.disk_usage(dst.parent).free
+    if needed > free:
+        raise weights.OutputError(28, f"cannot write {dst}: it needs {needed / 2**30:.2f} GiB and the disk has "
+                                      f"{free / 2**30:.2f} GiB free; nothing was changed")
 
-    # Re-read what was written: exactly the planned names, shapes and byte counts, each once.
-    written = {}
-    for f in files:
-        h = weights.SafetensorsFile(f)
-        for k in h.keys():
-            if k in written:
-                raise RuntimeError(f"tensor {k} written twice")
-            written[k] = (h.shape(k), h.nbytes(k))
-    if written != {out_name[n]: (shapes[n], sizes[n]) for n in order}:
-        raise RuntimeError("the written files do not hold exactly the planned tensors; output is incomplete")
+    # Write everything under a temporary name beside dst, check it, then put it in place.
+    for leftover in dst.parent.glob(f".{dst.name}.*.partial"):      # an interrupted earlier run's
+        shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
+    staging = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".partial", dir=dst.parent))
+    try:
+        with weights.output_errors(dst):
+            if to_file:
+                written = [staging / dst.name]
+                weights.write_safetensors(written[0], [(out_name[n], shapes[n], out_dtype[n]) for n in order],
+                                          tensors(order))
+            else:
+                written = _write_folder(staging, comp.stem, order, sizes, max_shard_size, out_name, shapes,
+                                        out_dtype, tensors, config_json)
+        _verify(written, {out_name[n]: (shapes[n], sizes[n]) for n in order})
+        with weights.output_errors(dst):
+            files = _put_in_place(staging, written, dst, replaced, to_file)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
-    summary = {"component": component, "tensors_read": len(sources), "tensors_written": len(written),
+    files = [f for f in files if f.suffix == ".safetensors"]
+    summary = {"component": component, "tensors_read": len(sources), "tensors_written": len(order),
                "params": sum(math.prod(s) for s in shapes.values()), "bytes_written": sum(sizes.values()),
                "files": [str(f) for f in files], "dtypes": sorted({str(d).replace("torch.", "") for d in out_dtype.values()}),
                "prefix_stripped": stripped, "absent": sorted(n for n in expected if n not in shapes)}
@@ -409,6 +415,82 @@ def convert(src, dst, component: str = "transformer", dtype: torch.dtype | None 
     if summary["absent"]:
         log(f"  not in the source (allowed): {len(summary['absent'])} tensors, e.g. {summary['absent'][:3]}")
     return summary
+
+
+def _outputs_in(folder: Path, stem: str) -> list[Path]:
+    """The files a conversion into `folder` writes, and so replaces: the weights (single, shards,
+    index) and config.json. Exact names only: other files in the folder are never touched."""
+    if not folder.is_dir():
+        return []
+    shard = re.compile(re.escape(stem) + r"(-\d{5}-of-\d{5})?\.safetensors")
+    return [p for p in folder.iterdir() if shard.fullmatch(p.name)
+            or p.name in (f"{stem}.safetensors.index.json", "config.json")]
+
+
+def _write_folder(folder, stem, order, sizes, max_shard_size, out_name, shapes, out_dtype, tensors, config_json):
+    """The official layout: one file or shards + index, and config.json. -> the files written."""
+    shards = _plan_shards(order, sizes, max_shard_size)
+    if len(shards) == 1:
+        file_names = [f"{stem}.safetensors"]
+    else:
+        file_names = [f"{stem}-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    weight_map = {}
+    for shard, file_name in zip(shards, file_names):
+        weights.write_safetensors(folder / file_name, [(out_name[n], shapes[n], out_dtype[n]) for n in shard],
+                                  tensors(shard))
+        weight_map.update({out_name[n]: file_name for n in shard})
+    files = [folder / f for f in file_names]
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map}
+        weights.write_json(folder / f"{stem}.safetensors.index.json", index)
+        files.append(folder / f"{stem}.safetensors.index.json")
+    weights.write_json(folder / "config.json", config_json)
+    return files + [folder / "config.json"]
+
+
+def _verify(files: list[Path], planned: dict) -> None:
+    """Re-read what was written: exactly the planned names, shapes and byte counts, each once."""
+    written = {}
+    for f in files:
+        if f.suffix != ".safetensors":
+            continue
+        h = weights.SafetensorsFile(f)
+        for k in h.keys():
+            if k in written:
+                raise RuntimeError(f"tensor {k} written twice")
+            written[k] = (h.shape(k), h.nbytes(k))
+    if written != planned:
+        raise RuntimeError("the written files do not hold exactly the planned tensors; nothing was put in place")
+
+
+def _put_in_place(staging: Path, written: list[Path], dst: Path, replaced: list[Path], to_file: bool) -> list[Path]:
+    """Move the checked output from `staging` to `dst`, replacing the old output only now. The old
+    files wait in a backup folder until the new ones are all in place, and come back on an error."""
+    if to_file:
+        os.replace(written[0], dst)                         # one rename: atomic
+        return [dst]
+    if not dst.exists():
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(staging, dst)                            # one rename of the whole folder: atomic
+        return [dst / f.name for f in written]
+    backup = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".old", dir=dst.parent))
+    moved = []
+    try:
+        for old in replaced:
+            os.replace(old, backup / old.name)
+            moved.append(old)
+        for f in written:
+            os.replace(f, dst / f.name)
+    except BaseException:
+        for f in written:                                   # take back what had arrived
+            if not f.exists() and (dst / f.name).exists():
+                os.replace(dst / f.name, f)
+        for old in moved:                                   # and restore the old output
+            os.replace(backup / old.name, old)
+        shutil.rmtree(backup, ignore_errors=True)
+        raise
+    shutil.rmtree(backup, ignore_errors=True)
+    return [dst / f.name for f in written]
 
 
 def main(argv=None) -> int:
@@ -429,7 +511,7 @@ def main(argv=None) -> int:
     try:
         convert(a.src, a.dst, a.component, weights.DTYPES_BY_NAME.get(a.dtype), a.max_shard_size, a.prefix,
                 a.config, a.overwrite, a.layout)
-    except (weights.CheckpointError, FileNotFoundError, FileExistsError, ValueError) as e:
+    except (weights.CheckpointError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

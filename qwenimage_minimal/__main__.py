@@ -18,6 +18,7 @@ pipeline (vision tower included), editing a generated test picture.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from pathlib import Path
@@ -34,9 +35,31 @@ from . import images, mmdit, pipeline, prompts, sizes, weights
 def resolve_device(device: str | None) -> torch.device:
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit(f"--device {device}: CUDA is not available on this machine (use --device cpu)")
-    return torch.device(device)
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise SystemExit(f"--device {device}: not a device name (cpu, cuda, cuda:1, ...)") from None
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit(f"--device {device}: CUDA is not available on this machine (use --device cpu)")
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise SystemExit(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif resolved.type != "cpu":
+        raise SystemExit(f"--device {device}: only cpu and cuda are supported")
+    return resolved
+
+
+def check_sampling_options(args) -> None:
+    """Everything `generate` and `edit` can check before a model is loaded."""
+    for name in ("width", "height"):
+        value = getattr(args, name)
+        if value is not None and not 16 <= value <= pipeline.MAX_SIDE:
+            raise SystemExit(f"--{name} {value}: must be between 16 and {pipeline.MAX_SIDE} pixels")
+    if not 1 <= args.steps <= pipeline.MAX_STEPS:
+        raise SystemExit(f"--steps {args.steps}: must be between 1 and {pipeline.MAX_STEPS}")
+    if not math.isfinite(args.cfg) or args.cfg < 0:
+        raise SystemExit(f"--cfg {args.cfg}: must be a finite number >= 0 (1 turns guidance off)")
+    images.check_output_path(args.out, args.overwrite)
 
 
 def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
@@ -72,6 +95,7 @@ def step_printer(stage, steps: int, note: str = ""):
 
 
 def demo(args):
+    images.check_output_path(args.out, overwrite=True)        # a demo replaces its own picture
     t0 = time.perf_counter()
     stage = lambda text: print(f"[{time.perf_counter() - t0:7.2f}s] {text}", flush=True)
     if args.edit:
@@ -101,8 +125,7 @@ def demo(args):
     with torch.no_grad():
         image = pipe.vae.decode(pipe.vae.denormalize_latents(z.to(device, dtype)))
     pil = images.postprocess(image, "pil")[0]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    pil.save(args.out)
+    images.save_image(pil, args.out)
     stage(f"image {tuple(image.shape)} -> {args.out} ({pil.size[0]}x{pil.size[1]})")
 
 
@@ -114,8 +137,7 @@ def demo_edit(args, stage):
         pipe.condition_area = 112 * 112
         stage(f"toy areas: VAE and output {args.width}x{args.height}-ish, vision tower 112x112-ish")
     image = sizes.test_picture()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    image.save(args.out.with_name("demo_input.png"))
+    images.save_image(image, args.out.with_name("demo_input.png"))
     stage(f"{type(pipe).__name__} loaded; input {image.size[0]}x{image.size[1]} -> {args.out.with_name('demo_input.png')}")
 
     condition, vae_images = pipe.prepare_images(image)
@@ -137,11 +159,12 @@ def demo_edit(args, stage):
                generator=torch.Generator().manual_seed(args.seed),
                callback_on_step_end=step_printer(stage, args.steps, f" (+ {tokens.shape[1]} reference tokens in the MMDiT)"),
                progress=False).images[0]
-    out.save(args.out)
+    images.save_image(out, args.out)
     stage(f"edited image {out.size[0]}x{out.size[1]} -> {args.out}")
 
 
 def generate(args):
+    check_sampling_options(args)
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     pipe = pipeline.QwenImagePipeline.from_pretrained(args.model, device=device, dtype=dtype, offload=args.offload)
@@ -149,30 +172,21 @@ def generate(args):
     image = pipe(prompt=args.prompt, negative_prompt=args.negative_prompt, true_cfg_scale=args.cfg,
                  height=args.height, width=args.width, num_inference_steps=args.steps, generator=generator,
                  tiled_vae=args.tiled_vae).images[0]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    image.save(args.out)
+    images.save_image(image, args.out)
     print(f"wrote {args.out} ({image.size[0]}x{image.size[1]})")
 
 
 def edit(args):
-    from PIL import Image, UnidentifiedImageError
-    images = []
-    for path in args.image:
-        if not Path(path).is_file():
-            raise SystemExit(f"--image {path}: no such file")
-        try:
-            images.append(Image.open(path))
-        except (UnidentifiedImageError, OSError) as e:
-            raise SystemExit(f"--image {path}: not an image PIL can read ({e})")
+    check_sampling_options(args)
+    pictures = [images.open_image(path, args.max_image_pixels, name="--image") for path in args.image]
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     pipe = pipeline.QwenImageEditPipeline.from_pretrained(args.model, device=device, dtype=dtype, offload=args.offload)
-    out = pipe(image=images if len(images) > 1 else images[0], prompt=args.prompt,
+    out = pipe(image=pictures if len(pictures) > 1 else pictures[0], prompt=args.prompt,
                negative_prompt=args.negative_prompt, true_cfg_scale=args.cfg, height=args.height, width=args.width,
                num_inference_steps=args.steps, generator=torch.Generator().manual_seed(args.seed),
                tiled_vae=args.tiled_vae).images[0]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    out.save(args.out)
+    images.save_image(out, args.out)
     print(f"wrote {args.out} ({out.size[0]}x{out.size[1]})")
 
 
@@ -186,6 +200,7 @@ def add_sampling_options(parser):
     parser.add_argument("--dtype", choices=["bf16", "fp32"], help="default: bf16 on cuda, fp32 on cpu")
     parser.add_argument("--tiled-vae", action="store_true", help="decode in 256 px tiles (bounded memory)")
     parser.add_argument("--offload", action="store_true", help="keep components on the CPU, one at a time on the GPU")
+    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
 
 
 def main(argv=None):
@@ -207,6 +222,8 @@ def main(argv=None):
     e.add_argument("--width", type=int, help="default: the (last) image's aspect ratio at about 1024x1024")
     e.add_argument("--height", type=int)
     e.add_argument("--out", type=Path, default=Path("out/edited.png"))
+    e.add_argument("--max-image-pixels", type=int, default=images.DEFAULT_MAX_PIXELS,
+                   help="refuse input images larger than this (decompression bombs); default %(default)s")
     add_sampling_options(e)
     d = sub.add_parser("demo", help="the whole pipeline, stage by stage (tiny random model unless --model)")
     d.add_argument("--model", help="an official Qwen-Image folder (default: a tiny random-weight one)")
@@ -225,8 +242,10 @@ def main(argv=None):
         raise SystemExit(f"--model {a.model}: no such folder (expected an official Qwen-Image folder)")
     try:
         {"demo": demo, "generate": generate, "edit": edit}[a.command](a)
-    except (weights.CheckpointError, ValueError) as e:
-        raise SystemExit(f"error: {e}")
+    except torch.OutOfMemoryError:
+        raise SystemExit("error: out of memory: try --offload, --tiled-vae, a smaller size or --dtype bf16") from None
+    except (weights.CheckpointError, ValueError, OSError) as e:   # expected failures: one line, no traceback
+        raise SystemExit(f"error: {e}") from None
 
 
 if __name__ == "__main__":

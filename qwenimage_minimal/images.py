@@ -18,6 +18,7 @@ The prompt then holds (h/2)(w/2) `<|image_pad|>` tokens for this image: one per 
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -27,16 +28,55 @@ import torch
 from . import weights
 
 # ---------------------------------------------------------------------------------------------
-# Any image -> PIL RGB
+# A file -> PIL image, any image -> PIL RGB
 # ---------------------------------------------------------------------------------------------
+
+DEFAULT_MAX_PIXELS = 89_478_485          # PIL's own limit: about 9459 x 9459
+
+
+def open_image(path, max_pixels: int | None = DEFAULT_MAX_PIXELS, name: str = "image"):
+    """Read an image file: refused when it is not an image or has more than `max_pixels` pixels
+    (a decompression bomb: a small file that claims a huge size), the first frame of an animation
+    (with a warning), turned upright by its EXIF orientation (as cameras and phones store it)."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{name} {path}: no such file")
+    limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None     # our limit, checked below, replaces PIL's
+    try:
+        image = Image.open(path)                                      # reads the header only
+    except (UnidentifiedImageError, OSError) as e:
+        raise ValueError(f"{name} {path}: not an image PIL can read ({e})") from None
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
+    if max_pixels is not None and image.width * image.height > max_pixels:
+        image.close()
+        raise ValueError(f"{name} {path} is {image.width}x{image.height} = {image.width * image.height:,} pixels, over "
+                         f"the limit of {max_pixels:,} (a decompression bomb?); if the file is genuine, raise the "
+                         "limit (max_pixels=, --max-image-pixels)")
+    frames = getattr(image, "n_frames", 1)
+    if frames > 1:
+        warnings.warn(f"{name} {path} is animated ({frames} frames): only the first frame is used", stacklevel=2)
+    try:
+        image.load()
+    except OSError as e:
+        image.close()
+        raise ValueError(f"{name} {path}: the file is damaged ({e})") from None
+    upright = ImageOps.exif_transpose(image)
+    if upright is not image:
+        image.close()                                                 # the file handle of the original
+    return upright
+
 
 def to_rgb(image, name: str = "image"):
     """A PIL image, an (H, W, C) numpy array or a (C, H, W) / (1, C, H, W) tensor -> PIL RGB image.
 
-    Arrays and tensors hold uint8 0..255 or floats in [0, 1] (as in diffusers), with 1, 3 or 4
-    channels. Transparency (RGBA, LA, palette images with a transparent colour) is composited on
-    white, as transformers' processor does; palette ("P") and grey images are converted.
-    Floats are rounded to 8 bits: the vision tower's processor works on 8-bit images anyway."""
+    Arrays and tensors hold uint8 0..255, uint16 0..65535 or floats in [0, 1] (as in diffusers),
+    with 1, 3 or 4 channels. Transparency (RGBA, LA, palette images with a transparent colour) is
+    composited on white, as transformers' processor does; palette ("P") and grey images are
+    converted; 16-bit, 32-bit integer and float grey images ("I;16", "I", "F") are scaled from
+    their range to 8 bits rather than clipped. Everything is rounded to 8 bits: the vision
+    tower's processor works on 8-bit images anyway."""
     from PIL import Image
     if isinstance(image, (str, Path)):
         raise TypeError(f"{name} is a path ({image!r}); open it first: PIL.Image.open(path)")
@@ -56,7 +96,9 @@ def to_rgb(image, name: str = "image"):
             raise ValueError(f"{name}: an array must be (H, W) or (H, W, C) with C in 1, 3, 4, got {image.shape}")
         if a.shape[0] == 0 or a.shape[1] == 0:
             raise ValueError(f"{name} is empty: {image.shape}")
-        if np.issubdtype(a.dtype, np.floating):
+        if a.dtype == np.uint16:
+            a = (a.astype(np.float64) * (255 / 65535)).round()
+        elif np.issubdtype(a.dtype, np.floating):
             if not np.isfinite(a).all() or a.min() < 0 or a.max() > 1:
                 raise ValueError(f"{name}: float arrays/tensors must hold values in [0, 1], got "
                                  f"[{np.nanmin(a):.3g}, {np.nanmax(a):.3g}]")
@@ -69,6 +111,8 @@ def to_rgb(image, name: str = "image"):
         raise TypeError(f"{name} must be a PIL image, a numpy array or a tensor, got {type(image).__name__}")
     if image.width == 0 or image.height == 0:
         raise ValueError(f"{name} has size {image.size}: it is empty")
+    if image.mode.startswith("I") or image.mode == "F":          # 16/32-bit integers or floats, one channel
+        image = Image.fromarray(_wide_grey_to_8_bits(np.asarray(image), image.mode, name), mode="L")
     if max(image.size) / min(image.size) > 200:
         raise ValueError(f"{name} is {image.width}x{image.height}: aspect ratios over 200:1 are not supported "
                          "(Qwen2.5-VL's image processor refuses them); crop or pad it")
@@ -76,6 +120,21 @@ def to_rgb(image, name: str = "image"):
         rgba = image.convert("RGBA")
         return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
     return image.convert("RGB")
+
+
+def _wide_grey_to_8_bits(a: np.ndarray, mode: str, name: str) -> np.ndarray:
+    """A 16-bit, 32-bit integer or float grey image -> uint8, scaled from the range it uses."""
+    low, high = float(a.min()), float(a.max())
+    if mode == "F" and 0 <= low and high <= 1:
+        scale = 255.0                                  # floats in [0, 1]
+    elif 0 <= low and high <= 255:
+        scale = 1.0                                    # 8-bit values in a wider container
+    elif 0 <= low and high <= 65535 and mode != "F":
+        scale = 255 / 65535                            # 16-bit data (16-bit PNG and TIFF open as "I;16" or "I")
+    else:
+        raise ValueError(f"{name}: a {mode!r} image with values in [{low:g}, {high:g}]: only 0..65535 (integers) or "
+                         "[0, 1] / 0..255 (floats) have a known meaning; convert it to 8 or 16 bits first")
+    return (a.astype(np.float64) * scale).round().clip(0, 255).astype(np.uint8)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -112,6 +171,33 @@ def postprocess(image: torch.Tensor, output_type: str):
         return array
     from PIL import Image
     return [Image.fromarray((a * 255).round().astype("uint8")) for a in array]
+
+
+def check_output_path(path, overwrite: bool = False, name: str = "--out") -> Path:
+    """Before any work: `path` names an image file PIL can write (by its extension), is not a
+    folder, does not exist unless `overwrite`, and its folder can be written."""
+    from PIL import Image
+    path = Path(path)
+    formats = Image.registered_extensions()
+    if path.is_dir():
+        raise ValueError(f"{name} {path} is a folder: give a file name such as {path / 'image.png'}")
+    if path.suffix.lower() not in formats or formats[path.suffix.lower()] not in Image.SAVE:
+        known = ", ".join(sorted(e for e, f in formats.items() if f in Image.SAVE and e in (".png", ".jpg", ".jpeg",
+                                                                                           ".webp", ".bmp", ".tiff")))
+        raise ValueError(f"{name} {path}: the extension {path.suffix or '(none)'!r} names no image format PIL can "
+                         f"write (use one of {known})")
+    if path.exists() and not overwrite:
+        raise ValueError(f"{name} {path} already exists: pass --overwrite to replace it")
+    weights.check_writable_folder(path.parent, f"{name} {path}", create=False)
+    return path
+
+
+def save_image(image, path) -> None:
+    """Save a PIL image all or nothing (weights.atomic_write): a failed write leaves the old file as it was."""
+    from PIL import Image
+    path = Path(path)
+    with weights.atomic_write(path) as f:
+        image.save(f, format=Image.registered_extensions()[path.suffix.lower()])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -425,8 +425,9 @@ def config_from_folder(path) -> MMDiTConfig:
     return weights.config_from_json(MMDiTConfig, raw, path, REQUIRED_FIELDS, must_be_false=UNSUPPORTED_FLAGS)
 
 
-def load(path, device=None, dtype=None) -> MMDiT:
+def load(path, device=None, dtype=None, check_finite: bool = True) -> MMDiT:
     """Load an official `transformer/` folder (config.json + sharded or single safetensors)."""
     config = config_from_folder(path)
-    model = weights.build_on_meta(lambda: MMDiT(config))
-    return weights.load_weights(model, path, WEIGHTS_STEM, device=device, dtype=dtype)
+    return weights.load_weights(lambda: MMDiT(config), path, WEIGHTS_STEM, device=device, dtype=dtype,
+                                block_counts={"transformer_blocks": ("num_layers", config.num_layers)},
+                                check_finite=check_finite)

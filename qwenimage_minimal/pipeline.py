@@ -19,7 +19,7 @@ two can be compared number for number.
 from __future__ import annotations
 
 import contextlib
-import json
+import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +31,10 @@ import torch
 from . import images, mmdit, prompts, sampling, scheduler, text_encoder, tokenizer, vae, vision, weights
 
 COMPONENTS = ("tokenizer", "text_encoder", "transformer", "vae", "scheduler")
+PIPELINE_CLASSES = ("QwenImagePipeline", "QwenImageEditPipeline", "QwenImageEditPlusPipeline")
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+MAX_SIDE = 8192                  # pixels: 512 x 512 tokens, far past what the model was trained on
+MAX_STEPS = 1000                 # the training schedule's timesteps; more steps revisit the same noise levels
 
 
 @dataclass
@@ -50,16 +53,22 @@ def check_model_folder(root: Path, what: str) -> str:
     missing = [c for c in COMPONENTS if not (root / c).is_dir()]
     if missing:
         raise weights.CheckpointError(f"{root}: component folder(s) {missing} missing")
-    return json.loads(index.read_text()).get("_class_name", "")
+    class_name = weights.parse_json(index.read_bytes(), index)
+    class_name = class_name.get("_class_name") if isinstance(class_name, dict) else None
+    if class_name not in PIPELINE_CLASSES:
+        raise weights.CheckpointError(f"{index} names the pipeline class {class_name!r}: not a Qwen-Image checkpoint "
+                                      f"this project runs ({', '.join(PIPELINE_CLASSES)})")
+    return class_name
 
 
-def load_components(root: Path, device, dtype, offload: bool) -> dict:
+def load_components(root: Path, device, dtype, offload: bool, check_finite: bool = True) -> dict:
     """The five components every Qwen-Image pipeline has, on `device` (on the CPU with offload)."""
     place = torch.device("cpu") if offload else device
+    options = dict(device=place, dtype=dtype, check_finite=check_finite)
     return dict(tokenizer=tokenizer.load(root / "tokenizer"),
-                text_encoder=text_encoder.load(root / "text_encoder", device=place, dtype=dtype),
-                transformer=mmdit.load(root / "transformer", device=place, dtype=dtype),
-                vae=vae.load(root / "vae", device=place, dtype=dtype),
+                text_encoder=text_encoder.load(root / "text_encoder", **options),
+                transformer=mmdit.load(root / "transformer", **options),
+                vae=vae.load(root / "vae", **options),
                 scheduler=scheduler.load(root / "scheduler"))
 
 
@@ -93,18 +102,20 @@ class QwenImagePipeline:
         return self.vae.config.scale_factor * self.transformer.config.patch_size
 
     @classmethod
-    def from_pretrained(cls, root, device=None, dtype=None, offload: bool = False) -> "QwenImagePipeline":
+    def from_pretrained(cls, root, device=None, dtype=None, offload: bool = False,
+                        check_finite: bool = True) -> "QwenImagePipeline":
         """Load an official Qwen-Image folder (model_index.json + component folders).
 
         dtype: bf16 for GPUs (the official weights' dtype), fp32 for CPU; None keeps the files' dtype.
         offload=True keeps every component in CPU memory and moves only the active one to `device`
-        (text encoder, then transformer, then VAE): the GPU needs room for the largest alone."""
+        (text encoder, then transformer, then VAE): the GPU needs room for the largest alone.
+        check_finite=False skips the scan of every weight for NaN/Inf (a little faster to load)."""
         root = Path(root)
         class_name = check_model_folder(root, "Qwen-Image")
         if "Edit" in class_name:
             warnings.warn(f"{root} is a {class_name} checkpoint; loading it for text-to-image", stacklevel=2)
         device = torch.device(device or "cpu")
-        return cls(**load_components(root, device, dtype, offload), device=device, offload=offload)
+        return cls(**load_components(root, device, dtype, offload, check_finite), device=device, offload=offload)
 
     @contextlib.contextmanager
     def _active(self, module: torch.nn.Module):
@@ -140,7 +151,7 @@ class QwenImagePipeline:
                  progress: bool = True) -> PipelineOutput:
         height, width = self.check_size(1024 if height is None else height, 1024 if width is None else width)
         self.check_call(num_inference_steps, sigmas, height, width, output_type, num_images_per_prompt,
-                        max_sequence_length)
+                        max_sequence_length, true_cfg_scale)
 
         # 1. Prompts -> embeddings (positive, and negative for classifier-free guidance)
         cond, uncond = self.prompt_embeddings(prompt, negative_prompt, true_cfg_scale, prompt_embeds,
@@ -163,14 +174,21 @@ class QwenImagePipeline:
                 raise ValueError(f"{name} must be an int (pixels), got {v!r}")
             if v < m:
                 raise ValueError(f"{name} must be at least {m} pixels, got {v}")
+            if v > MAX_SIDE:
+                raise ValueError(f"{name} must be at most {MAX_SIDE} pixels, got {v}")
         if height % m or width % m:
             warnings.warn(f"height and width must be multiples of {m}; {height}x{width} is rounded down to "
                           f"{height // m * m}x{width // m * m}", stacklevel=3)
         return int(height) // m * m, int(width) // m * m
 
     def check_call(self, num_inference_steps, sigmas, height, width, output_type, num_images_per_prompt,
-                   max_sequence_length):
+                   max_sequence_length, true_cfg_scale):
         """The arguments that need no model; also sets the schedule (which checks the steps and sigmas)."""
+        if not isinstance(true_cfg_scale, (int, float)) or isinstance(true_cfg_scale, bool) \
+                or not math.isfinite(true_cfg_scale) or true_cfg_scale < 0:
+            raise ValueError(f"true_cfg_scale must be a finite number >= 0 (1 = no guidance), got {true_cfg_scale!r}")
+        if sigmas is None and isinstance(num_inference_steps, int) and num_inference_steps > MAX_STEPS:
+            raise ValueError(f"num_inference_steps must be at most {MAX_STEPS}, got {num_inference_steps}")
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be 'pil', 'np', 'pt' or 'latent', got {output_type!r}")
         if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
@@ -310,7 +328,8 @@ class QwenImageEditPipeline(QwenImagePipeline):
         self.processor_config = processor_config or images.ImageProcessorConfig()
 
     @classmethod
-    def from_pretrained(cls, root, device=None, dtype=None, offload: bool = False) -> "QwenImageEditPipeline":
+    def from_pretrained(cls, root, device=None, dtype=None, offload: bool = False,
+                        check_finite: bool = True) -> "QwenImageEditPipeline":
         """Load an official Qwen-Image-Edit / -Edit-2509 / -Edit-2511 folder (same layout as Qwen-Image,
         plus processor/). Called on QwenImageEditPipeline it picks the class model_index.json names."""
         root = Path(root)
@@ -326,8 +345,8 @@ class QwenImageEditPipeline(QwenImagePipeline):
                                           "ship it (the vision tower's image sizes); download it too")
         device = torch.device(device or "cpu")
         place = torch.device("cpu") if offload else device
-        return cls(**load_components(root, device, dtype, offload),
-                   vision_tower=vision.load(root / "text_encoder", device=place, dtype=dtype),
+        return cls(**load_components(root, device, dtype, offload, check_finite),
+                   vision_tower=vision.load(root / "text_encoder", device=place, dtype=dtype, check_finite=check_finite),
                    processor_config=images.load_processor_config(root / "processor"), device=device, offload=offload)
 
     # --- images ------------------------------------------------------------------------------
@@ -420,7 +439,7 @@ class QwenImageEditPipeline(QwenImagePipeline):
         default_w, default_h = images.calculate_dimensions(self.output_area, rgb_images[-1].width / rgb_images[-1].height)
         height, width = self.check_size(height or default_h, width or default_w)
         self.check_call(num_inference_steps, sigmas, height, width, output_type, num_images_per_prompt,
-                        max_sequence_length)
+                        max_sequence_length, true_cfg_scale)
 
         # 1. Prompts (+ the images, through the vision tower once) -> embeddings
         read = None

@@ -89,6 +89,12 @@ def encode_prompts(tokenizer, encoder: TextEncoder, prompts, template: str = T2I
     bad = [i for i, p in enumerate(prompts) if not isinstance(p, str)]
     if bad:
         raise TypeError(f"prompt(s) at index {bad} are not str: {[type(prompts[i]).__name__ for i in bad]}")
+    for i, p in enumerate(prompts):
+        try:
+            p.encode("utf-8")
+        except UnicodeEncodeError as e:       # a lone surrogate, e.g. half of an emoji cut by a byte-level slice
+            raise ValueError(f"prompt {i} is not valid Unicode: character {e.start} ({p[e.start:e.end]!r}) cannot "
+                             f"be encoded ({e.reason}); remove it or decode the text properly") from None
     if image_positions not in ("3d", "sequential"):
         raise ValueError(f"image_positions must be '3d' or 'sequential', got {image_positions!r}")
     if max_sequence_length is not None and not 1 <= max_sequence_length <= MAX_PROMPT_TOKENS:
@@ -96,13 +102,13 @@ def encode_prompts(tokenizer, encoder: TextEncoder, prompts, template: str = T2I
 
     ids = [tokenizer.encode(template.format(p)) for p in prompts]
     if image_features is None:
-        limit = MAX_PROMPT_TOKENS + prefix_tokens
+        kept = min(MAX_PROMPT_TOKENS, max_sequence_length or MAX_PROMPT_TOKENS)
         for i, x in enumerate(ids):
-            if len(x) > limit:
+            if len(x) - prefix_tokens > kept:
                 warnings.warn(f"prompt {i} is {len(x) - prefix_tokens} tokens long with the template; only the "
-                              f"first {MAX_PROMPT_TOKENS} are used (the rest, including the template's closing "
-                              "tokens, is cut, as in diffusers)", stacklevel=2)
-        ids = [x[:limit] for x in ids]
+                              f"first {kept} are used (max_sequence_length; the rest, including the template's "
+                              "closing tokens, is cut, as in diffusers)", stacklevel=2)
+        ids = [x[:MAX_PROMPT_TOKENS + prefix_tokens] for x in ids]
     else:
         if image_grid_thw is None:
             raise ValueError("image_features needs image_grid_thw: the (t, h, w) patch grid of each image, in order")

@@ -92,6 +92,8 @@ def get_schedule(config: SchedulerConfig, num_inference_steps: int | None, image
         sigmas = torch.as_tensor(sigmas, dtype=torch.float32).to(torch.float64)
         if sigmas.ndim != 1 or len(sigmas) < 1 or not ((sigmas > 0) & (sigmas <= 1)).all():
             raise ValueError("sigmas must be a non-empty 1-D sequence of values in (0, 1]")
+        if not (sigmas[1:] < sigmas[:-1]).all():
+            raise ValueError(f"sigmas must decrease strictly (from noise towards the image), got {sigmas.tolist()}")
         if num_inference_steps is not None and num_inference_steps != len(sigmas):
             raise ValueError(f"num_inference_steps={num_inference_steps} but {len(sigmas)} sigmas were given")
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
-import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,7 +89,7 @@ def write_checkpoint(root, size: str | ModelSize = "tiny", pipeline_class: str =
     # tower's `visual.*` tensors in a second shard, as the official files split them
     text = root / "text_encoder"
     text.mkdir(parents=True, exist_ok=True)
-    (text / "config.json").write_text(json.dumps(size.text_encoder.to_json(size.vision.to_json()), indent=2))
+    weights.write_json(text / "config.json", size.text_encoder.to_json(size.vision.to_json()))
     if tower is None:
         save_tensors(language_model, text / f"{TEXT_ENCODER_STEM}.safetensors", prefix="model.")
     else:
@@ -99,28 +98,26 @@ def write_checkpoint(root, size: str | ModelSize = "tiny", pipeline_class: str =
                   "model-00002-of-00002.safetensors": save_tensors(
                       tower, text / "model-00002-of-00002.safetensors", prefix="visual.")}
         weight_map = {name: shard for shard, names in shards.items() for name in names}
-        (text / f"{TEXT_ENCODER_STEM}.safetensors.index.json").write_text(
-            json.dumps({"metadata": {}, "weight_map": weight_map}, indent=2))
+        weights.write_json(text / f"{TEXT_ENCODER_STEM}.safetensors.index.json", {"metadata": {}, "weight_map": weight_map})
         (root / "processor").mkdir(exist_ok=True)
-        (root / "processor" / "preprocessor_config.json").write_text(
-            json.dumps(ImageProcessorConfig().to_json(), indent=2))
+        weights.write_json(root / "processor" / "preprocessor_config.json", ImageProcessorConfig().to_json())
 
     for folder, model, stem, config in (("transformer", transformer, TRANSFORMER_STEM, size.transformer),
                                         ("vae", autoencoder, VAE_STEM, size.vae)):
         (root / folder).mkdir(exist_ok=True)
         save_tensors(model, root / folder / f"{stem}.safetensors")
-        (root / folder / "config.json").write_text(json.dumps(config.to_json(), indent=2))
+        weights.write_json(root / folder / "config.json", config.to_json())
     (root / "scheduler").mkdir(exist_ok=True)
-    (root / "scheduler" / "scheduler_config.json").write_text(json.dumps(size.scheduler.to_json(), indent=2))
+    weights.write_json(root / "scheduler" / "scheduler_config.json", size.scheduler.to_json())
 
-    (root / "model_index.json").write_text(json.dumps({
+    weights.write_json(root / "model_index.json", {
         "_class_name": pipeline_class, "_diffusers_version": "0.42.1",
         **({"processor": ["transformers", "Qwen2VLProcessor"]} if edit else {}),
         "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
         "text_encoder": ["transformers", "Qwen2_5_VLForConditionalGeneration"],
         "tokenizer": ["transformers", "Qwen2Tokenizer"],
         "transformer": ["diffusers", "QwenImageTransformer2DModel"],
-        "vae": ["diffusers", "AutoencoderKLQwenImage"]}, indent=2))
+        "vae": ["diffusers", "AutoencoderKLQwenImage"]})
     return root
 
 
@@ -156,9 +153,8 @@ def write_tokenizer_folder(folder, vocab_json=None, merges_txt=None) -> Path:
               "clean_up_tokenization_spaces": False, "eos_token": "<|im_end|>", "errors": "replace",
               "model_max_length": 131072, "pad_token": PAD_TOKEN, "split_special_tokens": False,
               "tokenizer_class": "Qwen2Tokenizer", "unk_token": None}
-    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
-    (folder / "added_tokens.json").write_text(
-        json.dumps({t: FIRST_ADDED_ID + i for i, t in enumerate(QWEN25_ADDED_TOKENS)}, indent=2))
+    weights.write_json(folder / "tokenizer_config.json", config)
+    weights.write_json(folder / "added_tokens.json", {t: FIRST_ADDED_ID + i for i, t in enumerate(QWEN25_ADDED_TOKENS)})
     return folder
 
 

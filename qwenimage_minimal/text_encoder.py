@@ -292,14 +292,13 @@ def config_from_json(raw: dict, folder="<config>") -> TextEncoderConfig:
         text["mrope_section"] = rope["mrope_section"]
     required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                 "num_key_value_heads", "rms_norm_eps", "rope_theta", "mrope_section")
-    missing = [k for k in required if text.get(k) is None]
-    if missing:
-        raise weights.CheckpointError(f"{folder}/config.json is missing required field(s) {missing}.")
-    return TextEncoderConfig(**{k: text[k] for k in required})
+    return weights.config_from_json(TextEncoderConfig, {k: text[k] for k in required if text.get(k) is not None},
+                                    folder, required)
 
 
-def load(path, device=None, dtype=None) -> TextEncoder:
+def load(path, device=None, dtype=None, check_finite: bool = True) -> TextEncoder:
     """Load an official `text_encoder/` folder (either key layout); lm_head and visual.* are not read."""
     config = config_from_json(weights.read_config(path), path)
-    model = weights.build_on_meta(lambda: TextEncoder(config))
-    return weights.load_weights(model, path, WEIGHTS_STEM, device=device, dtype=dtype, rename=checkpoint_name_to_ours)
+    return weights.load_weights(lambda: TextEncoder(config), path, WEIGHTS_STEM, device=device, dtype=dtype,
+                                rename=checkpoint_name_to_ours, check_finite=check_finite,
+                                block_counts={"layers": ("num_hidden_layers", config.num_hidden_layers)})

@@ -18,14 +18,13 @@ The 151,643 base tokens plus 22 special tokens (151643..151664) make Qwen2.5's v
 
 from __future__ import annotations
 
-import json
 import warnings
 from pathlib import Path
 
 import torch
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 
-from .weights import CheckpointError
+from .weights import CheckpointError, parse_json
 
 # Qwen2's pre-tokenizer pattern (the same as in the official tokenizer.json of Qwen2/2.5).
 SPLIT_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
@@ -96,14 +95,29 @@ def added_tokens(folder: Path) -> list[tuple[int, str, bool]]:
     """(id, content, special) for the tokens added on top of the BPE vocabulary, from
     tokenizer_config.json's `added_tokens_decoder`, else `added_tokens.json`."""
     config_path, added_path = folder / "tokenizer_config.json", folder / "added_tokens.json"
-    if config_path.is_file():
-        decoder = json.loads(config_path.read_text()).get("added_tokens_decoder")
-        if decoder:
-            return sorted((int(i), t["content"], bool(t.get("special", True))) for i, t in decoder.items())
-    if added_path.is_file():
-        return sorted((int(i), content, True) for content, i in json.loads(added_path.read_text()).items())
+    try:
+        if config_path.is_file():
+            decoder = parse_json(config_path.read_bytes(), config_path).get("added_tokens_decoder")
+            if decoder:
+                return sorted((int(i), t["content"], bool(t.get("special", True))) for i, t in decoder.items())
+        if added_path.is_file():
+            return sorted((int(i), content, True) for content, i in parse_json(added_path.read_bytes(),
+                                                                               added_path).items())
+    except (AttributeError, KeyError, TypeError, ValueError) as e:
+        if isinstance(e, CheckpointError):
+            raise
+        raise CheckpointError(f"{folder}: the added tokens in tokenizer_config.json / added_tokens.json are "
+                              f"malformed ({type(e).__name__}: {e})") from None
     raise CheckpointError(f"{folder}: no special tokens found (need tokenizer_config.json with "
                           "added_tokens_decoder, or added_tokens.json)")
+
+
+def read_tokenizer_file(read, name):
+    """The `tokenizers` library's parse errors, turned into an error that names the file."""
+    try:
+        return read()
+    except Exception as e:          # tokenizers raises plain Exceptions for unreadable files
+        raise CheckpointError(f"{name} cannot be read as a tokenizer file ({e}); download it again") from None
 
 
 def load(path) -> QwenTokenizer:
@@ -112,7 +126,7 @@ def load(path) -> QwenTokenizer:
     A `tokenizer.json`, if present, is used as is (it describes the same pipeline in one file)."""
     folder = Path(path)
     if (folder / "tokenizer.json").is_file():
-        tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        tok = read_tokenizer_file(lambda: Tokenizer.from_file(str(folder / "tokenizer.json")), folder / "tokenizer.json")
         tok.no_truncation()   # a saved tokenizer.json may carry truncation/padding settings; we do our own
         tok.no_padding()
         return QwenTokenizer(tok)
@@ -122,7 +136,10 @@ def load(path) -> QwenTokenizer:
                               "tokenizer/ folder (vocab.json, merges.txt, tokenizer_config.json)")
     specials = added_tokens(folder)  # read first: a folder without them is an error, not a silent vocab
 
-    bpe = models.BPE.from_file(str(folder / "vocab.json"), str(folder / "merges.txt"))
+    if not isinstance(parse_json((folder / "vocab.json").read_bytes(), folder / "vocab.json"), dict):
+        raise CheckpointError(f"{folder / 'vocab.json'} must map tokens to ids; download it again")
+    bpe = read_tokenizer_file(lambda: models.BPE.from_file(str(folder / "vocab.json"), str(folder / "merges.txt")),
+                              folder / "merges.txt")
     tok = Tokenizer(bpe)
     tok.normalizer = normalizers.NFC()
     tok.pre_tokenizer = pre_tokenizers.Sequence([

@@ -459,8 +459,10 @@ def config_from_json(raw: dict, folder="<config>") -> VAEConfig:
     return weights.config_from_json(VAEConfig, raw, folder, REQUIRED_FIELDS)
 
 
-def load(path, device=None, dtype=None) -> QwenImageVAE:
+def load(path, device=None, dtype=None, check_finite: bool = True) -> QwenImageVAE:
     """Load an official `vae/` folder (config.json + diffusion_pytorch_model.safetensors)."""
     config = config_from_json(weights.read_config(path), path)
-    model = weights.build_on_meta(lambda: QwenImageVAE(config))
-    return weights.load_weights(model, path, WEIGHTS_STEM, device=device, dtype=dtype)
+    counts = {"decoder.up_blocks": ("len(dim_mult)", len(config.dim_mult)),
+              "decoder.up_blocks.0.resnets": ("num_res_blocks + 1", config.num_res_blocks + 1)}
+    return weights.load_weights(lambda: QwenImageVAE(config), path, WEIGHTS_STEM, device=device, dtype=dtype,
+                                block_counts=counts, check_finite=check_finite)

@@ -243,8 +243,9 @@ def checkpoint_name_to_ours(name: str) -> str | None:
     return None                                          # the language model: not part of the tower
 
 
-def load(path, device=None, dtype=None) -> VisionTower:
+def load(path, device=None, dtype=None, check_finite: bool = True) -> VisionTower:
     """Load the vision tower from an official `text_encoder/` folder."""
     config = config_from_json(weights.read_config(path), path)
-    model = weights.build_on_meta(lambda: VisionTower(config))
-    return weights.load_weights(model, path, "model", device=device, dtype=dtype, rename=checkpoint_name_to_ours)
+    return weights.load_weights(lambda: VisionTower(config), path, "model", device=device, dtype=dtype,
+                                rename=checkpoint_name_to_ours, check_finite=check_finite,
+                                block_counts={"blocks": ("depth", config.depth)})

@@ -15,14 +15,24 @@ written once:
   checked against it *before* a byte of weight is read, and each tensor is then read, cast and
   assigned in place. Peak memory is the model in its final dtype plus one tensor in flight.
 * Strict: a missing, unexpected or wrongly shaped tensor is an error that names every offender.
+  Every file read stays inside the component folder, headers and indexes are checked for type as
+  well as content, and NaN/Inf weights are reported by name.
+* Nothing is half-written: every save goes to a temporary file beside its destination, is flushed
+  to disk and then renamed over it (`atomic_write`), so a crash leaves the old file or none.
 """
 
 from __future__ import annotations
 
+import collections
+import contextlib
+import errno
 import json
 import math
 import os
+import re
 import struct
+import tempfile
+import typing
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
@@ -43,6 +53,27 @@ DTYPES_BY_NAME = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch
 
 class CheckpointError(ValueError):
     """A checkpoint folder or file that cannot be loaded as it is; the message says why and what to do."""
+
+
+class OutputError(OSError):
+    """A file or folder that cannot be written (disk full, read-only, not a folder); nothing was changed."""
+
+    def __str__(self):
+        return self.strerror
+
+
+def parse_json(text: str | bytes, what) -> object:
+    """json.loads that refuses duplicate keys (which plain json.loads silently resolves to the last)."""
+    def no_duplicates(pairs):
+        keys = [k for k, _ in pairs]
+        if len(set(keys)) < len(keys):
+            repeated = sorted(k for k, n in collections.Counter(keys).items() if n > 1)
+            raise CheckpointError(f"{what}: {repeated} appear more than once; the file is corrupt.")
+        return dict(pairs)
+    try:
+        return json.loads(text, object_pairs_hook=no_duplicates)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{what}: not valid JSON ({e}).") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -71,30 +102,36 @@ class SafetensorsFile:
                 raise CheckpointError(f"{self.path} is truncated or not a safetensors file: the header "
                                       f"claims {header_len} bytes but the file has {file_size}. "
                                       "Download it again.")
-            try:
-                header = json.loads(f.read(header_len))
-            except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                raise CheckpointError(f"{self.path} has a corrupt safetensors header ({e}). "
-                                      "Download it again.") from None
+            header = parse_json(f.read(header_len), f"{self.path} has a corrupt safetensors header")
+        if not isinstance(header, dict):
+            raise CheckpointError(f"{self.path}: the safetensors header is not a JSON object; the file is corrupt.")
         self.data_start = 8 + header_len
         data_size = file_size - self.data_start
         self.metadata = header.pop("__metadata__", None) or {}
+        if not isinstance(self.metadata, dict) or not all(isinstance(v, str) for v in self.metadata.values()):
+            raise CheckpointError(f"{self.path}: __metadata__ must map names to strings; the file is corrupt.")
         self.entries: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
         for name, info in header.items():
-            try:
-                dtype = SAFETENSORS_DTYPES[info["dtype"]]
-                shape = tuple(int(s) for s in info["shape"])
-                begin, end = (int(o) for o in info["data_offsets"])
-            except (KeyError, TypeError, ValueError):
-                raise CheckpointError(f"{self.path}: corrupt header entry for tensor {name!r}: {info}") from None
+            ok = (isinstance(info, dict) and info.get("dtype") in SAFETENSORS_DTYPES
+                  and isinstance(info.get("shape"), list) and isinstance(info.get("data_offsets"), list)
+                  and len(info["data_offsets"]) == 2
+                  and all(type(v) is int and v >= 0 for v in info["shape"] + info["data_offsets"]))
+            if not ok:
+                raise CheckpointError(f"{self.path}: corrupt header entry for tensor {name!r}: {info}")
+            dtype, shape, (begin, end) = SAFETENSORS_DTYPES[info["dtype"]], tuple(info["shape"]), info["data_offsets"]
             nbytes = math.prod(shape) * dtype.itemsize
-            if end - begin != nbytes or begin < 0:
+            if end - begin != nbytes:
                 raise CheckpointError(f"{self.path}: tensor {name!r} has offsets {begin}..{end} that do not "
                                       f"fit its shape {list(shape)} and dtype {info['dtype']}; the file is corrupt.")
             if end > data_size:
                 raise CheckpointError(f"{self.path} is truncated: tensor {name!r} ends at byte {end} of the data "
                                       f"but the file holds only {data_size}. Download it again.")
             self.entries[name] = (dtype, shape, begin, end)
+        # Two tensors may not share bytes: each would silently change when the other is read as it.
+        spans = sorted((begin, end, name) for name, (_, _, begin, end) in self.entries.items() if end > begin)
+        for (_, end_a, a), (begin_b, _, b) in zip(spans, spans[1:]):
+            if begin_b < end_a:
+                raise CheckpointError(f"{self.path}: tensors {a!r} and {b!r} overlap in the file; it is corrupt.")
 
     def keys(self) -> list[str]:
         return list(self.entries)
@@ -140,21 +177,115 @@ def write_safetensors(path: str | os.PathLike, names_shapes_dtypes: list[tuple[s
         offset += nbytes
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # the format pads the header to a multiple of 8 bytes
-    tmp = Path(str(path) + ".partial")
-    with open(tmp, "wb") as f:
+    with atomic_write(path) as f:    # a crash never leaves a half-written file under the final name
         f.write(struct.pack("<Q", len(blob)))
         f.write(blob)
         for (name, shape, dtype), t in zip(names_shapes_dtypes, tensors, strict=True):
             if tuple(t.shape) != tuple(shape) or t.dtype != dtype:
                 raise ValueError(f"tensor {name!r}: got {tuple(t.shape)} {t.dtype}, header says {shape} {dtype}")
             f.write(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    os.replace(tmp, path)  # a crash never leaves a half-written file under the final name
     return offset
+
+
+def write_json(path, data) -> None:
+    """A JSON file (config.json, an index), written atomically."""
+    with atomic_write(path, "w") as f:
+        f.write(json.dumps(data, indent=2))
+
+
+@contextlib.contextmanager
+def atomic_write(path, mode: str = "wb"):
+    """Open a temporary file beside `path` for writing; when the block ends without an error, flush
+    it to disk and rename it over `path` (a rename within a folder is atomic). On an error or a
+    crash the destination keeps its previous content, or stays absent. Clear errors for a full
+    disk, a read-only place and a parent that is not a folder."""
+    path = Path(path)
+    check_writable_folder(path.parent, f"cannot write {path}")
+    with output_errors(path):
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    try:
+        os.chmod(tmp, 0o666 & ~_umask())                  # the permissions a plain open() would give
+        with output_errors(path), os.fdopen(fd, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_folder(path.parent)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def check_writable_folder(folder, what: str, create: bool = True) -> None:
+    """The folder exists (else the nearest existing ancestor), is a folder, and can be written;
+    with `create`, missing folders are made."""
+    folder = Path(folder)
+    existing = next(p for p in [folder, *folder.parents] if p.exists() or p == p.parent)
+    if not existing.is_dir():
+        raise OutputError(errno.ENOTDIR, f"{what}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise OutputError(errno.EACCES, f"{what}: {existing} is read-only (no permission to write there)")
+    if existing != folder and create:
+        with output_errors(folder):
+            folder.mkdir(parents=True, exist_ok=True)
+
+
+@contextlib.contextmanager
+def output_errors(path):
+    """Turn the OS errors of writing `path` into one OutputError sentence."""
+    try:
+        yield
+    except OSError as e:          # an inner OutputError is named again after the outer (final) path
+        reason = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
+                  errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied"}.get(e.errno)
+        if reason is None:
+            if isinstance(e, OutputError):
+                raise
+            reason = e.strerror or str(e)
+        raise OutputError(e.errno, f"cannot write {path}: {reason}; the previous output (if any) is unchanged") from None
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make the rename itself durable (a no-op where folders cannot be opened)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 # ---------------------------------------------------------------------------------------------
 # A component folder: config.json + weights
 # ---------------------------------------------------------------------------------------------
+
+def file_in_folder(folder, name: str, what: str = "file") -> Path:
+    """folder / name, refused unless it stays inside `folder`: no absolute path, no '..', no symlink
+    that leads out. One exception, the Hugging Face cache: there every file of a snapshot is a
+    symlink into the `blobs/` folder of the same cached repository (models--org--name/), and that
+    is where the official folders are when downloaded with huggingface_hub."""
+    if not isinstance(name, str) or not name or Path(name).is_absolute() or ".." in Path(name).parts:
+        raise CheckpointError(f"{folder}: the {what} {name!r} is not a plain file name inside the folder; "
+                              "refusing to read outside the checkpoint")
+    folder = Path(folder)
+    path = folder / name
+    inside = folder.resolve()
+    target = path.resolve()
+    if target.is_relative_to(inside):
+        return path
+    cache_repo = next((p for p in inside.parents if p.name.startswith("models--")), None)
+    if cache_repo is not None and target.is_relative_to(cache_repo / "blobs"):
+        return path
+    raise CheckpointError(f"{folder}: the {what} {name!r} is a link to {target}, outside the checkpoint folder; "
+                          "refusing to read it (copy the file into the folder if it is meant to be there)")
+
 
 def read_config(folder: str | os.PathLike, filename: str = "config.json") -> dict:
     path = Path(folder) / filename
@@ -165,10 +296,11 @@ def read_config(folder: str | os.PathLike, filename: str = "config.json") -> dic
             hint = f" It looks like a model root: pass one of its component folders ({', '.join(subs)})."
         raise CheckpointError(f"{path} not found: expected an official component folder "
                               f"({filename} next to the component's files).{hint}")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path} is not valid JSON ({e}).") from None
+    file_in_folder(folder, filename, "config file")
+    raw = parse_json(path.read_bytes(), path)
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path}: expected a JSON object of settings, got {type(raw).__name__}")
+    return raw
 
 
 def config_from_json(config_cls, raw: dict, folder, required: Iterable[str], renames: dict | None = None,
@@ -177,43 +309,77 @@ def config_from_json(config_cls, raw: dict, folder, required: Iterable[str], ren
 
     Fields listed in `required` must be present (they define tensor shapes; a silent default would
     build a model that fails later with a confusing shape error). Flags in `must_be_false` are
-    variants this implementation does not support; keys starting with '_' are bookkeeping.
+    variants this implementation does not support; keys starting with '_' are bookkeeping. Every
+    value is checked against the field's type (sizes: positive integers), so that a corrupt config
+    fails here, naming the field, before anything is built.
     """
     renames = renames or {}
+    where = Path(folder) / "config.json"
     missing = [k for k in required if k not in raw]
     if missing:
-        raise CheckpointError(f"{Path(folder) / 'config.json'} is missing required field(s) {missing}.")
+        raise CheckpointError(f"{where} is missing required field(s) {missing}.")
     for flag in must_be_false:
         if raw.get(flag):
-            raise CheckpointError(f"{Path(folder) / 'config.json'} sets {flag}={raw[flag]!r}: that model variant "
+            raise CheckpointError(f"{where} sets {flag}={raw[flag]!r}: that model variant "
                                   "is not supported by qwenimage-minimal.")
-    fields = {f for f in config_cls.__dataclass_fields__}
+    types = typing.get_type_hints(config_cls)
     kwargs = {}
     for key, value in raw.items():
         key = renames.get(key, key)
-        if key in fields:
+        if key in types:
+            check_config_value(where, key, value, types[key])
             kwargs[key] = tuple(value) if isinstance(value, list) else value
-    return config_cls(**kwargs)
+    try:
+        return config_cls(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{where}: {e}") from None
+
+
+def check_config_value(where, key: str, value, annotation) -> None:
+    """int: a positive integer (not a bool); float: a finite number; bool: a bool; str: a str;
+    tuple[X, ...]: a list of those (its integers may be 0: indexes); X | None: either."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is tuple:
+        ok = isinstance(value, (list, tuple)) and all(_plain(v, args[0], minimum=0) for v in value)
+    elif args:                                                          # X | None
+        ok = value is None or any(_plain(value, a) for a in args if a is not type(None))
+    else:
+        ok = _plain(value, annotation)
+    if not ok:
+        expected = getattr(annotation, "__name__", None) or str(annotation)
+        raise CheckpointError(f"{where}: {key}={value!r} is not a valid {expected} "
+                              "(sizes are positive integers, factors finite numbers)")
+
+
+def _plain(value, kind, minimum: int = 1) -> bool:
+    if kind is int:
+        return type(value) is int and value >= minimum
+    if kind is float:
+        return type(value) in (int, float) and math.isfinite(value)
+    return isinstance(value, kind) if isinstance(kind, type) else True
 
 
 def weight_files(folder: str | os.PathLike, stem: str) -> dict[str, Path]:
     """Map every tensor name to the file that holds it, for `<stem>.safetensors` or a sharded
-    `<stem>.safetensors.index.json` + `<stem>-0000i-of-0000n.safetensors` set."""
+    `<stem>.safetensors.index.json` + `<stem>-0000i-of-0000n.safetensors` set. Every shard the
+    index names must lie inside the folder (file_in_folder)."""
     folder = Path(folder)
     index = folder / f"{stem}.safetensors.index.json"
     single = folder / f"{stem}.safetensors"
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise CheckpointError(f"{index} is corrupt ({e!r}); it needs a 'weight_map'.") from None
-        shards = sorted(set(weight_map.values()))
-        missing = [s for s in shards if not (folder / s).is_file()]
+        weight_map = parse_json(file_in_folder(folder, index.name, "index").read_bytes(), index)
+        weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                       for k, v in weight_map.items()):
+            raise CheckpointError(f"{index} is corrupt: it needs a 'weight_map' from tensor names to shard files.")
+        shards = {shard: file_in_folder(folder, shard, "shard") for shard in sorted(set(weight_map.values()))}
+        missing = [s for s, path in shards.items() if not path.is_file()]
         if missing:
             raise CheckpointError(f"{folder}: shard file(s) {missing} listed in {index.name} are missing. "
                                   "Download them (the whole folder) again.")
-        return {name: folder / shard for name, shard in weight_map.items()}
+        return {name: shards[shard] for name, shard in weight_map.items()}
     if single.is_file():
+        file_in_folder(folder, single.name, "weights file")
         return {name: single for name in SafetensorsFile(single).keys()}
     found = sorted(p.name for p in folder.glob("*.safetensors")) if folder.is_dir() else []
     raise CheckpointError(f"{folder}: no {single.name} and no {index.name}"
@@ -222,32 +388,54 @@ def weight_files(folder: str | os.PathLike, stem: str) -> dict[str, Path]:
                             "checkpoint with weights_convert.py.")
 
 
+def count_blocks(names: Iterable[str], prefix: str) -> int:
+    """How many numbered blocks `prefix.N.` the names hold (N from 0 up)."""
+    found = {int(m.group(1)) for n in names if (m := re.match(re.escape(prefix) + r"\.(\d+)\.", n))}
+    return max(found) + 1 if found else 0
+
+
 def build_on_meta(factory: Callable[[], nn.Module]) -> nn.Module:
     """Build a module without allocating its weights (every parameter on the meta device)."""
     with torch.device("meta"):
         return factory()
 
 
-def load_weights(model: nn.Module, folder: str | os.PathLike, stem: str, device=None, dtype=None,
-                 rename: Callable[[str], str | None] = lambda name: name) -> nn.Module:
-    """Fill `model` (built on meta) from the weights in `folder`, strictly, one tensor at a time.
+def load_weights(build: Callable[[], nn.Module], folder: str | os.PathLike, stem: str, device=None, dtype=None,
+                 rename: Callable[[str], str | None] = lambda name: name, block_counts: dict | None = None,
+                 check_finite: bool = True) -> nn.Module:
+    """Build the model on meta with `build()` and fill it from the weights in `folder`, strictly,
+    one tensor at a time.
 
     `rename` maps a checkpoint name to a parameter name, or to None for a tensor that is skipped on
     purpose (e.g. the text encoder's unused lm_head); keep it a small explicit function.
+    `block_counts` {prefix: (config field, count)} is compared with the numbered blocks the files
+    hold *before* the model is built, so a config that asks for a million layers fails at once.
     dtype=None keeps the checkpoint's dtype; floating tensors are cast, integer ones never.
+    check_finite: refuse weights holding NaN or Inf, naming the tensor (costs one pass over them).
     """
     device = torch.device(device or "cpu")
     files = weight_files(folder, stem)
     headers = {path: SafetensorsFile(path) for path in sorted(set(files.values()))}
+    for ckpt_name, path in files.items():
+        if ckpt_name not in headers[path].entries:
+            raise CheckpointError(f"{path.name} does not hold tensor {ckpt_name!r} although the index says so; "
+                                  "the index and shards disagree (mixed downloads?).")
+    renamed = {name: rename(name) for name in files}
+    if not any(renamed.values()):
+        raise CheckpointError(f"the weights in {folder} hold none of this model's tensors (all missing from the "
+                              f"checkpoint; its {len(files)} tensors belong to something else): is it the right folder?")
+    for prefix, (field, count) in (block_counts or {}).items():
+        held = count_blocks([n for n in renamed.values() if n is not None], prefix)
+        if held != count:
+            raise CheckpointError(f"{Path(folder) / 'config.json'} says {field}={count} but the weights hold "
+                                  f"{held} {prefix} blocks: the config does not belong to these weights")
+    model = build_on_meta(build)
 
     expected = dict(model.state_dict(keep_vars=True))  # parameter and buffer names -> meta tensors
     found: dict[str, tuple[str, Path]] = {}              # model name -> (checkpoint name, file)
     unexpected, mismatched = [], []
     for ckpt_name, path in files.items():
-        if ckpt_name not in headers[path].entries:
-            raise CheckpointError(f"{path.name} does not hold tensor {ckpt_name!r} although the index says so; "
-                                  "the index and shards disagree (mixed downloads?).")
-        name = rename(ckpt_name)
+        name = renamed[ckpt_name]
         if name is None:
             continue
         if name not in expected:
@@ -255,9 +443,12 @@ def load_weights(model: nn.Module, folder: str | os.PathLike, stem: str, device=
             continue
         if name in found:
             raise CheckpointError(f"{folder}: tensors {found[name][0]!r} and {ckpt_name!r} both map to {name!r}.")
-        shape = headers[path].shape(ckpt_name)
+        shape, kind = headers[path].shape(ckpt_name), headers[path].dtype(ckpt_name)
         if tuple(expected[name].shape) != shape:
             mismatched.append(f"{ckpt_name}: checkpoint {list(shape)} vs model {list(expected[name].shape)}")
+        elif expected[name].is_floating_point() and not kind.is_floating_point:
+            mismatched.append(f"{ckpt_name}: checkpoint holds {str(kind).replace('torch.', '')} numbers where the "
+                              "model needs floating-point weights")
         found[name] = (ckpt_name, path)
     missing = [name for name in expected if name not in found]
     if missing or unexpected or mismatched:
@@ -269,6 +460,10 @@ def load_weights(model: nn.Module, folder: str | os.PathLike, stem: str, device=
             t = headers[path].read(ckpt_name, handles[path])
             target = dtype if (dtype is not None and t.is_floating_point()) else t.dtype
             t = t.to(device=device, dtype=target)
+            if check_finite and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                bad = int((~torch.isfinite(t)).sum())
+                raise CheckpointError(f"{path}: tensor {ckpt_name!r} holds {bad} NaN or Inf value(s); the "
+                                      "checkpoint is damaged (pass check_finite=False to load it anyway)")
             _assign(model, name, t)
     finally:
         for f in handles.values():

@@ -41,7 +41,7 @@ def test_generate_errors(tmp_path, demo_run):
     with pytest.raises(SystemExit, match="no model_index.json"):
         cli.main(["generate", "--model", str(tmp_path), "--prompt", "x"])
     root = str(demo_run.parent / "tiny-qwen-image")
-    with pytest.raises(SystemExit, match="height must be at least 16"):
+    with pytest.raises(SystemExit, match="--height 8: must be between 16 and"):
         cli.main(["generate", "--model", root, "--prompt", "x", "--height", "8", "--device", "cpu"])
     if not torch.cuda.is_available():
         with pytest.raises(SystemExit, match="CUDA is not available"):

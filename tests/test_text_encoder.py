@@ -155,7 +155,7 @@ def test_long_prompt_is_truncated_with_a_warning(reference, ours, diffusers_pipe
         ref_embeds, ref_mask = diffusers_pipe.encode_prompt([prompt, "short"], device=torch.device("cpu"))
     assert embeds.shape[1] == 1024 and max_rel_err(embeds, ref_embeds) <= TOL
     assert torch.equal(mask, ref_mask)
-    with pytest.warns(UserWarning, match="only the first 1024"):
+    with pytest.warns(UserWarning, match="only the first 100 are used"):      # the number really kept
         short, _ = prompts.encode_prompts(tok, ours, [prompt], max_sequence_length=100)
     assert short.shape[1] == 100
 
