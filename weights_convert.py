@@ -26,8 +26,10 @@ absent; `visual.*` must be complete or absent); nothing is overwritten without `
 a summary is printed. Safetensors only.
 
 Nothing is lost. The output is written beside DST under a temporary name, re-read and checked
-against the inputs, and only then put in place of DST: a full disk, an error or a kill leaves the
-previous DST as it was (and the next run clears the leftover). With `--overwrite` only the files
+against the inputs, and only then put in place of DST: a full disk, an error or a kill while
+writing leaves the previous DST as it was (and the next run clears the leftover). Only a kill in
+the last moment, while the old files are swapped for the new ones (a few renames), can leave DST
+half old, half new; the old files then wait in a hidden `.DST.*.old` folder beside it. With `--overwrite` only the files
 the conversion writes (the weight files, their index, config.json) are replaced; the source is
 never among them (converting a folder's own file into that folder is refused).
 """
@@ -35,6 +37,7 @@ never among them (converting a folder's own file into that folder is refused).
 from __future__ import annotations
 
 import argparse
+import errno
 import math
 import os
 import re
@@ -92,17 +95,11 @@ def _transformer_infer_config(shapes: dict[str, tuple[int, ...]]) -> dict:
     if head_dim != 128:
         raise weights.CheckpointError(f"attention_head_dim {head_dim} is not the official 128, so the RoPE axes "
                                       "cannot be inferred: pass --config with a config.json")
-    config = mmdit.MMDiTConfig(in_channels=in_channels, num_layers=_count(shapes, "transformer_blocks"),
+    config = mmdit.MMDiTConfig(in_channels=in_channels, num_layers=weights.count_blocks(shapes, "transformer_blocks"),
                                num_attention_heads=dim // head_dim, attention_head_dim=head_dim,
                                joint_attention_dim=shapes["txt_in.weight"][1],
                                out_channels=shapes["proj_out.weight"][0] // 4)
     return config.to_json()
-
-
-def _count(shapes, prefix: str) -> int:
-    """How many numbered blocks `prefix.N.` the names hold."""
-    found = {int(m.group(1)) for k in shapes if (m := re.match(re.escape(prefix) + r"\.(\d+)\.", k))}
-    return max(found) + 1 if found else 0
 
 
 # --- text encoder (Qwen2.5-VL) --------------------------------------------------------------
@@ -131,14 +128,14 @@ def _text_encoder_infer_config(shapes: dict[str, tuple[int, ...]]) -> dict:
     head_dim = 128
     config = text_encoder.TextEncoderConfig(
         vocab_size=vocab, hidden_size=hidden, intermediate_size=shapes["model.layers.0.mlp.gate_proj.weight"][0],
-        num_hidden_layers=_count(shapes, "model.layers"), num_attention_heads=hidden // head_dim,
+        num_hidden_layers=weights.count_blocks(shapes, "model.layers"), num_attention_heads=hidden // head_dim,
         num_key_value_heads=shapes["model.layers.0.self_attn.k_proj.weight"][0] // head_dim)
     vision_config = None
     if "visual.patch_embed.proj.weight" in shapes:
         d, in_channels, tp, p, _ = shapes["visual.patch_embed.proj.weight"]
         merged = shapes["visual.merger.mlp.0.weight"][0]
         vision_config = vision.VisionConfig(
-            depth=_count(shapes, "visual.blocks"), hidden_size=d, in_channels=in_channels,
+            depth=weights.count_blocks(shapes, "visual.blocks"), hidden_size=d, in_channels=in_channels,
             intermediate_size=shapes["visual.blocks.0.mlp.gate_proj.weight"][0], num_heads=d // 80,
             out_hidden_size=shapes["visual.merger.mlp.2.weight"][0], patch_size=p, temporal_patch_size=tp,
             spatial_merge_size=int(round((merged / d) ** 0.5))).to_json()
@@ -241,7 +238,7 @@ def _vae_infer_config(shapes: dict[str, tuple[int, ...]]) -> dict:
     if "encoder.conv_in.weight" not in shapes or "post_quant_conv.weight" not in shapes:
         raise weights.CheckpointError("not a Qwen-Image / Wan VAE checkpoint: no encoder.conv_in / post_quant_conv")
     base_dim, in_channels = shapes["encoder.conv_in.weight"][:2]
-    blocks = _count(shapes, "encoder.down_blocks")
+    blocks = weights.count_blocks(shapes, "encoder.down_blocks")
     resamples = [i for i in range(blocks) if f"encoder.down_blocks.{i}.resample.1.weight" in shapes]
     R = resamples[0]
     stages = len(resamples) + 1
@@ -359,6 +356,8 @@ def convert(src, dst, component: str = "transformer", dtype: torch.dtype | None 
     # The config: given, read from the source folder, or inferred from the shapes.
     if config_path:
         config_json = weights.parse_json(Path(config_path).read_bytes(), config_path)
+        if not isinstance(config_json, dict):
+            raise weights.CheckpointError(f"--config {config_path}: expected a JSON object of settings")
     elif src.is_dir():
         config_json = weights.read_config(src)
     else:
@@ -375,8 +374,14 @@ def convert(src, dst, component: str = "transformer", dtype: torch.dtype | None 
     def tensors(names):  # read, cast, hand over: one tensor in memory at a time
         for n in names:
             path, in_name = sources[n]
-            yield headers[path].read(in_name).to(out_dtype[n])
+            try:
+                tensor = headers[path].read(in_name)
+            except OSError as e:                 # a read error is the source's, not the output's
+                raise weights.CheckpointError(f"cannot read {in_name!r} from {path}: {e}") from None
+            yield tensor.to(out_dtype[n])
 
+    for leftover in dst.parent.glob(f".{dst.name}.*.partial"):      # an interrupted earlier run's
+        shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
     needed = sum(sizes.values())
     free = shutil.disk_usage(dst.parent).free
     if needed > free:
@@ -384,9 +389,8 @@ def convert(src, dst, component: str = "transformer", dtype: torch.dtype | None 
                                       f"{free / 2**30:.2f} GiB free; nothing was changed")
 
     # Write everything under a temporary name beside dst, check it, then put it in place.
-    for leftover in dst.parent.glob(f".{dst.name}.*.partial"):      # an interrupted earlier run's
-        shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
     staging = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".partial", dir=dst.parent))
+    os.chmod(staging, 0o777 & ~weights.current_umask())      # it may become dst: a plain folder's permissions
     try:
         with weights.output_errors(dst):
             if to_file:
@@ -457,10 +461,11 @@ def _verify(files: list[Path], planned: dict) -> None:
         h = weights.SafetensorsFile(f)
         for k in h.keys():
             if k in written:
-                raise RuntimeError(f"tensor {k} written twice")
+                raise weights.OutputError(errno.EIO, f"tensor {k} was written twice; nothing was put in place")
             written[k] = (h.shape(k), h.nbytes(k))
     if written != planned:
-        raise RuntimeError("the written files do not hold exactly the planned tensors; nothing was put in place")
+        raise weights.OutputError(errno.EIO, "the written files do not hold exactly the planned tensors (a faulty "
+                                             "disk?); nothing was put in place")
 
 
 def _put_in_place(staging: Path, written: list[Path], dst: Path, replaced: list[Path], to_file: bool) -> list[Path]:

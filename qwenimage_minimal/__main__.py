@@ -49,8 +49,15 @@ def resolve_device(device: str | None) -> torch.device:
     return resolved
 
 
-def check_sampling_options(args) -> None:
-    """Everything `generate` and `edit` can check before a model is loaded."""
+def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
+    """--dtype bf16 | fp32; by default bf16 on a GPU (the official weights' dtype), fp32 on the CPU."""
+    if name is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"bf16": torch.bfloat16, "fp32": torch.float32}[name]
+
+
+def check_sampling_options(args, overwrite: bool) -> None:
+    """Everything `generate`, `edit` and `demo` can check before a model is loaded."""
     for name in ("width", "height"):
         value = getattr(args, name)
         if value is not None and not 16 <= value <= pipeline.MAX_SIDE:
@@ -59,14 +66,9 @@ def check_sampling_options(args) -> None:
         raise SystemExit(f"--steps {args.steps}: must be between 1 and {pipeline.MAX_STEPS}")
     if not math.isfinite(args.cfg) or args.cfg < 0:
         raise SystemExit(f"--cfg {args.cfg}: must be a finite number >= 0 (1 turns guidance off)")
-    images.check_output_path(args.out, args.overwrite)
-
-
-def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
-    """--dtype bf16 | fp32; by default bf16 on a GPU (the official weights' dtype), fp32 on the CPU."""
-    if name is None:
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return {"bf16": torch.bfloat16, "fp32": torch.float32}[name]
+    if args.device is not None:
+        resolve_device(args.device)
+    images.check_output_path(args.out, overwrite)
 
 
 def demo_pipeline(args, stage, class_name: str):
@@ -95,7 +97,7 @@ def step_printer(stage, steps: int, note: str = ""):
 
 
 def demo(args):
-    images.check_output_path(args.out, overwrite=True)        # a demo replaces its own picture
+    check_sampling_options(args, overwrite=True)             # a demo replaces its own picture
     t0 = time.perf_counter()
     stage = lambda text: print(f"[{time.perf_counter() - t0:7.2f}s] {text}", flush=True)
     if args.edit:
@@ -111,13 +113,14 @@ def demo(args):
     embeds, mask = pipe.encode_prompt([args.prompt])
     stage(f"prompt -> template -> {pipe.text_encoder.config.num_hidden_layers}-layer Qwen2.5-VL -> "
           f"embeddings {tuple(embeds.shape)} ({prompts.T2I_PREFIX_TOKENS} template tokens dropped)")
+    height, width = pipe.check_size(args.height, args.width)             # rounded to whole tokens
     s, p, c = pipe.vae_scale_factor, pipe.transformer.config.patch_size, pipe.vae.config.z_dim
-    h, w = args.height // s, args.width // s
+    h, w = height // s, width // s
     stage(f"noise (1, {c}, {h}, {w}) -> packed tokens (1, {(h // p) * (w // p)}, {c * p * p}); "
           f"{args.steps} Euler steps with true CFG {args.cfg} against negative prompt {args.negative_prompt!r}")
 
     latents = pipe(prompt=args.prompt, negative_prompt=args.negative_prompt, true_cfg_scale=args.cfg,
-                   height=args.height, width=args.width, num_inference_steps=args.steps,
+                   height=height, width=width, num_inference_steps=args.steps,
                    generator=torch.Generator().manual_seed(args.seed), output_type="latent",
                    callback_on_step_end=step_printer(stage, args.steps), progress=False).images
     z = mmdit.unpack_latents(latents.float(), h, w, p)
@@ -164,7 +167,7 @@ def demo_edit(args, stage):
 
 
 def generate(args):
-    check_sampling_options(args)
+    check_sampling_options(args, args.overwrite)
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     pipe = pipeline.QwenImagePipeline.from_pretrained(args.model, device=device, dtype=dtype, offload=args.offload)
@@ -177,11 +180,15 @@ def generate(args):
 
 
 def edit(args):
-    check_sampling_options(args)
+    check_sampling_options(args, args.overwrite)
+    if args.max_image_pixels < 1:
+        raise SystemExit(f"--max-image-pixels {args.max_image_pixels}: must be a positive number of pixels")
     pictures = [images.open_image(path, args.max_image_pixels, name="--image") for path in args.image]
+    kind = pipeline.edit_pipeline_class(Path(args.model))
+    kind.load_images(pictures)                               # count, sizes, modes: before the model loads
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
-    pipe = pipeline.QwenImageEditPipeline.from_pretrained(args.model, device=device, dtype=dtype, offload=args.offload)
+    pipe = kind.from_pretrained(args.model, device=device, dtype=dtype, offload=args.offload)
     out = pipe(image=pictures if len(pictures) > 1 else pictures[0], prompt=args.prompt,
                negative_prompt=args.negative_prompt, true_cfg_scale=args.cfg, height=args.height, width=args.width,
                num_inference_steps=args.steps, generator=torch.Generator().manual_seed(args.seed),

@@ -123,14 +123,15 @@ def to_rgb(image, name: str = "image"):
 
 
 def _wide_grey_to_8_bits(a: np.ndarray, mode: str, name: str) -> np.ndarray:
-    """A 16-bit, 32-bit integer or float grey image -> uint8, scaled from the range it uses."""
+    """A 16-bit, 32-bit integer or float grey image -> uint8, scaled by what its type means:
+    integers are 16-bit data (16-bit PNG and TIFF open as "I;16" or "I"), floats [0, 1] or 0..255."""
     low, high = float(a.min()), float(a.max())
-    if mode == "F" and 0 <= low and high <= 1:
-        scale = 255.0                                  # floats in [0, 1]
-    elif 0 <= low and high <= 255:
-        scale = 1.0                                    # 8-bit values in a wider container
-    elif 0 <= low and high <= 65535 and mode != "F":
-        scale = 255 / 65535                            # 16-bit data (16-bit PNG and TIFF open as "I;16" or "I")
+    if mode != "F" and 0 <= low and high <= 65535:
+        scale = 255 / 65535
+    elif mode == "F" and 0 <= low and high <= 1:
+        scale = 255.0
+    elif mode == "F" and 0 <= low and high <= 255:
+        scale = 1.0
     else:
         raise ValueError(f"{name}: a {mode!r} image with values in [{low:g}, {high:g}]: only 0..65535 (integers) or "
                          "[0, 1] / 0..255 (floats) have a known meaning; convert it to 8 or 16 bits first")

@@ -33,7 +33,7 @@ from . import images, mmdit, prompts, sampling, scheduler, text_encoder, tokeniz
 COMPONENTS = ("tokenizer", "text_encoder", "transformer", "vae", "scheduler")
 PIPELINE_CLASSES = ("QwenImagePipeline", "QwenImageEditPipeline", "QwenImageEditPlusPipeline")
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
-MAX_SIDE = 8192                  # pixels: 512 x 512 tokens, far past what the model was trained on
+MAX_SIDE = 16384                 # pixels: Edit's default size for a 200:1 image at 1024² area is 14496 x 64
 MAX_STEPS = 1000                 # the training schedule's timesteps; more steps revisit the same noise levels
 
 
@@ -136,7 +136,9 @@ class QwenImagePipeline:
 
         The same signature as the Edit pipelines' (whose `image` is the picture(s) to edit)."""
         if image is not None:
-            raise ValueError("image: text-to-image takes no input image; use QwenImageEditPipeline to edit one")
+            hint = " (pass num_images_per_prompt by name)" if isinstance(image, int) else ""
+            raise ValueError(f"image: text-to-image takes no input image, got {image!r}{hint}; "
+                             "use QwenImageEditPipeline to edit one")
         with self._active(self.text_encoder) as te:
             embeds, mask = prompts.encode_prompts(self.tokenizer, te, prompt, max_sequence_length=max_sequence_length,
                                                   device=self.device)
@@ -302,6 +304,16 @@ class ImageFeatures(NamedTuple):
     grids: list
 
 
+def edit_pipeline_class(root: Path):
+    """The Edit class an official folder's model_index.json names: Edit, or Plus (Edit-2509 / 2511)."""
+    class_name = check_model_folder(root, "Qwen-Image-Edit")
+    kinds = {"QwenImageEditPipeline": QwenImageEditPipeline, "QwenImageEditPlusPipeline": QwenImageEditPlusPipeline}
+    if class_name not in kinds:
+        raise weights.CheckpointError(f"{root}/model_index.json names {class_name!r}, not an Edit pipeline "
+                                      f"({', '.join(kinds)}); for text-to-image use QwenImagePipeline")
+    return kinds[class_name]
+
+
 class QwenImageEditPipeline(QwenImagePipeline):
     """Qwen-Image-Edit: one input image and an instruction -> the edited image.
 
@@ -333,13 +345,9 @@ class QwenImageEditPipeline(QwenImagePipeline):
         """Load an official Qwen-Image-Edit / -Edit-2509 / -Edit-2511 folder (same layout as Qwen-Image,
         plus processor/). Called on QwenImageEditPipeline it picks the class model_index.json names."""
         root = Path(root)
-        class_name = check_model_folder(root, "Qwen-Image-Edit")
-        kinds = {"QwenImageEditPipeline": QwenImageEditPipeline, "QwenImageEditPlusPipeline": QwenImageEditPlusPipeline}
-        if class_name not in kinds:
-            raise weights.CheckpointError(f"{root}/model_index.json names {class_name!r}, not an Edit pipeline "
-                                          f"({', '.join(kinds)}); for text-to-image use QwenImagePipeline")
+        named = edit_pipeline_class(root)
         if cls is QwenImageEditPipeline:
-            cls = kinds[class_name]
+            cls = named
         if not (root / "processor" / "preprocessor_config.json").is_file():
             raise weights.CheckpointError(f"{root}/processor/preprocessor_config.json is missing: Edit checkpoints "
                                           "ship it (the vision tower's image sizes); download it too")
@@ -351,17 +359,19 @@ class QwenImageEditPipeline(QwenImagePipeline):
 
     # --- images ------------------------------------------------------------------------------
 
-    def load_images(self, image) -> list:
-        """image or list of images -> list of PIL RGB images, checked (count, type, size)."""
+    @classmethod
+    def load_images(cls, image) -> list:
+        """image or list of images -> list of PIL RGB images, checked (count, type, size). A class
+        method: the command line checks its inputs with it before any model loads."""
         if image is None:
-            raise ValueError(f"image is required: {type(self).__name__} edits an input image")
+            raise ValueError(f"image is required: {cls.__name__} edits an input image")
         given = list(image) if isinstance(image, (list, tuple)) else [image]
         if not given:
             raise ValueError("image is an empty list: pass at least one image")
-        if len(given) > self.max_images:
+        if len(given) > cls.max_images:
             hint = (" (QwenImageEditPlusPipeline, for Edit-2509/2511 checkpoints, takes up to "
-                    f"{QwenImageEditPlusPipeline.max_images})" if self.max_images == 1 else "")
-            raise ValueError(f"{type(self).__name__} takes at most {self.max_images} image(s), got {len(given)}{hint}")
+                    f"{QwenImageEditPlusPipeline.max_images})" if cls.max_images == 1 else "")
+            raise ValueError(f"{cls.__name__} takes at most {cls.max_images} image(s), got {len(given)}{hint}")
         return [images.to_rgb(img, name=f"image[{i}]" if len(given) > 1 else "image") for i, img in enumerate(given)]
 
     def resize_images(self, rgb_images) -> tuple[list, list]:
@@ -399,7 +409,7 @@ class QwenImageEditPipeline(QwenImagePipeline):
 
     # --- prompts -----------------------------------------------------------------------------
 
-    def encode_prompt(self, prompt, image=None, num_images_per_prompt: int = 1, max_sequence_length=None,
+    def encode_prompt(self, prompt, image=None, num_images_per_prompt: int = 1, max_sequence_length=None, *,
                       image_positions: str = "3d"):
         """prompt(s) + image(s) -> (embeds (B * n, L, 3584), mask (B * n, L)).
 
@@ -408,6 +418,10 @@ class QwenImageEditPipeline(QwenImagePipeline):
         they follow the 64 dropped template tokens. max_sequence_length is accepted for the common
         signature and not used, as in diffusers: Edit prompts are never cut.
         image_positions="sequential" reproduces diffusers 0.42.1 (see prompts.encode_prompts)."""
+        if max_sequence_length is not None and not (isinstance(max_sequence_length, int)
+                                                    and 1 <= max_sequence_length <= prompts.MAX_PROMPT_TOKENS):
+            raise ValueError(f"max_sequence_length must be None or in 1..{prompts.MAX_PROMPT_TOKENS}, "
+                             f"got {max_sequence_length!r} (image_positions is passed by name)")
         read = image if isinstance(image, ImageFeatures) else self.image_features(self.prepare_images(image)[0])
         prefix = prompts.edit_prompt_prefix(len(read.grids), self.numbered_pictures)
         texts = [prompt] if isinstance(prompt, str) else list(prompt)

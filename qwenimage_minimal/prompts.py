@@ -100,6 +100,9 @@ def encode_prompts(tokenizer, encoder: TextEncoder, prompts, template: str = T2I
     if max_sequence_length is not None and not 1 <= max_sequence_length <= MAX_PROMPT_TOKENS:
         raise ValueError(f"max_sequence_length must be in 1..{MAX_PROMPT_TOKENS}, got {max_sequence_length}")
 
+    if tokenizer.vocab_size > encoder.config.vocab_size:     # checked here, not by a host sync in every forward
+        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the text encoder embeds only "
+                         f"{encoder.config.vocab_size}: they do not belong together")
     ids = [tokenizer.encode(template.format(p)) for p in prompts]
     if image_features is None:
         kept = min(MAX_PROMPT_TOKENS, max_sequence_length or MAX_PROMPT_TOKENS)

@@ -180,5 +180,6 @@ def load(path) -> FlowMatchEulerScheduler:
         raise weights.CheckpointError(f"{path}: expected a FlowMatchEulerDiscreteScheduler config, "
                                       f"got {raw['_class_name']}")
     required = ("use_dynamic_shifting",) + (("base_shift", "max_shift") if raw.get("use_dynamic_shifting") else ())
-    config = weights.config_from_json(SchedulerConfig, raw, path, required, must_be_false=UNSUPPORTED_FLAGS)
+    config = weights.config_from_json(SchedulerConfig, raw, path, required, must_be_false=UNSUPPORTED_FLAGS,
+                                      filename="scheduler_config.json")
     return FlowMatchEulerScheduler(config)

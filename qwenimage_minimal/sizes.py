@@ -27,6 +27,7 @@ import torch
 from . import weights
 from .images import ImageProcessorConfig
 from .mmdit import WEIGHTS_STEM as TRANSFORMER_STEM, MMDiT, MMDiTConfig
+from .pipeline import PIPELINE_CLASSES
 from .scheduler import SchedulerConfig
 from .text_encoder import WEIGHTS_STEM as TEXT_ENCODER_STEM, TextEncoder, TextEncoderConfig
 from .tokenizer import FIRST_ADDED_ID, PAD_TOKEN, QWEN25_ADDED_TOKENS
@@ -56,9 +57,6 @@ SIZES = {
         vae=VAEConfig(base_dim=16)),
     "official": ModelSize(TextEncoderConfig(), VisionConfig(), MMDiTConfig(), VAEConfig()),
 }
-
-PIPELINE_CLASSES = ("QwenImagePipeline", "QwenImageEditPipeline", "QwenImageEditPlusPipeline")
-
 
 def write_checkpoint(root, size: str | ModelSize = "tiny", pipeline_class: str = "QwenImagePipeline",
                      seed: int = 0) -> Path:

@@ -285,8 +285,12 @@ def checkpoint_name_to_ours(name: str) -> str | None:
 
 def config_from_json(raw: dict, folder="<config>") -> TextEncoderConfig:
     """Read both the official (transformers 4.x, fields at the top) and the 5.x (`text_config`) forms."""
+    if not isinstance(raw.get("text_config", {}), dict):
+        raise weights.CheckpointError(f"{folder}/config.json: text_config must be an object of settings")
     text = {**raw, **raw.get("text_config", {})}
     rope = text.get("rope_parameters") or text.get("rope_scaling") or {}
+    if not isinstance(rope, dict):
+        raise weights.CheckpointError(f"{folder}/config.json: rope_scaling / rope_parameters must be an object")
     text.setdefault("rope_theta", rope.get("rope_theta"))
     if "mrope_section" in rope:
         text["mrope_section"] = rope["mrope_section"]

@@ -139,7 +139,7 @@ def load(path) -> QwenTokenizer:
     if not isinstance(parse_json((folder / "vocab.json").read_bytes(), folder / "vocab.json"), dict):
         raise CheckpointError(f"{folder / 'vocab.json'} must map tokens to ids; download it again")
     bpe = read_tokenizer_file(lambda: models.BPE.from_file(str(folder / "vocab.json"), str(folder / "merges.txt")),
-                              folder / "merges.txt")
+                              f"{folder / 'merges.txt'} (with its vocab.json)")
     tok = Tokenizer(bpe)
     tok.normalizer = normalizers.NFC()
     tok.pre_tokenizer = pre_tokenizers.Sequence([

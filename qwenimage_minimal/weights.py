@@ -15,8 +15,8 @@ written once:
   checked against it *before* a byte of weight is read, and each tensor is then read, cast and
   assigned in place. Peak memory is the model in its final dtype plus one tensor in flight.
 * Strict: a missing, unexpected or wrongly shaped tensor is an error that names every offender.
-  Every file read stays inside the component folder, headers and indexes are checked for type as
-  well as content, and NaN/Inf weights are reported by name.
+  Every weight, index and config file read stays inside the component folder, headers and indexes
+  are checked for type as well as content, and NaN/Inf weights are reported by name.
 * Nothing is half-written: every save goes to a temporary file beside its destination, is flushed
   to disk and then renamed over it (`atomic_write`), so a crash leaves the old file or none.
 """
@@ -204,7 +204,7 @@ def atomic_write(path, mode: str = "wb"):
     with output_errors(path):
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
     try:
-        os.chmod(tmp, 0o666 & ~_umask())                  # the permissions a plain open() would give
+        os.chmod(tmp, 0o666 & ~current_umask())           # the permissions a plain open() would give
         with output_errors(path), os.fdopen(fd, mode) as f:
             yield f
             f.flush()
@@ -246,7 +246,7 @@ def output_errors(path):
         raise OutputError(e.errno, f"cannot write {path}: {reason}; the previous output (if any) is unchanged") from None
 
 
-def _umask() -> int:
+def current_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
@@ -303,8 +303,8 @@ def read_config(folder: str | os.PathLike, filename: str = "config.json") -> dic
     return raw
 
 
-def config_from_json(config_cls, raw: dict, folder, required: Iterable[str], renames: dict | None = None,
-                     must_be_false: Iterable[str] = ()):
+def config_from_json(config_cls, raw: dict, folder, required: Iterable[str], must_be_false: Iterable[str] = (),
+                     filename: str = "config.json"):
     """Build a config dataclass from a config.json dict.
 
     Fields listed in `required` must be present (they define tensor shapes; a silent default would
@@ -313,8 +313,7 @@ def config_from_json(config_cls, raw: dict, folder, required: Iterable[str], ren
     value is checked against the field's type (sizes: positive integers), so that a corrupt config
     fails here, naming the field, before anything is built.
     """
-    renames = renames or {}
-    where = Path(folder) / "config.json"
+    where = Path(folder) / filename
     missing = [k for k in required if k not in raw]
     if missing:
         raise CheckpointError(f"{where} is missing required field(s) {missing}.")
@@ -325,7 +324,6 @@ def config_from_json(config_cls, raw: dict, folder, required: Iterable[str], ren
     types = typing.get_type_hints(config_cls)
     kwargs = {}
     for key, value in raw.items():
-        key = renames.get(key, key)
         if key in types:
             check_config_value(where, key, value, types[key])
             kwargs[key] = tuple(value) if isinstance(value, list) else value
@@ -337,10 +335,13 @@ def config_from_json(config_cls, raw: dict, folder, required: Iterable[str], ren
 
 def check_config_value(where, key: str, value, annotation) -> None:
     """int: a positive integer (not a bool); float: a finite number; bool: a bool; str: a str;
-    tuple[X, ...]: a list of those (its integers may be 0: indexes); X | None: either."""
+    tuple[X, ...]: a list of those (its integers may be 0: indexes), tuple[X, X, X]: of that length;
+    X | None: either."""
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
     if origin is tuple:
-        ok = isinstance(value, (list, tuple)) and all(_plain(v, args[0], minimum=0) for v in value)
+        fixed_length = Ellipsis not in args
+        ok = (isinstance(value, (list, tuple)) and (not fixed_length or len(value) == len(args))
+              and all(_plain(v, args[0], minimum=0) for v in value))
     elif args:                                                          # X | None
         ok = value is None or any(_plain(value, a) for a in args if a is not type(None))
     else:
@@ -457,11 +458,14 @@ def load_weights(build: Callable[[], nn.Module], folder: str | os.PathLike, stem
     handles = {path: open(path, "rb") for path in headers}
     try:
         for name, (ckpt_name, path) in found.items():
-            t = headers[path].read(ckpt_name, handles[path])
-            target = dtype if (dtype is not None and t.is_floating_point()) else t.dtype
-            t = t.to(device=device, dtype=target)
+            stored = headers[path].read(ckpt_name, handles[path])
+            target = dtype if (dtype is not None and stored.is_floating_point()) else stored.dtype
+            t = stored.to(device=device, dtype=target)
             if check_finite and t.is_floating_point() and not bool(torch.isfinite(t).all()):
-                bad = int((~torch.isfinite(t)).sum())
+                if bool(torch.isfinite(stored).all()):       # finite on disk: the cast overflowed
+                    raise CheckpointError(f"{path}: tensor {ckpt_name!r} has values beyond the range of {target} "
+                                          f"(largest |value| {stored.abs().max().item():.3g}); load it in bf16 or fp32")
+                bad = int((~torch.isfinite(stored)).sum())
                 raise CheckpointError(f"{path}: tensor {ckpt_name!r} holds {bad} NaN or Inf value(s); the "
                                       "checkpoint is damaged (pass check_finite=False to load it anyway)")
             _assign(model, name, t)

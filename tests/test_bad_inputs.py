@@ -279,6 +279,7 @@ def test_nan_weights_are_named_and_the_check_can_be_switched_off(tiny, tmp_path)
     ("attention_head_dim", 2.5, "attention_head_dim=2.5 is not a valid int"),
     ("num_attention_heads", -2, "num_attention_heads=-2 is not a valid int"),
     ("axes_dims_rope", [8, "12", 12], "axes_dims_rope=\\[8, '12', 12\\] is not a valid"),
+    ("axes_dims_rope", [16, 16], "axes_dims_rope=\\[16, 16\\] is not a valid"),       # three axes, not two
     ("zero_cond_t", "yes", "zero_cond_t='yes' is not a valid bool"),
 ])
 def test_config_fields_are_checked_before_anything_is_built(tiny, tmp_path, field, value, message):
@@ -290,6 +291,25 @@ def test_config_fields_are_checked_before_anything_is_built(tiny, tmp_path, fiel
     with pytest.raises(weights.CheckpointError, match=message):
         mmdit.load(folder)
     assert time.perf_counter() - start < 5          # a million layers is refused, not built
+
+
+def test_weights_that_overflow_the_requested_dtype_are_told_apart_from_damage(tiny, tmp_path):
+    folder = tmp_path / "t"
+    shutil.copytree(tiny / "transformer", folder)
+    state = dict(weights.iter_tensors(weights.weight_files(folder, STEM)))
+    state["img_in.bias"][0] = 1e6                                 # fine in fp32, beyond fp16's 65504
+    save_file(state, folder / f"{STEM}.safetensors")
+    with pytest.raises(weights.CheckpointError, match=r"'img_in.bias' has values beyond the range of torch.float16 "
+                                                      r"\(largest \|value\| 1e\+06\); load it in bf16 or fp32"):
+        mmdit.load(folder, dtype=torch.float16)
+    assert mmdit.load(folder, dtype=torch.bfloat16).img_in.bias[0] == 1e6
+
+
+def test_converted_folders_get_ordinary_permissions(tiny, tmp_path):
+    weights_convert.convert(tiny / "transformer", tmp_path / "t", log=lambda *a: None)
+    expected = 0o777 & ~weights.current_umask()
+    assert (tmp_path / "t").stat().st_mode & 0o777 == expected
+    assert (tmp_path / "t" / "config.json").stat().st_mode & 0o777 == expected & 0o666
 
 
 def test_a_vae_config_with_non_finite_statistics(tiny, tmp_path):
@@ -314,7 +334,7 @@ def test_model_index_naming_another_pipeline_is_refused(tiny, tmp_path):
 
 
 @pytest.mark.parametrize("name, content, message", [
-    ("merges.txt", "#version: 0.2\na b c d\n", "merges.txt cannot be read as a tokenizer file"),
+    ("merges.txt", "#version: 0.2\na b c d\n", r"merges.txt \(with its vocab.json\) cannot be read as a tokenizer"),
     ("vocab.json", "{not json", "vocab.json: not valid JSON"),
     ("tokenizer_config.json", "[1, 2]", "added tokens in tokenizer_config.json / added_tokens.json are malformed"),
 ])
@@ -340,7 +360,7 @@ def pipe(tiny):
     (dict(true_cfg_scale=-2.0), "true_cfg_scale must be a finite number >= 0"),
     (dict(sigmas=[0.5, 0.7, 0.2]), "sigmas must decrease strictly"),
     (dict(sigmas=[1.0, float("nan")]), "sigmas must be a non-empty 1-D sequence of values in \\(0, 1\\]"),
-    (dict(height=100_000), "height must be at most 8192 pixels"),
+    (dict(height=100_000), "height must be at most 16384 pixels"),
     (dict(num_inference_steps=10**6), "num_inference_steps must be at most 1000"),
 ])
 def test_numbers_are_refused_before_any_work(pipe, monkeypatch, kwargs, message):
@@ -362,7 +382,7 @@ def test_numbers_are_refused_before_any_work(pipe, monkeypatch, kwargs, message)
     (["--out", "OUTDIR/a_file/picture.png"], "a_file is a file, not a folder"),
     (["--steps", "0"], "--steps 0: must be between 1 and 1000"),
     (["--cfg", "nan"], "--cfg nan: must be a finite number >= 0"),
-    (["--width", "20000"], "--width 20000: must be between 16 and 8192"),
+    (["--width", "20000"], "--width 20000: must be between 16 and 16384"),
     (["--device", "gpu0"], "--device gpu0: not a device name"),
 ])
 def test_generate_checks_everything_before_loading(tmp_path, extra, message):
@@ -434,6 +454,23 @@ def test_animated_images_use_the_first_frame_with_a_warning(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # Prompts
 # ---------------------------------------------------------------------------------------------
+
+def test_the_demo_rounds_odd_sizes(tmp_path):
+    with pytest.warns(UserWarning, match="264x200 is rounded down to 256x192"):
+        cli.main(["demo", "--out", str(tmp_path / "d.png"), "--steps", "1", "--height", "264", "--width", "200"])
+    assert Image.open(tmp_path / "d.png").size == (192, 256)
+
+
+def test_edit_encode_prompt_takes_image_positions_by_name(tmp_path):
+    root = sizes.write_checkpoint(tmp_path / "edit", "tiny", "QwenImageEditPlusPipeline")
+    edit = pipeline.QwenImageEditPipeline.from_pretrained(root)
+    picture = sizes.test_picture(64, 48)
+    with pytest.raises(ValueError, match=r"max_sequence_length must be None or in 1..1024, got 'sequential' "
+                                         r"\(image_positions is passed by name\)"):
+        edit.encode_prompt("x", picture, 1, "sequential")
+    with pytest.raises(ValueError, match=r"text-to-image takes no input image, got 2 \(pass num_images_per_prompt"):
+        pipeline.QwenImagePipeline.encode_prompt(edit, "x", 2)
+
 
 def test_invalid_unicode_and_the_number_of_kept_tokens(pipe):
     with pytest.raises(ValueError, match=r"prompt 1 is not valid Unicode: character 3 \('\\ud83d'\) cannot be encoded"):

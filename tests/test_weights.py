@@ -1,4 +1,4 @@
-"""checkpoint.py: loading official folders (sharded or single file) and every way that can go wrong."""
+"""weights.py: loading official folders (sharded or single file) and every way that can go wrong."""
 
 import json
 import shutil
