@@ -1,8 +1,8 @@
 """Convert Qwen-Image checkpoint files between layouts, streaming, with every tensor accounted for.
 
-    python weights_convert.py SRC DST [--component transformer|text_encoder|vae] [--dtype bf16]
+    python weights_convert.py SRC DST [--component transformer|text_encoder|vae|lora] [--dtype bf16]
                                       [--max-shard-size 5GB] [--prefix PREFIX] [--layout LAYOUT]
-                                      [--config CONFIG.json] [--overwrite]
+                                      [--config CONFIG.json] [--merge-lora FILE[:SCALE] ...] [--overwrite]
 
 What it converts (the direction follows from SRC and DST):
 
@@ -16,6 +16,9 @@ What it converts (the direction follows from SRC and DST):
     `encoder.downsamples.N.residual.K`, `encoder.middle.N`, `encoder.head.N`, `decoder.upsamples.N`
     (one flat list), `conv1`/`conv2` for the quant convs. Folder -> file writes them too.
 * official folder -> single file: the reverse (DST ends in .safetensors); `--prefix` adds a prefix.
+* LoRA files (`--component lora`): any format lora.py reads -> `--layout diffusers` (default) or
+  `comfyui`. `--merge-lora FILE[:SCALE]` (transformer, repeatable) adds a LoRA into the weights
+  while converting: W + SCALE * alpha / r * B A, in fp32, then cast.
 * folder -> folder: re-shard, cast (`--dtype`), or for the text encoder switch between the
   official legacy key layout and the transformers 5.x one (`--layout transformers5`:
   `model.language_model.*`, `model.visual.*`). Either layout is read.
@@ -50,8 +53,7 @@ from typing import Callable
 
 import torch
 
-from qwenimage_minimal import weights
-from qwenimage_minimal import mmdit, text_encoder, vae, vision
+from qwenimage_minimal import lora, mmdit, text_encoder, vae, vision, weights
 
 
 @dataclass
@@ -325,9 +327,12 @@ def _plan_shards(order: list[str], sizes: dict[str, int], max_shard_size: int) -
 
 def convert(src, dst, component: str = "transformer", dtype: torch.dtype | None = None,
             max_shard_size: int = 5 * 2**30, prefix: str | None = None, config_path=None,
-            overwrite: bool = False, layout: str | None = None, log=print) -> dict:
-    """Convert SRC to DST (see the module docstring). Returns the summary as a dict."""
+            overwrite: bool = False, layout: str | None = None, log=print, merge_lora=()) -> dict:
+    """Convert SRC to DST (see the module docstring). Returns the summary as a dict.
+    merge_lora: [(LoRA file, scale)] added into the transformer's weights on the way."""
     src, dst = Path(src), Path(dst)
+    if component == "lora":
+        return convert_lora(src, dst, layout or "diffusers", overwrite, log)
     comp = COMPONENTS[component]
     to_file = dst.suffix == ".safetensors"
     layout = layout or ((comp.file_layout or comp.folder_layout) if to_file else comp.folder_layout)
@@ -363,6 +368,9 @@ def convert(src, dst, component: str = "transformer", dtype: torch.dtype | None 
     else:
         config_json = comp.infer_config(shapes)
     expected = comp.expected(config_json)
+    if merge_lora and component != "transformer":
+        raise ValueError("--merge-lora merges into a transformer: pass --component transformer")
+    merges = _lora_deltas(merge_lora, config_json) if merge_lora else {}
     _check_complete(src, comp, shapes, expected, {n: where[1] for n, where in sources.items()})
 
     order = [n for n in expected if n in shapes]  # module order, as the reference writes its shards
@@ -378,6 +386,8 @@ def convert(src, dst, component: str = "transformer", dtype: torch.dtype | None 
                 tensor = headers[path].read(in_name)
             except OSError as e:                 # a read error is the source's, not the output's
                 raise weights.CheckpointError(f"cannot read {in_name!r} from {path}: {e}") from None
+            if n.endswith(".weight") and n[:-len(".weight")] in merges:
+                tensor = tensor.float() + sum(delta() for delta in merges[n[:-len(".weight")]])
             yield tensor.to(out_dtype[n])
 
     for leftover in dst.parent.glob(f".{dst.name}.*.partial"):      # an interrupted earlier run's
@@ -419,6 +429,36 @@ def convert(src, dst, component: str = "transformer", dtype: torch.dtype | None 
     if summary["absent"]:
         log(f"  not in the source (allowed): {len(summary['absent'])} tensors, e.g. {summary['absent'][:3]}")
     return summary
+
+
+def _lora_deltas(merge_lora, config_json: dict) -> dict:
+    """{module: [functions giving SCALE * alpha / r * B A]} for the LoRAs to merge, checked against the
+    transformer the config describes (built on meta) before anything is written."""
+    config = weights.config_from_json(mmdit.MMDiTConfig, config_json, "<config>", mmdit.REQUIRED_FIELDS)
+    model = weights.build_on_meta(lambda: mmdit.MMDiT(config))
+    deltas: dict[str, list] = {}
+    for path, scale in merge_lora:
+        lora.check_scale(scale, "--merge-lora scale")
+        adapters, _ = lora.read_lora(path, model)
+        lora.check_fits(model, adapters)
+        for module, (A, B, alpha) in adapters.items():
+            deltas.setdefault(module, []).append(lambda A=A, B=B, k=scale * alpha / A.shape[0]: (B.float() @ A.float()) * k)
+    return deltas
+
+
+def convert_lora(src: Path, dst: Path, layout: str, overwrite: bool, log=print) -> dict:
+    """A LoRA file in any format lora.py reads -> the diffusers or the ComfyUI layout, alphas kept."""
+    if dst.suffix != ".safetensors":
+        raise ValueError(f"{dst}: a LoRA is written to one .safetensors file")
+    if dst.exists() and not overwrite:
+        raise FileExistsError(f"{dst} already exists; pass --overwrite to replace it")
+    if src.resolve() == dst.resolve():
+        raise ValueError("source and destination are the same path")
+    model = weights.build_on_meta(lambda: mmdit.MMDiT(mmdit.MMDiTConfig()))     # the official module names
+    adapters, fmt = lora.read_lora(src, model)
+    lora.write_lora(dst, adapters, format=layout)
+    log(f"lora: {len(adapters)} adapted modules read from {src} ({fmt}); written to {dst} ({layout} layout)")
+    return {"component": "lora", "modules": len(adapters), "format_read": fmt, "files": [str(dst)]}
 
 
 def _outputs_in(folder: Path, stem: str) -> list[Path]:
@@ -503,7 +543,7 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("src", help="a .safetensors file or an official component folder")
     p.add_argument("dst", help="a component folder, or a .safetensors file for a single-file output")
-    p.add_argument("--component", default="transformer", choices=sorted(COMPONENTS))
+    p.add_argument("--component", default="transformer", choices=sorted([*COMPONENTS, "lora"]))
     p.add_argument("--dtype", choices=sorted(weights.DTYPES_BY_NAME), help="cast floating tensors (default: keep)")
     p.add_argument("--max-shard-size", type=parse_size, default=parse_size("5GB"))
     p.add_argument("--prefix", help="key prefix of the single file (read: detected by default; write: none)")
@@ -512,10 +552,13 @@ def main(argv=None) -> int:
                                     "vae: diffusers (official) or wan. Default: the official layout for a "
                                     "folder, the usual single-file layout (vae: wan) for a file")
     p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    p.add_argument("--merge-lora", action="append", default=[], metavar="FILE[:SCALE]",
+                   help="add a LoRA into the transformer's weights while converting; repeatable")
     a = p.parse_args(argv)
     try:
+        merges = [lora.parse_file_and_scale(text) for text in a.merge_lora]
         convert(a.src, a.dst, a.component, weights.DTYPES_BY_NAME.get(a.dtype), a.max_shard_size, a.prefix,
-                a.config, a.overwrite, a.layout)
+                a.config, a.overwrite, a.layout, merge_lora=merges)
     except (weights.CheckpointError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -2,7 +2,7 @@
 
     python -m qwenimage_minimal generate --model DIR --prompt "..." [--negative-prompt " "] [--width 1328]
         [--height 1328] [--steps 50] [--cfg 4.0] [--seed 0] [--out image.png] [--device cuda] [--dtype bf16]
-        [--tiled-vae] [--offload]
+        [--tiled-vae] [--offload] [--overwrite] [--lora FILE[:SCALE] ...] [--scheduler lightning]
     python -m qwenimage_minimal edit --model DIR --image A.png [B.png C.png] --prompt "..."
         [--negative-prompt " "] [--steps 50] [--cfg 4.0] [--seed 0] [--width W] [--height H]
         [--out edited.png] [--device cuda] [--dtype bf16] [--tiled-vae] [--offload]
@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from . import images, mmdit, pipeline, prompts, sizes, weights
+from . import images, lora, mmdit, pipeline, prompts, scheduler, sizes, weights
 
 
 # ---------------------------------------------------------------------------------------------
@@ -54,6 +54,23 @@ def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
     if name is None:
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return {"bf16": torch.bfloat16, "fp32": torch.float32}[name]
+
+
+def parse_lora_option(text: str) -> tuple[Path, float]:
+    """--lora FILE or FILE:SCALE."""
+    try:
+        return lora.parse_file_and_scale(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def apply_lora_and_scheduler(pipe, args) -> None:
+    """--lora FILE[:SCALE] (repeatable; each its own adapter) and --scheduler lightning: the constant
+    shift ln 3 without terminal stretch that the Qwen-Image-Lightning LoRAs were distilled for."""
+    for i, (path, scale) in enumerate(args.lora or []):
+        pipe.load_lora_weights(path, adapter_name=f"lora_{i}", scale=scale)
+    if args.scheduler == "lightning":
+        pipe.scheduler = scheduler.FlowMatchEulerScheduler(scheduler.lightning_config())
 
 
 def check_sampling_options(args, overwrite: bool) -> None:
@@ -171,6 +188,7 @@ def generate(args):
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     pipe = pipeline.QwenImagePipeline.from_pretrained(args.model, device=device, dtype=dtype, offload=args.offload)
+    apply_lora_and_scheduler(pipe, args)
     generator = torch.Generator().manual_seed(args.seed)
     image = pipe(prompt=args.prompt, negative_prompt=args.negative_prompt, true_cfg_scale=args.cfg,
                  height=args.height, width=args.width, num_inference_steps=args.steps, generator=generator,
@@ -189,6 +207,7 @@ def edit(args):
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     pipe = kind.from_pretrained(args.model, device=device, dtype=dtype, offload=args.offload)
+    apply_lora_and_scheduler(pipe, args)
     out = pipe(image=pictures if len(pictures) > 1 else pictures[0], prompt=args.prompt,
                negative_prompt=args.negative_prompt, true_cfg_scale=args.cfg, height=args.height, width=args.width,
                num_inference_steps=args.steps, generator=torch.Generator().manual_seed(args.seed),
@@ -208,6 +227,10 @@ def add_sampling_options(parser):
     parser.add_argument("--tiled-vae", action="store_true", help="decode in 256 px tiles (bounded memory)")
     parser.add_argument("--offload", action="store_true", help="keep components on the CPU, one at a time on the GPU")
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    parser.add_argument("--lora", action="append", type=parse_lora_option, metavar="FILE[:SCALE]",
+                        help="a transformer LoRA (diffusers, ComfyUI, kohya, DiffSynth or Lightning file); repeatable")
+    parser.add_argument("--scheduler", choices=["default", "lightning"], default="default",
+                        help="lightning: for the Qwen-Image-Lightning LoRAs (with --steps 8 or 4 and --cfg 1)")
 
 
 def main(argv=None):

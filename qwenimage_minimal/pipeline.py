@@ -28,7 +28,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from . import images, mmdit, prompts, sampling, scheduler, text_encoder, tokenizer, vae, vision, weights
+from . import images, lora, mmdit, prompts, sampling, scheduler, text_encoder, tokenizer, vae, vision, weights
 
 COMPONENTS = ("tokenizer", "text_encoder", "transformer", "vae", "scheduler")
 PIPELINE_CLASSES = ("QwenImagePipeline", "QwenImageEditPipeline", "QwenImageEditPlusPipeline")
@@ -116,6 +116,27 @@ class QwenImagePipeline:
             warnings.warn(f"{root} is a {class_name} checkpoint; loading it for text-to-image", stacklevel=2)
         device = torch.device(device or "cpu")
         return cls(**load_components(root, device, dtype, offload, check_finite), device=device, offload=offload)
+
+    # --- LoRA, with diffusers' method names (lora.py) ------------------------------------------
+
+    def load_lora_weights(self, path, adapter_name: str | None = None, scale: float = 1.0) -> str:
+        """Add the transformer LoRA in `path` (any format lora.py reads) as `adapter_name`. -> its name."""
+        adapters, _ = lora.read_lora(path, self.transformer)
+        name = adapter_name or f"default_{len(lora.adapter_names(self.transformer))}"
+        lora.load_adapter(self.transformer, adapters, name, scale)
+        return name
+
+    def set_adapters(self, adapter_names, adapter_weights=None) -> None:
+        lora.set_adapters(self.transformer, adapter_names, adapter_weights)
+
+    def fuse_lora(self) -> None:
+        lora.fuse(self.transformer)
+
+    def unfuse_lora(self) -> None:
+        lora.unfuse(self.transformer)
+
+    def unload_lora_weights(self) -> None:
+        lora.unload(self.transformer)
 
     @contextlib.contextmanager
     def _active(self, module: torch.nn.Module):
