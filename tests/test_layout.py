@@ -51,7 +51,7 @@ def test_nothing_imports_fixtures_from_the_command_line():
             continue
         assert "__main__ import" not in text, path.name
         if "import __main__ as cli" in text:
-            assert set(re.findall(r"\bcli\.(\w+)", text)) == {"main"}, path.name
+            assert set(re.findall(r"\bcli\.(\w+)\(", text)) == {"main"}, path.name
 
 
 @pytest.mark.parametrize("path", sorted(ROOT.glob("notebooks/*.ipynb")), ids=lambda p: p.name)
