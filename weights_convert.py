@@ -332,6 +332,9 @@ def convert(src, dst, component: str = "transformer", dtype: torch.dtype | None 
     merge_lora: [(LoRA file, scale)] added into the transformer's weights on the way."""
     src, dst = Path(src), Path(dst)
     if component == "lora":
+        if merge_lora or dtype is not None or prefix is not None or config_path:
+            raise ValueError("--component lora converts one LoRA file between layouts: --merge-lora, --dtype, "
+                             "--prefix and --config do not apply")
         return convert_lora(src, dst, layout or "diffusers", overwrite, log)
     comp = COMPONENTS[component]
     to_file = dst.suffix == ".safetensors"

@@ -55,7 +55,8 @@ def main(argv=None):
         for q in ref.parameters():
             q.normal_(0, 0.02)
     ours = weights.build_on_meta(lambda: mmdit.MMDiT(mmdit.MMDiTConfig(num_layers=a.blocks)))
-    ours.load_state_dict(ref.state_dict(), assign=True)
+    ours.load_state_dict({k: v.clone() for k, v in ref.state_dict().items()}, assign=True)   # own copies: fusing
+                                                                                            # changes the weights
     ours.eval()
 
     # A rank-32 LoRA on every Linear of the blocks, kohya names, written to disk.

@@ -64,6 +64,18 @@ def parse_lora_option(text: str) -> tuple[Path, float]:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def check_loras(args) -> None:
+    """Every --lora read and checked against the transformer's config (on the meta device) before the
+    model loads: a LoRA for another model fails in seconds, not after minutes of loading."""
+    if not args.lora:
+        return
+    config = mmdit.config_from_folder(Path(args.model) / "transformer")
+    model = weights.build_on_meta(lambda: mmdit.MMDiT(config))
+    for path, _ in args.lora:
+        adapters, _ = lora.read_lora(path, model)
+        lora.check_fits(model, adapters)
+
+
 def apply_lora_and_scheduler(pipe, args) -> None:
     """--lora FILE[:SCALE] (repeatable; each its own adapter) and --scheduler lightning: the constant
     shift ln 3 without terminal stretch that the Qwen-Image-Lightning LoRAs were distilled for."""
@@ -185,6 +197,8 @@ def demo_edit(args, stage):
 
 def generate(args):
     check_sampling_options(args, args.overwrite)
+    pipeline.check_model_folder(Path(args.model), "Qwen-Image")
+    check_loras(args)
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     pipe = pipeline.QwenImagePipeline.from_pretrained(args.model, device=device, dtype=dtype, offload=args.offload)
@@ -204,6 +218,7 @@ def edit(args):
     pictures = [images.open_image(path, args.max_image_pixels, name="--image") for path in args.image]
     kind = pipeline.edit_pipeline_class(Path(args.model))
     kind.load_images(pictures)                               # count, sizes, modes: before the model loads
+    check_loras(args)
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     pipe = kind.from_pretrained(args.model, device=device, dtype=dtype, offload=args.offload)

@@ -70,7 +70,7 @@ class LoRALinear(nn.Linear):
         with torch.no_grad():
             self.lora_A[name].weight.copy_(A)
             self.lora_B[name].weight.copy_(B)
-        self.dropout[name] = nn.Dropout(dropout) if dropout else nn.Identity()
+        self.dropout[name] = (nn.Dropout(dropout) if dropout else nn.Identity()).train(self.training)
         self.scaling[name], self.scale[name] = alpha / r, 1.0
 
     def delta(self, name: str) -> torch.Tensor:
@@ -98,8 +98,8 @@ def target_names(model: nn.Module, targets) -> list[str]:
         preset = None
     names = []
     for name, module in model.named_modules():
-        if not isinstance(module, nn.Linear) or not name.startswith("transformer_blocks."):
-            continue
+        if not isinstance(module, nn.Linear) or not name.startswith("transformer_blocks.") or ".lora_" in name:
+            continue                                            # (an adapter's own A and B are Linears too)
         if preset in ("all-linear", "all-linear-no-mod"):
             if preset == "all-linear" or "_mod." not in name:
                 names.append(name)
@@ -137,8 +137,8 @@ def adapter_names(model: nn.Module) -> list[str]:
 
 def add_adapter(model: nn.Module, name: str, targets="diffusers", rank: int = 4, alpha: float | None = None,
                 dropout: float = 0.0, generator: torch.Generator | None = None) -> list[str]:
-    """A new, trainable adapter for training: A ~ N(0, 1/r) (PEFT's "gaussian"), B = 0, so the model
-    starts unchanged. Returns the names of the layers it was added to."""
+    """A new, trainable adapter for training: A normal with standard deviation 1/r (PEFT's "gaussian"),
+    B = 0, so the model starts unchanged. Returns the names of the layers it was added to."""
     if not isinstance(rank, int) or rank < 1:
         raise ValueError(f"rank must be a positive integer, got {rank!r}")
     check_adapter_name(model, name)
@@ -224,8 +224,9 @@ def set_adapters(model: nn.Module, names, scales=None) -> None:
 
 
 def fuse(model: nn.Module) -> None:
-    """Add every active adapter into its layer's weight (in the weight's dtype); the weight before is
-    kept on the CPU, so that unfuse restores it exactly."""
+    """Add every active adapter into its layer's weight (in the weight's dtype). The weight before is
+    kept on the CPU, so that unfuse restores it exactly: host memory for every adapted layer (for an
+    all-linear LoRA on the full bf16 transformer, about 40 GB; unload after fusing frees it)."""
     for layer in lora_layers(model).values():
         active = [a for a in layer.lora_A if layer.scale[a] != 0 and a not in layer.fused]
         if not active:
@@ -248,8 +249,9 @@ def unfuse(model: nn.Module) -> None:
 
 
 def unload(model: nn.Module) -> None:
-    """Remove every adapter and give each layer back its plain Linear (with the unfused weight)."""
-    unfuse(model)
+    """Remove every adapter and give each layer back its plain Linear. A fused adapter stays in the
+    weight, as in diffusers (fuse, unload, save: a model with the LoRA baked in); unfuse first to
+    get the base model back."""
     for name, layer in lora_layers(model).items():
         plain = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
         plain.weight, plain.bias = layer.weight, layer.bias
@@ -336,15 +338,17 @@ def parse_lora(tensors: dict, metadata: dict, model: nn.Module, source: str = "t
 
 
 def _alpha(module: str, rank: int, tensor, metadata: dict) -> float:
-    """The file's .alpha, else PEFT's alpha_pattern / lora_alpha from the header, else the rank."""
+    """The file's .alpha, else PEFT's alpha_pattern / lora_alpha from the header, else the rank.
+    rsLoRA (use_rslora in the header) scales by alpha / sqrt(r): returned as the alpha that gives that
+    scale in alpha / r."""
     if tensor is not None:
         return float(tensor.float().reshape(-1)[0])
-    for pattern, alpha in (metadata.get("transformer.alpha_pattern") or {}).items():
-        if re.fullmatch(rf"(.*\.)?{pattern}", module):
-            return float(alpha)
-    if "transformer.lora_alpha" in metadata:
-        return float(metadata["transformer.lora_alpha"])
-    return float(rank)
+    alpha = float(metadata.get("transformer.lora_alpha", rank))
+    for pattern, value in (metadata.get("transformer.alpha_pattern") or {}).items():
+        if re.fullmatch(rf"(.*\.)?({pattern})", module):           # PEFT's rule for its patterns
+            alpha = float(value)
+            break
+    return alpha * math.sqrt(rank) if metadata.get("transformer.use_rslora") else alpha
 
 
 def adapter_state(model: nn.Module, name: str) -> dict:
@@ -360,28 +364,31 @@ def adapter_state(model: nn.Module, name: str) -> dict:
 
 
 def write_lora(path, adapters: dict, format: str = "diffusers") -> None:
-    """Save {module: (A, B, alpha)} atomically: "diffusers" (transformer.<m>.lora_A/B.weight, r and
-    lora_alpha in the header, as diffusers' save_lora_weights writes and load_lora_weights reads) or
-    "comfyui" (diffusion_model.<m>.lora_A/B.weight with .alpha tensors)."""
+    """Save {module: (A, B, alpha)} atomically: "diffusers" (transformer.<m>.lora_A/B.weight, the PEFT
+    config in the header, as diffusers' save_lora_weights writes and load_lora_weights reads) or
+    "comfyui" (diffusion_model.<m>.lora_A/B.weight with .alpha tensors).
+
+    The diffusers format keeps alpha only in the header, which ComfyUI, kohya and musubi ignore; so
+    alpha / r is folded into B there (and lora_alpha = r), and every tool applies the same update."""
     if format not in ("diffusers", "comfyui"):
         raise ValueError(f"format must be 'diffusers' or 'comfyui', got {format!r}")
     ranks = {A.shape[0] for A, _, _ in adapters.values()}
-    alphas = {alpha for _, _, alpha in adapters.values()}
     tensors, metadata = {}, {}
     for module, (A, B, alpha) in sorted(adapters.items()):
         if format == "diffusers":
             tensors[f"transformer.{module}.lora_A.weight"] = A
-            tensors[f"transformer.{module}.lora_B.weight"] = B
+            tensors[f"transformer.{module}.lora_B.weight"] = B * (alpha / A.shape[0])
         else:
             tensors[f"diffusion_model.{module}.lora_A.weight"] = A
             tensors[f"diffusion_model.{module}.lora_B.weight"] = B
             tensors[f"diffusion_model.{module}.alpha"] = torch.tensor(float(alpha))
     if format == "diffusers":
-        if len(ranks) != 1 or len(alphas) != 1:
-            raise ValueError("the diffusers format records one rank and one alpha; this adapter mixes them "
-                             "(save it as format='comfyui', which stores an alpha per layer)")
+        if len(ranks) != 1:
+            raise ValueError("the diffusers format records one rank; this adapter mixes ranks "
+                             "(save it as format='comfyui', which needs none)")
+        rank = ranks.pop()
         metadata = {"lora_adapter_metadata": json.dumps(
-            {"transformer.r": ranks.pop(), "transformer.lora_alpha": alphas.pop(), "transformer.target_modules": sorted(adapters),
+            {"transformer.r": rank, "transformer.lora_alpha": rank, "transformer.target_modules": sorted(adapters),
              "transformer.init_lora_weights": "gaussian", "transformer.use_dora": False, "transformer.bias": "none"},
             indent=2, sort_keys=True)}
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}

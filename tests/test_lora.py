@@ -145,8 +145,12 @@ def test_a_lora_saved_by_ours_loads_in_diffusers(root, tmp_path, fmt):
     got, expected = both_outputs(ours.transformer, ref.transformer)
     assert max_rel_err(got, expected) <= TOL
     back, _ = lora.read_lora(tmp_path / "ours.safetensors", ours.transformer)
-    assert all(torch.equal(back[m][0], A) and torch.equal(back[m][1], B) and back[m][2] == ALPHA
-               for m, (A, B, _) in adapters.items())
+    if fmt == "comfyui":                           # alpha per layer, as written
+        assert all(torch.equal(back[m][0], A) and torch.equal(back[m][1], B) and back[m][2] == ALPHA
+                   for m, (A, B, _) in adapters.items())
+    else:                                          # alpha / r folded into B, lora_alpha = r: the same update
+        assert all(torch.equal(back[m][0], A) and torch.equal(back[m][1], B * (ALPHA / RANK)) and back[m][2] == RANK
+                   for m, (A, B, _) in adapters.items())
 
 
 def test_transformer_prefix_with_alpha_tensors(root, tmp_path):
@@ -190,9 +194,13 @@ def test_two_adapters_scales_fuse_unfuse(root, tmp_path):
     fused, _ = both_outputs(ours.transformer, ref.transformer)
     assert max_rel_err(fused, unfused) <= TOL
     ours.unfuse_lora()
-    ours.unload_lora_weights()
-    after = ours.transformer.state_dict()
-    assert after.keys() == base.keys() and all(torch.equal(after[k], base[k]) for k in base)    # bit-exact
+    restored = ours.transformer.state_dict()
+    assert all(torch.equal(restored[k], base[k]) for k in base)                                # bit-exact
+    ours.fuse_lora()
+    ours.unload_lora_weights()                     # as in diffusers: a fused LoRA stays in the weights
+    baked = ours.transformer.state_dict()
+    assert baked.keys() == base.keys() and max_rel_err(our_output(ours.transformer), fused) <= TOL
+    assert not all(torch.equal(baked[k], base[k]) for k in base)
     assert not lora.lora_layers(ours.transformer)
 
 
@@ -242,7 +250,7 @@ def test_bad_lora_files_apply_nothing(root, tmp_path, make, message):
     ours = pipeline.QwenImagePipeline.from_pretrained(root)
     tensors = make(None)
     # one good module first, so that a half-applied load would show
-    good = random_adapters(ours.transformer, ("transformer_blocks.1.attn.to_k",))
+    good = random_adapters(ours.transformer, ("transformer_blocks.0.attn.to_k",))    # sorts before the bad one
     key_prefix = next(iter(tensors)).split("transformer_blocks")[0] if "transformer_blocks" in next(iter(tensors)) else ""
     if key_prefix:
         for m, (A, B) in good.items():
@@ -358,3 +366,31 @@ def test_edit_pipeline_and_command_take_loras(tmp_path):
                     true_cfg_scale=1.0, negative_prompt=" ", generator=torch.Generator().manual_seed(0),
                     progress=False).images[0]
     assert np.array_equal(np.asarray(expected, dtype=float), with_lora)
+
+
+def test_peft_header_alpha_pattern_and_rslora_match_diffusers(root, tmp_path):
+    """A diffusers-format file whose header gives one layer type its own alpha (alpha_pattern, a regex
+    alternation as PEFT allows) and uses rsLoRA (alpha / sqrt(r))."""
+    ours = pipeline.QwenImagePipeline.from_pretrained(root)
+    tensors = {}
+    for m, (A, B) in random_adapters(ours.transformer, ATTENTION, seed=23).items():
+        tensors |= {f"transformer.{m}.lora_A.weight": A, f"transformer.{m}.lora_B.weight": B}
+    meta = {"transformer.r": RANK, "transformer.lora_alpha": ALPHA, "transformer.use_rslora": True,
+            "transformer.alpha_pattern": {"to_k|to_v": 16.0}, "transformer.target_modules": list(ATTENTION)}
+    save_file(tensors, tmp_path / "p.safetensors", metadata={"lora_adapter_metadata": json.dumps(meta)})
+    ours.load_lora_weights(tmp_path / "p.safetensors")
+    ref = reference(root)
+    ref.load_lora_weights(tmp_path / "p.safetensors")
+    got, expected = both_outputs(ours.transformer, ref.transformer)
+    assert max_rel_err(got, expected) <= TOL
+    k = lora.lora_layers(ours.transformer)["transformer_blocks.0.attn.to_k"].scaling["default_0"]
+    q = lora.lora_layers(ours.transformer)["transformer_blocks.0.attn.to_q"].scaling["default_0"]
+    assert (k, q) == (16.0 / RANK ** 0.5, ALPHA / RANK ** 0.5)
+
+
+def test_presets_do_not_adapt_adapters_and_alpha_sets_the_scale(root):
+    ours = pipeline.QwenImagePipeline.from_pretrained(root)
+    first = lora.add_adapter(ours.transformer, "one", "all-linear", rank=8, alpha=16)
+    second = lora.add_adapter(ours.transformer, "two", "all-linear", rank=8, alpha=16)
+    assert first == second and len(first) == 14 * ours.transformer.config.num_layers
+    assert {layer.scaling["one"] for layer in lora.lora_layers(ours.transformer).values()} == {2.0}
