@@ -70,8 +70,9 @@ class LoRALinear(nn.Linear):
         with torch.no_grad():
             self.lora_A[name].weight.copy_(A)
             self.lora_B[name].weight.copy_(B)
-        self.dropout[name] = (nn.Dropout(dropout) if dropout else nn.Identity()).train(self.training)
+        self.dropout[name] = nn.Dropout(dropout) if dropout else nn.Identity()
         self.scaling[name], self.scale[name] = alpha / r, 1.0
+        self.train(self.training)                  # new modules start in training mode: follow the layer's
 
     def delta(self, name: str) -> torch.Tensor:
         """The adapter as a full (out, in) matrix: s * alpha / r * B A, in fp32."""
@@ -119,7 +120,7 @@ def _wrap(model: nn.Module, name: str) -> LoRALinear:
         return module
     if not isinstance(module, nn.Linear):
         raise ValueError(f"{name} is a {type(module).__name__}, not a Linear layer: LoRA applies to Linear layers")
-    wrapped = LoRALinear(module)
+    wrapped = LoRALinear(module).train(module.training)      # a new Module starts in training mode
     if leaf.isdigit():
         parent[int(leaf)] = wrapped
     else:

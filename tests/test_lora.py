@@ -390,7 +390,8 @@ def test_peft_header_alpha_pattern_and_rslora_match_diffusers(root, tmp_path):
 
 def test_presets_do_not_adapt_adapters_and_alpha_sets_the_scale(root):
     ours = pipeline.QwenImagePipeline.from_pretrained(root)
-    first = lora.add_adapter(ours.transformer, "one", "all-linear", rank=8, alpha=16)
+    first = lora.add_adapter(ours.transformer, "one", "all-linear", rank=8, alpha=16, dropout=0.1)
+    assert not any(m.training for m in ours.transformer.modules())            # eval model: dropout stays off
     second = lora.add_adapter(ours.transformer, "two", "all-linear", rank=8, alpha=16)
     assert first == second and len(first) == 14 * ours.transformer.config.num_layers
     assert {layer.scaling["one"] for layer in lora.lora_layers(ours.transformer).values()} == {2.0}
