@@ -113,19 +113,24 @@ def target_names(model: nn.Module, targets) -> list[str]:
 
 def _wrap(model: nn.Module, name: str) -> LoRALinear:
     """Replace the Linear `name` by a LoRALinear sharing its weights (once; later calls reuse it)."""
-    parent_name, _, leaf = name.rpartition(".")
-    parent = model.get_submodule(parent_name)
-    module = getattr(parent, leaf) if not leaf.isdigit() else parent[int(leaf)]
+    module = model.get_submodule(name)
     if isinstance(module, LoRALinear):
         return module
     if not isinstance(module, nn.Linear):
         raise ValueError(f"{name} is a {type(module).__name__}, not a Linear layer: LoRA applies to Linear layers")
     wrapped = LoRALinear(module).train(module.training)      # a new Module starts in training mode
-    if leaf.isdigit():
-        parent[int(leaf)] = wrapped
-    else:
-        setattr(parent, leaf, wrapped)
+    _replace(model, name, wrapped)
     return wrapped
+
+
+def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Put `module` where the submodule `name` is (an attribute, or an item of a Sequential)."""
+    parent_name, _, leaf = name.rpartition(".")
+    parent = model.get_submodule(parent_name)
+    if leaf.isdigit():
+        parent[int(leaf)] = module
+    else:
+        setattr(parent, leaf, module)
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
@@ -217,9 +222,9 @@ def set_adapters(model: nn.Module, names, scales=None) -> None:
                          f"{len(names)} adapter names but {len(scales)} weights")
     for s in scales:
         check_scale(s, "adapter weight")
+    if any(layer.fused for layer in lora_layers(model).values()):
+        raise ValueError("unfuse_lora() first: the adapters are fused into the weights")
     for layer in lora_layers(model).values():
-        if layer.fused:
-            raise ValueError("unfuse_lora() first: the adapters are fused into the weights")
         for a in layer.lora_A:
             layer.scale[a] = float(scales[names.index(a)]) if a in names else 0.0
 
@@ -256,12 +261,7 @@ def unload(model: nn.Module) -> None:
     for name, layer in lora_layers(model).items():
         plain = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
         plain.weight, plain.bias = layer.weight, layer.bias
-        parent_name, _, leaf = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        if leaf.isdigit():
-            parent[int(leaf)] = plain
-        else:
-            setattr(parent, leaf, plain)
+        _replace(model, name, plain.train(layer.training))
 
 
 def trainable_parameters(model: nn.Module, name: str | None = None) -> dict[str, nn.Parameter]:
