@@ -61,13 +61,18 @@ def check_model_folder(root: Path, what: str) -> str:
     return class_name
 
 
-def load_components(root: Path, device, dtype, offload: bool, check_finite: bool = True) -> dict:
-    """The five components every Qwen-Image pipeline has, on `device` (on the CPU with offload)."""
+def load_components(root: Path, device, dtype, offload: bool, check_finite: bool = True,
+                    load_transformer: bool = True) -> dict:
+    """The five components every Qwen-Image pipeline has, on `device` (on the CPU with offload).
+    load_transformer=False builds the transformer on the meta device (its config, no weights): a
+    pipeline that only encodes prompts and images, as the training loop's cache needs."""
     place = torch.device("cpu") if offload else device
     options = dict(device=place, dtype=dtype, check_finite=check_finite)
+    config = mmdit.config_from_folder(root / "transformer")
     return dict(tokenizer=tokenizer.load(root / "tokenizer"),
                 text_encoder=text_encoder.load(root / "text_encoder", **options),
-                transformer=mmdit.load(root / "transformer", **options),
+                transformer=(mmdit.load(root / "transformer", **options) if load_transformer
+                             else weights.build_on_meta(lambda: mmdit.MMDiT(config))),
                 vae=vae.load(root / "vae", **options),
                 scheduler=scheduler.load(root / "scheduler"))
 
@@ -103,19 +108,21 @@ class QwenImagePipeline:
 
     @classmethod
     def from_pretrained(cls, root, device=None, dtype=None, offload: bool = False,
-                        check_finite: bool = True) -> "QwenImagePipeline":
+                        check_finite: bool = True, load_transformer: bool = True) -> "QwenImagePipeline":
         """Load an official Qwen-Image folder (model_index.json + component folders).
 
         dtype: bf16 for GPUs (the official weights' dtype), fp32 for CPU; None keeps the files' dtype.
         offload=True keeps every component in CPU memory and moves only the active one to `device`
         (text encoder, then transformer, then VAE): the GPU needs room for the largest alone.
-        check_finite=False skips the scan of every weight for NaN/Inf (a little faster to load)."""
+        check_finite=False skips the scan of every weight for NaN/Inf (a little faster to load).
+        load_transformer=False: the transformer's config only (weights on meta), to encode prompts."""
         root = Path(root)
         class_name = check_model_folder(root, "Qwen-Image")
         if "Edit" in class_name:
             warnings.warn(f"{root} is a {class_name} checkpoint; loading it for text-to-image", stacklevel=2)
         device = torch.device(device or "cpu")
-        return cls(**load_components(root, device, dtype, offload, check_finite), device=device, offload=offload)
+        return cls(**load_components(root, device, dtype, offload, check_finite, load_transformer), device=device,
+                   offload=offload)
 
     # --- LoRA, with diffusers' method names (lora.py) ------------------------------------------
 
@@ -139,7 +146,7 @@ class QwenImagePipeline:
         lora.unload(self.transformer)
 
     @contextlib.contextmanager
-    def _active(self, module: torch.nn.Module):
+    def active(self, module: torch.nn.Module):
         """With offload: move `module` to the device for the block, back to the CPU after."""
         if self.offload:
             module.to(self.device)
@@ -160,7 +167,7 @@ class QwenImagePipeline:
             hint = " (pass num_images_per_prompt by name)" if isinstance(image, int) else ""
             raise ValueError(f"image: text-to-image takes no input image, got {image!r}{hint}; "
                              "use QwenImageEditPipeline to edit one")
-        with self._active(self.text_encoder) as te:
+        with self.active(self.text_encoder) as te:
             embeds, mask = prompts.encode_prompts(self.tokenizer, te, prompt, max_sequence_length=max_sequence_length,
                                                   device=self.device)
         return embeds.repeat_interleave(num_images_per_prompt, 0), mask.repeat_interleave(num_images_per_prompt, 0)
@@ -300,7 +307,7 @@ class QwenImagePipeline:
             def on_step(i, x):
                 out = callback_on_step_end(self, i, self.scheduler.timesteps[i], {"latents": x})
                 return (out or {}).get("latents")
-        with self._active(self.transformer) as dit:
+        with self.active(self.transformer) as dit:
             return sampling.denoise(dit, latents, cond, self.scheduler.sigmas, img_shapes, negative_prompt=uncond,
                                     cfg_scale=true_cfg_scale, reference=reference, on_step=on_step, progress=progress)
 
@@ -309,7 +316,7 @@ class QwenImagePipeline:
         if output_type == "latent":
             return PipelineOutput(latents)
         s, p = self.vae_scale_factor, self.transformer.config.patch_size
-        with self._active(self.vae) as ae:
+        with self.active(self.vae) as ae:
             z = mmdit.unpack_latents(latents, height // s, width // s, p).to(ae.post_quant_conv.weight.dtype)
             image = ae.decode(ae.denormalize_latents(z), tiled=tiled_vae)                 # (B, 3, H, W)
         return PipelineOutput(images.postprocess(image, output_type))
@@ -362,7 +369,7 @@ class QwenImageEditPipeline(QwenImagePipeline):
 
     @classmethod
     def from_pretrained(cls, root, device=None, dtype=None, offload: bool = False,
-                        check_finite: bool = True) -> "QwenImageEditPipeline":
+                        check_finite: bool = True, load_transformer: bool = True) -> "QwenImageEditPipeline":
         """Load an official Qwen-Image-Edit / -Edit-2509 / -Edit-2511 folder (same layout as Qwen-Image,
         plus processor/). Called on QwenImageEditPipeline it picks the class model_index.json names."""
         root = Path(root)
@@ -374,7 +381,7 @@ class QwenImageEditPipeline(QwenImagePipeline):
                                           "ship it (the vision tower's image sizes); download it too")
         device = torch.device(device or "cpu")
         place = torch.device("cpu") if offload else device
-        return cls(**load_components(root, device, dtype, offload, check_finite),
+        return cls(**load_components(root, device, dtype, offload, check_finite, load_transformer),
                    vision_tower=vision.load(root / "text_encoder", device=place, dtype=dtype, check_finite=check_finite),
                    processor_config=images.load_processor_config(root / "processor"), device=device, offload=offload)
 
@@ -412,14 +419,14 @@ class QwenImageEditPipeline(QwenImagePipeline):
         inputs = [images.preprocess(img, self.processor_config) for img in condition_images]
         pixels = torch.cat([p for p, _ in inputs]).to(self.device)
         grids = [g for _, g in inputs]
-        with self._active(self.vision_tower) as tower, torch.no_grad():
+        with self.active(self.vision_tower) as tower, torch.no_grad():
             return ImageFeatures(tower(pixels, grids), grids)
 
     def encode_image_latents(self, vae_images) -> tuple[torch.Tensor, list]:
         """PIL images -> (normalised, packed latents (1, sum N_i, C p²), their img_shapes)."""
         p = self.transformer.config.patch_size
         tokens, shapes = [], []
-        with self._active(self.vae) as ae, torch.no_grad():
+        with self.active(self.vae) as ae, torch.no_grad():
             dtype = ae.post_quant_conv.weight.dtype
             for img in vae_images:
                 x = images.to_tensor(img).to(self.device, dtype)                     # (1, 3, H, W) in [-1, 1]
@@ -446,7 +453,7 @@ class QwenImageEditPipeline(QwenImagePipeline):
         read = image if isinstance(image, ImageFeatures) else self.image_features(self.prepare_images(image)[0])
         prefix = prompts.edit_prompt_prefix(len(read.grids), self.numbered_pictures)
         texts = [prompt] if isinstance(prompt, str) else list(prompt)
-        with self._active(self.text_encoder) as te:
+        with self.active(self.text_encoder) as te:
             embeds, mask = prompts.encode_prompts(
                 self.tokenizer, te, [prefix + p if isinstance(p, str) else p for p in texts],
                 prompts.EDIT_TEMPLATE, prompts.EDIT_PREFIX_TOKENS, max_sequence_length=None, device=self.device,

@@ -144,29 +144,19 @@ class FlowMatchEulerScheduler:
             raise IndexError(f"step_index {step_index} out of range for {len(self.sigmas) - 1} steps")
         return euler_step(sample, velocity, self.sigmas[step_index], self.sigmas[step_index + 1])
 
-    # --- training-side helpers -------------------------------------------------------------
 
-    @staticmethod
-    def add_noise(x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        """x_sigma = (1 - sigma) x0 + sigma noise; sigma (B,) broadcast over the other dims."""
-        sigma = sigma.reshape(-1, *([1] * (x0.ndim - 1))).to(x0.dtype)
-        return (1 - sigma) * x0 + sigma * noise
+def training_schedule(config: SchedulerConfig, shift: float = 3.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The noise levels training draws from: (timesteps (1000,), sigmas (1000,)), t = 1000, 999, ..., 1.
 
-    @staticmethod
-    def velocity_target(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        """What the model should predict at any sigma: d x_sigma / d sigma = noise - x0."""
-        return noise - x0
-
-    def sample_training_sigmas(self, batch_size: int, image_seq_len: int | None = None,
-                               generator: torch.Generator | None = None, logit_mean: float = 0.0,
-                               logit_std: float = 1.0) -> torch.Tensor:
-        """Noise levels for a training batch: logit-normal (SD3's choice: most mass at mid noise),
-        then the same resolution-dependent shift the sampler uses, so training matches inference."""
-        u = torch.sigmoid(logit_mean + logit_std * torch.randn(batch_size, generator=generator))
-        c = self.config
-        if c.use_dynamic_shifting and image_seq_len is not None:
-            return shift_sigmas(u, compute_mu(image_seq_len, c), c.time_shift_type)
-        return u
+    This is the schedule diffusers' FlowMatchEulerDiscreteScheduler builds in __init__, which the
+    DreamBooth script indexes (loaded with shift=3.0). With the official config's
+    use_dynamic_shifting=True that shift is never applied: sigma = t / 1000, uniform. Only a config
+    without dynamic shifting bends it: sigma' = s sigma / (1 + (s - 1) sigma)."""
+    n = config.num_train_timesteps
+    sigmas = torch.arange(n, 0, -1, dtype=torch.float32) / n                  # 1, 0.999, ..., 0.001
+    if not config.use_dynamic_shifting:
+        sigmas = shift * sigmas / (1 + (shift - 1) * sigmas)
+    return sigmas * n, sigmas
 
 
 UNSUPPORTED_FLAGS = ("invert_sigmas", "use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas",

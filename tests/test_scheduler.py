@@ -21,6 +21,9 @@ OFFICIAL = {
     "use_dynamic_shifting": True, "use_exponential_sigmas": False, "use_karras_sigmas": False,
 }
 OFFICIAL.update(base_shift=0.5, max_shift=0.9, shift_terminal=0.02)
+OFFICIAL_FIELDS = {k: v for k, v in OFFICIAL.items()
+                   if k in ("num_train_timesteps", "base_image_seq_len", "max_image_seq_len", "base_shift",
+                            "max_shift", "shift_terminal", "use_dynamic_shifting", "shift", "time_shift_type")}
 # Qwen-Image-Lightning's scheduler: constant shift 3 (base = max = ln 3), no terminal stretch.
 LIGHTNING = {**OFFICIAL, "base_shift": math.log(3), "max_shift": math.log(3), "shift_terminal": None}
 
@@ -100,24 +103,21 @@ def test_custom_sigmas_match_diffusers():
     assert (ours.sigmas - ref.sigmas).abs().max() <= 1e-6
 
 
-def test_training_helpers_are_the_straight_path():
-    s = scheduler.FlowMatchEulerScheduler()
-    x0, noise = torch.randn(3, 5, 4), torch.randn(3, 5, 4)
-    sigma = torch.tensor([0.0, 0.3, 1.0])
-    xt = s.add_noise(x0, noise, sigma)
-    torch.testing.assert_close(xt[0], x0[0])
-    torch.testing.assert_close(xt[2], noise[2])
-    # diffusers' scale_noise is the same interpolation
-    ref = FlowMatchEulerDiscreteScheduler.from_config(OFFICIAL)
-    ref.set_timesteps(sigmas=[1.0, 0.3], mu=0.5)
-    torch.testing.assert_close(s.add_noise(x0[1:2], noise[1:2], ref.sigmas[1:2]),
-                               ref.scale_noise(x0[1:2], ref.timesteps[1:2], noise[1:2]))
-    # The velocity target is the derivative of the path: one Euler step with it from sigma lands on x0.
-    v = s.velocity_target(x0, noise)
-    torch.testing.assert_close(xt[1] - 0.3 * v[1], x0[1])
-    sig = s.sample_training_sigmas(1000, image_seq_len=4096, generator=torch.Generator().manual_seed(0))
-    assert sig.shape == (1000,) and (sig > 0).all() and (sig < 1).all()
-    assert sig.median() > 0.5  # shifted towards noise for a 1024 px image
+def test_training_schedule_is_the_reference_schedule_unshifted():
+    """diffusers' DreamBooth script loads the scheduler with shift=3.0 and indexes its __init__ schedule:
+    with the official config (dynamic shifting on) that schedule is t / 1000, not shifted."""
+    ref = FlowMatchEulerDiscreteScheduler.from_config(OFFICIAL, shift=3.0)
+    timesteps, sigmas = scheduler.training_schedule(scheduler.SchedulerConfig(**OFFICIAL_FIELDS), shift=3.0)
+    assert torch.equal(timesteps, ref.timesteps) and torch.equal(sigmas, ref.sigmas)
+    assert sigmas[0] == 1.0 and abs(sigmas[-1].item() - 0.001) < 1e-9 and (sigmas[:-1] - sigmas[1:] > 0).all()
+    # Without dynamic shifting, the shift does bend it, as in the reference.
+    fixed = {**OFFICIAL, "use_dynamic_shifting": False}
+    ref = FlowMatchEulerDiscreteScheduler.from_config(fixed, shift=3.0)
+    timesteps, sigmas = scheduler.training_schedule(
+        scheduler.SchedulerConfig(**{**OFFICIAL_FIELDS, "use_dynamic_shifting": False}), shift=3.0)
+    torch.testing.assert_close(sigmas, ref.sigmas, rtol=0, atol=1e-7)
+    torch.testing.assert_close(timesteps, ref.timesteps, rtol=0, atol=1e-4)
+    assert sigmas[500] > 0.74   # shift 3 at the middle: 1.5 / 2 = 0.75
 
 
 def test_bad_arguments():
