@@ -7,6 +7,8 @@
         [--negative-prompt " "] [--steps 50] [--cfg 4.0] [--seed 0] [--width W] [--height H]
         [--out edited.png] [--device cuda] [--dtype bf16] [--tiled-vae] [--offload]
     python -m qwenimage_minimal demo [--model DIR] [--edit]
+    python -m qwenimage_minimal train --model DIR --data DIR --out DIR [--rank 16] [--learning_rate 1e-4]
+        [--resolution 1024] [--max_train_steps 1000] ... (see `train --help`; torchrun for several GPUs)
 
 `demo` without --model first writes a TINY RANDOM-WEIGHT Qwen-Image in the official folder layout
 (every component, the real tokenizer vocabulary) and runs the whole pipeline on it on the CPU,
@@ -249,9 +251,15 @@ def add_sampling_options(parser):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["train"]:                  # its own flags (diffusers' names): see train.py
+        from . import train
+        return train.main(argv[1:])
     p = argparse.ArgumentParser(prog="python -m qwenimage_minimal", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("train", help="fine-tune (LoRA or full) on a folder of captioned images: train --help",
+                   add_help=False)
     g = sub.add_parser("generate", help="text-to-image with an official Qwen-Image folder")
     g.add_argument("--model", required=True, help="the official Qwen-Image folder (model_index.json, ...)")
     g.add_argument("--prompt", required=True)

@@ -220,6 +220,8 @@ def read_examples(data, control_dirs=(), instance_prompt: str | None = None) -> 
     Rule for an image without a caption: --instance_prompt if given, else an error that names it."""
     data = Path(data)
     if data.is_file():
+        if data.suffix != ".jsonl":
+            raise ValueError(f"--data {data}: expected a folder of images and captions, or a .jsonl file")
         return _read_jsonl(data)
     if not os.access(data, os.R_OK | os.X_OK):
         raise ValueError(f"--data {data}: the folder cannot be read (permissions)")
@@ -876,8 +878,10 @@ def train(c: TrainConfig, progress: bool = True) -> Path:
     latents_mean, latents_std = (torch.tensor(v).view(1, -1, 1, 1) for v in vae_stats(root))
     buckets = [tuple(s) for s in sizes]
     log_path = out / "log.jsonl"
-    if main_process and step == 0 and log_path.exists():
-        log_path.unlink()
+    if main_process and log_path.exists():      # keep the log of the steps this run continues from
+        kept = [line for line in log_path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+        with weights.atomic_write(log_path, "w") as f:
+            f.write("".join(line + "\n" for line in kept))
     from tqdm.auto import tqdm
     bar = tqdm(total=c.max_train_steps, initial=step, desc="training", disable=not progress)
     started = time.perf_counter()
@@ -1058,6 +1062,9 @@ def resume(path: Path, identity: dict, model, optimizer, trainable: dict, c: Tra
     for g, saved in zip(optim["param_groups"], state["param_groups"]):
         g.update(saved)
     set_optimizer_state_dict(inner, optimizer, optim, options=options)
+    for name, p in inner.named_parameters():      # it fills in zero state for weights that never had a gradient:
+        if name not in optim["state"]:            # drop it, so the optimizer is exactly the saved one
+            optimizer.state.pop(p, None)
     return step
 
 
