@@ -700,11 +700,10 @@ def sample_validation(model, vae, validation: list, scheduler_config, steps: int
         cond = (entry["prompt_embeds"][None].to(device, dtype), None)
         uncond = (entry["negative_embeds"][None].to(device, dtype), None) if cfg > 1 else None
         x = sampling.denoise(unwrap(model), x, cond, sigmas.to(device), shapes, uncond, cfg, reference)
-        with contextlib.nullcontext():
-            z = mmdit.unpack_latents(x, lh, lw, p).to(vae.post_quant_conv.weight.dtype)
-            vae.to(device)
-            image = vae.decode(vae.denormalize_latents(z.to(device)))
-            vae.to("cpu")
+        z = mmdit.unpack_latents(x, lh, lw, p).to(vae.post_quant_conv.weight.dtype)   # (1, 16, h, w)
+        vae.to(device)                                  # the VAE waits on the CPU between validations
+        image = vae.decode(vae.denormalize_latents(z.to(device)))                      # (1, 3, H, W)
+        vae.to("cpu")
         out.append(images.postprocess(image.float(), "pil")[0])
     model.train(was_training)
     return out
@@ -792,7 +791,7 @@ def prepare_data(c: TrainConfig, pipe, out: Path, model_id: str, progress: bool)
 
 
 def train(c: TrainConfig, progress: bool = True) -> Path:
-    """Run a training: returns the output folder. See the module docstring for what happens."""
+    """Run a training; -> the output folder. The steps are numbered below (docs/architecture.md follows them)."""
     check_config(c)
     rank, world, device = setup_distributed(c.device)
     main_process = rank == 0

@@ -13,6 +13,7 @@ import torch
 from PIL import Image, ImageDraw
 from safetensors.torch import load_file
 
+from qwenimage_minimal import __main__ as cli
 from qwenimage_minimal import images, lora, mmdit, pipeline, sizes, train, weights
 
 COLOURS = {"red": (220, 30, 30), "blue": (30, 60, 220), "green": (30, 180, 60), "yellow": (230, 210, 40)}
@@ -95,8 +96,7 @@ def test_the_trained_lora_runs_in_the_command_line(model, tmp_path):
     data = squares(tmp_path / "data")
     out = tmp_path / "out"
     train.train(config(model, data, out, max_train_steps=2), progress=False)
-    from qwenimage_minimal.__main__ import main
-    main(["generate", "--model", str(model), "--prompt", "a red square", "--width", "64", "--height", "64",
+    cli.main(["generate", "--model", str(model), "--prompt", "a red square", "--width", "64", "--height", "64",
           "--steps", "2", "--lora", f"{out / 'lora.safetensors'}:0.8", "--out", str(tmp_path / "x.png")])
     assert Image.open(tmp_path / "x.png").size == (64, 64)
     adapters, layout = lora.read_lora(out / "lora.safetensors", mmdit.load(model / "transformer"))
