@@ -801,6 +801,9 @@ def train(c: TrainConfig, progress: bool = True) -> Path:
     for leftover in out.glob(".checkpoint-*"):                 # debris of an interrupted save
         if main_process:
             shutil.rmtree(leftover, ignore_errors=True)
+    if checkpoints_in(out) and not c.resume_from_checkpoint:
+        raise ValueError(f"--out {out} holds checkpoints of an earlier run: pass --resume_from_checkpoint latest "
+                         "to continue it, or choose another --out")
     root = Path(c.model)
     class_name = pipeline.check_model_folder(root, "Qwen-Image")
     edit = "Edit" in class_name
@@ -817,8 +820,13 @@ def train(c: TrainConfig, progress: bool = True) -> Path:
     if len(examples) < c.train_batch_size:
         warnings.warn(f"--train_batch_size {c.train_batch_size} is more than the {len(examples)} examples: "
                       "every micro-batch is the whole data set", stacklevel=2)
-    with_empty = c.caption_dropout > 0 or c.validation_cfg > 1
+    with_empty = c.caption_dropout > 0
     validation = []
+    if c.validation_prompt and c.finetune == "full" and world > 1:
+        # Sampling on one process would wait forever on the others' shards: sample from a checkpoint instead.
+        warnings.warn("--validation_prompt is skipped with --finetune full on several processes (FSDP2): "
+                      "sample from a saved checkpoint's transformer/ instead", stacklevel=2)
+        c = dataclasses.replace(c, validation_prompt=())
     if main_process:
         cache = build_cache(pipe, examples, sizes, cache_dir, "instance", with_empty, c.max_sequence_length,
                             c.train_batch_size, model_id, progress)

@@ -271,6 +271,8 @@ def test_resuming_another_runs_checkpoint_is_refused(model, tmp_path):
     with pytest.raises(ValueError, match=r"from another run \(rank: checkpoint 4, now 8\)"):
         train.train(config(model, data, tmp_path / "b", rank=8,
                            resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-2")), progress=False)
+    with pytest.raises(ValueError, match="holds checkpoints of an earlier run: pass --resume_from_checkpoint latest"):
+        train.train(config(model, data, tmp_path / "a", max_train_steps=2), progress=False)
     with pytest.raises(ValueError, match="not a checkpoint of this trainer"):
         train.train(config(model, data, tmp_path / "b", resume_from_checkpoint=str(tmp_path / "a")), progress=False)
     bad_config = tmp_path / "settings.json"
