@@ -43,6 +43,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -75,10 +76,15 @@ def option(default, help: str, **kwargs):
 
 @dataclass
 class TrainConfig:
-    """Flag names follow diffusers' train_dreambooth_lora_qwen_image.py where it has them."""
-    model: str = option(None, "official Qwen-Image or Qwen-Image-Edit(-2509/-2511) folder", required=True)
-    data: str = option(None, "a folder of images with same-stem .txt captions, or a .jsonl file", required=True)
-    out: str = option(None, "output folder: checkpoints, samples, log, the final LoRA / transformer", required=True)
+    """Flag names follow diffusers' train_dreambooth_lora_qwen_image.py where it has them (its long names for
+    --model / --data / --out are accepted too). Defaults differ where Qwen-Image's use differs: resolution 1024
+    (the script: 512), batch 1 (4), max_train_steps 1000 (one epoch); --validation_prompt takes several."""
+    model: str = option(None, "official Qwen-Image or Qwen-Image-Edit(-2509/-2511) folder", required=True,
+                        aliases=("--pretrained_model_name_or_path",))
+    data: str = option(None, "a folder of images with same-stem .txt captions, or a .jsonl file", required=True,
+                       aliases=("--instance_data_dir",))
+    out: str = option(None, "output folder: checkpoints, samples, log, the final LoRA / transformer", required=True,
+                      aliases=("--output_dir",))
     # data
     resolution: int = option(1024, "target side in pixels (multiple of 16): images are bucketed at about "
                                    "resolution² pixels, or cropped to a square with --square")
@@ -117,7 +123,8 @@ class TrainConfig:
     gradient_accumulation_steps: int = option(1, "micro-batches per optimizer step")
     max_train_steps: int = option(1000, "optimizer steps")
     weighting_scheme: str = option("none", "timestep density / loss weighting (SD3)", choices=WEIGHTING_SCHEMES)
-    logit_mean: float = option(0.0, "logit_normal: mean")
+    logit_mean: float = option(0.0, "logit_normal: mean of logit(u); sigma ~ 1 - u here, so a positive mean "
+                                    "means LESS noise (as in diffusers' script)")
     logit_std: float = option(1.0, "logit_normal: standard deviation")
     mode_scale: float = option(1.29, "mode: scale")
     seed: int = option(0, "seed of data order, initialisation and every draw")
@@ -130,7 +137,8 @@ class TrainConfig:
     validation_steps: int = option(0, "sample the validation prompts every N steps (0: only at the end)")
     validation_inference_steps: int = option(20, "sampling steps for validation")
     validation_cfg: float = option(4.0, "true CFG scale for validation (1: off)")
-    cache_dir: str = option(None, "where the embeddings cache lives (default: <out>/cache)")
+    embeddings_cache: str = option(None, "folder of the cached latents and prompt embeddings (default: <out>/cache; "
+                                         "diffusers' --cache_dir is its download cache, a different thing)")
     device: str = option(None, "cuda or cpu (default: cuda when available)")
 
     def to_json(self) -> dict:
@@ -144,11 +152,12 @@ def parse_args(argv=None) -> TrainConfig:
     for f in dataclasses.fields(TrainConfig):
         meta = dict(f.metadata)
         help_text, required = meta.pop("help"), meta.pop("required", False)
+        names = (f"--{f.name}", *meta.pop("aliases", ()))
         if f.type == "bool":
-            p.add_argument(f"--{f.name}", action="store_true", default=None, help=help_text)
+            p.add_argument(*names, dest=f.name, action="store_true", default=None, help=help_text)
         else:
             kind = {"int": int, "float": float}.get(f.type, str)
-            p.add_argument(f"--{f.name}", type=kind, default=None, help=help_text + ("" if required else
+            p.add_argument(*names, dest=f.name, type=kind, default=None, help=help_text + ("" if required else
                            f" (default: {f.default})"), **meta)
     args = p.parse_args(argv)
     settings = {}
@@ -309,7 +318,8 @@ def image_size(path: Path, what: str = "image") -> tuple[int, int]:
     return (image.height, image.width) if orientation in (5, 6, 7, 8) else (image.width, image.height)
 
 
-def epoch_batches(buckets: list, batch_size: int, epoch: int, seed: int) -> list[list[int]]:
+@functools.lru_cache(maxsize=4)                       # micro_batch asks for the same epoch at every step
+def epoch_batches(buckets: tuple, batch_size: int, epoch: int, seed: int) -> list[list[int]]:
     """One epoch's micro-batches (lists of example indices): shuffled within each bucket, cut into
     batches (the last of a bucket may be short), the batches shuffled. A pure function of (seed, epoch):
     the data order is never state to save."""
@@ -325,7 +335,7 @@ def epoch_batches(buckets: list, batch_size: int, epoch: int, seed: int) -> list
     return [batches[j] for j in torch.randperm(len(batches), generator=g).tolist()]
 
 
-def micro_batch(buckets: list, batch_size: int, seed: int, index: int) -> list[int]:
+def micro_batch(buckets: tuple, batch_size: int, seed: int, index: int) -> list[int]:
     """The index-th micro-batch of the whole run (epochs laid end to end)."""
     per_epoch = len(epoch_batches(buckets, batch_size, 0, seed))
     return epoch_batches(buckets, batch_size, index // per_epoch, seed)[index % per_epoch]
@@ -383,7 +393,7 @@ def encode_examples(pipe, examples: list[Example], sizes: list, with_empty: bool
             chunk = members[k:k + batch_size]
             pixels = torch.cat([load_pixels(examples[i].image, size) for i in chunk])      # (b, 3, H, W)
             with pipe.active(pipe.vae) as ae, torch.no_grad():
-                posterior = ae.encode(pixels.to(pipe.device, vae_dtype))                    # moments (b, C, 1, h, w)
+                posterior = ae.encode(pixels.to(pipe.device, vae_dtype))                    # N(mean, exp(logvar)), each (b, C, h, w)
             for j, i in enumerate(chunk):
                 out[i]["latent_mean"] = posterior.mean[j].float().cpu()
                 out[i]["latent_logvar"] = posterior.logvar[j].float().cpu()
@@ -465,7 +475,9 @@ def pad_prompts(embeds: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor 
 
 def timestep_density(scheme: str, batch_size: int, logit_mean: float = 0.0, logit_std: float = 1.0,
                      mode_scale: float = 1.29, generator: torch.Generator | None = None) -> torch.Tensor:
-    """u in [0, 1] (B,), drawn with the density of the weighting scheme (SD3, Esser et al. 2024, sec. 3.1):
+    """u in [0, 1] (B,), drawn with the density of the weighting scheme (SD3, Esser et al. 2024, sec. 3.1).
+    The schedule runs from t = 1000 down, so sigma ~ 1 - u: SD3's density of sigma, mirrored (a positive
+    logit_mean means less noise here, as in the reference).
     logit_normal  sigmoid(N(mean, std)): most steps at middle noise levels
     mode          1 - u - s (cos²(pi u / 2) - 1 + u), u uniform: a heavier middle, tails kept (s = 1.29)
     otherwise     uniform"""
@@ -780,7 +792,7 @@ def prepare_data(c: TrainConfig, pipe, out: Path, model_id: str, progress: bool)
     if pipe is not None and not edit and n_controls:
         raise ValueError("--data has condition images but --model is a text-to-image checkpoint: use an Edit model")
     sizes = [bucket_size(*image_size(e.image), c.resolution, c.square) for e in examples]
-    cache_dir = Path(c.cache_dir) if c.cache_dir else out / "cache"
+    cache_dir = Path(c.embeddings_cache) if c.embeddings_cache else out / "cache"
     class_examples = []
     if c.with_prior_preservation:
         class_files = sorted(p for p in Path(c.class_data_dir).iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
@@ -883,7 +895,7 @@ def train(c: TrainConfig, progress: bool = True) -> Path:
     sched_config = scheduler.load(root / "scheduler").config
     schedule = scheduler.training_schedule(sched_config)
     latents_mean, latents_std = (torch.tensor(v).view(1, -1, 1, 1) for v in vae_stats(root))
-    buckets = [tuple(s) for s in sizes]
+    buckets = tuple(tuple(s) for s in sizes)
     log_path = out / "log.jsonl"
     if main_process and log_path.exists():      # keep the log of the steps this run continues from
         kept = [line for line in log_path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]

@@ -210,7 +210,7 @@ def test_the_cache_is_reused_and_keyed_by_content(model, tmp_path):
     files = {p.name: p.stat().st_mtime_ns for p in (out / "cache").glob("*.safetensors")}
     assert len(files) == 4
     (data / "red.txt").write_text("a crimson square")                        # one caption changes
-    train.train(config(model, data, tmp_path / "out2", cache_dir=str(out / "cache"), max_train_steps=1),
+    train.train(config(model, data, tmp_path / "out2", embeddings_cache=str(out / "cache"), max_train_steps=1),
                 progress=False)
     after = {p.name: p.stat().st_mtime_ns for p in (out / "cache").glob("*.safetensors")}
     assert len(after) == 5 and all(after[k] == v for k, v in files.items())  # one new entry, the rest untouched
@@ -223,10 +223,13 @@ def test_buckets_are_multiples_of_16_and_never_upscale():
     for w, h in [(1000, 1000), (333, 777), (4000, 100)]:
         bh, bw = train.bucket_size(w, h, 512)
         assert bh % 16 == 0 and bw % 16 == 0 and bh * bw <= 1.1 * 512 * 512
-    batches = train.epoch_batches([(64, 64)] * 5 + [(32, 96)] * 3, 2, epoch=0, seed=0)
+    batches = train.epoch_batches(((64, 64),) * 5 + ((32, 96),) * 3, 2, epoch=0, seed=0)
     assert sorted(i for b in batches for i in b) == list(range(8))
     assert all(len({i < 5 for i in b}) == 1 for b in batches)                 # one bucket per batch
-    assert train.epoch_batches([(64, 64)] * 8, 2, 1, 0) != train.epoch_batches([(64, 64)] * 8, 2, 0, 0)
+    assert train.epoch_batches(((64, 64),) * 8, 2, 1, 0) != train.epoch_batches(((64, 64),) * 8, 2, 0, 0)
+    # the long names of diffusers' script are accepted
+    c = train.parse_args(["--pretrained_model_name_or_path", "m", "--instance_data_dir", "d", "--output_dir", "o"])
+    assert (c.model, c.data, c.out) == ("m", "d", "o")
 
 
 # ---------------------------------------------------------------------------------------------
