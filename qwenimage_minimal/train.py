@@ -43,6 +43,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import datetime
 import functools
 import hashlib
 import json
@@ -162,17 +163,39 @@ def parse_args(argv=None) -> TrainConfig:
     args = p.parse_args(argv)
     settings = {}
     if args.config:
-        raw = weights.parse_json(Path(args.config).read_text(), args.config)
-        known = {f.name for f in dataclasses.fields(TrainConfig)}
-        unknown = sorted(set(raw) - known) if isinstance(raw, dict) else None
-        if unknown is None or unknown:
-            raise ValueError(f"--config {args.config}: expected a JSON object of settings; unknown keys: {unknown}")
-        settings.update(raw)
+        settings.update(read_config_file(args.config))
     settings.update({k: v for k, v in vars(args).items() if v is not None and k != "config"})
     missing = [n for n in ("model", "data", "out") if settings.get(n) is None]
     if missing:
         p.error(f"the following arguments are required: {', '.join('--' + m for m in missing)}")
     return TrainConfig(**settings)
+
+
+def read_config_file(path) -> dict:
+    """--config FILE.json: a JSON object whose keys are flag names, each value of the flag's type (a list, or
+    one string, for the flags that take several)."""
+    raw = weights.parse_json(Path(path).read_text(), path)
+    fields = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
+    if not isinstance(raw, dict):
+        raise ValueError(f"--config {path}: expected a JSON object of settings, got {type(raw).__name__}")
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise ValueError(f"--config {path}: unknown keys: {unknown} (the keys are the flag names, e.g. 'rank')")
+    out = {}
+    for key, value in raw.items():
+        kind = fields[key]
+        if kind == "tuple" and isinstance(value, str):
+            value = (value,)
+        ok = {"int": isinstance(value, int) and not isinstance(value, bool),
+              "float": isinstance(value, (int, float)) and not isinstance(value, bool),
+              "bool": isinstance(value, bool),
+              "tuple": isinstance(value, list) and all(isinstance(v, str) for v in value) or isinstance(value, tuple),
+              }.get(kind, isinstance(value, str)) or value is None
+        if not ok:
+            raise ValueError(f"--config {path}: {key!r} must be {'a list of strings' if kind == 'tuple' else kind}, "
+                             f"got {value!r}")
+        out[key] = tuple(value) if kind == "tuple" else value
+    return out
 
 
 def check_config(c: TrainConfig) -> None:
@@ -202,6 +225,15 @@ def check_config(c: TrainConfig) -> None:
     need(c.mixed_precision in ("bf16", "no"), f"--mixed_precision must be bf16 or no (fp16 overflows in this "
                                                f"model's activations), got {c.mixed_precision!r}")
     need(len(c.control_dirs) <= 3, f"--control_dirs: at most 3 condition folders, got {len(c.control_dirs)}")
+    need(0 <= c.adam_beta1 < 1 and 0 <= c.adam_beta2 < 1, "--adam_beta1 and --adam_beta2 must be in [0, 1)")
+    need(c.adam_epsilon > 0 and c.adam_weight_decay >= 0, "--adam_epsilon must be > 0 and --adam_weight_decay >= 0")
+    need(c.lora_layers in lora.TARGET_PRESETS or all(t.strip() for t in c.lora_layers.split(",")),
+         f"--lora_layers {c.lora_layers!r}: a preset ({', '.join(lora.TARGET_PRESETS)}) or comma-separated "
+         "module suffixes such as to_q,to_k,to_v,to_out.0")
+    need(c.validation_cfg >= 1 and math.isfinite(c.validation_cfg), "--validation_cfg must be >= 1 (1: no CFG)")
+    if c.resume_from_checkpoint not in (None, "latest"):
+        need(Path(c.resume_from_checkpoint).is_dir(), f"--resume_from_checkpoint {c.resume_from_checkpoint}: no such "
+             "folder (give a checkpoint-N folder, or 'latest')")
     if c.with_prior_preservation:
         need(c.class_data_dir and c.class_prompt, "--with_prior_preservation needs --class_data_dir and --class_prompt")
         need(not c.control_dirs, "--with_prior_preservation is for text-to-image (DreamBooth), not Edit")
@@ -222,7 +254,7 @@ class Example:
     controls: tuple = ()                  # Edit: condition image paths, in order
 
 
-def read_examples(data, control_dirs=(), instance_prompt: str | None = None) -> list[Example]:
+def read_examples(data, control_dirs=(), instance_prompt: str | None = None, flag: str = "--data") -> list[Example]:
     """A folder of images + same-stem .txt captions (kohya / ai-toolkit / DreamBooth convention), or a
     .jsonl file of {"image": path, "prompt": str, "control": path or [paths]} (paths relative to the file).
 
@@ -230,22 +262,34 @@ def read_examples(data, control_dirs=(), instance_prompt: str | None = None) -> 
     data = Path(data)
     if data.is_file():
         if data.suffix != ".jsonl":
-            raise ValueError(f"--data {data}: expected a folder of images and captions, or a .jsonl file")
+            raise ValueError(f"{flag} {data}: expected a folder of images and captions, or a .jsonl file")
+        if control_dirs:
+            raise ValueError("--control_dirs is for a folder of images; in a .jsonl, name each example's "
+                             'condition images in its "control" entry')
         return _read_jsonl(data)
+    if not data.is_dir():
+        raise ValueError(f"{flag} {data}: no such folder or file")
     if not os.access(data, os.R_OK | os.X_OK):
-        raise ValueError(f"--data {data}: the folder cannot be read (permissions)")
+        raise ValueError(f"{flag} {data}: the folder cannot be read (permissions)")
+    for d in control_dirs:
+        if not Path(d).is_dir():
+            raise ValueError(f"--control_dirs {d}: no such folder")
     files = sorted(p for p in data.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
     if not files:
-        raise ValueError(f"--data {data}: no images ({', '.join(IMAGE_EXTENSIONS)}) in this folder")
+        raise ValueError(f"{flag} {data}: no images ({', '.join(IMAGE_EXTENSIONS)}) in this folder")
     examples = []
     for path in files:
         caption = path.with_suffix(".txt")
         if caption.is_file():
-            prompt = caption.read_text(encoding="utf-8").strip()
+            try:
+                prompt = caption.read_text(encoding="utf-8").strip()
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{flag}: the caption {caption} is not UTF-8 text ({e.reason} at byte {e.start}); "
+                                 "save it as UTF-8") from None
         elif instance_prompt is not None:
             prompt = instance_prompt
         else:
-            raise ValueError(f"--data: {path.name} has no caption file {caption.name}; write one, or pass "
+            raise ValueError(f"{flag}: {path.name} has no caption file {caption.name}; write one, or pass "
                              "--instance_prompt to use one prompt for every uncaptioned image")
         controls = tuple(_same_stem(Path(d), path.stem, f"--control_dirs {d}") for d in control_dirs)
         examples.append(Example(path, prompt, controls))
@@ -281,15 +325,20 @@ def _read_jsonl(path: Path) -> list[Example]:
     return examples
 
 
+ASPECT_RATIOS = (1 / 3, 9 / 21, 1 / 2, 9 / 16, 2 / 3, 3 / 4, 4 / 5, 1, 5 / 4, 4 / 3, 3 / 2, 16 / 9, 2, 21 / 9, 3)
+
+
 def bucket_size(width: int, height: int, resolution: int, square: bool = False) -> tuple[int, int]:
-    """(height, width) to train an image at: about resolution² pixels with the image's aspect ratio,
-    sides multiples of 16, never above the image's own area (small images are not upscaled, as in
-    diffusers and ai-toolkit). square=True: resolution x resolution."""
+    """(height, width) to train an image at: the nearest aspect ratio of a fixed ladder (width / height,
+    ASPECT_RATIOS) at about side² pixels, sides multiples of 16, so that images share buckets and batches
+    stay full. side = resolution, or less for a smaller image (rounded down to a multiple of 64): small
+    images are not upscaled (as in diffusers and ai-toolkit). square=True: resolution x resolution."""
     if square:
         return resolution, resolution
-    area = min(resolution * resolution, width * height)
-    w = max(16, round(math.sqrt(area * width / height) / 16) * 16)
-    h = max(16, round(math.sqrt(area * height / width) / 16) * 16)
+    side = min(resolution, max(64, int(math.sqrt(width * height)) // 64 * 64))
+    ratio = min(ASPECT_RATIOS, key=lambda r: abs(math.log(r * height / width)))
+    w = max(16, round(side * math.sqrt(ratio) / 16) * 16)
+    h = max(16, round(side / math.sqrt(ratio) / 16) * 16)
     return h, w
 
 
@@ -309,13 +358,16 @@ def load_pixels(path: Path, size: tuple[int, int], what: str = "image") -> torch
 
 
 def image_size(path: Path, what: str = "image") -> tuple[int, int]:
-    """(width, height) from the header (rotated by EXIF as the pixels will be)."""
-    image = images.open_image(path, name=what)
+    """(width, height) from the file's header alone (as open_image will turn it: EXIF orientations 5-8
+    swap the sides); the pixels are read once, when the cache is filled."""
+    from PIL import Image, UnidentifiedImageError
     try:
-        orientation = image.getexif().get(0x0112, 1)
-    except Exception:
-        orientation = 1
-    return (image.height, image.width) if orientation in (5, 6, 7, 8) else (image.width, image.height)
+        with Image.open(path) as image:
+            orientation = image.getexif().get(0x0112, 1)
+            width, height = image.size
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        raise ValueError(f"{what} {path}: not an image PIL can read ({e}); fix or remove it") from None
+    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
 
 
 @functools.lru_cache(maxsize=4)                       # micro_batch asks for the same epoch at every step
@@ -352,20 +404,26 @@ def micro_batch_seed(seed: int, index: int) -> int:
 # ---------------------------------------------------------------------------------------------
 
 def model_fingerprint(root: Path) -> str:
-    """Changes when any config or weight file of the text encoder, VAE or model index changes."""
+    """What the cache depends on in the model: the JSON files of the text encoder, VAE, processor and
+    tokenizer (their content) and the names and sizes of their other files. Reading 16 GB of weights at
+    every start to hash them would cost minutes; a same-size edit of a weight file goes unnoticed."""
     h = hashlib.sha256()
     for sub in ("model_index.json", "text_encoder", "vae", "processor", "tokenizer"):
         path = root / sub
         for f in sorted([path] if path.is_file() else path.rglob("*") if path.is_dir() else []):
             if f.is_file():
-                stat = f.stat()
-                h.update(f"{f.relative_to(root)}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+                h.update(f"{f.relative_to(root)}:{f.stat().st_size}".encode())
+                if f.suffix == ".json":
+                    h.update(f.read_bytes())
     return h.hexdigest()
 
 
 def file_digest(path: Path) -> str:
+    h = hashlib.sha256()
     with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def cache_key(model_id: str, kind: str, example: Example, size, max_sequence_length: int, with_empty: bool) -> str:
@@ -425,7 +483,6 @@ def condition_images(pipe, paths, size):
     """Edit: condition image files -> (images for the vision tower, images for the VAE). The VAE sees each
     condition image at the target's training size (so a batch shares shapes); the vision tower sees it
     as the pipeline would (Edit: the same image; Edit-2509+: about 384x384)."""
-    from PIL import Image
     h, w = size
     vae_images = [images.postprocess(load_pixels(p, (h, w), "control image"), "pil")[0] for p in paths]
     if pipe.condition_area is None:
@@ -603,7 +660,7 @@ def write_transformer_folder(folder: Path, state: dict, config: mmdit.MMDiTConfi
     weights.write_json(folder / "config.json", config.to_json())
 
 
-def save_checkpoint(out: Path, step: int, model: nn.Module, optimizer, c: TrainConfig, identity: dict,
+def save_checkpoint(out: Path, step: int, model: nn.Module, c: TrainConfig, identity: dict,
                     trainable: dict, full_state: dict | None, optim_state: dict) -> Path:
     """out/checkpoint-<step>/, written in a hidden staging folder and renamed into place: a crash leaves
     either the previous checkpoints or the new one complete, never a half-written one.
@@ -620,7 +677,7 @@ def save_checkpoint(out: Path, step: int, model: nn.Module, optimizer, c: TrainC
     try:
         tensors = {}
         if c.finetune == "lora":
-            lora.write_lora(staging / "lora.safetensors", adapter_state_of(trainable, c))
+            lora.write_lora(staging / "lora.safetensors", lora.adapter_state(unwrap(model), "default"))
             tensors.update({f"param.{n}": p.detach().float().cpu() for n, p in trainable.items()})
         else:
             write_transformer_folder(staging / "transformer", full_state, model_config(model))
@@ -644,9 +701,23 @@ def save_checkpoint(out: Path, step: int, model: nn.Module, optimizer, c: TrainC
     return final
 
 
+def checkpoint_step(path: Path) -> int:
+    tail = path.name.split("-", 1)[-1]
+    return int(tail) if path.name.startswith("checkpoint-") and tail.isdigit() else -1
+
+
 def checkpoints_in(out: Path) -> list[Path]:
-    found = [p for p in out.glob("checkpoint-*") if p.is_dir() and p.name.split("-", 1)[1].isdigit()]
-    return sorted(found, key=lambda p: int(p.name.split("-", 1)[1]))
+    """The complete checkpoints in `out`, oldest first (staging folders are hidden: .checkpoint-*)."""
+    return sorted((p for p in out.glob("checkpoint-*") if p.is_dir() and checkpoint_step(p) >= 0), key=checkpoint_step)
+
+
+def read_log(path: Path) -> list[dict]:
+    """The rows of log.jsonl; a last line cut short by a killed process is dropped."""
+    rows = []
+    for line in path.read_text().splitlines():
+        with contextlib.suppress(json.JSONDecodeError):
+            rows.append(json.loads(line))
+    return [r for r in rows if isinstance(r, dict) and "step" in r and "loss" in r]
 
 
 def read_checkpoint(path: Path, identity: dict) -> tuple[int, dict, dict]:
@@ -663,16 +734,6 @@ def read_checkpoint(path: Path, identity: dict) -> tuple[int, dict, dict]:
         raise ValueError(f"--resume_from_checkpoint {path}: the checkpoint is from another run ({lines}); "
                          "resume with the settings it was trained with, or start a new --out")
     return int(state["step"]), state, read_cached(path / "training_state.safetensors")
-
-
-def adapter_state_of(trainable: dict, c: TrainConfig) -> dict:
-    """{module: (A, B, alpha)} from the trainable parameters' names."""
-    out = {}
-    for name, p in trainable.items():
-        module, role = name.rsplit(".lora_", 1)[0], name.split(".lora_", 1)[1][0]
-        A, B, _ = out.get(module, (None, None, None))
-        out[module] = (p.detach() if role == "A" else A, p.detach() if role == "B" else B, c.lora_alpha)
-    return out
 
 
 def model_config(model: nn.Module) -> mmdit.MMDiTConfig:
@@ -735,7 +796,7 @@ def image_grid(pictures: list, columns: int = 4):
 def plot_loss(log_path: Path, png: Path) -> None:
     """loss.png from log.jsonl: the loss of every step and its running mean (PIL only: no plotting library)."""
     from PIL import Image, ImageDraw
-    rows = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
+    rows = read_log(log_path)
     if len(rows) < 2:
         return
     steps = [r["step"] for r in rows]
@@ -774,7 +835,8 @@ def setup_distributed(device_name: str | None) -> tuple[int, int, torch.device]:
     if world == 1:
         return 0, 1, device
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        # Rank 0 fills the cache (and gathers full checkpoints) while the others wait at a barrier: allow hours.
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=6))
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
@@ -791,14 +853,16 @@ def prepare_data(c: TrainConfig, pipe, out: Path, model_id: str, progress: bool)
                          f"example (--control_dirs, or \"control\" in the .jsonl), got {n_controls}")
     if pipe is not None and not edit and n_controls:
         raise ValueError("--data has condition images but --model is a text-to-image checkpoint: use an Edit model")
-    sizes = [bucket_size(*image_size(e.image), c.resolution, c.square) for e in examples]
-    cache_dir = Path(c.embeddings_cache) if c.embeddings_cache else out / "cache"
     class_examples = []
     if c.with_prior_preservation:
-        class_files = sorted(p for p in Path(c.class_data_dir).iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
-        if not class_files:
-            raise ValueError(f"--class_data_dir {c.class_data_dir}: no images")
-        class_examples = [Example(class_files[i % len(class_files)], c.class_prompt) for i in range(len(examples))]
+        # As the reference's dataset: max(instances, class images) pairs, instance i % n with class i % m, so
+        # that every class image is used (a few instance pictures against a hundred class pictures).
+        class_files = read_examples(c.class_data_dir, instance_prompt=c.class_prompt, flag="--class_data_dir")
+        n = max(len(examples), len(class_files))
+        examples = [examples[i % len(examples)] for i in range(n)]
+        class_examples = [Example(class_files[i % len(class_files)].image, c.class_prompt) for i in range(n)]
+    sizes = [bucket_size(*image_size(e.image), c.resolution, c.square) for e in examples]
+    cache_dir = Path(c.embeddings_cache) if c.embeddings_cache else out / "cache"
     return examples, class_examples, sizes, cache_dir
 
 
@@ -819,8 +883,14 @@ def train(c: TrainConfig, progress: bool = True) -> Path:
     root = Path(c.model)
     class_name = pipeline.check_model_folder(root, "Qwen-Image")
     edit = "Edit" in class_name
+    if not edit and (c.control_dirs or c.validation_image):
+        raise ValueError(f"--control_dirs / --validation_image are for Edit models; {root} is a {class_name}")
+    if edit and c.validation_prompt and len(c.validation_image) != len(c.validation_prompt):
+        raise ValueError("--validation_prompt for an Edit model needs one --validation_image per prompt "
+                         f"(the picture to edit): got {len(c.validation_prompt)} prompts, "
+                         f"{len(c.validation_image)} images")
     weight_dtype = torch.bfloat16 if c.mixed_precision == "bf16" else torch.float32
-    model_id = model_fingerprint(root)
+    model_id = f"{model_fingerprint(root)}:{weight_dtype}"   # a bf16 cache is not an fp32 one
 
     # 1. Data and cache. The main process encodes; the others wait, then read the same files.
     pipe = None
@@ -878,14 +948,17 @@ def train(c: TrainConfig, progress: bool = True) -> Path:
 
     # 3. Resume: weights and optimizer moments; the data order and every draw follow from the step.
     identity = run_identity(c, world, examples_digest)
-    step = 0
+    step, saved = 0, None
     if c.resume_from_checkpoint:
-        path = Path(c.resume_from_checkpoint)
-        if c.resume_from_checkpoint == "latest":
-            found = checkpoints_in(out)
-            path = found[-1] if found else None
-        if path is not None:
-            step = resume(path, identity, model, optimizer, trainable, c)
+        found = checkpoints_in(out)
+        saved = (found[-1] if found else None) if c.resume_from_checkpoint == "latest" else Path(c.resume_from_checkpoint)
+        later = [p.name for p in found if saved is not None and p.parent.resolve() == saved.parent.resolve()
+                 and checkpoint_step(p) > checkpoint_step(saved)]
+        if later:
+            raise ValueError(f"--resume_from_checkpoint {saved}: {out} holds later checkpoints ({', '.join(later)}) "
+                             "that this run would mix with its own; move them away, or resume from 'latest'")
+        if saved is not None:
+            step = resume(saved, identity, model, optimizer, trainable, c)
         elif main_process:
             print(f"--resume_from_checkpoint latest: no checkpoint in {out}; starting a new run")
     if main_process:
@@ -893,14 +966,14 @@ def train(c: TrainConfig, progress: bool = True) -> Path:
 
     # 4. The loop.
     sched_config = scheduler.load(root / "scheduler").config
-    schedule = scheduler.training_schedule(sched_config)
-    latents_mean, latents_std = (torch.tensor(v).view(1, -1, 1, 1) for v in vae_stats(root))
+    schedule = scheduler.training_schedule(sched_config)                      # (timesteps, sigmas), 1000 each
+    latents_mean, latents_std = (torch.tensor(v).view(1, -1, 1, 1) for v in vae_stats(root))   # (1, 16, 1, 1)
     buckets = tuple(tuple(s) for s in sizes)
     log_path = out / "log.jsonl"
     if main_process and log_path.exists():      # keep the log of the steps this run continues from
-        kept = [line for line in log_path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+        kept = [row for row in read_log(log_path) if row["step"] <= step]
         with weights.atomic_write(log_path, "w") as f:
-            f.write("".join(line + "\n" for line in kept))
+            f.write("".join(json.dumps(row) + "\n" for row in kept))
     from tqdm.auto import tqdm
     bar = tqdm(total=c.max_train_steps, initial=step, desc="training", disable=not progress)
     started = time.perf_counter()
@@ -910,28 +983,37 @@ def train(c: TrainConfig, progress: bool = True) -> Path:
                               and weight_dtype == torch.bfloat16)
     while step < c.max_train_steps:
         optimizer.zero_grad(set_to_none=True)
-        for g in optimizer.param_groups:                       # the schedule is a function of the step
-            g["lr"] = c.learning_rate * lr_factor(c.lr_scheduler, step, c.lr_warmup_steps, c.max_train_steps)
+        for group in optimizer.param_groups:                   # the schedule is a function of the step
+            group["lr"] = c.learning_rate * lr_factor(c.lr_scheduler, step, c.lr_warmup_steps, c.max_train_steps)
         loss_sum = 0.0
         for j in range(c.gradient_accumulation_steps):
+            # Micro-batches are numbered over the whole run: this step's are step * accumulation * world + ...,
+            # so one process accumulating 2 sees what 2 processes see, and a resumed run what a straight one saw.
             index = (step * c.gradient_accumulation_steps + j) * world + rank
             batch = micro_batch(buckets, c.train_batch_size, c.seed, index)
-            torch.manual_seed(micro_batch_seed(c.seed, index))          # LoRA dropout draws from the global RNG
-            inputs = make_inputs(batch, cache, class_cache, c, torch.Generator().manual_seed(torch.initial_seed()),
-                                 latents_mean, latents_std, device, weight_dtype)
+            seed = micro_batch_seed(c.seed, index)
+            torch.manual_seed(seed + 1)                         # LoRA dropout draws from the global RNG
+            inputs = make_inputs(batch, cache, class_cache, c, torch.Generator().manual_seed(seed), latents_mean,
+                                 latents_std, device, weight_dtype)
             last = j == c.gradient_accumulation_steps - 1
             sync = contextlib.nullcontext() if last or not isinstance(model, nn.parallel.DistributedDataParallel) \
-                else model.no_sync()
-            with sync, autocast:
-                loss = flow_matching_loss(model, **inputs, schedule=schedule, weighting_scheme=c.weighting_scheme,
-                                          prior_loss_weight=c.prior_loss_weight if c.with_prior_preservation else None)
+                else model.no_sync()                            # average gradients across processes once per step
+            with sync:
+                with autocast:
+                    loss = flow_matching_loss(model, **inputs, schedule=schedule, weighting_scheme=c.weighting_scheme,
+                                              prior_loss_weight=c.prior_loss_weight if c.with_prior_preservation
+                                              else None)
                 (loss / c.gradient_accumulation_steps).backward()
             loss_sum += loss.item() / c.gradient_accumulation_steps
+        if not math.isfinite(loss_sum):
+            raise FloatingPointError(f"the loss is {loss_sum} at step {step + 1}: training diverged (lower "
+                                     "--learning_rate, keep --max_grad_norm, or use --mixed_precision no to "
+                                     f"find the cause); the last good checkpoint is in {out}")
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable_list, c.max_grad_norm if c.max_grad_norm > 0 else math.inf)
         optimizer.step()
         step += 1
         if world > 1:
-            reduced = torch.tensor([loss_sum])
+            reduced = torch.tensor([loss_sum], device=device)     # NCCL reduces only GPU tensors
             dist.all_reduce(reduced)
             loss_sum = reduced.item() / world
         if main_process:
@@ -942,7 +1024,7 @@ def train(c: TrainConfig, progress: bool = True) -> Path:
             bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{row['lr']:.2e}")
             bar.update(1)
         if step % c.checkpointing_steps == 0 or step == c.max_train_steps:
-            checkpoint(out, step, model, optimizer, trainable, c, identity, main_process, world)
+            saved = checkpoint(out, step, model, optimizer, trainable, c, identity, main_process, world)
         if main_process and validation and ((c.validation_steps and step % c.validation_steps == 0)
                                             or step == c.max_train_steps):
             pictures = sample_validation(model, vae, validation, sched_config, c.validation_inference_steps,
@@ -952,7 +1034,8 @@ def train(c: TrainConfig, progress: bool = True) -> Path:
     bar.close()
     if main_process:
         plot_loss(log_path, out / "loss.png")
-        finish(out, c)
+        if saved is not None:
+            finish(out, saved, c)
     if world > 1:
         dist.barrier()
     return out
@@ -968,11 +1051,7 @@ def validation_entries(c: TrainConfig, pipe, edit: bool) -> list[dict]:
     """The validation prompts' embeddings (and Edit's condition latents), computed while the text
     encoder is loaded, at --resolution (Edit: the condition image's bucket)."""
     entries = []
-    controls = [Path(p) for p in c.validation_image]
-    if edit and c.validation_prompt and len(controls) not in (len(c.validation_prompt), 0):
-        raise ValueError("--validation_image: give one condition image per --validation_prompt")
-    if edit and c.validation_prompt and not controls:
-        raise ValueError("--validation_prompt for an Edit model needs --validation_image (the picture to edit)")
+    controls = [Path(p) for p in c.validation_image]                  # checked in train(): one per prompt
     for i, prompt in enumerate(c.validation_prompt):
         if not edit:
             embeds, mask = pipe.encode_prompt(prompt, max_sequence_length=c.max_sequence_length)
@@ -1022,7 +1101,10 @@ def wrap_for_processes(transformer: nn.Module, c: TrainConfig, world: int, devic
     if world == 1:
         return transformer
     if c.finetune == "lora":
-        return nn.parallel.DistributedDataParallel(transformer, device_ids=[device] if device.type == "cuda" else None)
+        # static_graph: the same adapters get no gradient at every step (the last block's text-stream output
+        # is never used), which DDP must be told about.
+        return nn.parallel.DistributedDataParallel(transformer, device_ids=[device] if device.type == "cuda" else None,
+                                                   static_graph=True)
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     mesh = init_device_mesh(device.type, (world,))
@@ -1047,15 +1129,17 @@ def full_states(model, optimizer, c: TrainConfig, world: int) -> tuple[dict | No
     return model_state, optim
 
 
-def checkpoint(out, step, model, optimizer, trainable, c, identity, main_process, world):
+def checkpoint(out, step, model, optimizer, trainable, c, identity, main_process, world) -> Path:
+    """Gather the states (every process takes part), save on the main process; -> the checkpoint's path."""
     model_state, optim = full_states(model, optimizer, c, world)
     if main_process:
-        save_checkpoint(out, step, model, optimizer, c, identity, trainable, model_state, optim)
+        save_checkpoint(out, step, model, c, identity, trainable, model_state, optim)
         if c.checkpoints_total_limit:
             for old in checkpoints_in(out)[:-c.checkpoints_total_limit]:
                 shutil.rmtree(old, ignore_errors=True)
     if world > 1:
         dist.barrier()
+    return out / f"checkpoint-{step}"
 
 
 def resume(path: Path, identity: dict, model, optimizer, trainable: dict, c: TrainConfig) -> int:
@@ -1078,8 +1162,8 @@ def resume(path: Path, identity: dict, model, optimizer, trainable: dict, c: Tra
         if key.startswith("optim."):
             name, field_ = key[len("optim."):].rsplit(".", 1)
             optim["state"].setdefault(name, {})[field_] = t
-    for g, saved in zip(optim["param_groups"], state["param_groups"]):
-        g.update(saved)
+    # The optimizer's hyperparameters are this run's flags (identical, for an exact resume); the learning rate
+    # is set from the step before every update.
     set_optimizer_state_dict(inner, optimizer, optim, options=options)
     for name, p in inner.named_parameters():      # it fills in zero state for weights that never had a gradient:
         if name not in optim["state"]:            # drop it, so the optimizer is exactly the saved one
@@ -1087,9 +1171,8 @@ def resume(path: Path, identity: dict, model, optimizer, trainable: dict, c: Tra
     return step
 
 
-def finish(out: Path, c: TrainConfig) -> None:
-    """The final result beside the checkpoints: lora.safetensors, or transformer/ (official layout)."""
-    last = checkpoints_in(out)[-1]
+def finish(out: Path, last: Path, c: TrainConfig) -> None:
+    """The final result beside the checkpoints, from the last one saved: lora.safetensors, or transformer/."""
     if c.finetune == "lora":
         shutil.copyfile(last / "lora.safetensors", out / ".lora.safetensors.partial")
         os.replace(out / ".lora.safetensors.partial", out / "lora.safetensors")
@@ -1105,7 +1188,7 @@ def main(argv=None) -> int:
     try:
         config = parse_args(argv)
         out = train(config)
-    except (ValueError, weights.CheckpointError, OSError) as e:
+    except (ValueError, weights.CheckpointError, OSError, FloatingPointError) as e:
         raise SystemExit(f"error: {e}") from None
     finally:
         if dist.is_initialized():

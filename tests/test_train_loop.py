@@ -146,7 +146,8 @@ def test_two_processes_reach_the_weights_of_one(model, tmp_path, finetune):
     data = squares(tmp_path / "data")
     flags = ["--model", str(model), "--data", str(data), "--resolution", "64", "--mixed_precision", "no",
              "--train_batch_size", "1", "--max_train_steps", "4", "--checkpointing_steps", "4", "--finetune", finetune,
-             "--caption_dropout", "0.3"]
+             "--caption_dropout", "0.3", "--lora_layers", "all-linear"]   # the last block's text-side adapters
+                                                                          # get no gradient: DDP must cope
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     one = subprocess.run([sys.executable, "-m", "qwenimage_minimal", "train", *flags, "--out", str(tmp_path / "one"),
                           "--gradient_accumulation_steps", "2"], capture_output=True, text=True, env=env)
@@ -194,13 +195,52 @@ def test_edit_training_with_condition_images_and_validation(edit_model, tmp_path
 
 
 def test_prior_preservation_and_jsonl_data(model, tmp_path):
+    """Two instance pictures (.jsonl) against four class pictures: as in the reference, max(2, 4) = 4 pairs,
+    instance i % 2 with class i % 4, so every class picture is used; the prior term is in the loss."""
     data = squares(tmp_path / "pictures", captions=False)
-    rows = [{"image": f"pictures/{n}.png", "prompt": f"a {n} square"} for n in COLOURS]
+    rows = [{"image": f"pictures/{n}.png", "prompt": f"a {n} square"} for n in ("red", "blue")]
     (tmp_path / "data.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
-    out = tmp_path / "out"
-    train.train(config(model, tmp_path / "data.jsonl", out, with_prior_preservation=True, class_data_dir=str(data),
-                       class_prompt="a square", max_train_steps=2), progress=False)
-    assert len(list((out / "cache").glob("*.safetensors"))) == 8              # 4 instance + 4 class entries
+    c = config(model, tmp_path / "data.jsonl", tmp_path / "out", with_prior_preservation=True,
+               class_data_dir=str(data), class_prompt="a square", max_train_steps=2)
+    examples, class_examples, _, _ = train.prepare_data(c, None, tmp_path / "out", "id", False)
+    assert [e.image.stem for e in examples] == ["red", "blue", "red", "blue"]
+    assert [e.image.stem for e in class_examples] == ["blue", "green", "red", "yellow"]
+    assert {e.prompt for e in class_examples} == {"a square"}
+    train.train(c, progress=False)
+    assert len(list((tmp_path / "out" / "cache").glob("*.safetensors"))) == 2 + 4
+    with_prior = losses(tmp_path / "out")
+    train.train(config(model, tmp_path / "data.jsonl", tmp_path / "out2", with_prior_preservation=True,
+                       class_data_dir=str(data), class_prompt="a square", max_train_steps=2, prior_loss_weight=0.0,
+                       embeddings_cache=str(tmp_path / "out" / "cache")), progress=False)
+    assert losses(tmp_path / "out2")[0] < with_prior[0]                       # the same draws without the prior term
+
+
+def test_caption_dropout_uses_the_empty_prompt_and_never_drops_class_prompts(model, tmp_path):
+    data = squares(tmp_path / "data")
+    c = config(model, data, tmp_path / "out", caption_dropout=0.5, with_prior_preservation=True,
+               class_data_dir=str(data), class_prompt="a square", max_train_steps=1, train_batch_size=4)
+    train.train(c, progress=False)
+    examples, class_examples, sizes, cache_dir = train.prepare_data(c, None, tmp_path / "out", "id", False)
+    cache = train.build_cache(None, examples, sizes, cache_dir, "instance", True, 512, 4, f"{train.model_fingerprint(model)}:{torch.float32}")
+    class_cache = train.build_cache(None, class_examples, sizes, cache_dir, "class", False, 512, 4,
+                                    f"{train.model_fingerprint(model)}:{torch.float32}")
+    stats = torch.zeros(1, 16, 1, 1), torch.ones(1, 16, 1, 1)
+    dropped = 0
+    for seed in range(50):
+        inputs = train.make_inputs([0, 1, 2, 3], cache, class_cache, c, torch.Generator().manual_seed(seed), *stats,
+                                   "cpu", torch.float32)
+        for i in range(4):
+            own = train.read_cached(cache[i])
+            length = int(inputs["prompt_mask"][i].sum()) if inputs["prompt_mask"] is not None else inputs[
+                "prompt_embeds"].shape[1]
+            row = inputs["prompt_embeds"][i, :length]
+            is_empty = torch.equal(row, own["empty_embeds"])
+            assert is_empty or torch.equal(row, own["prompt_embeds"])
+            dropped += is_empty
+        class_rows = inputs["prompt_embeds"][4:]
+        class_embeds = train.read_cached(class_cache[0])["prompt_embeds"]
+        assert all(torch.equal(r[: class_embeds.shape[0]], class_embeds) for r in class_rows)   # never dropped
+    assert 0.4 < dropped / 200 < 0.6
 
 
 def test_the_cache_is_reused_and_keyed_by_content(model, tmp_path):
@@ -216,9 +256,13 @@ def test_the_cache_is_reused_and_keyed_by_content(model, tmp_path):
     assert len(after) == 5 and all(after[k] == v for k, v in files.items())  # one new entry, the rest untouched
 
 
-def test_buckets_are_multiples_of_16_and_never_upscale():
-    assert train.bucket_size(1920, 1080, 1024) == (768, 1360)
-    assert train.bucket_size(100, 60, 1024) == (64, 96)                       # small: its own area
+def test_buckets_come_from_a_ladder_are_multiples_of_16_and_never_upscale():
+    assert train.bucket_size(1920, 1080, 1024) == (768, 1360)                 # 16:9 at ~1024² pixels
+    assert train.bucket_size(1080, 1920, 1024) == (1360, 768)
+    assert train.bucket_size(100, 60, 1024) == (48, 80)                       # small: 64² pixels, 16:9 (5:3 nearest)
+    g = torch.Generator().manual_seed(0)
+    sides = torch.randint(1100, 3000, (100, 2), generator=g).tolist()    # all at least 1024² pixels
+    assert len({train.bucket_size(w, h, 1024) for w, h in sides}) <= len(train.ASPECT_RATIOS)   # batches stay full
     assert train.bucket_size(500, 300, 256, square=True) == (256, 256)
     for w, h in [(1000, 1000), (333, 777), (4000, 100)]:
         bh, bw = train.bucket_size(w, h, 512)
@@ -268,6 +312,27 @@ def test_bad_data_and_settings_are_refused_with_the_flag_named(model, tmp_path):
         train.train(config(model, corrupt, tmp_path / "out"), progress=False)
 
 
+def test_learning_rate_schedules_equal_diffusers():
+    from diffusers.optimization import get_scheduler
+    for kind in train.LR_SCHEDULERS:
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        ref = get_scheduler(kind, optimizer=opt, num_warmup_steps=3, num_training_steps=10)
+        for step in range(12):
+            assert train.lr_factor(kind, step, 3, 10) == pytest.approx(opt.param_groups[0]["lr"], abs=1e-12), (kind, step)
+            opt.step()
+            ref.step()
+
+
+def test_settings_file_types_are_checked(tmp_path):
+    settings = tmp_path / "settings.json"
+    settings.write_text(json.dumps({"validation_prompt": "a photo of a dog", "rank": 8}))
+    c = train.parse_args(["--config", str(settings), "--model", "m", "--data", "d", "--out", "o", "--rank", "16"])
+    assert c.validation_prompt == ("a photo of a dog",) and c.rank == 16          # one string is one prompt; flags win
+    settings.write_text(json.dumps({"learning_rate": "1e-4"}))
+    with pytest.raises(ValueError, match="'learning_rate' must be float"):
+        train.parse_args(["--config", str(settings), "--model", "m", "--data", "d", "--out", "o"])
+
+
 def test_resuming_another_runs_checkpoint_is_refused(model, tmp_path):
     data = squares(tmp_path / "data")
     train.train(config(model, data, tmp_path / "a", max_train_steps=2, checkpointing_steps=2), progress=False)
@@ -278,6 +343,11 @@ def test_resuming_another_runs_checkpoint_is_refused(model, tmp_path):
         train.train(config(model, data, tmp_path / "a", max_train_steps=2), progress=False)
     with pytest.raises(ValueError, match="not a checkpoint of this trainer"):
         train.train(config(model, data, tmp_path / "b", resume_from_checkpoint=str(tmp_path / "a")), progress=False)
+    train.train(config(model, data, tmp_path / "a", max_train_steps=4, checkpointing_steps=2,
+                       resume_from_checkpoint="latest"), progress=False)
+    with pytest.raises(ValueError, match=r"holds later checkpoints \(checkpoint-4\)"):
+        train.train(config(model, data, tmp_path / "a", max_train_steps=3,
+                           resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-2")), progress=False)
     bad_config = tmp_path / "settings.json"
     bad_config.write_text(json.dumps({"rnak": 4}))
     with pytest.raises(ValueError, match="unknown keys: \\['rnak'\\]"):
