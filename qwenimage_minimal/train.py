@@ -342,6 +342,19 @@ def bucket_size(width: int, height: int, resolution: int, square: bool = False) 
     return h, w
 
 
+def image_size(path: Path, what: str = "image") -> tuple[int, int]:
+    """(width, height) from the file's header alone (as open_image will turn it: EXIF orientations 5-8
+    swap the sides); the pixels are read once, when the cache is filled."""
+    from PIL import Image, UnidentifiedImageError
+    try:
+        with Image.open(path) as image:
+            orientation = image.getexif().get(0x0112, 1)
+            width, height = image.size
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        raise ValueError(f"{what} {path}: not an image PIL can read ({e}); fix or remove it") from None
+    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+
+
 def load_pixels(path: Path, size: tuple[int, int], what: str = "image") -> torch.Tensor:
     """Image file -> (1, 3, h, w) in [-1, 1]: resized to cover `size` (aspect kept), center crop."""
     from PIL import Image
@@ -355,19 +368,6 @@ def load_pixels(path: Path, size: tuple[int, int], what: str = "image") -> torch
     image = image.resize((max(w, round(image.width * scale)), max(h, round(image.height * scale))), Image.LANCZOS)
     left, top = (image.width - w) // 2, (image.height - h) // 2
     return images.to_tensor(image.crop((left, top, left + w, top + h)))
-
-
-def image_size(path: Path, what: str = "image") -> tuple[int, int]:
-    """(width, height) from the file's header alone (as open_image will turn it: EXIF orientations 5-8
-    swap the sides); the pixels are read once, when the cache is filled."""
-    from PIL import Image, UnidentifiedImageError
-    try:
-        with Image.open(path) as image:
-            orientation = image.getexif().get(0x0112, 1)
-            width, height = image.size
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
-        raise ValueError(f"{what} {path}: not an image PIL can read ({e}); fix or remove it") from None
-    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
 
 
 @functools.lru_cache(maxsize=4)                       # micro_batch asks for the same epoch at every step
@@ -595,6 +595,37 @@ def flow_matching_loss(model, x0, noise, u, prompt_embeds, prompt_mask, schedule
     return instance.mean() + prior_loss_weight * prior.mean()
 
 
+def vae_stats(root: Path):
+    raw = weights.read_config(root / "vae")
+    from .vae import LATENTS_MEAN, LATENTS_STD
+    return raw.get("latents_mean", LATENTS_MEAN), raw.get("latents_std", LATENTS_STD)
+
+
+def make_inputs(batch: list[int], cache: list, class_cache: list, c: TrainConfig, g: torch.Generator,
+                latents_mean, latents_std, device, dtype) -> dict:
+    """One micro-batch from the cache: draws from `g` in a fixed order (dropout, posterior, noise, u)."""
+    entries = [read_cached(cache[i]) for i in batch]
+    dropped = (torch.rand(len(batch), generator=g) < c.caption_dropout).tolist()
+    prompts_ = [e["empty_embeds"] if drop else e["prompt_embeds"] for e, drop in zip(entries, dropped)]
+    if c.with_prior_preservation:
+        class_entries = [read_cached(class_cache[i]) for i in batch]
+        entries += class_entries
+        prompts_ += [e["prompt_embeds"] for e in class_entries]
+    mean = torch.stack([e["latent_mean"] for e in entries])                        # (B, C, h, w)
+    logvar = torch.stack([e["latent_logvar"] for e in entries])
+    z = mean + torch.exp(0.5 * logvar.clamp(-30, 20)) * torch.randn(mean.shape, generator=g)  # posterior sample
+    x0 = ((z - latents_mean) / latents_std).to(device, dtype)
+    noise = torch.randn(x0.shape, generator=g).to(device, dtype)
+    u = timestep_density(c.weighting_scheme, len(entries), c.logit_mean, c.logit_std, c.mode_scale, generator=g)
+    embeds, mask = pad_prompts(prompts_)
+    inputs = {"x0": x0, "noise": noise, "u": u, "prompt_embeds": embeds.to(device, dtype),
+              "prompt_mask": None if mask is None else mask.to(device)}
+    if "control_tokens" in entries[0]:
+        inputs["reference"] = torch.stack([e["control_tokens"] for e in entries]).to(device, dtype)
+        inputs["reference_shapes"] = [tuple(s) for s in entries[0]["control_shapes"].tolist()]
+    return inputs
+
+
 # ---------------------------------------------------------------------------------------------
 # Optimisation: learning rate and the optimizer
 # ---------------------------------------------------------------------------------------------
@@ -616,6 +647,66 @@ def lr_factor(kind: str, step: int, warmup: int, total: int) -> float:
 def make_optimizer(params: list, c: TrainConfig, device: torch.device) -> torch.optim.AdamW:
     return torch.optim.AdamW(params, lr=c.learning_rate, betas=(c.adam_beta1, c.adam_beta2), eps=c.adam_epsilon,
                              weight_decay=c.adam_weight_decay, fused=device.type == "cuda" or None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Several processes: torchrun, DDP, FSDP2
+# ---------------------------------------------------------------------------------------------
+
+def setup_distributed(device_name: str | None) -> tuple[int, int, torch.device]:
+    """Under torchrun (RANK / WORLD_SIZE set): join the process group, gloo on CPU and NCCL on GPUs."""
+    if device_name is None:
+        device_name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device_name)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, device
+    if not dist.is_initialized():
+        # Rank 0 fills the cache (and gathers full checkpoints) while the others wait at a barrier: allow hours.
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=6))
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def wrap_for_processes(transformer: nn.Module, c: TrainConfig, world: int, device, weight_dtype) -> nn.Module:
+    """One process: the model itself. Several: DDP for LoRA (every process holds the frozen weights, the
+    adapters' gradients are averaged), FSDP2 for full fine-tuning (each block's weights, gradients and
+    AdamW moments sharded across processes; fully_shard per block, then the root)."""
+    if world == 1:
+        return transformer
+    if c.finetune == "lora":
+        # static_graph: the same adapters get no gradient at every step (the last block's text-stream output
+        # is never used), which DDP must be told about.
+        return nn.parallel.DistributedDataParallel(transformer, device_ids=[device] if device.type == "cuda" else None,
+                                                   static_graph=True)
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    mesh = init_device_mesh(device.type, (world,))
+    policy = MixedPrecisionPolicy(param_dtype=weight_dtype, reduce_dtype=torch.float32)
+    for block in transformer.transformer_blocks:
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+    fully_shard(transformer, mesh=mesh, mp_policy=policy)
+    return transformer
+
+
+def full_states(model, optimizer, c: TrainConfig, world: int) -> tuple[dict | None, dict]:
+    """(full model state for saving, optimizer state keyed by parameter name), gathered to every process
+    when sharded (torch.distributed.checkpoint's state-dict API: it also works in one process)."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+    options = StateDictOptions(full_state_dict=True, cpu_offload=world > 1)
+    inner = unwrap(model)
+    optim = get_optimizer_state_dict(inner, optimizer, options=options)
+    model_state = None
+    if c.finetune == "full":
+        model_state = {k: v.detach().cpu() for k, v in get_model_state_dict(inner, options=options).items()}
+    return model_state, optim
 
 
 # ---------------------------------------------------------------------------------------------
@@ -701,6 +792,19 @@ def save_checkpoint(out: Path, step: int, model: nn.Module, c: TrainConfig, iden
     return final
 
 
+def checkpoint(out, step, model, optimizer, trainable, c, identity, main_process, world) -> Path:
+    """Gather the states (every process takes part), save on the main process; -> the checkpoint's path."""
+    model_state, optim = full_states(model, optimizer, c, world)
+    if main_process:
+        save_checkpoint(out, step, model, c, identity, trainable, model_state, optim)
+        if c.checkpoints_total_limit:
+            for old in checkpoints_in(out)[:-c.checkpoints_total_limit]:
+                shutil.rmtree(old, ignore_errors=True)
+    if world > 1:
+        dist.barrier()
+    return out / f"checkpoint-{step}"
+
+
 def checkpoint_step(path: Path) -> int:
     tail = path.name.split("-", 1)[-1]
     return int(tail) if path.name.startswith("checkpoint-") and tail.isdigit() else -1
@@ -709,15 +813,6 @@ def checkpoint_step(path: Path) -> int:
 def checkpoints_in(out: Path) -> list[Path]:
     """The complete checkpoints in `out`, oldest first (staging folders are hidden: .checkpoint-*)."""
     return sorted((p for p in out.glob("checkpoint-*") if p.is_dir() and checkpoint_step(p) >= 0), key=checkpoint_step)
-
-
-def read_log(path: Path) -> list[dict]:
-    """The rows of log.jsonl; a last line cut short by a killed process is dropped."""
-    rows = []
-    for line in path.read_text().splitlines():
-        with contextlib.suppress(json.JSONDecodeError):
-            rows.append(json.loads(line))
-    return [r for r in rows if isinstance(r, dict) and "step" in r and "loss" in r]
 
 
 def read_checkpoint(path: Path, identity: dict) -> tuple[int, dict, dict]:
@@ -736,17 +831,86 @@ def read_checkpoint(path: Path, identity: dict) -> tuple[int, dict, dict]:
     return int(state["step"]), state, read_cached(path / "training_state.safetensors")
 
 
+def resume(path: Path, identity: dict, model, optimizer, trainable: dict, c: TrainConfig) -> int:
+    """Load a checkpoint into the model and optimizer; -> its step."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
+                                                         set_model_state_dict, set_optimizer_state_dict)
+    step, state, tensors = read_checkpoint(path, identity)
+    inner = unwrap(model)
+    options = StateDictOptions(full_state_dict=True, strict=False)   # a weight that never had a gradient has no state
+    if c.finetune == "lora":
+        with torch.no_grad():
+            for n, p in trainable.items():
+                p.copy_(tensors[f"param.{n}"])
+    else:
+        loaded = mmdit.load(path / "transformer", device="cpu", dtype=torch.float32)
+        set_model_state_dict(inner, loaded.state_dict(), options=options)
+    template = get_optimizer_state_dict(inner, optimizer, options=options)
+    optim = {"state": {}, "param_groups": template["param_groups"]}
+    for key, t in tensors.items():
+        if key.startswith("optim."):
+            name, field_ = key[len("optim."):].rsplit(".", 1)
+            optim["state"].setdefault(name, {})[field_] = t
+    # The optimizer's hyperparameters are this run's flags (identical, for an exact resume); the learning rate
+    # is set from the step before every update.
+    set_optimizer_state_dict(inner, optimizer, optim, options=options)
+    for name, p in inner.named_parameters():      # it fills in zero state for weights that never had a gradient:
+        if name not in optim["state"]:            # drop it, so the optimizer is exactly the saved one
+            optimizer.state.pop(p, None)
+    return step
+
+
+def finish(out: Path, last: Path, c: TrainConfig) -> None:
+    """The final result beside the checkpoints, from the last one saved: lora.safetensors, or transformer/."""
+    if c.finetune == "lora":
+        shutil.copyfile(last / "lora.safetensors", out / ".lora.safetensors.partial")
+        os.replace(out / ".lora.safetensors.partial", out / "lora.safetensors")
+    else:
+        staging = out / ".transformer.partial"
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.copytree(last / "transformer", staging)
+        shutil.rmtree(out / "transformer", ignore_errors=True)
+        os.replace(staging, out / "transformer")
+
+
 def model_config(model: nn.Module) -> mmdit.MMDiTConfig:
     return unwrap(model).config
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+def read_log(path: Path) -> list[dict]:
+    """The rows of log.jsonl; a last line cut short by a killed process is dropped."""
+    rows = []
+    for line in path.read_text().splitlines():
+        with contextlib.suppress(json.JSONDecodeError):
+            rows.append(json.loads(line))
+    return [r for r in rows if isinstance(r, dict) and "step" in r and "loss" in r]
 
 
 # ---------------------------------------------------------------------------------------------
 # Validation and the log
 # ---------------------------------------------------------------------------------------------
+
+def validation_entries(c: TrainConfig, pipe, edit: bool) -> list[dict]:
+    """The validation prompts' embeddings (and Edit's condition latents), computed while the text
+    encoder is loaded, at --resolution (Edit: the condition image's bucket)."""
+    entries = []
+    controls = [Path(p) for p in c.validation_image]                  # checked in train(): one per prompt
+    for i, prompt in enumerate(c.validation_prompt):
+        if not edit:
+            embeds, mask = pipe.encode_prompt(prompt, max_sequence_length=c.max_sequence_length)
+            negative, _ = pipe.encode_prompt(" ", max_sequence_length=c.max_sequence_length)
+            entries.append({"prompt_embeds": embeds[0].float().cpu(), "negative_embeds": negative[0].float().cpu(),
+                            "size": (c.resolution, c.resolution)})
+            continue
+        size = bucket_size(*image_size(controls[i]), c.resolution, c.square)
+        condition, vae_images = condition_images(pipe, [controls[i]], size)
+        features = pipe.image_features(condition)
+        tokens, shapes = pipe.encode_image_latents(vae_images)
+        entries.append({"prompt_embeds": pipe.encode_prompt(prompt, features)[0][0].float().cpu(),
+                        "negative_embeds": pipe.encode_prompt(" ", features)[0][0].float().cpu(), "size": size,
+                        "control_tokens": tokens[0].float().cpu(), "control_shapes": torch.tensor(shapes)})
+    return entries
+
 
 @torch.no_grad()
 def sample_validation(model, vae, validation: list, scheduler_config, steps: int, cfg: float, seed: int,
@@ -808,8 +972,10 @@ def plot_loss(log_path: Path, png: Path) -> None:
     W, H, m = 640, 360, 48
     lo, hi = min(losses), max(losses)
     hi = hi if hi > lo else lo + 1
-    def xy(s, v):
-        return m + (s - steps[0]) / max(1, steps[-1] - steps[0]) * (W - 2 * m), H - m - (v - lo) / (hi - lo) * (H - 2 * m)
+
+    def xy(step, value):                                     # data -> pixel coordinates inside the frame
+        x = m + (step - steps[0]) / max(1, steps[-1] - steps[0]) * (W - 2 * m)
+        return x, H - m - (value - lo) / (hi - lo) * (H - 2 * m)
     image = Image.new("RGB", (W, H), "white")
     d = ImageDraw.Draw(image)
     d.rectangle([m, m, W - m, H - m], outline="black")
@@ -825,23 +991,6 @@ def plot_loss(log_path: Path, png: Path) -> None:
 # ---------------------------------------------------------------------------------------------
 # The loop
 # ---------------------------------------------------------------------------------------------
-
-def setup_distributed(device_name: str | None) -> tuple[int, int, torch.device]:
-    """Under torchrun (RANK / WORLD_SIZE set): join the process group, gloo on CPU and NCCL on GPUs."""
-    if device_name is None:
-        device_name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device_name)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return 0, 1, device
-    if not dist.is_initialized():
-        # Rank 0 fills the cache (and gathers full checkpoints) while the others wait at a barrier: allow hours.
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=6))
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
-    return dist.get_rank(), dist.get_world_size(), device
-
 
 def prepare_data(c: TrainConfig, pipe, out: Path, model_id: str, progress: bool):
     """Read the examples, choose their sizes, fill the cache; -> (cache paths, class cache paths, sizes)."""
@@ -1039,149 +1188,6 @@ def train(c: TrainConfig, progress: bool = True) -> Path:
     if world > 1:
         dist.barrier()
     return out
-
-
-def vae_stats(root: Path):
-    raw = weights.read_config(root / "vae")
-    from .vae import LATENTS_MEAN, LATENTS_STD
-    return raw.get("latents_mean", LATENTS_MEAN), raw.get("latents_std", LATENTS_STD)
-
-
-def validation_entries(c: TrainConfig, pipe, edit: bool) -> list[dict]:
-    """The validation prompts' embeddings (and Edit's condition latents), computed while the text
-    encoder is loaded, at --resolution (Edit: the condition image's bucket)."""
-    entries = []
-    controls = [Path(p) for p in c.validation_image]                  # checked in train(): one per prompt
-    for i, prompt in enumerate(c.validation_prompt):
-        if not edit:
-            embeds, mask = pipe.encode_prompt(prompt, max_sequence_length=c.max_sequence_length)
-            negative, _ = pipe.encode_prompt(" ", max_sequence_length=c.max_sequence_length)
-            entries.append({"prompt_embeds": embeds[0].float().cpu(), "negative_embeds": negative[0].float().cpu(),
-                            "size": (c.resolution, c.resolution)})
-            continue
-        size = bucket_size(*image_size(controls[i]), c.resolution, c.square)
-        condition, vae_images = condition_images(pipe, [controls[i]], size)
-        features = pipe.image_features(condition)
-        tokens, shapes = pipe.encode_image_latents(vae_images)
-        entries.append({"prompt_embeds": pipe.encode_prompt(prompt, features)[0][0].float().cpu(),
-                        "negative_embeds": pipe.encode_prompt(" ", features)[0][0].float().cpu(), "size": size,
-                        "control_tokens": tokens[0].float().cpu(), "control_shapes": torch.tensor(shapes)})
-    return entries
-
-
-def make_inputs(batch: list[int], cache: list, class_cache: list, c: TrainConfig, g: torch.Generator,
-                latents_mean, latents_std, device, dtype) -> dict:
-    """One micro-batch from the cache: draws from `g` in a fixed order (dropout, posterior, noise, u)."""
-    entries = [read_cached(cache[i]) for i in batch]
-    dropped = (torch.rand(len(batch), generator=g) < c.caption_dropout).tolist()
-    prompts_ = [e["empty_embeds"] if drop else e["prompt_embeds"] for e, drop in zip(entries, dropped)]
-    if c.with_prior_preservation:
-        class_entries = [read_cached(class_cache[i]) for i in batch]
-        entries += class_entries
-        prompts_ += [e["prompt_embeds"] for e in class_entries]
-    mean = torch.stack([e["latent_mean"] for e in entries])                        # (B, C, h, w)
-    logvar = torch.stack([e["latent_logvar"] for e in entries])
-    z = mean + torch.exp(0.5 * logvar.clamp(-30, 20)) * torch.randn(mean.shape, generator=g)  # posterior sample
-    x0 = ((z - latents_mean) / latents_std).to(device, dtype)
-    noise = torch.randn(x0.shape, generator=g).to(device, dtype)
-    u = timestep_density(c.weighting_scheme, len(entries), c.logit_mean, c.logit_std, c.mode_scale, generator=g)
-    embeds, mask = pad_prompts(prompts_)
-    inputs = {"x0": x0, "noise": noise, "u": u, "prompt_embeds": embeds.to(device, dtype),
-              "prompt_mask": None if mask is None else mask.to(device)}
-    if "control_tokens" in entries[0]:
-        inputs["reference"] = torch.stack([e["control_tokens"] for e in entries]).to(device, dtype)
-        inputs["reference_shapes"] = [tuple(s) for s in entries[0]["control_shapes"].tolist()]
-    return inputs
-
-
-def wrap_for_processes(transformer: nn.Module, c: TrainConfig, world: int, device, weight_dtype) -> nn.Module:
-    """One process: the model itself. Several: DDP for LoRA (every process holds the frozen weights, the
-    adapters' gradients are averaged), FSDP2 for full fine-tuning (each block's weights, gradients and
-    AdamW moments sharded across processes; fully_shard per block, then the root)."""
-    if world == 1:
-        return transformer
-    if c.finetune == "lora":
-        # static_graph: the same adapters get no gradient at every step (the last block's text-stream output
-        # is never used), which DDP must be told about.
-        return nn.parallel.DistributedDataParallel(transformer, device_ids=[device] if device.type == "cuda" else None,
-                                                   static_graph=True)
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    mesh = init_device_mesh(device.type, (world,))
-    policy = MixedPrecisionPolicy(param_dtype=weight_dtype, reduce_dtype=torch.float32)
-    for block in transformer.transformer_blocks:
-        fully_shard(block, mesh=mesh, mp_policy=policy)
-    fully_shard(transformer, mesh=mesh, mp_policy=policy)
-    return transformer
-
-
-def full_states(model, optimizer, c: TrainConfig, world: int) -> tuple[dict | None, dict]:
-    """(full model state for saving, optimizer state keyed by parameter name), gathered to every process
-    when sharded (torch.distributed.checkpoint's state-dict API: it also works in one process)."""
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                         get_optimizer_state_dict)
-    options = StateDictOptions(full_state_dict=True, cpu_offload=world > 1)
-    inner = unwrap(model)
-    optim = get_optimizer_state_dict(inner, optimizer, options=options)
-    model_state = None
-    if c.finetune == "full":
-        model_state = {k: v.detach().cpu() for k, v in get_model_state_dict(inner, options=options).items()}
-    return model_state, optim
-
-
-def checkpoint(out, step, model, optimizer, trainable, c, identity, main_process, world) -> Path:
-    """Gather the states (every process takes part), save on the main process; -> the checkpoint's path."""
-    model_state, optim = full_states(model, optimizer, c, world)
-    if main_process:
-        save_checkpoint(out, step, model, c, identity, trainable, model_state, optim)
-        if c.checkpoints_total_limit:
-            for old in checkpoints_in(out)[:-c.checkpoints_total_limit]:
-                shutil.rmtree(old, ignore_errors=True)
-    if world > 1:
-        dist.barrier()
-    return out / f"checkpoint-{step}"
-
-
-def resume(path: Path, identity: dict, model, optimizer, trainable: dict, c: TrainConfig) -> int:
-    """Load a checkpoint into the model and optimizer; -> its step."""
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
-                                                         set_model_state_dict, set_optimizer_state_dict)
-    step, state, tensors = read_checkpoint(path, identity)
-    inner = unwrap(model)
-    options = StateDictOptions(full_state_dict=True, strict=False)   # a weight that never had a gradient has no state
-    if c.finetune == "lora":
-        with torch.no_grad():
-            for n, p in trainable.items():
-                p.copy_(tensors[f"param.{n}"])
-    else:
-        loaded = mmdit.load(path / "transformer", device="cpu", dtype=torch.float32)
-        set_model_state_dict(inner, loaded.state_dict(), options=options)
-    template = get_optimizer_state_dict(inner, optimizer, options=options)
-    optim = {"state": {}, "param_groups": template["param_groups"]}
-    for key, t in tensors.items():
-        if key.startswith("optim."):
-            name, field_ = key[len("optim."):].rsplit(".", 1)
-            optim["state"].setdefault(name, {})[field_] = t
-    # The optimizer's hyperparameters are this run's flags (identical, for an exact resume); the learning rate
-    # is set from the step before every update.
-    set_optimizer_state_dict(inner, optimizer, optim, options=options)
-    for name, p in inner.named_parameters():      # it fills in zero state for weights that never had a gradient:
-        if name not in optim["state"]:            # drop it, so the optimizer is exactly the saved one
-            optimizer.state.pop(p, None)
-    return step
-
-
-def finish(out: Path, last: Path, c: TrainConfig) -> None:
-    """The final result beside the checkpoints, from the last one saved: lora.safetensors, or transformer/."""
-    if c.finetune == "lora":
-        shutil.copyfile(last / "lora.safetensors", out / ".lora.safetensors.partial")
-        os.replace(out / ".lora.safetensors.partial", out / "lora.safetensors")
-    else:
-        staging = out / ".transformer.partial"
-        shutil.rmtree(staging, ignore_errors=True)
-        shutil.copytree(last / "transformer", staging)
-        shutil.rmtree(out / "transformer", ignore_errors=True)
-        os.replace(staging, out / "transformer")
 
 
 def main(argv=None) -> int:
