@@ -451,7 +451,7 @@ def encode_examples(pipe, examples: list[Example], sizes: list, with_empty: bool
             chunk = members[k:k + batch_size]
             pixels = torch.cat([load_pixels(examples[i].image, size) for i in chunk])      # (b, 3, H, W)
             with pipe.active(pipe.vae) as ae, torch.no_grad():
-                posterior = ae.encode(pixels.to(pipe.device, vae_dtype))                    # N(mean, exp(logvar)), each (b, C, h, w)
+                posterior = ae.encode(pixels.to(pipe.device, vae_dtype))    # N(mean, exp(logvar)), (b, C, h, w) each
             for j, i in enumerate(chunk):
                 out[i]["latent_mean"] = posterior.mean[j].float().cpu()
                 out[i]["latent_logvar"] = posterior.logvar[j].float().cpu()
@@ -747,7 +747,8 @@ def write_transformer_folder(folder: Path, state: dict, config: mmdit.MMDiTConfi
         weight_map.update({n: file for n in names})
     if len(shards) > 1:
         weights.write_json(folder / f"{stem}.safetensors.index.json",
-                           {"metadata": {"total_size": sum(t.nbytes for t in state.values())}, "weight_map": weight_map})
+                           {"metadata": {"total_size": sum(t.nbytes for t in state.values())},
+                            "weight_map": weight_map})
     weights.write_json(folder / "config.json", config.to_json())
 
 
@@ -1080,7 +1081,8 @@ def train(c: TrainConfig, progress: bool = True) -> Path:
                              dtype=weight_dtype if c.finetune == "lora" else torch.float32)
     transformer.requires_grad_(False)
     if c.finetune == "lora":
-        targets = c.lora_layers if c.lora_layers in lora.TARGET_PRESETS else [t.strip() for t in c.lora_layers.split(",")]
+        targets = (c.lora_layers if c.lora_layers in lora.TARGET_PRESETS
+                   else [t.strip() for t in c.lora_layers.split(",")])
         lora.add_adapter(transformer, "default", targets, c.rank, c.lora_alpha, c.lora_dropout,
                          generator=torch.Generator().manual_seed(c.seed))
         trainable = lora.trainable_parameters(transformer)
@@ -1100,7 +1102,10 @@ def train(c: TrainConfig, progress: bool = True) -> Path:
     step, saved = 0, None
     if c.resume_from_checkpoint:
         found = checkpoints_in(out)
-        saved = (found[-1] if found else None) if c.resume_from_checkpoint == "latest" else Path(c.resume_from_checkpoint)
+        if c.resume_from_checkpoint == "latest":
+            saved = found[-1] if found else None
+        else:
+            saved = Path(c.resume_from_checkpoint)
         later = [p.name for p in found if saved is not None and p.parent.resolve() == saved.parent.resolve()
                  and checkpoint_step(p) > checkpoint_step(saved)]
         if later:

@@ -221,9 +221,9 @@ def test_caption_dropout_uses_the_empty_prompt_and_never_drops_class_prompts(mod
                class_data_dir=str(data), class_prompt="a square", max_train_steps=1, train_batch_size=4)
     train.train(c, progress=False)
     examples, class_examples, sizes, cache_dir = train.prepare_data(c, None, tmp_path / "out", "id", False)
-    cache = train.build_cache(None, examples, sizes, cache_dir, "instance", True, 512, 4, f"{train.model_fingerprint(model)}:{torch.float32}")
-    class_cache = train.build_cache(None, class_examples, sizes, cache_dir, "class", False, 512, 4,
-                                    f"{train.model_fingerprint(model)}:{torch.float32}")
+    model_id = f"{train.model_fingerprint(model)}:{torch.float32}"       # as train() keys the cache it filled
+    cache = train.build_cache(None, examples, sizes, cache_dir, "instance", True, 512, 4, model_id)
+    class_cache = train.build_cache(None, class_examples, sizes, cache_dir, "class", False, 512, 4, model_id)
     stats = torch.zeros(1, 16, 1, 1), torch.ones(1, 16, 1, 1)
     dropped = 0
     for seed in range(50):
@@ -318,7 +318,8 @@ def test_learning_rate_schedules_equal_diffusers():
         opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
         ref = get_scheduler(kind, optimizer=opt, num_warmup_steps=3, num_training_steps=10)
         for step in range(12):
-            assert train.lr_factor(kind, step, 3, 10) == pytest.approx(opt.param_groups[0]["lr"], abs=1e-12), (kind, step)
+            expected = opt.param_groups[0]["lr"]
+            assert train.lr_factor(kind, step, 3, 10) == pytest.approx(expected, abs=1e-12), (kind, step)
             opt.step()
             ref.step()
 
