@@ -33,6 +33,7 @@ bench: $(VENV)/.installed
 	$(PY) benchmarks/bench_edit.py
 	$(PY) benchmarks/bench_pipeline.py
 	$(PY) benchmarks/bench_lora.py
+	$(PY) benchmarks/bench_train.py
 
 # Re-executes every notebook in place, so the committed outputs are current.
 notebooks: $(VENV)/.installed

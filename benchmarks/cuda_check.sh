@@ -21,5 +21,8 @@ echo "== pipeline: one denoising step with true CFG, 1024 px, 4 full-width block
 $PY benchmarks/bench_pipeline.py --step-device cuda --step-dtype bf16 --step-size 1024 --step-blocks 4 --skip-tiny ${PIPE_JSON:+--json "$PIPE_JSON"}
 echo "== vision tower (Edit): processor + 4 full-width blocks, bf16, a 1248x832 image (the size Qwen-Image-Edit feeds it)"
 $PY benchmarks/bench_vision.py --device cuda --dtype bf16 --height 832 --width 1248 --blocks 4 --repeats 20 --warmup 5 ${VISION_JSON:+--json "$VISION_JSON"}
+echo "== training: LoRA step (rank 16, AdamW, per-block checkpointing), full 60-block transformer, bf16, 1024x1024"
+$PY benchmarks/bench_train.py --device cuda --dtype bf16 --blocks 60 --img-tokens 4096 --txt-tokens 256 --batch 1 --rank 16 \
+    --gradient-checkpointing --repeats 5 --warmup 2 ${TRAIN_JSON:+--json "$TRAIN_JSON"}
 echo "== MMDiT block benchmark, fp32, CPU-sized problem on the GPU (256 image + 32 text tokens)"
 $PY benchmarks/bench_mmdit.py --device cuda --dtype fp32 --repeats 20 --warmup 5 --skip-load

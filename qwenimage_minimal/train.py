@@ -1077,7 +1077,9 @@ def train(c: TrainConfig, progress: bool = True) -> Path:
     examples_digest = hashlib.sha256("".join(p.name for p in cache).encode()).hexdigest()[:16]
 
     # 2. The model: the transformer, with what is trained in fp32.
-    transformer = mmdit.load(root / "transformer", device=device,
+    # FSDP2 moves each shard to the GPU as it shards: load on the CPU, so no GPU ever holds the whole model.
+    sharded = c.finetune == "full" and world > 1
+    transformer = mmdit.load(root / "transformer", device="cpu" if sharded else device,
                              dtype=weight_dtype if c.finetune == "lora" else torch.float32)
     transformer.requires_grad_(False)
     if c.finetune == "lora":
