@@ -1,0 +1,261 @@
+"""Synthetic captioned scenes, and a scorer that reads them back from pixels: the data and the
+yardstick of the nano model (a Qwen-Image small enough to train on a CPU).
+
+A scene is one or two objects on a plain background; each object is a named colour, a shape, a
+size and a cell of a 3 x 3 grid. Its caption states all of that in plain English:
+
+    "a small red circle at the top left and a large blue square at the bottom right"
+
+Everything is generated from a seed with PIL (no download) and is deterministic. Some combinations
+never appear in the training split, so that a model can be asked for them and shown to compose
+what it learnt rather than recall it:
+
+    HELD_OUT_OBJECTS   (colour, shape, position) triples never drawn in training, e.g. a red triangle
+                       at the top left (red things, triangles and the top left are all seen)
+    HELD_OUT_PAIRS     colour pairs never together in a two-object training scene (attribute binding:
+                       "a red X and a blue Y" must put red on X, blue on Y)
+
+The scorer is a nano counterpart of GenEval (Ghosh et al. 2023, the benchmark the Qwen-Image report
+uses): from the pixels alone (no network), for each object of a caption, is there a blob of its
+colour, of its shape, in its cell? Pixels are assigned to the nearest palette colour; blobs are
+connected components; a blob's shape is read from how much of its bounding box it fills and where
+its widest row is (circle ~ pi/4, square ~ 1, triangle ~ 1/2 widest at the bottom, diamond ~ 1/2
+widest in the middle).
+
+    render(scene, size) -> PIL image          caption(scene) -> str          parse_caption(str) -> scene
+    make_scenes(n, seed, split) -> [Scene]    score(image, scene) -> per-object verdicts
+    evaluate(images, scenes) -> accuracy by category (single object, two objects, colour, position,
+                                shape, attribute binding)
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 205, 40),
+           "purple": (140, 60, 180), "orange": (240, 130, 30), "cyan": (40, 200, 210), "pink": (240, 130, 180)}
+SHAPES = ("circle", "square", "triangle", "diamond")
+POSITIONS = {"top left": (0, 0), "top": (0, 1), "top right": (0, 2), "left": (1, 0), "center": (1, 1),
+             "right": (1, 2), "bottom left": (2, 0), "bottom": (2, 1), "bottom right": (2, 2)}   # (row, column)
+SIZES = {"small": 0.45, "large": 0.8}                     # the object's side, as a fraction of a grid cell
+BACKGROUND = (245, 245, 240)
+
+HELD_OUT_OBJECTS = {("red", "triangle", "top left"), ("blue", "circle", "bottom right"),
+                    ("green", "square", "center"), ("yellow", "diamond", "top right"),
+                    ("purple", "circle", "left"), ("orange", "triangle", "bottom")}
+HELD_OUT_PAIRS = {frozenset(p) for p in (("red", "blue"), ("green", "yellow"), ("purple", "orange"),
+                                         ("cyan", "pink"))}
+
+
+@dataclass(frozen=True)
+class Thing:
+    colour: str
+    shape: str
+    position: str
+    size: str = "large"
+
+
+@dataclass(frozen=True)
+class Scene:
+    things: tuple                                          # one or two Things, in caption order
+
+
+# ---------------------------------------------------------------------------------------------
+# Scenes <-> captions <-> pixels
+# ---------------------------------------------------------------------------------------------
+
+def caption(scene: Scene) -> str:
+    def words(t: Thing) -> str:
+        where = "in the center" if t.position == "center" else f"at the {t.position}"
+        return f"a {t.size} {t.colour} {t.shape} {where}"
+    return " and ".join(words(t) for t in scene.things)
+
+
+CAPTION_PATTERN = re.compile(
+    rf"an? (?:(?P<size>{'|'.join(SIZES)}) )?(?P<colour>{'|'.join(COLOURS)}) (?P<shape>{'|'.join(SHAPES)}) "
+    rf"(?:in the center|at the (?P<position>{'|'.join(sorted(POSITIONS, key=len, reverse=True))}))")
+
+
+def parse_caption(text: str) -> Scene:
+    """The scene a caption states (the inverse of `caption`; the size may be left out: large)."""
+    parts = [p.strip() for p in text.strip().lower().split(" and ")]
+    things = []
+    for part in parts:
+        m = CAPTION_PATTERN.fullmatch(part)
+        if m is None:
+            raise ValueError(f"not a scene caption: {part!r} (expected e.g. 'a small red circle at the top left')")
+        things.append(Thing(m["colour"], m["shape"], m["position"] or "center", m["size"] or "large"))
+    return Scene(tuple(things))
+
+
+def render(scene: Scene, size: int = 128):
+    """The scene as a size x size RGB PIL image (objects centred in their grid cell)."""
+    from PIL import Image, ImageDraw
+    image = Image.new("RGB", (size, size), BACKGROUND)
+    draw = ImageDraw.Draw(image)
+    cell = size / 3
+    for t in scene.things:
+        row, col = POSITIONS[t.position]
+        cx, cy, r = (col + 0.5) * cell, (row + 0.5) * cell, SIZES[t.size] * cell / 2
+        box = [cx - r, cy - r, cx + r, cy + r]
+        fill = COLOURS[t.colour]
+        if t.shape == "circle":
+            draw.ellipse(box, fill=fill)
+        elif t.shape == "square":
+            draw.rectangle(box, fill=fill)
+        elif t.shape == "triangle":
+            draw.polygon([(cx, cy - r), (cx + r, cy + r), (cx - r, cy + r)], fill=fill)
+        else:
+            draw.polygon([(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)], fill=fill)
+    return image
+
+
+def is_held_out(scene: Scene) -> bool:
+    """Whether the training split may never contain this scene."""
+    if any((t.colour, t.shape, t.position) in HELD_OUT_OBJECTS for t in scene.things):
+        return True
+    return len(scene.things) == 2 and frozenset(t.colour for t in scene.things) in HELD_OUT_PAIRS
+
+
+def random_scene(rng: random.Random, objects: int) -> Scene:
+    """One or two objects, in different cells and of different colours."""
+    colours = rng.sample(sorted(COLOURS), objects)
+    cells = rng.sample(sorted(POSITIONS), objects)
+    return Scene(tuple(Thing(c, rng.choice(SHAPES), p, rng.choice(sorted(SIZES))) for c, p in zip(colours, cells)))
+
+
+def make_scenes(n: int, seed: int = 0, split: str = "train", two_object_fraction: float = 0.5) -> list[Scene]:
+    """n scenes from `seed`: split="train" never holds a held-out combination; split="held_out" holds only
+    them (single objects from HELD_OUT_OBJECTS, two-object scenes with a HELD_OUT_PAIRS colour pair)."""
+    if split not in ("train", "held_out"):
+        raise ValueError(f"split must be 'train' or 'held_out', got {split!r}")
+    rng = random.Random(seed)
+    out = []
+    while len(out) < n:
+        objects = 2 if rng.random() < two_object_fraction else 1
+        if split == "held_out" and objects == 1:
+            colour, shape, position = rng.choice(sorted(HELD_OUT_OBJECTS))
+            out.append(Scene((Thing(colour, shape, position, rng.choice(sorted(SIZES))),)))
+            continue
+        scene = random_scene(rng, objects)
+        if split == "held_out":
+            pair = sorted(rng.choice(sorted(HELD_OUT_PAIRS, key=sorted)))
+            rng.shuffle(pair)
+            scene = Scene(tuple(Thing(c, t.shape, t.position, t.size) for c, t in zip(pair, scene.things)))
+            if any((t.colour, t.shape, t.position) in HELD_OUT_OBJECTS for t in scene.things):
+                continue                                   # keep each held-out test about one thing
+        if is_held_out(scene) == (split == "held_out"):
+            out.append(scene)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading a scene back from pixels
+# ---------------------------------------------------------------------------------------------
+
+def colour_map(image) -> np.ndarray:
+    """(H, W) index of the nearest palette colour per pixel: 0 = background, i + 1 = COLOURS' i-th; -1 =
+    far from every one (more than 120 in RGB distance)."""
+    pixels = np.asarray(image.convert("RGB"), dtype=np.float32)                    # (H, W, 3)
+    palette = np.array([BACKGROUND, *COLOURS.values()], dtype=np.float32)         # (1 + colours, 3)
+    distance = np.linalg.norm(pixels[:, :, None] - palette[None, None], axis=-1)  # (H, W, 1 + colours)
+    nearest = distance.argmin(-1)
+    nearest[distance.min(-1) > 120] = -1
+    return nearest
+
+
+def blobs(mask: np.ndarray, min_pixels: int) -> list[np.ndarray]:
+    """Connected components (4-neighbour) of a boolean mask, as boolean masks, largest first."""
+    seen = np.zeros_like(mask, dtype=bool)
+    out = []
+    H, W = mask.shape
+    for y, x in zip(*np.nonzero(mask)):
+        if seen[y, x]:
+            continue
+        stack, members = [(y, x)], []
+        seen[y, x] = True
+        while stack:
+            cy, cx = stack.pop()
+            members.append((cy, cx))
+            for ny, nx in ((cy - 1, cx), (cy + 1, cx), (cy, cx - 1), (cy, cx + 1)):
+                if 0 <= ny < H and 0 <= nx < W and mask[ny, nx] and not seen[ny, nx]:
+                    seen[ny, nx] = True
+                    stack.append((ny, nx))
+        if len(members) >= min_pixels:
+            blob = np.zeros_like(mask, dtype=bool)
+            ys, xs = zip(*members)
+            blob[list(ys), list(xs)] = True
+            out.append(blob)
+    return sorted(out, key=lambda b: -b.sum())
+
+
+def blob_shape(blob: np.ndarray) -> str:
+    """circle / square / triangle / diamond from the fill of the bounding box and where the widest row is."""
+    ys, xs = np.nonzero(blob)
+    box = blob[ys.min():ys.max() + 1, xs.min():xs.max() + 1]                  # (h, w)
+    rows = [np.nonzero(r)[0] for r in box]
+    widths = np.array([r[-1] - r[0] + 1 if len(r) else 0 for r in rows], dtype=np.float64)   # spans: holes don't count
+    fill = widths.sum() / box.size
+    if fill > 0.88:
+        return "square"
+    if fill > 0.66:
+        return "circle"
+    smooth = np.convolve(widths, np.ones(3) / 3, mode="same")
+    widest = (np.argmax(smooth) + 0.5) / len(widths)            # 0 = top row, 1 = bottom row
+    return "triangle" if widest > 0.68 else "diamond"
+
+
+def blob_position(blob: np.ndarray) -> str:
+    """The grid cell of the blob's centroid."""
+    ys, xs = np.nonzero(blob)
+    H, W = blob.shape
+    cell = (min(2, int(3 * ys.mean() / H)), min(2, int(3 * xs.mean() / W)))
+    return next(name for name, rc in POSITIONS.items() if rc == cell)
+
+
+def score(image, scene: Scene) -> list[dict]:
+    """For each object of the scene: {"present", "colour", "shape", "position", "correct"} read from the
+    pixels. "colour" means a blob of the stated colour exists; the largest such blob is then judged for
+    shape and position (so a right shape in the wrong colour counts as wrong: attribute binding)."""
+    labels = colour_map(image)
+    min_pixels = max(4, labels.size // 400)                   # ignore specks (0.25% of the image)
+    verdicts = []
+    for t in scene.things:
+        found = blobs(labels == list(COLOURS).index(t.colour) + 1, min_pixels)
+        v = {"present": bool(found), "colour": bool(found), "shape": False, "position": False}
+        if found:
+            v["shape"] = blob_shape(found[0]) == t.shape
+            v["position"] = blob_position(found[0]) == t.position
+        v["correct"] = v["colour"] and v["shape"] and v["position"]
+        verdicts.append(v)
+    return verdicts
+
+
+def evaluate(images, scenes) -> dict:
+    """Accuracy by category, as fractions (GenEval's categories, at nano scale):
+    single_object  one-object scenes whose object is entirely right
+    two_objects    two-object scenes with both objects entirely right
+    colour, shape, position   over every object: that attribute right (shape/position of its colour's blob)
+    binding        two-object scenes: both objects' colour *and* shape right (the colours on the right shapes)"""
+    counts = {k: [0, 0] for k in ("single_object", "two_objects", "colour", "shape", "position", "binding")}
+
+    def add(key, ok):
+        counts[key][0] += bool(ok)
+        counts[key][1] += 1
+    for image, scene in zip(images, scenes, strict=True):
+        verdicts = score(image, scene)
+        for v in verdicts:
+            add("colour", v["colour"])
+            add("shape", v["shape"])
+            add("position", v["position"])
+        if len(verdicts) == 1:
+            add("single_object", verdicts[0]["correct"])
+        else:
+            add("two_objects", all(v["correct"] for v in verdicts))
+            add("binding", all(v["colour"] and v["shape"] for v in verdicts))
+    return {k: (hit / total if total else float("nan")) for k, (hit, total) in counts.items()}
