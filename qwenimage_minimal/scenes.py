@@ -23,14 +23,14 @@ its widest row is (circle ~ pi/4, square ~ 1, triangle ~ 1/2 widest at the botto
 widest in the middle).
 
     render(scene, size) -> PIL image          caption(scene) -> str          parse_caption(str) -> scene
-    make_scenes(n, seed, split) -> [Scene]    score(image, scene) -> per-object verdicts
+    make_scenes(n, seed, split) -> [Scene]    write_dataset(folder, n, seed) -> a folder train.py reads
+    score(image, scene) -> per-object verdicts
     evaluate(images, scenes) -> accuracy by category (single object, two objects, colour, position,
                                 shape, attribute binding)
 """
 
 from __future__ import annotations
 
-import math
 import random
 import re
 from dataclasses import dataclass
@@ -152,6 +152,21 @@ def make_scenes(n: int, seed: int = 0, split: str = "train", two_object_fraction
         if is_held_out(scene) == (split == "held_out"):
             out.append(scene)
     return out
+
+
+def write_dataset(folder, n: int, seed: int = 0, split: str = "train", size: int = 128) -> list[Scene]:
+    """n scenes as a training folder (scene-00000.png + scene-00000.txt, ...), the layout `train.py` reads."""
+    from pathlib import Path
+
+    from . import images, weights
+    folder = Path(folder)
+    weights.check_writable_folder(folder, f"cannot write the scenes to {folder}")
+    made = make_scenes(n, seed, split)
+    for i, scene in enumerate(made):
+        images.save_image(render(scene, size), folder / f"scene-{i:05d}.png")
+        with weights.atomic_write(folder / f"scene-{i:05d}.txt", "w") as f:
+            f.write(caption(scene) + "\n")
+    return made
 
 
 # ---------------------------------------------------------------------------------------------

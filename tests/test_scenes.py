@@ -84,3 +84,12 @@ def test_the_scorer_says_no_to_wrong_captions():
     assert result["binding"] == pytest.approx(same_shapes)                  # binding is only right by chance
     blank = Image.new("RGB", (128, 128), scenes.BACKGROUND)
     assert scenes.evaluate([blank] * 3, sc[:3])["colour"] == 0.0
+
+
+def test_a_written_dataset_is_what_the_training_loop_reads(tmp_path):
+    from qwenimage_minimal import train
+    made = scenes.write_dataset(tmp_path / "data", 6, seed=2)
+    examples = train.read_examples(tmp_path / "data")
+    assert [scenes.parse_caption(e.prompt) for e in examples] == made
+    picture = Image.open(examples[0].image)
+    assert picture.size == (128, 128) and scenes.evaluate([picture], made[:1])["colour"] == 1.0
