@@ -993,8 +993,9 @@ def plot_loss(log_path: Path, png: Path) -> None:
 # The loop
 # ---------------------------------------------------------------------------------------------
 
-def prepare_data(c: TrainConfig, pipe, out: Path, model_id: str, progress: bool):
-    """Read the examples, choose their sizes, fill the cache; -> (cache paths, class cache paths, sizes)."""
+def prepare_data(c: TrainConfig, pipe, out: Path):
+    """Read the examples (and class images), pair them, choose their sizes; -> (examples, class examples,
+    sizes as (height, width), the cache folder). `pipe` (None on the other processes) checks Edit vs text."""
     examples = read_examples(c.data, c.control_dirs, c.instance_prompt)
     edit = isinstance(pipe, pipeline.QwenImageEditPipeline) if pipe is not None else bool(examples[0].controls)
     n_controls = len(examples[0].controls)
@@ -1048,7 +1049,7 @@ def train(c: TrainConfig, progress: bool = True) -> Path:
         cls = pipeline.QwenImageEditPipeline if edit else pipeline.QwenImagePipeline
         pipe = cls.from_pretrained(root, device=device, dtype=weight_dtype, offload=device.type == "cuda",
                                    load_transformer=False)      # loaded below, where it is trained
-    examples, class_examples, sizes, cache_dir = prepare_data(c, pipe, out, model_id, progress)
+    examples, class_examples, sizes, cache_dir = prepare_data(c, pipe, out)
     if len(examples) < c.train_batch_size:
         warnings.warn(f"--train_batch_size {c.train_batch_size} is more than the {len(examples)} examples: "
                       "every micro-batch is the whole data set", stacklevel=2)

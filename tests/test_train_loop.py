@@ -202,7 +202,7 @@ def test_prior_preservation_and_jsonl_data(model, tmp_path):
     (tmp_path / "data.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     c = config(model, tmp_path / "data.jsonl", tmp_path / "out", with_prior_preservation=True,
                class_data_dir=str(data), class_prompt="a square", max_train_steps=2)
-    examples, class_examples, _, _ = train.prepare_data(c, None, tmp_path / "out", "id", False)
+    examples, class_examples, _, _ = train.prepare_data(c, None, tmp_path / "out")
     assert [e.image.stem for e in examples] == ["red", "blue", "red", "blue"]
     assert [e.image.stem for e in class_examples] == ["blue", "green", "red", "yellow"]
     assert {e.prompt for e in class_examples} == {"a square"}
@@ -220,7 +220,7 @@ def test_caption_dropout_uses_the_empty_prompt_and_never_drops_class_prompts(mod
     c = config(model, data, tmp_path / "out", caption_dropout=0.5, with_prior_preservation=True,
                class_data_dir=str(data), class_prompt="a square", max_train_steps=1, train_batch_size=4)
     train.train(c, progress=False)
-    examples, class_examples, sizes, cache_dir = train.prepare_data(c, None, tmp_path / "out", "id", False)
+    examples, class_examples, sizes, cache_dir = train.prepare_data(c, None, tmp_path / "out")
     model_id = f"{train.model_fingerprint(model)}:{torch.float32}"       # as train() keys the cache it filled
     cache = train.build_cache(None, examples, sizes, cache_dir, "instance", True, 512, 4, model_id)
     class_cache = train.build_cache(None, class_examples, sizes, cache_dir, "class", False, 512, 4, model_id)
