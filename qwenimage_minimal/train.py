@@ -606,22 +606,22 @@ def make_inputs(batch: list[int], cache: list, class_cache: list, c: TrainConfig
     """One micro-batch from the cache: draws from `g` in a fixed order (dropout, posterior, noise, u)."""
     entries = [read_cached(cache[i]) for i in batch]
     dropped = (torch.rand(len(batch), generator=g) < c.caption_dropout).tolist()
-    prompts_ = [e["empty_embeds"] if drop else e["prompt_embeds"] for e, drop in zip(entries, dropped)]
-    if c.with_prior_preservation:
+    captions = [e["empty_embeds"] if drop else e["prompt_embeds"] for e, drop in zip(entries, dropped)]  # (L_i, D)
+    if c.with_prior_preservation:                    # the batch becomes [instances, class images]; never dropped
         class_entries = [read_cached(class_cache[i]) for i in batch]
         entries += class_entries
-        prompts_ += [e["prompt_embeds"] for e in class_entries]
+        captions += [e["prompt_embeds"] for e in class_entries]
     mean = torch.stack([e["latent_mean"] for e in entries])                        # (B, C, h, w)
-    logvar = torch.stack([e["latent_logvar"] for e in entries])
+    logvar = torch.stack([e["latent_logvar"] for e in entries])                    # (B, C, h, w)
     z = mean + torch.exp(0.5 * logvar.clamp(-30, 20)) * torch.randn(mean.shape, generator=g)  # posterior sample
-    x0 = ((z - latents_mean) / latents_std).to(device, dtype)
-    noise = torch.randn(x0.shape, generator=g).to(device, dtype)
+    x0 = ((z - latents_mean) / latents_std).to(device, dtype)                      # (B, C, h, w) normalised
+    noise = torch.randn(x0.shape, generator=g).to(device, dtype)                   # (B, C, h, w)
     u = timestep_density(c.weighting_scheme, len(entries), c.logit_mean, c.logit_std, c.mode_scale, generator=g)
-    embeds, mask = pad_prompts(prompts_)
+    embeds, mask = pad_prompts(captions)                                           # (B, L, D), (B, L) or None
     inputs = {"x0": x0, "noise": noise, "u": u, "prompt_embeds": embeds.to(device, dtype),
               "prompt_mask": None if mask is None else mask.to(device)}
     if "control_tokens" in entries[0]:
-        inputs["reference"] = torch.stack([e["control_tokens"] for e in entries]).to(device, dtype)
+        inputs["reference"] = torch.stack([e["control_tokens"] for e in entries]).to(device, dtype)  # (B, M, 64)
         inputs["reference_shapes"] = [tuple(s) for s in entries[0]["control_shapes"].tolist()]
     return inputs
 
