@@ -1,6 +1,6 @@
 """Convert Qwen-Image checkpoint files between layouts, streaming, with every tensor accounted for.
 
-    python weights_convert.py SRC DST [--component transformer|text_encoder|vae|lora] [--dtype bf16]
+    python weights_convert.py SRC DST [--component transformer|text_encoder|vae|lora] [--dtype bf16|fp8]
                                       [--max-shard-size 5GB] [--prefix PREFIX] [--layout LAYOUT]
                                       [--config CONFIG.json] [--merge-lora FILE[:SCALE] ...] [--overwrite]
 
@@ -9,7 +9,12 @@ What it converts (the direction follows from SRC and DST):
 * single file -> official folder: a ComfyUI-style single file becomes the component folder
   (config.json inferred from the tensor shapes + sharded safetensors + index).
   - transformer: `qwen_image_bf16.safetensors` holds the diffusers names, optionally behind a
-    `model.diffusion_model.` or `diffusion_model.` prefix.
+    `model.diffusion_model.` or `diffusion_model.` prefix. The fp8 files too: plain
+    (`qwen_image_fp8_e4m3fn.safetensors`: F8_E4M3 weights) and scaled (each fp8 `<layer>.weight`
+    with a `<layer>.scale_weight`, maybe a `<layer>.scale_input`, and a `scaled_fp8` marker tensor;
+    see qwenimage_minimal/fp8.py). The fp8 weights and their scales are kept; `scale_input` and the
+    marker are not written, and the summary says so and why (the first only scales activations for
+    fp8 x fp8 products, which nothing here does; the second only announces the scales).
   - text_encoder: `qwen_2.5_vl_7b.safetensors` holds the official (legacy) Qwen2.5-VL names,
     `model.layers.N.*`, `model.embed_tokens`, `model.norm`, `visual.*`, and maybe `lm_head`.
   - vae: `qwen_image_vae.safetensors` holds the original Wan 2.1 names: `encoder.conv1`,
@@ -18,10 +23,18 @@ What it converts (the direction follows from SRC and DST):
 * official folder -> single file: the reverse (DST ends in .safetensors); `--prefix` adds a prefix.
 * LoRA files (`--component lora`): any format lora.py reads -> `--layout diffusers` (default) or
   `comfyui`. `--merge-lora FILE[:SCALE]` (transformer, repeatable) adds a LoRA into the weights
-  while converting: W + SCALE * alpha / r * B A, in fp32, then cast.
+  while converting: W + SCALE * alpha / r * B A, in fp32, then cast (an fp8 weight is dequantised
+  first and quantised again: the one way to use a LoRA with fp8 weights).
 * folder -> folder: re-shard, cast (`--dtype`), or for the text encoder switch between the
   official legacy key layout and the transformers 5.x one (`--layout transformers5`:
   `model.language_model.*`, `model.visual.*`). Either layout is read.
+* fp8 (transformer): `--dtype fp8` writes every Linear weight of the blocks in float8_e4m3fn with
+  a per-tensor `scale_weight` (max|W| / 448; weights already in fp8 are kept as they are), the rest
+  in bf16. Its config.json stays the diffusers config, but diffusers cannot read such a folder:
+  load it with qwenimage_minimal.fp8.load_transformer. `--dtype bf16` (or fp32) from an fp8 source
+  dequantises with fp8.dequantize, (q.float() * scale).to(dtype), giving a folder diffusers reads
+  whose bf16 weights are exactly the ones FP8Linear computes with. A file written from a scaled
+  folder gets a 2-element `scaled_fp8` marker, ComfyUI's sign for "dequantise, multiply in bf16".
 
 Rules: tensors are read and written one at a time (peak memory is one tensor, not the model);
 an unknown or missing tensor is an error, never a skip (the text encoder's `lm_head` may be
@@ -41,6 +54,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import itertools
 import math
 import os
 import re
@@ -53,7 +67,7 @@ from typing import Callable
 
 import torch
 
-from qwenimage_minimal import lora, mmdit, text_encoder, vae, vision, weights
+from qwenimage_minimal import fp8, lora, mmdit, text_encoder, vae, vision, weights
 
 
 @dataclass
@@ -267,6 +281,72 @@ COMPONENTS = {
 }
 
 
+# --- fp8 (transformer only; see qwenimage_minimal/fp8.py for the format) ---------------------
+
+MARKER = "scaled_fp8"          # ComfyUI's marker tensor of a scaled-fp8 file, at the model's key prefix
+
+
+def _take_fp8_extras(sources: dict, headers: dict) -> tuple[dict, dict]:
+    """Take ComfyUI's scaled-fp8 companions out of `sources`: -> ({layer: (file, name) of its
+    scale_weight}, {name in the source: why it is not written}). A companion of a weight the source
+    lacks stays, and is then reported as unknown."""
+    scales, dropped = {}, {}
+    for name in list(sources):
+        path, in_name = sources[name]
+        layer = name.rpartition(".")[0]
+        if name == MARKER:
+            dropped[in_name] = (f"the scaled-fp8 marker ({str(headers[path].dtype(in_name))[6:]}, "
+                                f"{math.prod(headers[path].shape(in_name))} elements) says only that scales follow; "
+                                "a file written from the folder gets a new one")
+        elif name.endswith(".scale_input") and layer + ".weight" in sources:
+            dropped[in_name] = ("the activation scale serves only fp8 x fp8 matrix products (torch._scaled_mm); "
+                                "this project multiplies in bf16, so it changes nothing here")
+        elif name.endswith(fp8.SCALE):
+            scales[layer] = sources[name]
+        else:
+            continue
+        del sources[name]
+    return scales, dropped
+
+
+class _Fp8Plan:
+    """Which tensors the output holds in fp8, and in what order the names are written.
+
+    --dtype fp8: every block Linear weight in fp8 with a scale_weight (fp8 ones kept, others
+                 quantised per tensor), everything else in bf16.
+    no --dtype:  fp8 weights stay fp8 with their scales (a LoRA merged into one re-quantises it).
+    --dtype bf16/fp32/fp16: nothing in fp8; fp8 weights are dequantised."""
+
+    def __init__(self, order, expected, in_dtype, scales, merged, dtype, to_file):
+        linear = {n for n in order if n.endswith(".weight") and len(expected[n]) == 2}
+        is_fp8 = {n for n in order if in_dtype[n] in weights.FP8_DTYPES}
+        if dtype == fp8.FP8:
+            fp8_out = {n for n in linear if n.startswith("transformer_blocks.")}
+        else:
+            fp8_out = linear & is_fp8 if dtype is None else set()
+        self.merged = merged
+        self.quantized = {n for n in fp8_out if n not in is_fp8 or n in merged}
+        self.kept_fp8 = fp8_out - self.quantized
+        self.compute = torch.bfloat16 if dtype == fp8.FP8 else dtype
+        self.in_dtype = in_dtype
+        self.scale_of = {n: n[:-len(".weight")] + fp8.SCALE for n in order if n in fp8_out
+                         and (dtype == fp8.FP8 or n in self.quantized or n[:-len(".weight")] in scales)}
+        self.weight_of = {s: n for n, s in self.scale_of.items()}
+        self.marker = to_file and bool(self.scale_of)  # so that ComfyUI reads the scales
+        self.names = [m for n in order for m in (n, self.scale_of.get(n)) if m] + ([MARKER] if self.marker else [])
+
+    def out_dtype(self, n: str) -> torch.dtype:
+        if n == MARKER:
+            return fp8.FP8
+        if n in self.weight_of:
+            return torch.float32
+        if n in self.quantized:
+            return fp8.FP8
+        if n in self.kept_fp8 or self.compute is None or not self.in_dtype[n].is_floating_point:
+            return self.in_dtype[n]
+        return self.compute
+
+
 def parse_size(text: str) -> int:
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]?)B?\s*", text.upper())
     if not m:
@@ -336,6 +416,9 @@ def convert(src, dst, component: str = "transformer", dtype: torch.dtype | None 
             raise ValueError("--component lora converts one LoRA file between layouts: --merge-lora, --dtype, "
                              "--prefix and --config do not apply")
         return convert_lora(src, dst, layout or "diffusers", overwrite, log)
+    if dtype in weights.FP8_DTYPES and (dtype != fp8.FP8 or component != "transformer"):
+        raise ValueError("--dtype fp8 writes the transformer's block Linear weights in float8_e4m3fn: it applies "
+                         "to --component transformer only")
     comp = COMPONENTS[component]
     to_file = dst.suffix == ".safetensors"
     layout = layout or ((comp.file_layout or comp.folder_layout) if to_file else comp.folder_layout)
@@ -358,6 +441,8 @@ def convert(src, dst, component: str = "transformer", dtype: torch.dtype | None 
 
     sources, stripped = _source_tensors(src, comp, None if src.is_dir() else prefix)
     headers = {path: weights.SafetensorsFile(path) for path in {p for p, _ in sources.values()}}
+    tensors_read = len(sources)
+    scales, dropped = _take_fp8_extras(sources, headers) if component == "transformer" else ({}, {})
     shapes = {name: headers[p].shape(n) for name, (p, n) in sources.items()}
     in_dtype = {name: headers[p].dtype(n) for name, (p, n) in sources.items()}
 
@@ -374,24 +459,57 @@ def convert(src, dst, component: str = "transformer", dtype: torch.dtype | None 
     if merge_lora and component != "transformer":
         raise ValueError("--merge-lora merges into a transformer: pass --component transformer")
     merges = _lora_deltas(merge_lora, config_json) if merge_lora else {}
+    for layer, (path, in_name) in scales.items():       # each beside an fp8 Linear weight, one number
+        weight = layer + ".weight"
+        fp8.check_scale(src, in_name, headers[path].dtype(in_name), headers[path].shape(in_name), in_dtype.get(weight),
+                        len(expected.get(weight, ())) == 2)
     _check_complete(src, comp, shapes, expected, {n: where[1] for n, where in sources.items()})
 
     order = [n for n in expected if n in shapes]  # module order, as the reference writes its shards
-    out_dtype = {n: dtype if dtype is not None and in_dtype[n].is_floating_point else in_dtype[n] for n in order}
-    sizes = {n: math.prod(shapes[n]) * out_dtype[n].itemsize for n in order}
+    plan = _Fp8Plan(order, expected, in_dtype, scales, {m + ".weight" for m in merges}, dtype, to_file)
+    out_shape = {**shapes, **{s: () for s in plan.scale_of.values()}, **({MARKER: (2,)} if plan.marker else {})}
+    names = plan.names
+    out_dtype = {n: plan.out_dtype(n) for n in names}
+    sizes = {n: math.prod(out_shape[n]) * out_dtype[n].itemsize for n in names}
     out_prefix = (prefix or "") if to_file else ""
-    out_name = {n: out_prefix + comp.layouts[layout](n, config_json) for n in order}
+    out_name = {n: out_prefix + (n if n == MARKER else comp.layouts[layout](n, config_json)) for n in names}
 
-    def tensors(names):  # read, cast, hand over: one tensor in memory at a time
+    def read(n):
+        path, in_name = sources[n]
+        try:
+            return headers[path].read(in_name)
+        except OSError as e:                     # a read error is the source's, not the output's
+            raise weights.CheckpointError(f"cannot read {in_name!r} from {path}: {e}") from None
+
+    def scale(n):                                # the scale of the fp8 tensor n as stored (1 if none)
+        layer = n[:-len(".weight")] if n.endswith(".weight") else None
+        if layer not in scales:
+            return torch.ones(())
+        path, in_name = scales[layer]
+        return fp8.read_scale(src, in_name, headers[path].read(in_name))
+
+    pending = {}                                 # weight -> the scale to write right after it
+
+    def tensors(names):  # read, cast or (de)quantise, hand over: one tensor in memory at a time
         for n in names:
-            path, in_name = sources[n]
-            try:
-                tensor = headers[path].read(in_name)
-            except OSError as e:                 # a read error is the source's, not the output's
-                raise weights.CheckpointError(f"cannot read {in_name!r} from {path}: {e}") from None
-            if n.endswith(".weight") and n[:-len(".weight")] in merges:
-                tensor = tensor.float() + sum(delta() for delta in merges[n[:-len(".weight")]])
-            yield tensor.to(out_dtype[n])
+            if n == MARKER:
+                yield torch.zeros(2, dtype=fp8.FP8)
+            elif n in plan.weight_of:                                        # a scale, after its weight
+                yield pending.pop(plan.weight_of[n])
+            elif n in plan.kept_fp8:                                         # fp8 bytes as they are
+                if n in plan.scale_of:
+                    pending[n] = scale(n)
+                yield read(n)
+            else:
+                tensor = read(n)
+                if tensor.dtype in weights.FP8_DTYPES:                       # the reference formula
+                    exact = n in plan.merged or n in plan.quantized
+                    tensor = fp8.dequantize(tensor, scale(n), torch.float32 if exact else out_dtype[n])
+                if n in plan.merged:
+                    tensor = tensor.float() + sum(delta() for delta in merges[n[:-len(".weight")]])
+                if n in plan.quantized:
+                    tensor, pending[n] = fp8.quantize_weight(tensor)
+                yield tensor.to(out_dtype[n])
 
     for leftover in dst.parent.glob(f".{dst.name}.*.partial"):      # an interrupted earlier run's
         shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
@@ -408,22 +526,26 @@ def convert(src, dst, component: str = "transformer", dtype: torch.dtype | None 
         with weights.output_errors(dst):
             if to_file:
                 written = [staging / dst.name]
-                weights.write_safetensors(written[0], [(out_name[n], shapes[n], out_dtype[n]) for n in order],
-                                          tensors(order))
+                weights.write_safetensors(written[0], [(out_name[n], out_shape[n], out_dtype[n]) for n in names],
+                                          tensors(names))
             else:
-                written = _write_folder(staging, comp.stem, order, sizes, max_shard_size, out_name, shapes,
+                written = _write_folder(staging, comp.stem, names, sizes, max_shard_size, out_name, out_shape,
                                         out_dtype, tensors, config_json)
-        _verify(written, {out_name[n]: (shapes[n], sizes[n]) for n in order})
+        _verify(written, {out_name[n]: (out_shape[n], sizes[n]) for n in names})
         with weights.output_errors(dst):
             files = _put_in_place(staging, written, dst, replaced, to_file)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
     files = [f for f in files if f.suffix == ".safetensors"]
-    summary = {"component": component, "tensors_read": len(sources), "tensors_written": len(order),
+    summary = {"component": component, "tensors_read": tensors_read, "tensors_written": len(names),
                "params": sum(math.prod(s) for s in shapes.values()), "bytes_written": sum(sizes.values()),
                "files": [str(f) for f in files], "dtypes": sorted({str(d).replace("torch.", "") for d in out_dtype.values()}),
-               "prefix_stripped": stripped, "absent": sorted(n for n in expected if n not in shapes)}
+               "prefix_stripped": stripped, "absent": sorted(n for n in expected if n not in shapes),
+               "fp8_weights": len(plan.kept_fp8) + len(plan.quantized), "scales_written": len(plan.scale_of),
+               "dequantized": sorted(n for n in order if in_dtype[n] in weights.FP8_DTYPES
+                                     and out_dtype[n] not in weights.FP8_DTYPES),
+               "dropped": dropped, "marker_written": plan.marker}
     log(f"{component}: {summary['tensors_read']} tensors read from {src}"
         + (f" (prefix {stripped!r} stripped)" if stripped else ""))
     log(f"  {summary['tensors_written']} written to {len(files)} file(s) under {dst}: "
@@ -431,6 +553,16 @@ def convert(src, dst, component: str = "transformer", dtype: torch.dtype | None 
         f"dtype {', '.join(summary['dtypes'])}" + (f", {layout} key layout" if len(comp.layouts) > 1 else ""))
     if summary["absent"]:
         log(f"  not in the source (allowed): {len(summary['absent'])} tensors, e.g. {summary['absent'][:3]}")
+    if summary["fp8_weights"]:
+        marker = ", the scaled_fp8 marker (2 elements: ComfyUI dequantises and multiplies in bf16)"
+        log(f"  fp8: {summary['fp8_weights']} weights in float8 ({len(plan.quantized)} quantised here, per tensor), "
+            f"{summary['scales_written']} scale_weight tensors" + (marker if plan.marker else ""))
+    if summary["dequantized"]:
+        log(f"  {len(summary['dequantized'])} fp8 tensors dequantised to {str(plan.compute)[6:]}: "
+            "(q.float() * scale_weight).to(dtype), as fp8.dequantize")
+    for reason, group in itertools.groupby(sorted(dropped.items(), key=lambda kv: kv[1]), key=lambda kv: kv[1]):
+        group = [name for name, _ in group]
+        log(f"  not written: {len(group)} tensor(s), e.g. {group[:2]}: {reason}")
     return summary
 
 
@@ -547,7 +679,9 @@ def main(argv=None) -> int:
     p.add_argument("src", help="a .safetensors file or an official component folder")
     p.add_argument("dst", help="a component folder, or a .safetensors file for a single-file output")
     p.add_argument("--component", default="transformer", choices=sorted([*COMPONENTS, "lora"]))
-    p.add_argument("--dtype", choices=sorted(weights.DTYPES_BY_NAME), help="cast floating tensors (default: keep)")
+    p.add_argument("--dtype", choices=sorted([*weights.DTYPES_BY_NAME, "fp8"]),
+                   help="cast floating tensors (default: keep); fp8: the transformer's block Linear weights in "
+                        "float8_e4m3fn with per-tensor scales, the rest in bf16")
     p.add_argument("--max-shard-size", type=parse_size, default=parse_size("5GB"))
     p.add_argument("--prefix", help="key prefix of the single file (read: detected by default; write: none)")
     p.add_argument("--config", help="config.json to use instead of inferring it from the tensor shapes")
@@ -560,7 +694,8 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     try:
         merges = [lora.parse_file_and_scale(text) for text in a.merge_lora]
-        convert(a.src, a.dst, a.component, weights.DTYPES_BY_NAME.get(a.dtype), a.max_shard_size, a.prefix,
+        dtype = fp8.FP8 if a.dtype == "fp8" else weights.DTYPES_BY_NAME.get(a.dtype)
+        convert(a.src, a.dst, a.component, dtype, a.max_shard_size, a.prefix,
                 a.config, a.overwrite, a.layout, merge_lora=merges)
     except (weights.CheckpointError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -11,6 +11,8 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 echo "== parity tests, bf16 on CUDA"
 $PY -m pytest -q -s -m cuda -p no:cacheprovider tests/test_mmdit.py tests/test_text_encoder.py tests/test_vae.py tests/test_pipeline.py \
     tests/test_vision.py tests/test_pipeline_edit.py
+echo "== the full 60-block transformer at 1328x1328, one CFG step: resident, fp8, compiled, streamed under 24 GB"
+$PY benchmarks/bench_gpus.py --blocks 60 --size 1328 --budgets 40,24,16 ${GPUS_JSON:+--json "$GPUS_JSON"}
 echo "== MMDiT block benchmark, bf16, 1024x1024 (4096 image + 256 text tokens)"
 $PY benchmarks/bench_mmdit.py --device cuda --dtype bf16 --img-tokens 4096 --txt-tokens 256 --repeats 20 --warmup 5 --skip-load ${BENCH_JSON:+--json "$BENCH_JSON"}
 echo "== text encoder: one full-width Qwen2.5-VL decoder layer, bf16, 1024 tokens"

@@ -2,10 +2,11 @@
 
     python -m qwenimage_minimal generate --model DIR --prompt "..." [--negative-prompt " "] [--width 1328]
         [--height 1328] [--steps 50] [--cfg 4.0] [--seed 0] [--out image.png] [--device cuda] [--dtype bf16]
-        [--tiled-vae] [--offload] [--overwrite] [--lora FILE[:SCALE] ...] [--scheduler lightning]
+        [--tiled-vae] [--offload] [--gpu-memory GB] [--compile] [--overwrite] [--lora FILE[:SCALE] ...]
+        [--scheduler lightning]
     python -m qwenimage_minimal edit --model DIR --image A.png [B.png C.png] --prompt "..."
         [--negative-prompt " "] [--steps 50] [--cfg 4.0] [--seed 0] [--width W] [--height H]
-        [--out edited.png] [--device cuda] [--dtype bf16] [--tiled-vae] [--offload]
+        [--out edited.png] [--device cuda] [--dtype bf16] [--tiled-vae] [--offload] [--gpu-memory GB] [--compile]
     python -m qwenimage_minimal demo [--model DIR] [--edit]
     python -m qwenimage_minimal train --model DIR --data DIR --out DIR [--rank 16] [--learning_rate 1e-4]
         [--resolution 1024] [--max_train_steps 1000] ... (see `train --help`; torchrun for several GPUs)
@@ -197,13 +198,23 @@ def demo_edit(args, stage):
     stage(f"edited image {out.size[0]}x{out.size[1]} -> {args.out}")
 
 
+def memory_options(args, device) -> dict:
+    """--gpu-memory and --compile as from_pretrained's max_gpu_memory and compile."""
+    if args.gpu_memory is not None and device.type != "cuda":
+        raise SystemExit(f"error: --gpu-memory {args.gpu_memory:g} needs a CUDA device (got --device {device.type})")
+    if args.gpu_memory is not None and not args.gpu_memory > 0:
+        raise SystemExit(f"error: --gpu-memory must be a positive number of GB, got {args.gpu_memory:g}")
+    return dict(max_gpu_memory=args.gpu_memory, compile=args.compile)
+
+
 def generate(args):
     check_sampling_options(args, args.overwrite)
     pipeline.check_model_folder(Path(args.model), "Qwen-Image")
     check_loras(args)
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
-    pipe = pipeline.QwenImagePipeline.from_pretrained(args.model, device=device, dtype=dtype, offload=args.offload)
+    pipe = pipeline.QwenImagePipeline.from_pretrained(args.model, device=device, dtype=dtype, offload=args.offload,
+                                                      **memory_options(args, device))
     apply_lora_and_scheduler(pipe, args)
     generator = torch.Generator().manual_seed(args.seed)
     image = pipe(prompt=args.prompt, negative_prompt=args.negative_prompt, true_cfg_scale=args.cfg,
@@ -223,7 +234,8 @@ def edit(args):
     check_loras(args)
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
-    pipe = kind.from_pretrained(args.model, device=device, dtype=dtype, offload=args.offload)
+    pipe = kind.from_pretrained(args.model, device=device, dtype=dtype, offload=args.offload,
+                                **memory_options(args, device))
     apply_lora_and_scheduler(pipe, args)
     out = pipe(image=pictures if len(pictures) > 1 else pictures[0], prompt=args.prompt,
                negative_prompt=args.negative_prompt, true_cfg_scale=args.cfg, height=args.height, width=args.width,
@@ -243,6 +255,11 @@ def add_sampling_options(parser):
     parser.add_argument("--dtype", choices=["bf16", "fp32"], help="default: bf16 on cuda, fp32 on cpu")
     parser.add_argument("--tiled-vae", action="store_true", help="decode in 256 px tiles (bounded memory)")
     parser.add_argument("--offload", action="store_true", help="keep components on the CPU, one at a time on the GPU")
+    parser.add_argument("--gpu-memory", type=float, metavar="GB",
+                        help="a GPU memory budget, e.g. 24: the transformer blocks that do not fit are streamed "
+                             "from CPU memory at every step; the other components are offloaded")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile each transformer block (regional: the first step takes ~a minute longer)")
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     parser.add_argument("--lora", action="append", type=parse_lora_option, metavar="FILE[:SCALE]",
                         help="a transformer LoRA (diffusers, ComfyUI, kohya, DiffSynth or Lightning file); repeatable")

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import weights
+from . import fp8, weights
 
 # Which Linear layers of the blocks get adapters (module-name suffixes, as PEFT's target_modules).
 ATTENTION_IMAGE = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0")
@@ -147,6 +147,7 @@ def add_adapter(model: nn.Module, name: str, targets="diffusers", rank: int = 4,
     B = 0, so the model starts unchanged. Returns the names of the layers it was added to."""
     if not isinstance(rank, int) or rank < 1:
         raise ValueError(f"rank must be a positive integer, got {rank!r}")
+    check_not_fp8(model)
     check_adapter_name(model, name)
     names = target_names(model, targets)
     for layer_name in names:
@@ -162,6 +163,7 @@ def load_adapter(model: nn.Module, adapters: dict, name: str, scale: float = 1.0
     """Put an adapter read from a file ({module: (A, B, alpha)}, see read_lora) into the model. Every
     module and shape is checked first, so a failure changes nothing."""
     check_scale(scale, "scale")
+    check_not_fp8(model)
     check_adapter_name(model, name)
     check_fits(model, adapters)
     for module, (A, B, alpha) in adapters.items():
@@ -182,6 +184,16 @@ def check_fits(model: nn.Module, adapters: dict) -> None:
             raise weights.CheckpointError(
                 f"the LoRA for {module} has A {list(A.shape)} and B {list(B.shape)}, but the layer is "
                 f"{layer.out_features} x {layer.in_features}: it was made for a model of another width")
+
+
+def check_not_fp8(model: nn.Module) -> None:
+    """Adapters go on bf16 weights: on fp8 ones (fp8.FP8Linear) they could be neither fused (the sum
+    would be re-rounded to 3 mantissa bits) nor run beside them here."""
+    if any(isinstance(m, fp8.FP8Linear) for m in model.modules()):
+        raise ValueError("this transformer holds fp8 weights, and LoRA adapters need the bf16 ones: load the bf16 "
+                         "folder (weights_convert.py SRC DST --dtype bf16 makes one from an fp8 checkpoint), or "
+                         "merge the LoRA into the fp8 weights once with weights_convert.py SRC DST "
+                         "--merge-lora FILE[:SCALE] (the fp8 layers it changes are re-quantised)")
 
 
 def check_adapter_name(model: nn.Module, name) -> None:

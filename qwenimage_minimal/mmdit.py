@@ -346,6 +346,7 @@ class MMDiT(nn.Module):
         self.proj_out = nn.Linear(dim, config.patch_size ** 2 * config.out_channels)
         self.gradient_checkpointing = False  # recompute each block in backward to save activation memory
         self._rope_cache = {}                # (img_shapes, text_len, device) -> RoPE tables: same every step
+        self.streamer = None                 # a streaming.WeightStreamer when the blocks do not all fit the GPU
 
     def forward(self, img, txt, txt_mask, sigma, img_shapes):
         """
@@ -384,7 +385,9 @@ class MMDiT(nn.Module):
             key_mask = torch.cat([txt_mask.to(device=img.device, dtype=torch.bool),
                                   torch.ones(B, N, dtype=torch.bool, device=img.device)], dim=1)  # (B, L + N)
 
-        for block in self.transformer_blocks:
+        # With streamed weights (streaming.py) the streamer hands out each block once its weights are on the device.
+        blocks = self.transformer_blocks if self.streamer is None else self.streamer.blocks()
+        for block in blocks:
             args = (img, txt, temb, img_rope, txt_rope, key_mask, temb_ref, n_noise)
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 img, txt = checkpoint(block, *args, use_reentrant=False)
@@ -410,6 +413,17 @@ class MMDiT(nn.Module):
                              "give one (frames, h, w) per image in packed-token units (latent size / 2)")
 
 
+def compile_blocks(model: MMDiT, **options) -> MMDiT:
+    """Regional compilation: torch.compile each block rather than the whole model. The blocks share one
+    compiled graph (their weights are its inputs), so compiling takes seconds, not minutes, and forward
+    stays the readable eager reference. options: torch.compile's (mode, backend, dynamic, ...)."""
+    for block in model.transformer_blocks:
+        block.compile(fullgraph=True, **options)
+    if model.streamer is not None:
+        model.streamer.compile_options = options
+    return model
+
+
 # ---------------------------------------------------------------------------------------------
 # Loading the official transformer/ folder
 # ---------------------------------------------------------------------------------------------
@@ -426,8 +440,13 @@ def config_from_folder(path) -> MMDiTConfig:
 
 
 def load(path, device=None, dtype=None, check_finite: bool = True) -> MMDiT:
-    """Load an official `transformer/` folder (config.json + sharded or single safetensors)."""
+    """Load an official `transformer/` folder (config.json + sharded or single safetensors). A folder
+    whose weights are stored in fp8 (weights_convert.py --dtype fp8, or a ComfyUI fp8 file converted)
+    keeps them in fp8 and computes in `dtype` (bf16 by default): see fp8.py."""
     config = config_from_folder(path)
+    from . import fp8                    # fp8.py builds on this file
+    if fp8.is_fp8_folder(path):
+        return fp8.load_transformer(path, device=device, dtype=dtype or torch.bfloat16, check_finite=check_finite)
     return weights.load_weights(lambda: MMDiT(config), path, WEIGHTS_STEM, device=device, dtype=dtype,
                                 block_counts={"transformer_blocks": ("num_layers", config.num_layers)},
                                 check_finite=check_finite)

@@ -28,7 +28,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from . import images, lora, mmdit, prompts, sampling, scheduler, text_encoder, tokenizer, vae, vision, weights
+from . import images, lora, mmdit, prompts, sampling, scheduler, streaming, text_encoder, tokenizer, vae, vision, weights
 
 COMPONENTS = ("tokenizer", "text_encoder", "transformer", "vae", "scheduler")
 PIPELINE_CLASSES = ("QwenImagePipeline", "QwenImageEditPipeline", "QwenImageEditPlusPipeline")
@@ -78,11 +78,21 @@ def load_components(root: Path, device, dtype, offload: bool, check_finite: bool
 
 
 class QwenImagePipeline:
-    def __init__(self, tokenizer, text_encoder, transformer, vae, scheduler, device=None, offload: bool = False):
+    def __init__(self, tokenizer, text_encoder, transformer, vae, scheduler, device=None, offload: bool = False,
+                 max_gpu_memory=None, compile: bool = False):
         self.tokenizer, self.text_encoder, self.transformer = tokenizer, text_encoder, transformer
         self.vae, self.scheduler = vae, scheduler
         self.device = torch.device(device or "cpu")
         self.offload = offload   # keep components on the CPU; move each to `device` only while it runs
+        # Under a memory budget the transformer's blocks are streamed (streaming.py), the other components
+        # take turns on the device as with offload, and both CFG passes run as one batch.
+        self.streamer = None
+        if max_gpu_memory is not None:
+            self.streamer = streaming.WeightStreamer(transformer, self.device, streaming.parse_memory(max_gpu_memory))
+            self.offload = True
+        self.batch_cfg = self.streamer is not None
+        if compile:
+            mmdit.compile_blocks(transformer)
         dit, ae, te = transformer.config, vae.config, text_encoder.config
         if dit.latent_channels != ae.z_dim or dit.out_channels != ae.z_dim:
             raise weights.CheckpointError(
@@ -107,13 +117,17 @@ class QwenImagePipeline:
         return self.vae.config.scale_factor * self.transformer.config.patch_size
 
     @classmethod
-    def from_pretrained(cls, root, device=None, dtype=None, offload: bool = False,
-                        check_finite: bool = True, load_transformer: bool = True) -> "QwenImagePipeline":
+    def from_pretrained(cls, root, device=None, dtype=None, offload: bool = False, check_finite: bool = True,
+                        load_transformer: bool = True, max_gpu_memory=None, compile: bool = False
+                        ) -> "QwenImagePipeline":
         """Load an official Qwen-Image folder (model_index.json + component folders).
 
         dtype: bf16 for GPUs (the official weights' dtype), fp32 for CPU; None keeps the files' dtype.
         offload=True keeps every component in CPU memory and moves only the active one to `device`
         (text encoder, then transformer, then VAE): the GPU needs room for the largest alone.
+        max_gpu_memory (e.g. "24GB" or 24): a budget for the transformer; the blocks that do not fit are
+        streamed from pinned CPU memory at every step (streaming.py), the rest is offloaded as above.
+        compile=True: torch.compile each transformer block (regional compilation, mmdit.compile_blocks).
         check_finite=False skips the scan of every weight for NaN/Inf (a little faster to load).
         load_transformer=False: the transformer's config only (weights on meta), to encode prompts."""
         root = Path(root)
@@ -121,8 +135,11 @@ class QwenImagePipeline:
         if "Edit" in class_name:
             warnings.warn(f"{root} is a {class_name} checkpoint; loading it for text-to-image", stacklevel=2)
         device = torch.device(device or "cpu")
-        return cls(**load_components(root, device, dtype, offload, check_finite, load_transformer), device=device,
-                   offload=offload)
+        if max_gpu_memory is not None:
+            streaming.parse_memory(max_gpu_memory)          # a bad value fails before minutes of loading
+        return cls(**load_components(root, device, dtype, offload or max_gpu_memory is not None, check_finite,
+                                     load_transformer),
+                   device=device, offload=offload, max_gpu_memory=max_gpu_memory, compile=compile)
 
     # --- LoRA, with diffusers' method names (lora.py) ------------------------------------------
 
@@ -147,7 +164,12 @@ class QwenImagePipeline:
 
     @contextlib.contextmanager
     def active(self, module: torch.nn.Module):
-        """With offload: move `module` to the device for the block, back to the CPU after."""
+        """With offload: move `module` to the device for the block, back to the CPU after. A streamed
+        transformer puts its resident blocks on the device and streams the others (streaming.py)."""
+        if module is self.transformer and self.streamer is not None:
+            with self.streamer.on_device():
+                yield module
+            return
         if self.offload:
             module.to(self.device)
         try:
@@ -309,7 +331,8 @@ class QwenImagePipeline:
                 return (out or {}).get("latents")
         with self.active(self.transformer) as dit:
             return sampling.denoise(dit, latents, cond, self.scheduler.sigmas, img_shapes, negative_prompt=uncond,
-                                    cfg_scale=true_cfg_scale, reference=reference, on_step=on_step, progress=progress)
+                                    cfg_scale=true_cfg_scale, reference=reference, on_step=on_step, progress=progress,
+                                    batch_cfg=self.batch_cfg)
 
     def decode(self, latents, height, width, output_type, tiled_vae=False) -> PipelineOutput:
         """Packed latents -> unpack, undo the latent normalisation, VAE decode -> output_type."""
@@ -362,16 +385,19 @@ class QwenImageEditPipeline(QwenImagePipeline):
     condition_area = None              # the vision tower sees the VAE-sized image
 
     def __init__(self, tokenizer, text_encoder, vision_tower, transformer, vae, scheduler, processor_config=None,
-                 device=None, offload: bool = False):
-        super().__init__(tokenizer, text_encoder, transformer, vae, scheduler, device=device, offload=offload)
+                 device=None, offload: bool = False, max_gpu_memory=None, compile: bool = False):
+        super().__init__(tokenizer, text_encoder, transformer, vae, scheduler, device=device, offload=offload,
+                         max_gpu_memory=max_gpu_memory, compile=compile)
         self.vision_tower = vision_tower
         self.processor_config = processor_config or images.ImageProcessorConfig()
 
     @classmethod
-    def from_pretrained(cls, root, device=None, dtype=None, offload: bool = False,
-                        check_finite: bool = True, load_transformer: bool = True) -> "QwenImageEditPipeline":
+    def from_pretrained(cls, root, device=None, dtype=None, offload: bool = False, check_finite: bool = True,
+                        load_transformer: bool = True, max_gpu_memory=None, compile: bool = False
+                        ) -> "QwenImageEditPipeline":
         """Load an official Qwen-Image-Edit / -Edit-2509 / -Edit-2511 folder (same layout as Qwen-Image,
-        plus processor/). Called on QwenImageEditPipeline it picks the class model_index.json names."""
+        plus processor/). Called on QwenImageEditPipeline it picks the class model_index.json names.
+        The options are QwenImagePipeline.from_pretrained's."""
         root = Path(root)
         named = edit_pipeline_class(root)
         if cls is QwenImageEditPipeline:
@@ -380,10 +406,14 @@ class QwenImageEditPipeline(QwenImagePipeline):
             raise weights.CheckpointError(f"{root}/processor/preprocessor_config.json is missing: Edit checkpoints "
                                           "ship it (the vision tower's image sizes); download it too")
         device = torch.device(device or "cpu")
-        place = torch.device("cpu") if offload else device
-        return cls(**load_components(root, device, dtype, offload, check_finite, load_transformer),
+        if max_gpu_memory is not None:
+            streaming.parse_memory(max_gpu_memory)
+        offload_all = offload or max_gpu_memory is not None
+        place = torch.device("cpu") if offload_all else device
+        return cls(**load_components(root, device, dtype, offload_all, check_finite, load_transformer),
                    vision_tower=vision.load(root / "text_encoder", device=place, dtype=dtype, check_finite=check_finite),
-                   processor_config=images.load_processor_config(root / "processor"), device=device, offload=offload)
+                   processor_config=images.load_processor_config(root / "processor"), device=device, offload=offload,
+                   max_gpu_memory=max_gpu_memory, compile=compile)
 
     # --- images ------------------------------------------------------------------------------
 

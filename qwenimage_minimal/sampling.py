@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
 from .scheduler import euler_step
 
@@ -29,6 +30,19 @@ def initial_noise(shape, generator=None, device=None, dtype=None) -> torch.Tenso
     return torch.randn(shape, generator=generator, device=generator_device, dtype=dtype).to(device)
 
 
+def join_prompts(cond: tuple, uncond: tuple) -> tuple:
+    """(embeds (B, L1, D), mask or None) and (embeds (B, L2, D), mask or None) -> one batch (2B, max L, D)
+    with its padding mask (None when nothing is padded): both CFG passes in one transformer call."""
+    length = max(cond[0].shape[1], uncond[0].shape[1])
+    embeds, masks = [], []
+    for e, m in (cond, uncond):
+        m = torch.ones(e.shape[:2], dtype=torch.long, device=e.device) if m is None else m.long()
+        embeds.append(F.pad(e, (0, 0, 0, length - e.shape[1])))             # zeros after the text
+        masks.append(F.pad(m, (0, length - e.shape[1])))                    # ... and masked out
+    mask = torch.cat(masks)                                                 # (2B, L)
+    return torch.cat(embeds), (None if bool(mask.all()) else mask)
+
+
 def cfg_combine(v_cond: torch.Tensor, v_uncond: torch.Tensor, scale: float) -> torch.Tensor:
     """True classifier-free guidance with norm rescale: push away from the unconditional prediction,
     then give each token the length of its conditional prediction (over its channels), which
@@ -40,7 +54,7 @@ def cfg_combine(v_cond: torch.Tensor, v_uncond: torch.Tensor, scale: float) -> t
 @torch.no_grad()
 def denoise(model, x: torch.Tensor, prompt: tuple, sigmas: torch.Tensor, img_shapes: list,
             negative_prompt: tuple | None = None, cfg_scale: float = 1.0, reference: torch.Tensor | None = None,
-            on_step: Callable | None = None, progress: bool = False) -> torch.Tensor:
+            on_step: Callable | None = None, progress: bool = False, batch_cfg: bool = False) -> torch.Tensor:
     """Integrate the flow from sigmas[0] to sigmas[-1] = 0 with Euler steps.
 
     model            the MMDiT: model(tokens, embeds, mask, sigma, img_shapes) -> velocity
@@ -51,9 +65,13 @@ def denoise(model, x: torch.Tensor, prompt: tuple, sigmas: torch.Tensor, img_sha
     negative_prompt  the same for the unconditional branch; with cfg_scale > 1 it enables CFG
     reference        (B, M, C) packed reference-image tokens (Edit), or None
     on_step          on_step(i, x) after each step; a returned tensor replaces x
+    batch_cfg        run the conditional and unconditional passes as one batch of 2B, the shorter prompt
+                     padded and masked: equal up to rounding, and streamed weights (streaming.py) then
+                     cross the bus once per step instead of twice
     returns          (B, N, C) latents at sigma = 0
     """
     batch, n_noise = x.shape[:2]
+    both = join_prompts(prompt, negative_prompt) if batch_cfg and negative_prompt is not None else None
     steps = range(len(sigmas) - 1)
     if progress:
         from tqdm.auto import tqdm
@@ -63,9 +81,13 @@ def denoise(model, x: torch.Tensor, prompt: tuple, sigmas: torch.Tensor, img_sha
         t = (sigmas[i] * 1000).expand(batch).to(x.dtype)
         sigma = t / 1000                                                        # (B,)
         tokens = x if reference is None else torch.cat([x, reference], dim=1)  # (B, N [+ M], C)
-        v = model(tokens, *prompt, sigma, img_shapes)[:, :n_noise]              # (B, N, C)
+        if both is not None:                                                    # one call of batch 2B
+            v, v_uncond = model(tokens.repeat(2, 1, 1), *both, sigma.repeat(2), img_shapes)[:, :n_noise].chunk(2)
+        else:
+            v = model(tokens, *prompt, sigma, img_shapes)[:, :n_noise]          # (B, N, C)
+            if negative_prompt is not None:
+                v_uncond = model(tokens, *negative_prompt, sigma, img_shapes)[:, :n_noise]
         if negative_prompt is not None:
-            v_uncond = model(tokens, *negative_prompt, sigma, img_shapes)[:, :n_noise]
             v = cfg_combine(v, v_uncond, cfg_scale)
         x = euler_step(x, v, sigmas[i], sigmas[i + 1])
         if on_step is not None:

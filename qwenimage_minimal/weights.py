@@ -46,6 +46,7 @@ SAFETENSORS_DTYPES = {
     "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }
 TORCH_TO_SAFETENSORS = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)   # stored weights, never a compute dtype (see fp8.py)
 
 DTYPES_BY_NAME = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
                   "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
@@ -403,7 +404,8 @@ def build_on_meta(factory: Callable[[], nn.Module]) -> nn.Module:
 
 def load_weights(build: Callable[[], nn.Module], folder: str | os.PathLike, stem: str, device=None, dtype=None,
                  rename: Callable[[str], str | None] = lambda name: name, block_counts: dict | None = None,
-                 check_finite: bool = True) -> nn.Module:
+                 check_finite: bool = True,
+                 convert: Callable[[str, torch.Tensor], torch.Tensor] | None = None) -> nn.Module:
     """Build the model on meta with `build()` and fill it from the weights in `folder`, strictly,
     one tensor at a time.
 
@@ -411,7 +413,10 @@ def load_weights(build: Callable[[], nn.Module], folder: str | os.PathLike, stem
     purpose (e.g. the text encoder's unused lm_head); keep it a small explicit function.
     `block_counts` {prefix: (config field, count)} is compared with the numbered blocks the files
     hold *before* the model is built, so a config that asks for a million layers fails at once.
-    dtype=None keeps the checkpoint's dtype; floating tensors are cast, integer ones never.
+    dtype=None keeps the checkpoint's dtype; floating tensors are cast, integer ones never. fp8 weights
+    need a compute dtype (or fp8.load_transformer, which keeps them in fp8): dtype=None refuses them.
+    convert(model name, stored tensor) -> the tensor to assign, replacing the plain cast to `dtype`
+    (fp8.load_transformer keeps fp8 weights and dequantises others with it); device placement is its job.
     check_finite: refuse weights holding NaN or Inf, naming the tensor (costs one pass over them).
     """
     device = torch.device(device or "cpu")
@@ -453,19 +458,31 @@ def load_weights(build: Callable[[], nn.Module], folder: str | os.PathLike, stem
         found[name] = (ckpt_name, path)
     missing = [name for name in expected if name not in found]
     if missing or unexpected or mismatched:
-        raise CheckpointError(describe_mismatch(folder, missing, unexpected, mismatched))
+        scaled = any(n.endswith(".scale_weight") for n in unexpected)
+        hint = ("\nIts `scale_weight` tensors make it a scaled-fp8 checkpoint: load it with "
+                "qwenimage_minimal.fp8.load_transformer." if scaled else "")
+        raise CheckpointError(describe_mismatch(folder, missing, unexpected, mismatched) + hint)
 
     handles = {path: open(path, "rb") for path in headers}
     try:
         for name, (ckpt_name, path) in found.items():
             stored = headers[path].read(ckpt_name, handles[path])
-            target = dtype if (dtype is not None and stored.is_floating_point()) else stored.dtype
-            t = stored.to(device=device, dtype=target)
-            if check_finite and t.is_floating_point() and not bool(torch.isfinite(t).all()):
-                if bool(torch.isfinite(stored).all()):       # finite on disk: the cast overflowed
-                    raise CheckpointError(f"{path}: tensor {ckpt_name!r} has values beyond the range of {target} "
-                                          f"(largest |value| {stored.abs().max().item():.3g}); load it in bf16 or fp32")
-                bad = int((~torch.isfinite(stored)).sum())
+            if convert is not None:
+                t = convert(name, stored)
+            else:
+                if dtype is None and stored.dtype in FP8_DTYPES:
+                    raise CheckpointError(f"{path}: tensor {ckpt_name!r} is stored in {str(stored.dtype)[6:]}, which "
+                                          "nothing computes in: pass dtype=torch.bfloat16 (an exact upcast), or for "
+                                          "the transformer use qwenimage_minimal.fp8.load_transformer, which keeps "
+                                          "the weights in fp8")
+                target = dtype if (dtype is not None and stored.is_floating_point()) else stored.dtype
+                t = stored.to(device=device, dtype=target)
+            if check_finite and t.is_floating_point() and not all_finite(t):
+                if all_finite(stored):                       # finite on disk: the cast overflowed
+                    largest = _upcast_fp8(stored).abs().max().item()
+                    raise CheckpointError(f"{path}: tensor {ckpt_name!r} has values beyond the range of {t.dtype} "
+                                          f"(largest |value| {largest:.3g}); load it in bf16 or fp32")
+                bad = int((~torch.isfinite(_upcast_fp8(stored))).sum())
                 raise CheckpointError(f"{path}: tensor {ckpt_name!r} holds {bad} NaN or Inf value(s); the "
                                       "checkpoint is damaged (pass check_finite=False to load it anyway)")
             _assign(model, name, t)
@@ -473,6 +490,17 @@ def load_weights(build: Callable[[], nn.Module], folder: str | os.PathLike, stem
         for f in handles.values():
             f.close()
     return model.eval()
+
+
+def _upcast_fp8(t: torch.Tensor) -> torch.Tensor:
+    """fp8 -> bf16, exactly (every fp8 value is a bf16 value); other tensors unchanged. Many ops
+    (isfinite among them) are not implemented for fp8."""
+    return t.to(torch.bfloat16) if t.dtype in FP8_DTYPES else t
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """No NaN or Inf in a floating tensor (fp8 included)."""
+    return bool(torch.isfinite(_upcast_fp8(t)).all())
 
 
 def _assign(model: nn.Module, name: str, tensor: torch.Tensor) -> None:

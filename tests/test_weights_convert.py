@@ -70,13 +70,21 @@ def test_comfyui_single_file_converts_and_loads(official, tmp_path, prefix):
 def test_unknown_key_fails_loudly(official, tmp_path):
     ref, _ = official
     state = {k: v.contiguous() for k, v in ref.state_dict().items()}
-    state["transformer_blocks.0.attn.to_q.scale_weight"] = torch.ones(1)
+    state["transformer_blocks.0.attn.to_q.lora_A.weight"] = torch.ones(1)
     bad = tmp_path / "bad.safetensors"
     save_file(state, bad)
-    with pytest.raises(weights.CheckpointError, match=r"unexpected in the checkpoint \(1\):\n    transformer_blocks.0.attn.to_q.scale_weight"):
+    with pytest.raises(weights.CheckpointError,
+                       match=r"unexpected in the checkpoint \(1\):\n    transformer_blocks.0.attn.to_q.lora_A.weight"):
         weights_convert.convert(bad, tmp_path / "out")
     assert not (tmp_path / "out").exists()
     assert weights_convert.main([str(bad), str(tmp_path / "out2")]) == 2
+    # a ComfyUI fp8 scale is understood (tests/test_fp8.py), but only beside an fp8 weight
+    del state["transformer_blocks.0.attn.to_q.lora_A.weight"]
+    state["transformer_blocks.0.attn.to_q.scale_weight"] = torch.ones(())
+    save_file(state, bad)
+    message = "'transformer_blocks.0.attn.to_q.scale_weight' scales the weight .*, which is stored in float32"
+    with pytest.raises(weights.CheckpointError, match=message):
+        weights_convert.convert(bad, tmp_path / "out")
 
 
 def test_missing_tensor_fails_loudly(official, tmp_path):
