@@ -4,6 +4,8 @@ One table, as gpt-fast keeps its `transformer_configs`: a size names one config 
 
     tiny      every component at toy size (~10 M parameters, most of them the 151,680-token
               embedding): the tests, `make demo`, the notebooks, the benchmarks
+    nano      the size the nano recipe trains from scratch on a CPU (nano.py): a 6-block, 128-wide MMDiT,
+              a 0.8 M-parameter VAE, a 32-wide text encoder (~21 MB in all in bf16)
     official  Qwen-Image's own configuration (the 20.4 B MMDiT, Qwen2.5-VL-7B, the 16-channel VAE)
 
 `write_checkpoint(root, "tiny")` writes every component with random weights exactly as the
@@ -55,6 +57,16 @@ SIZES = {
         transformer=MMDiTConfig(num_layers=2, num_attention_heads=2, attention_head_dim=32, joint_attention_dim=64,
                                 axes_dims_rope=(8, 12, 12)),
         vae=VAEConfig(base_dim=16)),
+    # nano: what the nano recipe trains (nano.py): 128 px scenes -> 16 x 16 latents -> 64 image tokens. The text
+    # encoder is 32 wide so that its real-vocabulary table stays ~10 MB in bf16; it stays frozen at random init.
+    "nano": ModelSize(
+        text_encoder=TextEncoderConfig(vocab_size=151680, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, mrope_section=(1, 1, 2)),
+        vision=VisionConfig(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=32,
+                            fullatt_block_indexes=(1,)),
+        transformer=MMDiTConfig(num_layers=6, num_attention_heads=4, attention_head_dim=32, joint_attention_dim=32,
+                                axes_dims_rope=(8, 12, 12)),
+        vae=VAEConfig(base_dim=16, dim_mult=(1, 2, 2, 2), num_res_blocks=1)),
     "official": ModelSize(TextEncoderConfig(), VisionConfig(), MMDiTConfig(), VAEConfig()),
 }
 
