@@ -7,7 +7,7 @@ PIP    := $(PY) -m pip
 # pulled in by another package would download a multi-GB CUDA build.
 TORCH  ?= torch==2.13.0
 
-.PHONY: test demo bench notebooks cuda-check clean
+.PHONY: test demo nano bench notebooks cuda-check clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,10 @@ test: $(VENV)/.installed
 # without it a tiny random-weight Qwen-Image in the official layout is written and run on the CPU.
 demo: $(VENV)/.installed
 	$(PY) -m qwenimage_minimal demo $(if $(MODEL),--model "$(MODEL)")
+
+# The nano model from scratch on this machine (nano.py): scenes, the VAE, the MMDiT, held-out scores -> out/nano.
+nano: $(VENV)/.installed
+	$(PY) -m qwenimage_minimal train-nano --out out/nano
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/bench_mmdit.py

@@ -10,6 +10,7 @@
     python -m qwenimage_minimal demo [--model DIR] [--edit]
     python -m qwenimage_minimal train --model DIR --data DIR --out DIR [--rank 16] [--learning_rate 1e-4]
         [--resolution 1024] [--max_train_steps 1000] ... (see `train --help`; torchrun for several GPUs)
+    python -m qwenimage_minimal train-nano [--out out/nano] [--quick]    (the nano model from scratch: nano.py)
 
 `demo` without --model first writes a TINY RANDOM-WEIGHT Qwen-Image in the official folder layout
 (every component, the real tokenizer vocabulary) and runs the whole pipeline on it on the CPU,
@@ -272,6 +273,10 @@ def main(argv=None):
     if argv[:1] == ["train"]:                  # its own flags (diffusers' names): see train.py
         from . import train
         return train.main(argv[1:])
+    if argv[:1] == ["train-nano"]:             # the nano model from scratch: see nano.py
+        from . import nano
+        nano.main(argv[1:])
+        return 0
     p = argparse.ArgumentParser(prog="python -m qwenimage_minimal", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     sub = p.add_subparsers(dest="command", required=True)

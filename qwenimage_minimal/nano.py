@@ -10,12 +10,13 @@
 The text encoder stays at its random initialisation (frozen, as Qwen-Image's is frozen too): a random
 2-layer Qwen2.5-VL still maps different words to different vectors, and the MMDiT learns to read them.
 
-Work in progress (issue 13): the VAE step is here; the recipe around it comes next.
+    python -m qwenimage_minimal train-nano [--out out/nano] [--quick]      (make nano)
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -108,3 +109,132 @@ def latent_statistics(vae: QwenImageVAE, pictures: torch.Tensor, batch: int = 64
     latents to about unit scale before the MMDiT sees them. -> (means, stds) as tuples of floats."""
     z = torch.cat([vae.encode(pictures[i:i + batch]).mean for i in range(0, len(pictures), batch)])  # (N, C, h, w)
     return tuple(z.mean((0, 2, 3)).tolist()), tuple(z.std((0, 2, 3)).tolist())
+
+
+# ---------------------------------------------------------------------------------------------
+# The recipe
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class NanoConfig:
+    """Every setting of the recipe; QUICK (below) is the CI-sized run, the defaults the committed model's."""
+    out: str = "out/nano"               # data/, vae/ log, run/ (train.py's output), model/ (the checkpoint)
+    seed: int = 0
+    size: int = 128                     # pixels: 16 x 16 latents, 64 image tokens
+    train_scenes: int = 4000
+    vae_steps: int = 2000
+    vae_batch: int = 16
+    vae_crop: int = 64
+    vae_lr: float = 1e-3
+    dit_steps: int = 6000
+    dit_batch: int = 16
+    dit_lr: float = 5e-4
+    caption_dropout: float = 0.1        # the empty prompt's share: what CFG's unconditional branch learns from
+    vae_eval_every: int = 200           # steps between held-out PSNR measurements
+    held_out_pictures: int = 32         # held-out scenes for the VAE's PSNR
+    eval_scenes: int = 48               # held-out scenes drawn and scored at the end
+    eval_steps: int = 20
+    eval_cfg: float = 4.0
+
+
+QUICK = dict(size=64, train_scenes=64, vae_steps=150, vae_batch=8, vae_crop=32, vae_lr=3e-3, vae_eval_every=150,
+             held_out_pictures=8, dit_steps=100, dit_batch=8, eval_scenes=4, eval_steps=4)
+
+
+def first_and_last(losses: list) -> dict:
+    """The mean loss of the first and of the last tenth of a run (single steps are too noisy to compare)."""
+    tenth = max(1, len(losses) // 10)
+    return {"loss_first": sum(losses[:tenth]) / tenth, "loss_last": sum(losses[-tenth:]) / tenth}
+
+
+def pictures_of(scene_list, size: int) -> torch.Tensor:
+    from . import images, scenes
+    return torch.cat([images.to_tensor(scenes.render(s, size)) for s in scene_list])       # (N, 3, H, W)
+
+
+def build(c: NanoConfig, log=print) -> dict:
+    """Run the recipe; -> a report (losses, PSNR, scores, minutes). The model is written to <out>/model."""
+    import dataclasses
+    import shutil
+    import time
+    from pathlib import Path
+
+    from . import scenes, sizes, train, vae as vae_file, weights
+    start = time.time()
+    minutes = lambda: round((time.time() - start) / 60, 2)
+    out = Path(c.out)
+    weights.check_writable_folder(out, f"--out {out}")
+    for leftover in ("data", "run", "model"):            # a fresh run: nothing of an earlier one is mixed in
+        shutil.rmtree(out / leftover, ignore_errors=True)
+    report = {"config": dataclasses.asdict(c)}
+
+    # 0. data: the training scenes as a captioned folder (what train.py reads), a held-out set for the VAE
+    train_scenes = scenes.write_dataset(out / "data", c.train_scenes, seed=c.seed, split="train", size=c.size)
+    held_out = pictures_of(scenes.make_scenes(c.held_out_pictures, seed=c.seed + 1, split="held_out"), c.size)
+    log(f"[{minutes()} min] {len(train_scenes)} training scenes in {out / 'data'}")
+
+    # 1. a random nano Qwen-Image in the official layout; 2. its VAE trained, its latent statistics measured
+    model = sizes.write_checkpoint(out / "model", "nano", seed=c.seed)
+    autoencoder = vae_file.load(model / "vae")
+    pictures = pictures_of(train_scenes, c.size)
+    background = torch.tensor(scenes.BACKGROUND, dtype=torch.float32) / 127.5 - 1
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(c.seed)
+        rows = train_vae(autoencoder, pictures, held_out, background, c.vae_steps, batch=c.vae_batch, crop=c.vae_crop,
+                         lr=c.vae_lr, seed=c.seed, eval_every=c.vae_eval_every,
+                         log=lambda m: log(f"[{minutes()} min] {m}"))
+    mean, std = latent_statistics(autoencoder.eval(), pictures[:1000])
+    config = dataclasses.replace(autoencoder.config, latents_mean=mean, latents_std=std)
+    sizes.save_tensors(autoencoder, model / "vae" / f"{vae_file.WEIGHTS_STEM}.safetensors")
+    weights.write_json(model / "vae" / "config.json", config.to_json())
+    report["vae"] = {**first_and_last([r["reconstruction"] for r in rows]), "held_out_psnr": rows[-1]["held_out_psnr"],
+                     "minutes": minutes(), "log": rows}
+
+    # 3. the MMDiT, from its random init, by the project's training loop
+    settings = train.TrainConfig(
+        model=str(model), data=str(out / "data"), out=str(out / "run"), resolution=c.size, square=True,
+        finetune="full", mixed_precision="no", learning_rate=c.dit_lr, lr_scheduler="constant_with_warmup",
+        lr_warmup_steps=min(50, c.dit_steps // 4), train_batch_size=c.dit_batch, max_train_steps=c.dit_steps,
+        caption_dropout=c.caption_dropout, checkpointing_steps=c.dit_steps, adam_weight_decay=0.0, seed=c.seed,
+        validation_prompt=tuple(scenes.caption(s) for s in scenes.make_scenes(4, seed=c.seed + 2, split="held_out")),
+        validation_steps=max(1, c.dit_steps // 4), validation_inference_steps=c.eval_steps,
+        validation_cfg=c.eval_cfg)
+    log(f"[{minutes()} min] training the MMDiT: {c.dit_steps} steps of {c.dit_batch}")
+    train.train(settings)
+    report["mmdit"] = {**first_and_last([r["loss"] for r in train.read_log(out / "run" / "log.jsonl")]),
+                       "minutes": minutes()}
+    shutil.rmtree(model / "transformer")
+    shutil.copytree(out / "run" / "transformer", model / "transformer")
+
+    # 4. held-out prompts, drawn and scored
+    report["scores"] = evaluate_model(model, c.eval_scenes, seed=c.seed + 3, steps=c.eval_steps, cfg=c.eval_cfg,
+                                      size=c.size)
+    report["minutes"] = minutes()
+    log(f"[{minutes()} min] held-out scores: {report['scores']}")
+    weights.write_json(out / "report.json", report)
+    return report
+
+
+def evaluate_model(model_folder, n: int, seed: int, steps: int = 20, cfg: float = 4.0, split: str = "held_out",
+                   size: int = 128, batch: int = 16) -> dict:
+    """Draw n scenes' captions with the pipeline (steps, CFG scale; 1 = no guidance) and score the pictures."""
+    from . import pipeline, scenes
+    pipe = pipeline.QwenImagePipeline.from_pretrained(model_folder)
+    scene_list = scenes.make_scenes(n, seed=seed, split=split)
+    drawn = []
+    for i in range(0, n, batch):
+        part = scene_list[i:i + batch]
+        drawn += pipe(prompt=[scenes.caption(s) for s in part], negative_prompt=" " if cfg > 1 else None,
+                      true_cfg_scale=cfg, height=size, width=size, num_inference_steps=steps,
+                      generator=torch.Generator().manual_seed(seed + i), progress=False).images
+    return scenes.evaluate(drawn, scene_list)
+
+
+def main(argv=None) -> dict:
+    import argparse
+    p = argparse.ArgumentParser(prog="python -m qwenimage_minimal train-nano", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default=NanoConfig.out, help="work folder; the model is written to OUT/model")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true", help="a CI-sized run (about a minute): losses fall, nothing more")
+    a = p.parse_args(argv)
+    return build(NanoConfig(out=a.out, seed=a.seed, **(QUICK if a.quick else {})))

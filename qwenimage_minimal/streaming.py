@@ -181,6 +181,7 @@ class WeightStreamer:
         self.in_slot = [None] * len(self.slots)          # which block's weights each slot holds
         if self.cuda:
             self.copy_stream = torch.cuda.Stream(self.device)
+            self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))   # the slots exist before they fill
             self.copied = [torch.cuda.Event() for _ in self.slots]
             self.computed = [torch.cuda.Event() for _ in self.slots]
         for j in range(len(self.slots)):                 # the first streamed blocks, before the first call
