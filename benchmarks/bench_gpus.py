@@ -296,15 +296,18 @@ def section_budget(s, r, budgets, stream_repeats):
         arenas.extend(streamer.pinned)
         model.streamer = None
 
+    def run_each_budget(model, label, reference):
+        for budget_gb in budgets:                 # a budget that fails (too small, out of memory) is reported
+            try:
+                run(model, label, budget_gb, reference)
+            except Exception as e:
+                traceback.print_exc()
+                out[f"ours_{label}_{budget_gb:g}gb_error"] = f"{type(e).__name__}: {e}"
+
     arenas = []
     model = s.new_ours(host)
     del host
-    for budget_gb in budgets:
-        try:
-            run(model, "bf16", budget_gb, s.out_resident)
-        except Exception as e:
-            traceback.print_exc()
-            out[f"ours_bf16_{budget_gb:g}gb_error"] = f"{type(e).__name__}: {e}"
+    run_each_budget(model, "bf16", s.out_resident)
     if hasattr(s, "out_fp8"):
         # The same weights in fp8, quantised a block at a time on the device (one block fits any budget).
         from qwenimage_minimal import fp8
@@ -321,12 +324,7 @@ def section_budget(s, r, budgets, stream_repeats):
             streaming.unpin(arena)
         del model, quantized
         gc.collect()
-        for budget_gb in budgets:
-            try:
-                run(model8, "fp8", budget_gb, s.out_fp8)
-            except Exception as e:
-                traceback.print_exc()
-                out[f"ours_fp8_{budget_gb:g}gb_error"] = f"{type(e).__name__}: {e}"
+        run_each_budget(model8, "fp8", s.out_fp8)
     if cuda:
         torch.cuda.set_per_process_memory_fraction(1.0, s.device)
 
