@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import itertools
+import weakref
 
 import torch
 from torch import nn
@@ -71,7 +72,16 @@ def pin_together(cpu_tensors: list[torch.Tensor]) -> torch.Tensor:
 
 
 def unpin(arena: torch.Tensor) -> None:
-    torch.cuda.cudart().cudaHostUnregister(arena.data_ptr())
+    unpin_address(arena.data_ptr())
+
+
+def unpin_address(address: int) -> None:
+    """Unlock a buffer pin_together locked (its memory may then be freed safely); errors are ignored (at exit
+    the CUDA runtime may be gone)."""
+    try:
+        torch.cuda.cudart().cudaHostUnregister(address)
+    except Exception:
+        pass
 
 
 def parse_memory(value) -> int:
@@ -92,6 +102,21 @@ def parse_memory(value) -> int:
     if unit not in units or not number > 0:
         raise ValueError(f"max_gpu_memory must be a positive size such as 24, '24GB' or '16GiB', got {value!r}")
     return int(number * units[unit])
+
+
+def empty_like_block(block: nn.Module, device) -> nn.Module:
+    """A copy of `block`'s structure whose tensors are uninitialised on `device`: a slot. (A plain deepcopy
+    would copy the weights, and a weight that is a view of the page-locked buffer drags the whole buffer
+    along.) A LoRA layer's saved pre-fusion weight is left out: the slot never unfuses."""
+    memo = {}
+    for p in block.parameters():
+        memo[id(p)] = nn.Parameter(torch.empty_like(p, device=device), requires_grad=False)
+    for b in block.buffers():
+        memo[id(b)] = torch.empty_like(b, device=device)
+    for m in block.modules():
+        if getattr(m, "weight_before_fusing", None) is not None:
+            memo[id(m.weight_before_fusing)] = None
+    return copy.deepcopy(block, memo)
 
 
 def spread(n: int, k: int) -> list[int]:
@@ -146,7 +171,9 @@ class WeightStreamer:
         if self.cuda:      # pin once; tensors added since (e.g. LoRA adapters) are pinned then
             loose = [t for t in tensors(self.model) if t.device.type == "cpu" and not t.data.is_pinned()]
             if loose:
-                self.pinned.append(pin_together(loose))
+                arena = pin_together(loose)
+                self.pinned.append(arena)
+                weakref.finalize(self, unpin_address, arena.data_ptr())   # unlocked when the streamer goes
         host = {}
         for t in tensors(self.model):
             if id(t) not in streamed_tensors:
@@ -156,27 +183,29 @@ class WeightStreamer:
             self.make_slots()
             yield self
         finally:
-            if self.cuda:
-                torch.cuda.synchronize(self.device)     # nothing may still read a slot or a weight we drop
-            self.slots = []
-            for t, data in host.items():
-                t.data = data
-            if self.cuda:
-                torch.cuda.empty_cache()
+            try:
+                if self.cuda:
+                    torch.cuda.synchronize(self.device)     # nothing may still read a slot or a weight we drop
+            finally:
+                self.slots = []
+                for t, data in host.items():
+                    t.data = data
+                if self.cuda:
+                    torch.cuda.empty_cache()
 
     def make_slots(self) -> None:
         """The spare blocks on the device, and the events and copy stream that schedule them."""
         if not self.streamed:
             return
         blocks = self.model.transformer_blocks
-        layout = lambda b: [(t.shape, t.dtype) for t in tensors(b)]
+        layout = lambda b: [(n, t.shape, t.dtype) for n, t in itertools.chain(b.named_parameters(), b.named_buffers())]
         first = blocks[self.streamed[0]]
         for i in self.streamed:
             if layout(blocks[i]) != layout(first):
                 raise ValueError(f"streaming runs every streamed block in a copy of block {self.streamed[0]}, but "
                                  f"block {i} holds other tensors (a LoRA on some blocks only?): bake the LoRA "
                                  "in first (pipe.fuse_lora(); pipe.unload_lora_weights()), or give more max_gpu_memory")
-        self.slots = [copy.deepcopy(first).to(self.device) for _ in range(min(SLOTS, len(self.streamed)))]
+        self.slots = [empty_like_block(first, self.device) for _ in range(min(SLOTS, len(self.streamed)))]
         if self.compile_options is not None:
             for slot in self.slots:
                 slot.compile(fullgraph=True, **self.compile_options)
@@ -191,17 +220,23 @@ class WeightStreamer:
 
     # --- the schedule ----------------------------------------------------------------------------
 
+    @torch.no_grad()
     def load(self, i: int, slot: int) -> None:
         """Copy block i's weights into `slot` (on the copy stream, once the slot's last block has run)."""
         if self.in_slot[slot] == i:
             return
+        self.in_slot[slot] = None                        # half-filled until the loop below is through
+        block = self.model.transformer_blocks[i]
         with torch.cuda.stream(self.copy_stream) if self.cuda else contextlib.nullcontext():
             if self.cuda:
                 self.copy_stream.wait_event(self.computed[slot])
-            for dst, src in zip(tensors(self.slots[slot]), tensors(self.model.transformer_blocks[i])):
+            for dst, src in zip(tensors(self.slots[slot]), tensors(block)):
                 dst.copy_(src, non_blocking=True)
             if self.cuda:
                 self.copied[slot].record(self.copy_stream)
+        for dst, src in zip(self.slots[slot].modules(), block.modules()):
+            if hasattr(src, "scaling"):                  # a LoRA layer: its alpha / r and scales are not tensors
+                dst.scaling, dst.scale, dst.fused = dict(src.scaling), dict(src.scale), set(src.fused)
         self.in_slot[slot] = i
 
     def blocks(self):

@@ -199,3 +199,26 @@ def test_command_line_budget_needs_a_gpu(folder, tmp_path):
     with pytest.raises(SystemExit, match="--gpu-memory 24 needs a CUDA device"):
         cli.main(["generate", "--model", str(folder), "--prompt", "a red circle", "--device", "cpu",
                   "--gpu-memory", "24", "--out", str(tmp_path / "a.png")])
+
+
+def test_slots_follow_each_blocks_lora_scales_and_work_with_grad_enabled(folder):
+    """A LoRA's alpha / r and scale are plain numbers per layer, not tensors: the slots must take them from the
+    block they run. Outside torch.no_grad (the docstring's usage) streaming must work too."""
+    model = mmdit.load(folder / "transformer")
+    g = torch.Generator().manual_seed(0)
+    adapters = {f"transformer_blocks.{i}.attn.to_q": (torch.randn(4, 64, generator=g) * 0.1,
+                                                      torch.randn(64, 4, generator=g) * 0.1, float(1 + 3 * i))
+                for i in range(LAYERS)}                                     # another alpha on every block
+    lora.load_adapter(model, adapters, "varied")
+    inputs = model_inputs(model)
+    expected = model(*inputs)
+    streamer = streaming.WeightStreamer(model, "cpu", budget_for(model, 3), reserve=0)
+    with streamer.on_device():
+        got = model(*inputs)                                                # grad enabled
+        assert all(not p.requires_grad for slot in streamer.slots for p in slot.parameters())
+    assert streamer.streamed == [0, 2, 4, 6] and torch.equal(got, expected)
+    model.streamer = None
+    layer = model.transformer_blocks[0].attn.to_q
+    lora.fuse(model)
+    assert layer.weight_before_fusing is not None
+    assert streaming.empty_like_block(model.transformer_blocks[0], "cpu").attn.to_q.weight_before_fusing is None
