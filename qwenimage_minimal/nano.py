@@ -122,7 +122,7 @@ class NanoConfig:
     seed: int = 0
     size: int = 128                     # pixels: 16 x 16 latents, 64 image tokens
     train_scenes: int = 4000
-    vae_steps: int = 2000
+    vae_steps: int = 2400                # ~13 CPU minutes: held-out PSNR 28.6 dB, its pictures score 96% shape
     vae_batch: int = 16
     vae_crop: int = 64
     vae_lr: float = 1e-3
