@@ -20,12 +20,14 @@ $(VENV)/.installed: pyproject.toml
 test: $(VENV)/.installed
 	$(PY) -m pytest -q -m "not cuda" tests
 
-# The main job: text-to-image, stage by stage. MODEL=/path/to/Qwen-Image runs the real weights;
-# without it a tiny random-weight Qwen-Image in the official layout is written and run on the CPU.
+# The main job: text-to-image, stage by stage. Without MODEL: the nano model committed in checkpoints/nano
+# (trained from scratch by `make nano`) draws a grid of scene prompts on the CPU -> out/demo.png;
+# MODEL=/path/to/Qwen-Image runs the real weights.
 demo: $(VENV)/.installed
 	$(PY) -m qwenimage_minimal demo $(if $(MODEL),--model "$(MODEL)")
 
-# The nano model from scratch on this machine (nano.py): scenes, the VAE, the MMDiT, held-out scores -> out/nano.
+# The nano model from scratch on this machine (nano.py): scenes, the VAE, the MMDiT, held-out scores -> out/nano
+# (~40 CPU minutes). out/nano/model is what checkpoints/nano holds.
 nano: $(VENV)/.installed
 	$(PY) -m qwenimage_minimal train-nano --out out/nano
 

@@ -7,16 +7,18 @@
     python -m qwenimage_minimal edit --model DIR --image A.png [B.png C.png] --prompt "..."
         [--negative-prompt " "] [--steps 50] [--cfg 4.0] [--seed 0] [--width W] [--height H]
         [--out edited.png] [--device cuda] [--dtype bf16] [--tiled-vae] [--offload] [--gpu-memory GB] [--compile]
-    python -m qwenimage_minimal demo [--model DIR] [--edit]
+    python -m qwenimage_minimal demo [--model DIR | --random] [--prompt "..."] [--edit]
     python -m qwenimage_minimal train --model DIR --data DIR --out DIR [--rank 16] [--learning_rate 1e-4]
         [--resolution 1024] [--max_train_steps 1000] ... (see `train --help`; torchrun for several GPUs)
     python -m qwenimage_minimal train-nano [--out out/nano] [--quick]    (the nano model from scratch: nano.py)
 
-`demo` without --model first writes a TINY RANDOM-WEIGHT Qwen-Image in the official folder layout
-(every component, the real tokenizer vocabulary) and runs the whole pipeline on it on the CPU,
-printing each stage with shapes and times. Its picture is noise: the point is the machinery, not
-the art. With --model DIR it runs the real model. `demo --edit` does the same for the Edit-2509
-pipeline (vision tower included), editing a generated test picture.
+`demo` runs the whole pipeline on the CPU, printing each stage with shapes and times. Without --model
+it runs the NANO model committed in checkpoints/nano (Qwen-Image's architecture at 23 MB, trained from
+scratch on generated scenes by nano.py): a grid of prompts, some of them combinations it never saw in
+training, each picture read back by the scorer of scenes.py. With --model DIR it runs the real model;
+with --random, a TINY RANDOM-WEIGHT Qwen-Image written first in the official folder layout (its picture
+is noise: the machinery, not the art). `demo --edit` does the same for the Edit-2509 pipeline (vision
+tower included) on a tiny random model (or --model), editing a generated test picture.
 """
 
 from __future__ import annotations
@@ -105,16 +107,25 @@ def check_sampling_options(args, overwrite: bool) -> None:
 
 
 def demo_pipeline(args, stage, class_name: str):
-    """`demo`'s pipeline: the one in --model, else a tiny random one written first (CPU, fp32)."""
+    """`demo`'s pipeline: the one in --model; the committed nano model; or (--random, --edit) a tiny random one
+    written first (CPU, fp32)."""
     if args.model:
         device = resolve_device(args.device)
         root, dtype = Path(args.model), resolve_dtype(None, device)
-    else:
+    elif args.random or class_name != "QwenImagePipeline":
         folder = "tiny-qwen-image" if class_name == "QwenImagePipeline" else "tiny-qwen-image-edit"
         root = sizes.write_checkpoint(args.out.parent / folder, "tiny", class_name)
         stage(f"wrote a TINY RANDOM-WEIGHT {class_name} checkpoint (official folder layout) to {root}: "
               "its image is noise")
         device, dtype = torch.device("cpu"), torch.float32
+    else:
+        from . import nano
+        root, device, dtype = nano.COMMITTED, torch.device("cpu"), torch.float32
+        if not (root / "model_index.json").is_file():
+            raise SystemExit(f"error: the nano model is not in {root} (a clone of the repository has it; `make nano` "
+                             "trains it again): or pass --random for a tiny random-weight model")
+        stage(f"the NANO model from {root}: Qwen-Image's architecture trained from scratch on generated scenes "
+              "(nano.py)")
     cls = pipeline.QwenImagePipeline if class_name == "QwenImagePipeline" else pipeline.QwenImageEditPipeline
     return cls.from_pretrained(root, device=device, dtype=dtype)
 
@@ -130,39 +141,73 @@ def step_printer(stage, steps: int, note: str = ""):
 
 
 def demo(args):
+    from . import nano, scenes
+    nano_model = not (args.model or args.random or args.edit)
+    if nano_model:      # trained at 128 x 128; guidance above ~1.5 makes its shapes worse (nano.TABLE_SETTINGS)
+        defaults = dict(height=128, width=128, steps=20, cfg=nano.NanoConfig.eval_cfg)
+    else:
+        defaults = dict(height=256, width=384, steps=8, cfg=4.0)
+    for name, value in defaults.items():
+        setattr(args, name, value if getattr(args, name) is None else getattr(args, name))
     check_sampling_options(args, overwrite=True)             # a demo replaces its own picture
     t0 = time.perf_counter()
     stage = lambda text: print(f"[{time.perf_counter() - t0:7.2f}s] {text}", flush=True)
     if args.edit:
         args.prompt = args.prompt or "Paint the house blue and put a rainbow in the sky"
         return demo_edit(args, stage)
-    args.prompt = args.prompt or 'A corgi wearing sunglasses, neon sign that says "Qwen"'
+    if args.prompt:
+        prompt_list = [args.prompt]
+    elif nano_model:
+        prompt_list = list(nano.DEMO_PROMPTS)
+    else:
+        prompt_list = ['A corgi wearing sunglasses, neon sign that says "Qwen"']
     pipe = demo_pipeline(args, stage, "QwenImagePipeline")
     device, dtype = pipe.device, pipe.transformer.img_in.weight.dtype
     params = {name: sum(p.numel() for p in getattr(pipe, name).parameters()) / 1e6
               for name in ("text_encoder", "transformer", "vae")}
     stage("loaded " + ", ".join(f"{k} {v:.1f} M params" for k, v in params.items()) + f" ({dtype} on {device})")
 
-    embeds, mask = pipe.encode_prompt([args.prompt])
-    stage(f"prompt -> template -> {pipe.text_encoder.config.num_hidden_layers}-layer Qwen2.5-VL -> "
-          f"embeddings {tuple(embeds.shape)} ({prompts.T2I_PREFIX_TOKENS} template tokens dropped)")
+    embeds, mask = pipe.encode_prompt(prompt_list)
+    stage(f"{len(prompt_list)} prompt(s) -> template -> {pipe.text_encoder.config.num_hidden_layers}-layer Qwen2.5-VL "
+          f"-> embeddings {tuple(embeds.shape)} ({prompts.T2I_PREFIX_TOKENS} template tokens dropped, padded to the "
+          "longest, masked)")
     height, width = pipe.check_size(args.height, args.width)             # rounded to whole tokens
     s, p, c = pipe.vae_scale_factor, pipe.transformer.config.patch_size, pipe.vae.config.z_dim
-    h, w = height // s, width // s
-    stage(f"noise (1, {c}, {h}, {w}) -> packed tokens (1, {(h // p) * (w // p)}, {c * p * p}); "
+    h, w, n = height // s, width // s, len(prompt_list)
+    stage(f"noise ({n}, {c}, {h}, {w}) -> packed tokens ({n}, {(h // p) * (w // p)}, {c * p * p}); "
           f"{args.steps} Euler steps with true CFG {args.cfg} against negative prompt {args.negative_prompt!r}")
 
-    latents = pipe(prompt=args.prompt, negative_prompt=args.negative_prompt, true_cfg_scale=args.cfg,
-                   height=height, width=width, num_inference_steps=args.steps,
+    latents = pipe(prompt_embeds=embeds, prompt_embeds_mask=mask, negative_prompt=args.negative_prompt,
+                   true_cfg_scale=args.cfg, height=height, width=width, num_inference_steps=args.steps,
                    generator=torch.Generator().manual_seed(args.seed), output_type="latent",
                    callback_on_step_end=step_printer(stage, args.steps), progress=False).images
     z = mmdit.unpack_latents(latents.float(), h, w, p)
     stage(f"unpacked latents {tuple(z.shape)} -> * latents_std + latents_mean -> VAE decoder")
     with torch.no_grad():
         image = pipe.vae.decode(pipe.vae.denormalize_latents(z.to(device, dtype)))
-    pil = images.postprocess(image, "pil")[0]
-    images.save_image(pil, args.out)
-    stage(f"image {tuple(image.shape)} -> {args.out} ({pil.size[0]}x{pil.size[1]})")
+    pictures = images.postprocess(image, "pil")
+    if len(pictures) == 1:
+        images.save_image(pictures[0], args.out)
+        stage(f"image {tuple(image.shape)} -> {args.out} ({pictures[0].size[0]}x{pictures[0].size[1]})")
+    labels = list(prompt_list)
+    if nano_model:        # the scorer of scenes.py reads each picture back (a nano GenEval)
+        for i, (picture, text) in enumerate(zip(pictures, prompt_list)):
+            try:
+                scene = scenes.parse_caption(text)
+            except ValueError:
+                continue                                    # a prompt outside the scene language: not scored
+            verdicts = scenes.score(picture, scene)
+            marks = "; ".join(f"{t.colour} {t.shape}: colour {'ok' if v['colour'] else 'NO'}, shape "
+                              f"{'ok' if v['shape'] else 'NO'}, position {'ok' if v['position'] else 'NO'}"
+                              for t, v in zip(scene.things, verdicts))
+            held_out = " (held out of training)" if scenes.is_held_out(scene) else ""
+            stage(f"  {text!r}{held_out}: {marks}")
+            labels[i] = ("[held out] " if held_out else "") + text + ("  OK" if all(v["correct"] for v in verdicts)
+                                                                      else "  (scorer: wrong)")
+    if len(pictures) > 1:
+        grid = images.labelled_grid(pictures, labels, columns=4, scale=2)
+        images.save_image(grid, args.out)
+        stage(f"images {tuple(image.shape)} -> a labelled grid {grid.size[0]}x{grid.size[1]} -> {args.out}")
 
 
 def demo_edit(args, stage):
@@ -300,19 +345,26 @@ def main(argv=None):
     e.add_argument("--max-image-pixels", type=int, default=images.DEFAULT_MAX_PIXELS,
                    help="refuse input images larger than this (decompression bombs); default %(default)s")
     add_sampling_options(e)
-    d = sub.add_parser("demo", help="the whole pipeline, stage by stage (tiny random model unless --model)")
-    d.add_argument("--model", help="an official Qwen-Image folder (default: a tiny random-weight one)")
-    d.add_argument("--prompt", help="default: a corgi with a neon sign (text-to-image), or an instruction (--edit)")
+    d = sub.add_parser("demo", help="the whole pipeline, stage by stage (the committed nano model unless --model "
+                                    "or --random)")
+    d.add_argument("--model", help="an official Qwen-Image folder (default: the nano model in checkpoints/nano)")
+    d.add_argument("--random", action="store_true",
+                   help="a tiny random-weight model instead: noise, the machinery only")
+    d.add_argument("--prompt", help="default: a grid of scene prompts (nano), a corgi with a neon sign (--model, "
+                                    "--random), or an instruction (--edit)")
     d.add_argument("--negative-prompt", default=" ")
-    d.add_argument("--height", type=int, default=256)
-    d.add_argument("--width", type=int, default=384)
-    d.add_argument("--steps", type=int, default=8)
-    d.add_argument("--cfg", type=float, default=4.0)
+    d.add_argument("--height", type=int, help="default 128 (nano), else 256")
+    d.add_argument("--width", type=int, help="default 128 (nano), else 384")
+    d.add_argument("--steps", type=int, help="default 20 (nano), else 8")
+    d.add_argument("--cfg", type=float, help="true CFG scale; default 1.25 (nano: more guidance loses shapes), else 4")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--device")
     d.add_argument("--out", type=Path, default=Path("out/demo.png"))
     d.add_argument("--edit", action="store_true", help="the Edit-2509 pipeline instead (--model: an Edit folder)")
     a = p.parse_args(argv)
+    if a.command == "demo" and a.model and a.random:
+        raise SystemExit("error: --model and --random exclude each other: --model runs that folder, --random a tiny "
+                         "random-weight model")
     if a.model and not Path(a.model).is_dir():
         raise SystemExit(f"--model {a.model}: no such folder (expected an official Qwen-Image folder)")
     try:

@@ -174,6 +174,26 @@ def postprocess(image: torch.Tensor, output_type: str):
     return [Image.fromarray((a * 255).round().astype("uint8")) for a in array]
 
 
+def labelled_grid(pictures: list, labels: list[str], columns: int = 4, scale: int = 1):
+    """PIL pictures in a grid, each enlarged `scale` times (nearest neighbour: pixels stay pixels) above its
+    label, wrapped to the tile's width in PIL's default font."""
+    import textwrap
+
+    from PIL import Image, ImageDraw
+    w, h = max(p.width for p in pictures) * scale, max(p.height for p in pictures) * scale
+    wrapped = [textwrap.wrap(text, max(8, w // 6)) for text in labels]      # the default font: ~6 px a character
+    label_h = 4 + 11 * max(len(lines) for lines in wrapped)
+    columns = min(columns, len(pictures))
+    rows = math.ceil(len(pictures) / columns)
+    grid = Image.new("RGB", (columns * w, rows * (h + label_h)), "white")
+    draw = ImageDraw.Draw(grid)
+    for i, (picture, lines) in enumerate(zip(pictures, wrapped, strict=True)):
+        x, y = (i % columns) * w, (i // columns) * (h + label_h)
+        grid.paste(picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST), (x, y))
+        draw.multiline_text((x + 3, y + h + 2), "\n".join(lines), fill="black", spacing=1)
+    return grid
+
+
 def check_output_path(path, overwrite: bool = False, name: str = "--out") -> Path:
     """Before any work: `path` names an image file PIL can write (by its extension), is not a
     folder, does not exist unless `overwrite`, and its folder can be written."""

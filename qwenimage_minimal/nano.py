@@ -17,12 +17,28 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from .vae import QwenImageVAE
 
 NEAR_DETERMINISTIC_LOGVAR = -8.0   # initial posterior log-variance: the decoder starts on clean latents
+COMMITTED = Path(__file__).resolve().parent.parent / "checkpoints" / "nano"   # the trained model, in git
+
+# `demo`'s prompts: the first four are combinations the training split allows, the last four never appear in it
+# (scenes.HELD_OUT_OBJECTS: a red triangle at the top left, a blue circle at the bottom right; HELD_OUT_PAIRS:
+# red with blue, green with yellow)
+DEMO_PROMPTS = (
+    "a large red circle at the top left",
+    "a small blue square in the center",
+    "a large green triangle at the bottom right",
+    "a large yellow diamond at the left and a large purple circle at the right",
+    "a large red triangle at the top left",
+    "a large blue circle at the bottom right",
+    "a large red square at the top and a large blue circle at the bottom",
+    "a large green diamond at the left and a large yellow square at the right",
+)
 
 
 def object_mask(pictures: torch.Tensor, background: torch.Tensor) -> torch.Tensor:
@@ -122,23 +138,28 @@ class NanoConfig:
     seed: int = 0
     size: int = 128                     # pixels: 16 x 16 latents, 64 image tokens
     train_scenes: int = 4000
-    vae_steps: int = 2400                # ~13 CPU minutes: held-out PSNR 28.6 dB, its pictures score 96% shape
+    vae_steps: int = 3000                # ~17 CPU minutes
     vae_batch: int = 16
     vae_crop: int = 64
     vae_lr: float = 1e-3
-    dit_steps: int = 6000
+    dit_steps: int = 10000
     dit_batch: int = 16
-    dit_lr: float = 5e-4
+    dit_lr: float = 1e-3                # warmup, then a cosine to 0
+    dit_weighting: str = "logit_normal"  # timesteps mostly at middle noise levels (SD3, Esser et al. 2024)
+    dit_checkpoint_every: int = 2000    # run/checkpoint-N/transformer: scores against minutes
     caption_dropout: float = 0.1        # the empty prompt's share: what CFG's unconditional branch learns from
     vae_eval_every: int = 200           # steps between held-out PSNR measurements
     held_out_pictures: int = 32         # held-out scenes for the VAE's PSNR
-    eval_scenes: int = 48               # held-out scenes drawn and scored at the end
+    eval_scenes: int = 200              # held-out scenes drawn and scored at the end (as many training-like ones)
+    table_scenes: int = 96              # held-out scenes for the CFG scale / step count table
+    progress_scenes: int = 48           # held-out scenes drawn with every checkpoint of the MMDiT run
     eval_steps: int = 20
-    eval_cfg: float = 4.0
+    eval_cfg: float = 1.25              # measured: 1.25 scores as no guidance does; 2 and more lose shapes
 
 
-QUICK = dict(size=64, train_scenes=64, vae_steps=150, vae_batch=8, vae_crop=32, vae_lr=3e-3, vae_eval_every=150,
-             held_out_pictures=8, dit_steps=100, dit_batch=8, eval_scenes=4, eval_steps=4)
+QUICK = dict(size=64, train_scenes=64, vae_steps=150, vae_batch=16, vae_crop=32, vae_lr=1e-3, vae_eval_every=150,
+             held_out_pictures=8, dit_steps=100, dit_batch=8, dit_checkpoint_every=100, eval_scenes=4, table_scenes=4,
+             progress_scenes=4, eval_steps=4)
 
 
 def first_and_last(losses: list) -> dict:
@@ -193,9 +214,10 @@ def build(c: NanoConfig, log=print) -> dict:
     # 3. the MMDiT, from its random init, by the project's training loop
     settings = train.TrainConfig(
         model=str(model), data=str(out / "data"), out=str(out / "run"), resolution=c.size, square=True,
-        finetune="full", mixed_precision="no", learning_rate=c.dit_lr, lr_scheduler="constant_with_warmup",
-        lr_warmup_steps=min(50, c.dit_steps // 4), train_batch_size=c.dit_batch, max_train_steps=c.dit_steps,
-        caption_dropout=c.caption_dropout, checkpointing_steps=c.dit_steps, adam_weight_decay=0.0, seed=c.seed,
+        finetune="full", mixed_precision="no", learning_rate=c.dit_lr, lr_scheduler="cosine",
+        weighting_scheme=c.dit_weighting, lr_warmup_steps=min(100, c.dit_steps // 4), train_batch_size=c.dit_batch,
+        max_train_steps=c.dit_steps, caption_dropout=c.caption_dropout, adam_weight_decay=0.0, seed=c.seed,
+        checkpointing_steps=min(c.dit_checkpoint_every, c.dit_steps),
         validation_prompt=tuple(scenes.caption(s) for s in scenes.make_scenes(4, seed=c.seed + 2, split="held_out")),
         validation_steps=max(1, c.dit_steps // 4), validation_inference_steps=c.eval_steps,
         validation_cfg=c.eval_cfg)
@@ -206,28 +228,138 @@ def build(c: NanoConfig, log=print) -> dict:
     shutil.rmtree(model / "transformer")
     shutil.copytree(out / "run" / "transformer", model / "transformer")
 
-    # 4. held-out prompts, drawn and scored
-    report["scores"] = evaluate_model(model, c.eval_scenes, seed=c.seed + 3, steps=c.eval_steps, cfg=c.eval_cfg,
-                                      size=c.size)
     report["minutes"] = minutes()
-    log(f"[{minutes()} min] held-out scores: {report['scores']}")
     weights.write_json(out / "report.json", report)
+    return measure(c, log=lambda m: log(f"[{minutes()} min] {m}"))
+
+
+def measure(c: NanoConfig, log=print) -> dict:
+    """The recipe's last stage, on <out> as build left it: the model stored in bf16 (half the bytes: what is
+    committed), then measured as stored. Writes <out>/model/report.json (what the notebook and README show)
+    and <out>/model/training/samples_over_training.png. -> the report.
+
+    vae.held_out_psnr_bf16   the stored VAE's reconstruction PSNR on held-out scenes
+    progress                 the held-out scores of every checkpoint of the MMDiT run, against its minutes
+    quality.held_out         c.eval_scenes held-out scenes, c.eval_steps steps, CFG c.eval_cfg: the headline
+    quality.train_like       as many scenes of the training split's kind (not the training scenes themselves)
+    quality.table            CFG scales and step counts, on c.table_scenes held-out scenes"""
+    import dataclasses
+    import time
+
+    from . import pipeline, scenes, train, weights
+    start = time.time()
+    out = Path(c.out)
+    model = out / "model"
+    report = weights.read_config(out, "report.json")
+    report["config"] = dataclasses.asdict(c)                 # the measuring settings may differ from the build's
+    store_in_bf16(model)
+    report["vae"]["held_out_psnr_bf16"] = vae_psnr(model, c.held_out_pictures, seed=c.seed + 1, size=c.size)
+    log(f"stored in bf16; the VAE's held-out PSNR {report['vae']['held_out_psnr_bf16']:.2f} dB")
+
+    probe = scenes.make_scenes(c.progress_scenes, seed=c.seed + 4, split="held_out")
+    report["progress"], pictures = scores_over_training(out, probe, steps=c.eval_steps, cfg=c.eval_cfg, size=c.size,
+                                                        log=log)
+    (model / "training").mkdir(exist_ok=True)
+    from . import images
+    grid = images.labelled_grid([p for row in pictures for p in row[:4]],
+                                [f"step {r['step']}" for r in report["progress"] for _ in range(4)], columns=4)
+    images.save_image(grid, model / "training" / "samples_over_training.png")
+
+    pipe = pipeline.QwenImagePipeline.from_pretrained(model, dtype=torch.float32)   # stored in bf16, computed in fp32
+    quality = {}
+    for split, seed in (("held_out", c.seed + 3), ("train", c.seed + 5)):
+        quality[split if split == "held_out" else "train_like"] = evaluate(
+            pipe, scenes.make_scenes(c.eval_scenes, seed=seed, split=split), steps=c.eval_steps, cfg=c.eval_cfg,
+            size=c.size)
+        log(f"{split}: " + ", ".join(f"{k} {v:.3f}" for k, v in quality[split if split == 'held_out'
+                                                                        else 'train_like'].items()))
+    quality["table"] = quality_table(pipe, scenes.make_scenes(c.table_scenes, seed=c.seed + 3, split="held_out"),
+                                     size=c.size, log=log)
+    report["quality"] = quality
+    report["scores"] = quality["held_out"]
+    rows = train.read_log(out / "run" / "log.jsonl")
+    report["mmdit"]["log"] = [r for r in rows if r["step"] % 10 == 0]      # every 10th step: the curve, small
+    report["measure_minutes"] = round((time.time() - start) / 60, 2)
+    weights.write_json(out / "report.json", report)
+    weights.write_json(model / "report.json", report)
     return report
 
 
-def evaluate_model(model_folder, n: int, seed: int, steps: int = 20, cfg: float = 4.0, split: str = "held_out",
-                   size: int = 128, batch: int = 16) -> dict:
-    """Draw n scenes' captions with the pipeline (steps, CFG scale; 1 = no guidance) and score the pictures."""
-    from . import pipeline, scenes
-    pipe = pipeline.QwenImagePipeline.from_pretrained(model_folder)
-    scene_list = scenes.make_scenes(n, seed=seed, split=split)
+def store_in_bf16(folder) -> None:
+    """Rewrite every safetensors file of a model folder with its floating-point tensors in bf16 (each file
+    replaced atomically). The nano model is committed so: half the bytes of fp32; the pipelines load the
+    weights into fp32 on the CPU, so only the rounding of the weights changes (measured after, in build)."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    from . import weights
+    for path in sorted(Path(folder).rglob("*.safetensors")):
+        tensors = load_file(path)
+        tensors = {n: t.to(torch.bfloat16) if t.is_floating_point() else t for n, t in tensors.items()}
+        weights.write_safetensors(path, [(n, tuple(t.shape), t.dtype) for n, t in tensors.items()], tensors.values())
+
+
+@torch.no_grad()
+def vae_psnr(model_folder, n: int, seed: int, size: int = 128) -> float:
+    """The held-out reconstruction PSNR (dB) of a model folder's VAE, from the posterior mean."""
+    from . import scenes, vae as vae_file
+    from pathlib import Path
+    autoencoder = vae_file.load(Path(model_folder) / "vae", dtype=torch.float32).eval()
+    pictures = pictures_of(scenes.make_scenes(n, seed=seed, split="held_out"), size)
+    return psnr(autoencoder.decode(autoencoder.encode(pictures).mean), pictures)
+
+
+def evaluate(pipe, scene_list, steps: int = 20, cfg: float = 4.0, size: int = 128, seed: int = 0,
+             batch: int = 16, pictures: list | None = None) -> dict:
+    """Draw the scenes' captions with the pipeline (`steps` Euler steps, CFG scale `cfg`; 1 = no guidance,
+    the negative prompt " ") and score the pictures from their pixels (scenes.evaluate). Batch i's noise
+    comes from seed + i. The pictures are appended to `pictures` if given."""
+    from . import scenes
     drawn = []
-    for i in range(0, n, batch):
+    for i in range(0, len(scene_list), batch):
         part = scene_list[i:i + batch]
         drawn += pipe(prompt=[scenes.caption(s) for s in part], negative_prompt=" " if cfg > 1 else None,
                       true_cfg_scale=cfg, height=size, width=size, num_inference_steps=steps,
                       generator=torch.Generator().manual_seed(seed + i), progress=False).images
+    if pictures is not None:
+        pictures += drawn
     return scenes.evaluate(drawn, scene_list)
+
+
+TABLE_SETTINGS = ((1.0, 20), (1.25, 20), (1.5, 20), (2.0, 20), (4.0, 20), (6.0, 20), (1.25, 5), (1.25, 10), (1.25, 40))
+
+
+def quality_table(pipe, scene_list, settings=TABLE_SETTINGS, size: int = 128, log=print) -> list[dict]:
+    """The scores at several (CFG scale, steps) settings on the same scenes and noise: what guidance and
+    the step count do. -> [{"cfg", "steps", **scores}]"""
+    rows = []
+    for cfg, steps in settings:
+        rows.append({"cfg": cfg, "steps": steps, **evaluate(pipe, scene_list, steps=steps, cfg=cfg, size=size)})
+        log(", ".join(f"{k} {v:.3f}" if isinstance(v, float) and k not in ("cfg",) else f"{k} {v}"
+                      for k, v in rows[-1].items()))
+    return rows
+
+
+def scores_over_training(work, scene_list, steps: int = 20, cfg: float = 4.0, size: int = 128,
+                         log=print) -> tuple[list[dict], list]:
+    """The scores of every checkpoint that train.py kept in <work>/run (the MMDiT after 1500, 3000, ... steps,
+    fp32 as trained), drawn on the same scenes and noise: how quality grows with training time.
+    -> ([{"step", "minutes" (MMDiT training only), **scores}], [the pictures of each checkpoint])"""
+    from . import mmdit, pipeline, train
+    work = Path(work)
+    pipe = pipeline.QwenImagePipeline.from_pretrained(work / "model", dtype=torch.float32)
+    seconds = {r["step"]: r["seconds"] for r in train.read_log(work / "run" / "log.jsonl") if "seconds" in r}
+    rows, pictures = [], []
+    for folder in train.checkpoints_in(work / "run"):
+        step = train.checkpoint_step(folder)
+        pipe.transformer = mmdit.load(folder / "transformer", dtype=torch.float32).eval()
+        drawn = []
+        rows.append({"step": step, "minutes": round(seconds.get(step, float("nan")) / 60, 2),
+                     **evaluate(pipe, scene_list, steps=steps, cfg=cfg, size=size, pictures=drawn)})
+        pictures.append(drawn)
+        log(f"step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in rows[-1].items() if k != "step"))
+    return rows, pictures
 
 
 def main(argv=None) -> dict:

@@ -254,10 +254,13 @@ def score(image, scene: Scene) -> list[dict]:
 def evaluate(images, scenes) -> dict:
     """Accuracy by category, as fractions (GenEval's categories, at nano scale):
     single_object  one-object scenes whose object is entirely right
+    single_colour, single_shape, single_position   one-object scenes: that attribute right
     two_objects    two-object scenes with both objects entirely right
     colour, shape, position   over every object: that attribute right (shape/position of its colour's blob)
     binding        two-object scenes: both objects' colour *and* shape right (the colours on the right shapes)"""
-    counts = {k: [0, 0] for k in ("single_object", "two_objects", "colour", "shape", "position", "binding")}
+    keys = ("single_object", "single_colour", "single_shape", "single_position", "two_objects", "colour", "shape",
+            "position", "binding")
+    counts = {k: [0, 0] for k in keys}
 
     def add(key, ok):
         counts[key][0] += bool(ok)
@@ -265,9 +268,10 @@ def evaluate(images, scenes) -> dict:
     for image, scene in zip(images, scenes, strict=True):
         verdicts = score(image, scene)
         for v in verdicts:
-            add("colour", v["colour"])
-            add("shape", v["shape"])
-            add("position", v["position"])
+            for attribute in ("colour", "shape", "position"):
+                add(attribute, v[attribute])
+                if len(verdicts) == 1:
+                    add(f"single_{attribute}", v[attribute])
         if len(verdicts) == 1:
             add("single_object", verdicts[0]["correct"])
         else:

@@ -57,16 +57,19 @@ SIZES = {
         transformer=MMDiTConfig(num_layers=2, num_attention_heads=2, attention_head_dim=32, joint_attention_dim=64,
                                 axes_dims_rope=(8, 12, 12)),
         vae=VAEConfig(base_dim=16)),
-    # nano: what the nano recipe trains (nano.py): 128 px scenes -> 16 x 16 latents -> 64 image tokens. The text
+    # nano: what the nano recipe trains (nano.py): 128 px scenes -> 4 x 16 x 16 latents -> 64 image tokens. The text
     # encoder is 32 wide so that its real-vocabulary table stays ~10 MB in bf16; it stays frozen at random init.
+    # 4 latent channels, not 16: flat-coloured shapes need few, and the MMDiT learns a 4-channel latent space
+    # faster (measured: see nano.py); latents_mean/std are measured by the recipe and written to vae/config.json.
     "nano": ModelSize(
         text_encoder=TextEncoderConfig(vocab_size=151680, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                        num_attention_heads=4, num_key_value_heads=2, mrope_section=(1, 1, 2)),
         vision=VisionConfig(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=32,
                             fullatt_block_indexes=(1,)),
-        transformer=MMDiTConfig(num_layers=6, num_attention_heads=4, attention_head_dim=32, joint_attention_dim=32,
-                                axes_dims_rope=(8, 12, 12)),
-        vae=VAEConfig(base_dim=16, dim_mult=(1, 2, 2, 2), num_res_blocks=1)),
+        transformer=MMDiTConfig(in_channels=16, out_channels=4, num_layers=6, num_attention_heads=4,
+                                attention_head_dim=32, joint_attention_dim=32, axes_dims_rope=(8, 12, 12)),
+        vae=VAEConfig(base_dim=16, z_dim=4, dim_mult=(1, 2, 2, 2), num_res_blocks=1, latents_mean=(0.0,) * 4,
+                      latents_std=(1.0,) * 4)),
     "official": ModelSize(TextEncoderConfig(), VisionConfig(), MMDiTConfig(), VAEConfig()),
 }
 

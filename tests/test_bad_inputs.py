@@ -457,8 +457,14 @@ def test_animated_images_use_the_first_frame_with_a_warning(tmp_path):
 
 def test_the_demo_rounds_odd_sizes(tmp_path):
     with pytest.warns(UserWarning, match="264x200 is rounded down to 256x192"):
-        cli.main(["demo", "--out", str(tmp_path / "d.png"), "--steps", "1", "--height", "264", "--width", "200"])
+        cli.main(["demo", "--random", "--out", str(tmp_path / "d.png"), "--steps", "1", "--height", "264",
+                  "--width", "200"])
     assert Image.open(tmp_path / "d.png").size == (192, 256)
+
+
+def test_the_demo_takes_a_model_or_random_not_both(tmp_path):
+    with pytest.raises(SystemExit, match="--model and --random exclude each other"):
+        cli.main(["demo", "--random", "--model", str(tmp_path), "--out", str(tmp_path / "d.png")])
 
 
 def test_edit_encode_prompt_takes_image_positions_by_name(tmp_path):

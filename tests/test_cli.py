@@ -14,7 +14,7 @@ from qwenimage_minimal import images, pipeline, sizes
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "demo.png"
-    cli.main(["demo", "--out", str(out), "--steps", "3", "--height", "64", "--width", "96"])
+    cli.main(["demo", "--random", "--out", str(out), "--steps", "3", "--height", "64", "--width", "96"])
     return out
 
 

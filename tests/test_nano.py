@@ -16,7 +16,8 @@ def test_vae_training_lowers_the_loss_and_raises_held_out_psnr():
     train, held_out = pictures(200, 0), pictures(16, 1, "held_out")
     background = torch.tensor(scenes.BACKGROUND, dtype=torch.float32) / 127.5 - 1
     before = nano.psnr(vae.decode(vae.encode(held_out).mean).detach(), held_out)
-    rows = nano.train_vae(vae, train, held_out, background, steps=300, batch=8, crop=32, lr=3e-3, eval_every=300, log=print)
+    rows = nano.train_vae(vae, train, held_out, background, steps=300, batch=16, crop=32, lr=1e-3, eval_every=300,
+                          log=print)
     first = sum(r["reconstruction"] for r in rows[:10]) / 10
     last = sum(r["reconstruction"] for r in rows[-10:]) / 10
     after = rows[-1]["held_out_psnr"]
@@ -46,10 +47,9 @@ def test_the_quick_recipe_lowers_both_losses_and_writes_a_loadable_model(tmp_pat
     vae, dit = report["vae"], report["mmdit"]
     print(f"VAE reconstruction {vae['loss_first']:.3f} -> {vae['loss_last']:.3f}; MMDiT flow-matching loss "
           f"{dit['loss_first']:.3f} -> {dit['loss_last']:.3f}; {report['minutes']} min")
-    # The MMDiT's loss falls steeply; the VAE's only a little in 150 steps: its first hundreds of steps are a
-    # plateau whose length depends on the initialisation (test_vae_training_... shows it learning for real).
-    assert dit["loss_last"] < 0.5 * dit["loss_first"] and vae["loss_last"] < vae["loss_first"]
-    assert set(report["scores"]) == {"single_object", "two_objects", "colour", "shape", "position", "binding"}
+    assert dit["loss_last"] < 0.5 * dit["loss_first"] and vae["loss_last"] < 0.8 * vae["loss_first"]
+    assert set(report["scores"]) == {"single_object", "single_colour", "single_shape", "single_position", "two_objects",
+                                     "colour", "shape", "position", "binding"}
     pipe = pipeline.QwenImagePipeline.from_pretrained(tmp_path / "nano" / "model")
     assert pipe.transformer.config == sizes.SIZES["nano"].transformer
     stats = pipe.vae.config.latents_std
