@@ -41,14 +41,13 @@ def test_diffusers_loads_the_folder_and_draws_the_same_latents(pipe):
 
 def test_held_out_prompts_are_drawn_right(pipe):
     """The issue's thresholds on a reduced set (48 held-out scenes: 6 held-out objects, 4 colour pairs never
-    together in training; 20 steps, CFG 1.25). The full measurement (200 scenes) is in checkpoints/nano/report.json.
-    Two-object scenes miss the issue's 80%: 74.8% on the 200 scenes (81% on these 48, which is luck, so the
-    assertion is 70%: what the model reliably does, not what this subset happens to show)."""
+    together in training; 20 steps, CFG 2 against the empty prompt). The full measurement (200 scenes: single
+    objects 100 / 100 / 98.9% colour / position / shape, two objects 83.2%) is in checkpoints/nano/report.json."""
     held_out = scenes.make_scenes(48, seed=100, split="held_out")
     got = nano.evaluate(pipe, held_out, steps=20, cfg=nano.NanoConfig.eval_cfg)
     print({k: round(v, 3) for k, v in got.items()})
     assert got["single_colour"] >= 0.95 and got["single_position"] >= 0.95 and got["single_shape"] >= 0.85, got
-    assert got["two_objects"] >= 0.70, got
+    assert got["two_objects"] >= 0.80, got
 
 
 def test_the_demo_draws_a_labelled_grid_with_the_nano_model(tmp_path, capsys):
