@@ -27,7 +27,7 @@ demo: $(VENV)/.installed
 	$(PY) -m qwenimage_minimal demo $(if $(MODEL),--model "$(MODEL)")
 
 # The nano model from scratch on this machine (nano.py): scenes, the VAE, the MMDiT, held-out scores -> out/nano
-# (~40 CPU minutes). out/nano/model is what checkpoints/nano holds.
+# (~50 CPU minutes). out/nano/model is what checkpoints/nano holds.
 nano: $(VENV)/.installed
 	$(PY) -m qwenimage_minimal train-nano --out out/nano
 
