@@ -20,7 +20,10 @@ held-out objects right 42% of the time after 2,000 steps with 4 channels, 19% af
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -182,11 +185,6 @@ def pictures_of(scene_list, size: int) -> torch.Tensor:
 
 def build(c: NanoConfig, log=print) -> dict:
     """Run the recipe; -> a report (losses, PSNR, scores, minutes). The model is written to <out>/model."""
-    import dataclasses
-    import shutil
-    import time
-    from pathlib import Path
-
     from . import scenes, sizes, train, vae as vae_file, weights
     start = time.time()
     minutes = lambda: round((time.time() - start) / 60, 2)
@@ -250,10 +248,7 @@ def measure(c: NanoConfig, log=print) -> dict:
     quality.held_out         c.eval_scenes held-out scenes, c.eval_steps steps, CFG c.eval_cfg: the headline
     quality.train_like       as many scenes of the training split's kind (not the training scenes themselves)
     quality.table            CFG scales and step counts, on c.table_scenes held-out scenes"""
-    import dataclasses
-    import time
-
-    from . import pipeline, scenes, train, weights
+    from . import images, pipeline, scenes, train, weights
     start = time.time()
     out = Path(c.out)
     model = out / "model"
@@ -267,7 +262,6 @@ def measure(c: NanoConfig, log=print) -> dict:
     report["progress"], pictures = scores_over_training(out, probe, steps=c.eval_steps, cfg=c.eval_cfg, size=c.size,
                                                         log=log)
     (model / "training").mkdir(exist_ok=True)
-    from . import images
     grid = images.labelled_grid([p for row in pictures for p in row[:4]],
                                 [f"step {r['step']}" for r in report["progress"] for _ in range(4)], columns=4)
     images.save_image(grid, model / "training" / "samples_over_training.png")
@@ -296,8 +290,6 @@ def store_in_bf16(folder) -> None:
     """Rewrite every safetensors file of a model folder with its floating-point tensors in bf16 (each file
     replaced atomically). The nano model is committed so: half the bytes of fp32; the pipelines load the
     weights into fp32 on the CPU, so only the rounding of the weights changes (measured after, in build)."""
-    from pathlib import Path
-
     from safetensors.torch import load_file
 
     from . import weights
@@ -311,7 +303,6 @@ def store_in_bf16(folder) -> None:
 def vae_psnr(model_folder, n: int, seed: int, size: int = 128) -> float:
     """The held-out reconstruction PSNR (dB) of a model folder's VAE, from the posterior mean."""
     from . import scenes, vae as vae_file
-    from pathlib import Path
     autoencoder = vae_file.load(Path(model_folder) / "vae", dtype=torch.float32).eval()
     pictures = pictures_of(scenes.make_scenes(n, seed=seed, split="held_out"), size)
     return psnr(autoencoder.decode(autoencoder.encode(pictures).mean), pictures)
@@ -350,7 +341,7 @@ def quality_table(pipe, scene_list, settings=TABLE_SETTINGS, size: int = 128, lo
     return rows
 
 
-def scores_over_training(work, scene_list, steps: int = 20, cfg: float = 4.0, size: int = 128,
+def scores_over_training(work, scene_list, steps: int = 20, cfg: float = NanoConfig.eval_cfg, size: int = 128,
                          log=print) -> tuple[list[dict], list]:
     """The scores of every checkpoint that train.py kept in <work>/run (the MMDiT after 1500, 3000, ... steps,
     fp32 as trained), drawn on the same scenes and noise: how quality grows with training time.
