@@ -7,7 +7,7 @@ PIP    := $(PY) -m pip
 # pulled in by another package would download a multi-GB CUDA build.
 TORCH  ?= torch==2.13.0
 
-.PHONY: test demo nano bench notebooks cuda-check clean
+.PHONY: test demo nano bench notebooks course cuda-check clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +44,12 @@ bench: $(VENV)/.installed
 # Re-executes every notebook in place, so the committed outputs are current.
 notebooks: $(VENV)/.installed
 	$(VENV)/bin/jupyter nbconvert --to notebook --execute --inplace notebooks/*.ipynb
+
+# Your own executed copies of the notebooks in out/notebooks/ (the committed ones are left alone):
+# open them with `.venv/bin/jupyter lab out/notebooks`, edit, do the exercises.
+course: $(VENV)/.installed
+	mkdir -p out/notebooks && cp notebooks/course.py out/notebooks/
+	$(VENV)/bin/jupyter nbconvert --to notebook --execute --output-dir out/notebooks notebooks/*.ipynb
 
 # Needs a CUDA GPU and a Python with CUDA torch + diffusers (PYTHON=...); never part of CI.
 cuda-check:
