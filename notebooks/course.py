@@ -41,3 +41,22 @@ def parity(what: str, ours: torch.Tensor, reference: torch.Tensor, tol: float = 
     print(f"{what}: max |ours - reference| / max |reference| = {err:.1e}  (tolerance {tol:.0e})")
     assert err < tol, f"{what}: {err:.2e} is above {tol:.0e}"
     return err
+
+
+def tiles(pictures, labels, columns: int = 4, title: str | None = None, width: float = 2.3) -> None:
+    """Show PIL pictures in framed panels, each under its label (the frames keep neighbouring scenes apart,
+    where `images.labelled_grid` butts them together)."""
+    import math
+    import textwrap
+
+    import matplotlib.pyplot as plt
+    rows = math.ceil(len(pictures) / columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(width * columns, (width + 0.65) * rows), squeeze=False, dpi=72,
+                             layout="constrained")
+    for ax in axes.flat:
+        ax.set_xticks([]); ax.set_yticks([]); ax.set_visible(False)
+    for ax, picture, label in zip(axes.flat, pictures, labels):
+        ax.set_visible(True); ax.imshow(picture); ax.set_title("\n".join(textwrap.wrap(label, 34)), fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    plt.show()

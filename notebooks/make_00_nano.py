@@ -17,10 +17,11 @@ solution = lambda text: cells.append(nbformat.v4.new_code_cell(
 md(r"""
 # 00 · nano Qwen-Image: the real architecture, trained from scratch on a CPU
 
-Every other notebook runs Qwen-Image's code on weights nobody trained (the official 20 B weights cannot be
-downloaded here), so every picture they draw is noise. This one trains the model. Karpathy's nanoGPT [2]
-made the point for language models: a course needs a model small enough to train on a laptop, whose
-samples visibly get better. `qwenimage_minimal/nano.py` does it for Qwen-Image [1]:
+The official 20 B weights cannot be downloaded here, and a model with random weights draws noise. So this
+notebook trains one: notebooks 02, 04 and 05 then load the result (`checkpoints/nano`), while 06, 07 and 08
+run tiny random-weight models, which exercise the code (editing, LoRA, training) but draw noise. Karpathy's
+nanoGPT [2] made the point for language models: a course needs a model small enough to train on a laptop,
+whose samples visibly get better. `qwenimage_minimal/nano.py` does it for Qwen-Image [1]:
 
 * **the same code**: the MMDiT, the VAE and the Qwen2.5-VL text encoder are the project's classes (the ones
   that load the official checkpoints), at a small size from the size table (`sizes.SIZES["nano"]`); the
@@ -44,7 +45,8 @@ samples visibly get better. `qwenimage_minimal/nano.py` does it for Qwen-Image [
 
 **Prerequisites:** PyTorch. This is the first notebook; 01–08 then open each component.
 
-**Run time / needs:** about two minutes on 2 CPU cores (the live training cells); nothing to download.
+**Run time / needs:** a few minutes on 2 CPU cores, most of it in the two live training cells (each prints
+its time); nothing to download.
 The committed model in `checkpoints/nano` was trained by `make nano` (the same recipe at full length, about
 50 CPU minutes); set `TRAIN_FULL = True` to retrain it here instead of loading it. The appendix compares
 with diffusers.
@@ -58,11 +60,11 @@ import json
 import math
 import shutil
 import tempfile
-import textwrap
 import time
 import warnings
 from pathlib import Path
 
+import matplotlib
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
@@ -80,18 +82,6 @@ if TRAIN_FULL:
 MODEL = work / "full" / "model" if TRAIN_FULL else nano.COMMITTED
 report = json.loads((MODEL / "report.json").read_text())
 print("the model:", MODEL, sorted(p.name for p in MODEL.iterdir()))
-
-def tiles(pictures, labels, columns=4, title=None, width=2.3):
-    # PIL pictures in framed panels, each under its label: the frames keep neighbouring scenes apart
-    rows = math.ceil(len(pictures) / columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(width * columns, (width + 0.65) * rows), squeeze=False, dpi=72)
-    for ax in axes.flat:
-        ax.set_xticks([]); ax.set_yticks([]); ax.set_visible(False)
-    for ax, picture, label in zip(axes.flat, pictures, labels):
-        ax.set_visible(True); ax.imshow(picture); ax.set_title("\n".join(textwrap.wrap(label, 34)), fontsize=8)
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout(); plt.show()
 """)
 
 md(r"""
@@ -115,7 +105,6 @@ code(r"""
 def parameters(module):
     return sum(p.numel() for p in module.parameters())
 
-from qwenimage_minimal.mmdit import MMDiT
 from qwenimage_minimal.text_encoder import TextEncoder
 for name in ("nano", "official"):
     size = sizes.SIZES[name]
@@ -125,7 +114,7 @@ for name in ("nano", "official"):
           f"{v.z_dim} latent channels")
 with torch.device("meta"):
     nano_parts = {"text encoder": TextEncoder(sizes.SIZES["nano"].text_encoder),
-                  "MMDiT": MMDiT(sizes.SIZES["nano"].transformer), "VAE": QwenImageVAE(sizes.SIZES["nano"].vae)}
+                  "MMDiT": mmdit.MMDiT(sizes.SIZES["nano"].transformer), "VAE": QwenImageVAE(sizes.SIZES["nano"].vae)}
 layout = [p for part in ("model_index.json", "scheduler", "text_encoder", "tokenizer", "transformer", "vae")
           for p in ([MODEL / part] if part.endswith(".json") else (MODEL / part).rglob("*")) if p.is_file()]
 print({k: f"{parameters(m) / 1e6:.2f} M" for k, m in nano_parts.items()},
@@ -151,11 +140,11 @@ picture = scenes.render(train_scenes[0], 128)
 print("a caption:", repr(scenes.caption(train_scenes[0])))
 print("PIL", picture.size, "-> images.to_tensor ->", tuple(images.to_tensor(picture).shape), "in [-1, 1]")
 print("held-out objects:", sorted(scenes.HELD_OUT_OBJECTS)[:3], "...")
-print("held-out colour pairs:", [tuple(sorted(p)) for p in scenes.HELD_OUT_PAIRS])
+print("held-out colour pairs:", sorted(tuple(sorted(p)) for p in scenes.HELD_OUT_PAIRS))
 print("held-out scenes among the 4000 training scenes:", sum(scenes.is_held_out(s) for s in train_scenes))
-tiles([scenes.render(s, 128) for s in train_scenes[:4] + held_out[:4]],
-      [scenes.caption(s) for s in train_scenes[:4]] + ["[held out] " + scenes.caption(s) for s in held_out[:4]],
-      title="training scenes (top), held-out scenes (bottom)")
+course.tiles([scenes.render(s, 128) for s in train_scenes[:4] + held_out[:4]],
+             [scenes.caption(s) for s in train_scenes[:4]] + ["[held out] " + scenes.caption(s) for s in held_out[:4]],
+             title="training scenes (top), held-out scenes (bottom)")
 """)
 
 md(r"""
@@ -169,9 +158,11 @@ stated colour is judged for shape and position:
   diamond ~1/2, told apart by where the widest row is;
 * position, from the grid cell of its centroid.
 
-Because the shape is judged on the blob *of the stated colour*, a red square where a red circle was asked is
-wrong: that is what attribute binding means. Objects the caption does not mention are not looked for, so an
-extra object costs nothing.
+Because the shape and the place are judged on the blob *of the stated colour*, the scorer checks **attribute
+binding**: that each colour sits on the shape the caption gives it. Ask for "a red circle and a blue square"
+and get a blue circle and a red square: a detector that only checks "is there a circle, is there something
+red" passes it; this scorer fails it, because the red blob is a square (the second cell below tries it).
+Objects the caption does not mention are not looked for, so an extra object costs nothing.
 
 A yardstick must first be right on the truth: on rendered ground-truth scenes it must score >= 98%, or it
 would be the bottleneck.
@@ -180,12 +171,25 @@ would be the bottleneck.
 code(r"""
 labels = scenes.colour_map(picture)                              # (H, W): 0 background, i + 1 the i-th colour
 print("colour map", labels.shape, "values", np.unique(labels))
-fig, axes = plt.subplots(1, 2, figsize=(7, 3.5), dpi=72)
+palette = matplotlib.colors.ListedColormap(np.array([scenes.BACKGROUND, *scenes.COLOURS.values()]) / 255)
+palette.set_under("black")                                       # -1: far from every palette colour
+fig, axes = plt.subplots(1, 2, figsize=(7.5, 3.3), dpi=72, layout="constrained")
 axes[0].imshow(picture); axes[0].set_title(scenes.caption(train_scenes[0]), fontsize=8)
-axes[1].imshow(labels, cmap="tab10"); axes[1].set_title("nearest palette colour", fontsize=8)
+shown = axes[1].imshow(labels, cmap=palette, vmin=-0.5, vmax=len(scenes.COLOURS) + 0.5, interpolation="nearest")
+axes[1].set_title("scenes.colour_map: the nearest palette colour's index", fontsize=8)
+bar = fig.colorbar(shown, ax=axes[1], ticks=range(len(scenes.COLOURS) + 1))
+bar.ax.set_yticklabels([f"{i} {name}" for i, name in enumerate(["background", *scenes.COLOURS])], fontsize=7)
 for ax in axes: ax.axis("off")
-fig.tight_layout(); plt.show()
+plt.show()
 print("verdicts:", scenes.score(picture, train_scenes[0]))
+""")
+
+code(r"""
+swapped = scenes.render(scenes.parse_caption("a large blue circle at the left and a large red square at the right"),
+                        128)                             # the colours of the caption below, swapped
+asked_for = scenes.parse_caption("a large red circle at the left and a large blue square at the right")
+for thing, verdict in zip(asked_for.things, scenes.score(swapped, asked_for)):
+    print(f"asked a {thing.colour} {thing.shape}, drawn swapped:", verdict)
 truth = scenes.make_scenes(150, seed=3) + scenes.make_scenes(60, seed=4, split="held_out")
 accuracy = scenes.evaluate([scenes.render(s, 128) for s in truth], truth)
 print({k: round(v, 3) for k, v in accuracy.items()})
@@ -210,31 +214,38 @@ VAE compresses 8x into 4 channels (0.8 M parameters instead of 127 M). It is tra
 * the posterior's log-variance **starts at -8**: with the default initialisation the sampling noise (std 1)
   would drown the latents the decoder learns from.
 
-Live, a fresh VAE for 300 steps (the committed one had 3,000, 16 CPU minutes). Its held-out PSNR does not
-rise smoothly: early on it can sit on a plateau, or dip, while the decoder learns colours before edges (the
-committed run sat near 16 dB for 1,200 steps, then jumped to 25 dB within 200):
+Live, a fresh VAE for 300 steps on 64 px pictures (the committed one had 3,000 at 128 px, 16 CPU minutes).
+Do not expect a smooth climb. The committed run's log (`report.json`, printed and plotted below) reached
+21.9 dB of held-out PSNR at step 400, fell back to 15–17.5 dB and stayed there until step 1,200, then jumped
+to 25 dB at step 1,400 and passed the 28 dB goal at step 2,000. Its loss fell in steps too: about 0.6 until
+step 600, about 0.4 until step 1,200, then tenfold by step 1,500. The two need not move together (the PSNR
+fell from step 400 to 800 while the loss fell): the loss weights object pixels 11 times and is measured on
+training crops, the PSNR weights every pixel alike, on held-out scenes.
 """)
 
 code(r"""
-# live: 64 px pictures (the VAE is convolutional: the same network, a quarter of the pixels, so that 300 steps
-# show it learning in half a minute)
+# live: 64 px pictures (the VAE is convolutional: the same network on a quarter of the pixels, so that 300 steps
+# fit in a few CPU minutes)
 vae_pictures = nano.pictures_of(train_scenes[:300], 64)              # (300, 3, 64, 64)
-vae_held_out = nano.pictures_of(scenes.make_scenes(16, seed=1, split="held_out"), 64)
+vae_scenes = scenes.make_scenes(16, seed=1, split="held_out")
+vae_held_out = nano.pictures_of(vae_scenes, 64)                     # (16, 3, 64, 64)
 background = torch.tensor(scenes.BACKGROUND, dtype=torch.float32) / 127.5 - 1
 torch.manual_seed(0)
 fresh_vae = QwenImageVAE(sizes.SIZES["nano"].vae)
 with torch.no_grad():
-    before = fresh_vae.decode(fresh_vae.encode(vae_held_out[:4]).mean)
+    before = fresh_vae.decode(fresh_vae.encode(vae_held_out).mean)
 t0 = time.perf_counter()
 rows = nano.train_vae(fresh_vae, vae_pictures, vae_held_out, background, steps=300, batch=16, crop=32, lr=1e-3,
                       eval_every=100)
-print(f"{time.perf_counter() - t0:.0f} s")
+print(f"300 VAE steps in {time.perf_counter() - t0:.0f} s")
 with torch.no_grad():
-    after = fresh_vae.eval().decode(fresh_vae.encode(vae_held_out[:4]).mean)
+    after = fresh_vae.eval().decode(fresh_vae.encode(vae_held_out).mean)
 """)
 
 code(r"""
 committed_log = report["vae"]["log"]
+print("committed run, held-out PSNR (dB) by step:",
+      ", ".join(f"{r['step']}: {r['held_out_psnr']:.1f}" for r in committed_log if "held_out_psnr" in r))
 fig, axes = plt.subplots(1, 2, figsize=(11, 3))
 axes[0].plot([r["reconstruction"] for r in rows], lw=0.6, label="live, 300 steps (64 px)")
 axes[0].plot([r["reconstruction"] for r in committed_log], lw=0.6, alpha=0.6, label="committed run (128 px)")
@@ -245,11 +256,25 @@ for log, label in ((rows, "live (64 px)"), (committed_log, "committed run (128 p
     axes[1].plot(*zip(*points), "o-", label=label)
 axes[1].axhline(28, color="grey", ls="--", lw=0.8); axes[1].set_xlabel("step"); axes[1].set_ylabel("dB")
 axes[1].set_title("held-out PSNR (goal 28 dB)"); axes[1].legend(); fig.tight_layout(); plt.show()
-print(f"live VAE, held-out PSNR: {nano.psnr(before, vae_held_out[:4]):.1f} dB untrained -> "
-      f"{nano.psnr(after, vae_held_out[:4]):.1f} dB after 300 steps")
-tiles(images.postprocess(torch.cat([vae_held_out[:4], before, after]), "pil"),
-      ["input"] * 4 + ["untrained"] * 4 + ["live, 300 steps"] * 4, width=1.8)
+print(f"live VAE, held-out PSNR: {nano.psnr(before, vae_held_out):.1f} dB untrained -> "
+      f"{nano.psnr(after, vae_held_out):.1f} dB after 300 steps")
+course.tiles(images.postprocess(torch.cat([vae_held_out[:4], before[:4], after[:4]]), "pil"),
+             ["input"] * 4 + ["untrained"] * 4 + ["live, 300 steps"] * 4, width=1.8)
+reading = scenes.evaluate(images.postprocess(after, "pil"), vae_scenes)    # the yardstick, on the reconstructions
+print(f"the scorer on the {len(vae_scenes)} live reconstructions: objects found in their colour "
+      f"{reading['colour']:.0%}, in their place {reading['position']:.0%}, of their shape {reading['shape']:.0%}")
+""")
 
+md(r"""
+**What the live VAE has learnt.** Compare the bottom row with the inputs: blurred blobs, in the right
+places and of about the right size, but in approximate hues (a green or a yellow object can come out as
+its neighbour on the colour wheel, blue or orange) and with soft edges. The scorer's reading (printed)
+says the same: most objects are found in their colour and place, few of their shape. So the VAE learns
+*where* first; the exact colours and the edges, which decide the shape, come later. The committed VAE,
+after 3,000 steps at 128 px:
+""")
+
+code(r"""
 committed_vae = pipeline.QwenImagePipeline.from_pretrained(MODEL, dtype=torch.float32).vae   # stored in bf16
 big_held_out = nano.pictures_of(scenes.make_scenes(4, seed=1, split="held_out"), 128)
 with torch.no_grad():
@@ -258,7 +283,8 @@ with torch.no_grad():
 print("pictures", tuple(big_held_out.shape), "-> latents", tuple(latents.shape), "-> pictures", tuple(best.shape))
 print(f"committed VAE (3,000 steps at 128 px), PSNR on these 4 pictures {nano.psnr(best, big_held_out):.1f} dB; on 32: "
       f"{report['vae']['held_out_psnr_bf16']:.1f} dB (report.json)")
-tiles(images.postprocess(torch.cat([big_held_out, best]), "pil"), ["input"] * 4 + ["committed VAE"] * 4, width=1.8)
+course.tiles(images.postprocess(torch.cat([big_held_out, best]), "pil"), ["input"] * 4 + ["committed VAE"] * 4,
+             width=1.8)
 """)
 
 md(r"""
@@ -291,9 +317,13 @@ embeddings and VAE latents cached once, flow matching, and 10% of the captions r
 That last part is **caption dropout** [10]: the same network then also learns the *unconditional* velocity,
 which classifier-free guidance needs (section 5).
 
-Live and small first: 300 steps of 16 on 1,000 scenes (about a minute), at a constant learning rate. The
-loss falls fast; the pictures after a minute are coloured blobs, often not yet of the asked colour or in the
-asked place: compare them with the committed run's checkpoints below.
+Live and small first: 300 steps of 16 on 1,000 scenes (a few minutes on 2 cores: the cell prints its time),
+at a constant learning rate after a 50-step warm-up (`constant_with_warmup`). The live model is a fresh
+random MMDiT in a folder with the **committed VAE and text encoder** copied in: the MMDiT learns to denoise
+that VAE's latents (a random VAE's latents mean nothing, and its decoder draws noise) and to read that text
+encoder's vectors, the same frozen random ones the committed MMDiT learnt to read, so the two runs differ
+only in the MMDiT's training. The loss falls fast; the pictures after 300 steps are coloured blobs, often
+not yet of the asked colour or in the asked place: compare them with the committed run's checkpoints below.
 """)
 
 code(r"""
@@ -322,22 +352,24 @@ ax.plot([r["step"] for r in full_log][4:-4], smooth([r["loss"] for r in full_log
 ax.set_xscale("log"); ax.set_xlabel("step"); ax.set_ylabel("flow-matching loss (running mean)"); ax.legend()
 fig.tight_layout(); plt.show()
 
+shutil.rmtree(live / "transformer")                              # the trained MMDiT into the model folder,
+shutil.copytree(work / "run" / "transformer", live / "transformer")  # as nano.build does
 live_pipe = pipeline.QwenImagePipeline.from_pretrained(live, dtype=torch.float32)
-live_pipe.transformer = mmdit.load(work / "run" / "transformer").eval()
 probe = [scenes.caption(s) for s in train_scenes[:4]]
 drawn = live_pipe(prompt=probe, negative_prompt="", true_cfg_scale=nano.NanoConfig.eval_cfg, height=128, width=128,
                   num_inference_steps=20, generator=torch.Generator().manual_seed(0), progress=False).images
-tiles(drawn, probe, title="after 300 live steps")
+course.tiles(drawn, probe, title="after 300 live steps")
 """)
 
 md(r"""
 The committed run is the same loop, longer: 10,000 steps of 16 on 4,000 scenes, with a cosine learning-rate
-decay (the live run: constant) and, in both, logit-normal timesteps: most noise levels drawn from the middle,
-where the shapes are decided (SD3's comparison ranked this density best on average [8]).
-`nano.scores_over_training` drew the same held-out prompts with each checkpoint it kept and scored them:
-quality against MMDiT minutes (the VAE's 16 come before). 48 scenes per checkpoint, so a two-object score
-moves by 4 points per scene: the last two rows differ by noise, not by learning. Below, samples of four
-held-out prompts (columns) at those checkpoints (rows), each prompt above its column:
+decay after a 100-step warm-up (the live run: constant after its warm-up) and, in both, logit-normal
+timesteps: most noise levels drawn from the middle, where the shapes are decided (SD3's comparison ranked
+this density best on average [8]). `nano.scores_over_training` drew the same held-out prompts with each checkpoint it kept and scored them:
+quality against MMDiT minutes (the VAE's 16 come before). 48 scenes per checkpoint, of which 23 are
+two-object scenes (printed), so one scene moves the two-object score by about 4 points: from step 8,000 to
+10,000 it rose by 3 scenes, too few to tell the two checkpoints apart. Below, samples of four held-out
+prompts (columns) at those checkpoints (rows), each prompt above its column:
 """)
 
 code(r"""
@@ -346,11 +378,18 @@ scores = ("single_object", "two_objects", "colour", "shape", "position")
 print(f"{'step':>6} {'minutes':>8} " + " ".join(f"{k:>15}" for k in scores))
 for r in progress:
     print(f"{r['step']:6d} {r['minutes']:8.1f} " + " ".join(f"{r[k]:15.2f}" for k in scores))
-columns = [scenes.caption(s) for s in scenes.make_scenes(48, seed=4, split="held_out")[:4]]    # the probe's first four
+probe_scenes = scenes.make_scenes(report["config"]["progress_scenes"], seed=report["config"]["seed"] + 4,
+                                   split="held_out")                   # what nano.measure drew at each checkpoint
+n_two = sum(len(s.things) == 2 for s in probe_scenes)
+print(f"{len(probe_scenes)} held-out scenes per checkpoint, {n_two} of them two-object: one scene is "
+      f"{100 / n_two:.1f} points of the two-object score")
+columns = [scenes.caption(s) for s in probe_scenes[:4]]                 # the probe's first four
 record = Image.open(MODEL / "training" / "samples_over_training.png")   # rows of 4 tiles: 128 px + a 15 px label
-tiles([record.crop((128 * c, 143 * r, 128 * c + 128, 143 * r + 128)) for r in range(len(progress)) for c in range(4)],
-      [(columns[c] + ": " if r == 0 else "") + f"step {p['step']}" for r, p in enumerate(progress) for c in range(4)],
-      width=1.9, title="held-out prompts (columns) at each checkpoint (rows)")
+course.tiles([record.crop((128 * c, 143 * r, 128 * c + 128, 143 * r + 128))
+              for r in range(len(progress)) for c in range(4)],
+             [(columns[c] + ": " if r == 0 else "") + f"step {p['step']}"
+              for r, p in enumerate(progress) for c in range(4)],
+             width=1.9, title="held-out prompts (columns) at each checkpoint (rows)")
 """)
 
 md(r"""
@@ -362,9 +401,10 @@ label. The measured scores (200 held-out scenes, 20 steps, CFG 2 against the emp
 `eval_cfg`, `eval_negative`) are in `report.json`, printed below. Eight pictures are a small sample: on 200
 scenes, about one two-object scene in six has an object wrong.
 
-Look also at what the scorer does not see. In the cyan-and-pink scene below, the model drew an extra pink
-square the caption did not ask for, and the verdict is still OK: the scorer looks only for the objects the
-caption names (section 1).
+Look also at what the scorer does not see: an object the caption did not ask for. The scorer looks only
+for the objects the caption names (section 1), so a picture with an extra object may still be OK. The cell
+counts the blobs of every palette colour in each picture (with the scorer's own minimum size) and names the
+pictures that hold more objects than their caption asks for.
 """)
 
 code(r"""
@@ -373,8 +413,17 @@ asked = [scenes.caption(s) for s in held_out]
 drawn = pipe(prompt=asked, negative_prompt="", true_cfg_scale=nano.NanoConfig.eval_cfg, height=128, width=128,
              num_inference_steps=20, generator=torch.Generator().manual_seed(0), progress=False).images
 verdicts = [all(v["correct"] for v in scenes.score(p, s)) for p, s in zip(drawn, held_out)]
-tiles(drawn, [("OK: " if ok else "WRONG: ") + a for a, ok in zip(asked, verdicts)], title="held-out prompts")
+course.tiles(drawn, [("OK: " if ok else "WRONG: ") + a for a, ok in zip(asked, verdicts)], title="held-out prompts")
 print({k: round(v, 3) for k, v in report["quality"]["held_out"].items()})
+extra = []
+for picture, scene, ok in zip(drawn, held_out, verdicts):
+    index_map = scenes.colour_map(picture)
+    min_pixels = max(4, index_map.size // 400)                       # the scorer's: specks below 0.25% don't count
+    found = sum(len(scenes.blobs(index_map == i + 1, min_pixels)) for i in range(len(scenes.COLOURS)))
+    if found > len(scene.things):
+        extra.append(f"{found} blobs for {len(scene.things)} objects, {'OK' if ok else 'WRONG'}: "
+                     f"{scenes.caption(scene)}")
+print(f"pictures with more objects than their caption asks for: {len(extra)} of {len(drawn)}", *extra, sep="\n  ")
 """)
 
 md(r"""
@@ -403,8 +452,9 @@ tiles_drawn = []
 for cfg, steps, negative in settings_grid:
     tiles_drawn += pipe(prompt=prompt, negative_prompt=negative, true_cfg_scale=cfg, height=128, width=128,
                         num_inference_steps=steps, generator=torch.Generator().manual_seed(1), progress=False).images
-tiles(tiles_drawn, [f"CFG {c:g}" + ("" if c == 1 else f" against {n!r}") + f", {s} steps" for c, s, n in settings_grid],
-      title=prompt)
+negative_name = {"": "empty", " ": "space"}
+course.tiles(tiles_drawn, [f"CFG {c:g}" + ("" if c == 1 else f", negative: {negative_name[n]}") + f", {s} steps"
+                           for c, s, n in settings_grid], title=prompt)
 table_scenes = scenes.make_scenes(nano.NanoConfig.table_scenes, seed=3, split="held_out")      # what measure() drew
 n_two = sum(len(s.things) == 2 for s in table_scenes)
 print(f"measured on {len(table_scenes)} held-out scenes, {len(table_scenes) - n_two} single-object and {n_two} two-object "
@@ -435,24 +485,38 @@ md(r"""
 
 ### Exercise 1 · How many tokens does the MMDiT see?
 
-The VAE compresses 8x in each direction; the MMDiT cuts the latents into 2 x 2 patches, one token each.
-Predict the shape of the nano VAE's latents for one 128 x 128 picture, and of the packed tokens
-`mmdit.pack_latents(latents, 2)` (batch, tokens, values per token). Then do the same for the official model at
-1328 x 1328 (16 latent channels). Check your shapes with `course.check(what, torch.tensor(yours),
-torch.tensor(shape))` against the package: encode `picture` with `committed_vae` and pack it; for the official
-size, pack a `torch.zeros` latent of the shape you predicted.
+The VAE compresses 8x in each direction into its latent channels (4 nano, 16 official); the MMDiT cuts the
+latents into 2 x 2 patches, one token each. Section 2 printed the nano shapes for square 128 px pictures.
+Predict the latents' shape (batch, channels, height, width) and the shape of the packed tokens
+`mmdit.pack_latents(latents, 2)` (batch, tokens, values per token) for one picture:
+
+* (a) nano, 64 high and 128 wide;
+* (b) the official model at 1328 x 1328;
+* (c) the official model at 16:9, 928 high and 1664 wide.
+
+Check them against the package: build each VAE on the meta device
+(`with torch.device("meta"): vae = QwenImageVAE(sizes.SIZES["official"].vae)`; meta tensors have shapes but no
+data, so even the 127 M-parameter VAE costs no memory and no compute), encode `torch.empty(1, 3, H, W)` there,
+pack the posterior's `.mean`, and compare with `course.check(what, torch.tensor(yours), torch.tensor(shape))`.
 """)
 
 solution(r"""
 # Solution (collapsed: expand to see it)
-nano_latents, nano_tokens = (1, 4, 128 // 8, 128 // 8), (1, (128 // 16) ** 2, 4 * 2 * 2)          # (1, 4, 16, 16), (1, 64, 16)
-official_latents, official_tokens = (1, 16, 1328 // 8, 1328 // 8), (1, (1328 // 16) ** 2, 16 * 2 * 2)   # 83 x 83 = 6889 tokens
-with torch.no_grad():
-    encoded = committed_vae.encode(images.to_tensor(picture)).mean
-course.check("nano latents of a 128 px picture", torch.tensor(nano_latents), torch.tensor(encoded.shape))
-course.check("nano tokens", torch.tensor(nano_tokens), torch.tensor(mmdit.pack_latents(encoded, 2).shape))
-course.check("official tokens at 1328 px", torch.tensor(official_tokens),
-             torch.tensor(mmdit.pack_latents(torch.zeros(official_latents), 2).shape))
+def predict(channels, height, width):        # 8x down in the VAE, then 2 x 2 patches of `channels` values each
+    latents = (1, channels, height // 8, width // 8)
+    return latents, (1, (height // 16) * (width // 16), channels * 2 * 2)
+
+for what, size, height, width in (("(a) nano, 64 x 128", "nano", 64, 128),
+                                  ("(b) official, 1328 x 1328", "official", 1328, 1328),
+                                  ("(c) official, 928 x 1664", "official", 928, 1664)):
+    config = sizes.SIZES[size].vae
+    latents_shape, tokens_shape = predict(config.z_dim, height, width)
+    with torch.device("meta"):                       # shapes only: no weights in memory, nothing computed
+        encoded = QwenImageVAE(config).encode(torch.empty(1, 3, height, width)).mean
+        tokens = mmdit.pack_latents(encoded, 2)
+    print(f"{what}: latents {tuple(encoded.shape)}, tokens {tuple(tokens.shape)}")
+    course.check(f"{what}: latents", torch.tensor(latents_shape), torch.tensor(encoded.shape))
+    course.check(f"{what}: tokens", torch.tensor(tokens_shape), torch.tensor(tokens.shape))
 """)
 
 md(r"""
@@ -460,17 +524,20 @@ md(r"""
 
 Render "a large red circle at the top left" (`scenes.render(scenes.parse_caption(...), 128)`) and score the
 picture against the caption "a large red square at the top right" (`scenes.score(picture, scene)`). First
-predict the verdict: which of `present`, `colour`, `shape`, `position`, `correct` are true? Then measure what
-the shape test reads: the fraction of the red blob's bounding box that is red. Check the verdict with
-`course.check` (as a tensor of 0/1) against `scenes.score`, and the fill against the area of a circle in its
-bounding square, $\pi/4$, with `rtol=0.03`.
+predict the verdict: which of `present`, `colour`, `shape`, `position`, `correct` are true? (`present` and
+`colour` come from the same test in `scenes.score`, "is there a blob of the stated colour", so they are
+always equal.) Then measure what the shape test reads: the fraction of the red blob's bounding box that is
+red. Check the verdict with `course.check` (as a tensor of 0/1) against `scenes.score`, and the fill against
+the area of a circle in its bounding square, $\pi/4$, with `rtol=0.03`. Which shape does `scenes.blob_shape`
+call that blob (read its fill thresholds there)?
 """)
 
 solution(r"""
 # Solution (collapsed: expand to see it)
 circle = scenes.render(scenes.parse_caption("a large red circle at the top left"), 128)
 asked_scene = scenes.parse_caption("a large red square at the top right")
-predicted = {"present": True, "colour": True, "shape": False, "position": False, "correct": False}   # red is there; a circle, elsewhere
+# red is there, but a circle and elsewhere
+predicted = {"present": True, "colour": True, "shape": False, "position": False, "correct": False}
 verdict, = scenes.score(circle, asked_scene)
 keys = list(predicted)
 course.check("the scorer's verdict", torch.tensor([predicted[k] for k in keys], dtype=torch.float64),
@@ -479,7 +546,8 @@ red = scenes.colour_map(circle) == list(scenes.COLOURS).index("red") + 1        
 ys, xs = np.nonzero(red)
 fill = red.sum() / ((ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1))
 course.check("fill of the circle's bounding box", fill, math.pi / 4, rtol=0.03)
-print(f"fill {fill:.3f} (pi / 4 = {math.pi / 4:.3f}): above the scorer's 0.66 circle threshold, below its 0.88 square one")
+blob = scenes.blobs(red, max(4, red.size // 400))[0]                                      # the largest red blob
+print(f"fill {fill:.3f} (pi / 4 = {math.pi / 4:.3f}): scenes.blob_shape calls the blob a {scenes.blob_shape(blob)}")
 """)
 
 md(r"""
@@ -498,7 +566,7 @@ solution(r"""
 predicted = [20, 40, 20, 20]     # one call per step; two with CFG (scale > 1 and a negative prompt)
 calls, counted = [], []
 hook = pipe.transformer.register_forward_hook(lambda module, inputs, output: calls.append(1))
-for cfg, steps, negative in ((1.0, 20, ""), (2.0, 20, ""), (2.0, 10, ""), (2.0, 20, None)):
+for run, (cfg, steps, negative) in zip("abcd", ((1.0, 20, ""), (2.0, 20, ""), (2.0, 10, ""), (2.0, 20, None))):
     calls.clear()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -506,8 +574,8 @@ for cfg, steps, negative in ((1.0, 20, ""), (2.0, 20, ""), (2.0, 10, ""), (2.0, 
              width=128, num_inference_steps=steps, generator=torch.Generator().manual_seed(0), output_type="latent",
              progress=False)
     counted.append(len(calls))
-    for w in caught:
-        print(f"(d) the pipeline warns: {w.message}")
+    for w in caught:                                 # each warning under the run that raised it
+        print(f"({run}) the pipeline warns: {w.message}")
 hook.remove()
 course.check("MMDiT calls for (a), (b), (c), (d)", torch.tensor(predicted), torch.tensor(counted))
 """)
