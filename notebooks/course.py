@@ -1,4 +1,5 @@
-"""What the notebooks share, kept out of the lessons: checking an exercise, and one line per parity check.
+"""What the notebooks share, kept out of the lessons: checking an exercise, one line per parity check, and a
+framed grid of pictures.
 
 The notebooks import it as `import course` (they run from this folder). It holds no model code:
 the models are `qwenimage_minimal`'s, and the random-weight checkpoints come from `sizes.write_checkpoint`.
@@ -11,6 +12,10 @@ check, and a student can call `check` on an answer of their own.
 
 from __future__ import annotations
 
+import math
+import textwrap
+
+import matplotlib.pyplot as plt
 import torch
 
 
@@ -46,10 +51,6 @@ def parity(what: str, ours: torch.Tensor, reference: torch.Tensor, tol: float = 
 def tiles(pictures, labels, columns: int = 4, title: str | None = None, width: float = 2.3) -> None:
     """Show PIL pictures in framed panels, each under its label (the frames keep neighbouring scenes apart,
     where `images.labelled_grid` butts them together)."""
-    import math
-    import textwrap
-
-    import matplotlib.pyplot as plt
     rows = math.ceil(len(pictures) / columns)
     fig, axes = plt.subplots(rows, columns, figsize=(width * columns, (width + 0.65) * rows), squeeze=False, dpi=72,
                              layout="constrained")
