@@ -19,13 +19,19 @@ import matplotlib.pyplot as plt
 import torch
 
 
-def _as_tensor(x) -> torch.Tensor:
-    return x.detach().double().cpu() if isinstance(x, torch.Tensor) else torch.as_tensor(x, dtype=torch.float64)
+def _as_tensor(x, name: str = "answer") -> torch.Tensor:
+    if isinstance(x, torch.Tensor):
+        return x.detach().double().cpu()
+    try:
+        return torch.as_tensor(x, dtype=torch.float64)
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(f"{name} must be a number, a list of numbers or a tensor, got {type(x).__name__}: "
+                        f"{x!r:.60}") from None
 
 
 def check(what: str, answer, expected, rtol: float = 1e-5, atol: float = 1e-8, hint: str = "") -> None:
     """Compare an exercise's answer with the expected value; print ✓, or raise AssertionError saying how far off."""
-    got, want = _as_tensor(answer), _as_tensor(expected)
+    got, want = _as_tensor(answer, "answer"), _as_tensor(expected, "expected")
     if got.shape != want.shape:
         raise AssertionError(f"✗ {what}: shape {tuple(got.shape)}, expected {tuple(want.shape)}. {hint}")
     if not torch.allclose(got, want, rtol=rtol, atol=atol):

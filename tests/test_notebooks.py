@@ -62,6 +62,8 @@ def test_course_check_fails_on_a_wrong_answer():
     course.check("right", torch.tensor([1.0, 2.0]), [1.0, 2.0])
     with pytest.raises(AssertionError, match="off by up to 0.5"):
         course.check("wrong", torch.tensor([1.0, 2.5]), [1.0, 2.0])
+    with pytest.raises(TypeError, match="answer must be a number"):
+        course.check("not attempted", None, [1.0, 2.0])
     with pytest.raises(AssertionError, match="shape"):
         course.check("shape", torch.zeros(3), torch.zeros(2))
     assert course.parity("close", torch.tensor([1.0, 2.0 + 1e-7]), torch.tensor([1.0, 2.0])) < 1e-6
