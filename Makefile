@@ -7,7 +7,7 @@ PIP    := $(PY) -m pip
 # pulled in by another package would download a multi-GB CUDA build.
 TORCH  ?= torch==2.13.0
 
-.PHONY: test demo nano bench notebooks course cuda-check clean
+.PHONY: test lint format demo nano bench notebooks course cuda-check clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,8 +17,17 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 # The whole test suite on CPU: parity against diffusers, loading, conversion, notebooks.
-test: $(VENV)/.installed
+test: $(VENV)/.installed lint
 	$(PY) -m pytest -q -m "not cuda" tests
+
+# ruff, configured in pyproject.toml: the linter, and the formatter's check (`make format` applies it).
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(VENV)/.installed
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
 
 # The main job: text-to-image, stage by stage. Without MODEL: the nano model committed in checkpoints/nano
 # (trained from scratch by `make nano`) draws a grid of scene prompts on the CPU -> out/demo.png;

@@ -394,17 +394,6 @@ def _check_complete(src, comp: Component, shapes: dict, expected: dict, file_nam
                                                           problem=f"are not a complete {comp.name} checkpoint"))
 
 
-def _plan_shards(order: list[str], sizes: dict[str, int], max_shard_size: int) -> list[list[str]]:
-    shards, current, current_size = [], [], 0
-    for n in order:
-        if current and current_size + sizes[n] > max_shard_size:
-            shards.append(current)
-            current, current_size = [], 0
-        current.append(n)
-        current_size += sizes[n]
-    return shards + [current]
-
-
 def convert(src, dst, component: str = "transformer", dtype: torch.dtype | None = None,
             max_shard_size: int = 5 * 2**30, prefix: str | None = None, config_path=None,
             overwrite: bool = False, layout: str | None = None, log=print, merge_lora=()) -> dict:
@@ -524,13 +513,13 @@ def convert(src, dst, component: str = "transformer", dtype: torch.dtype | None 
     os.chmod(staging, 0o777 & ~weights.current_umask())      # it may become dst: a plain folder's permissions
     try:
         with weights.output_errors(dst):
+            header = [(out_name[n], out_shape[n], out_dtype[n]) for n in names]
             if to_file:
                 written = [staging / dst.name]
-                weights.write_safetensors(written[0], [(out_name[n], out_shape[n], out_dtype[n]) for n in names],
-                                          tensors(names))
-            else:
-                written = _write_folder(staging, comp.stem, names, sizes, max_shard_size, out_name, out_shape,
-                                        out_dtype, tensors, config_json)
+                weights.write_safetensors(written[0], header, tensors(names))
+            else:                                # the official layout: one file or shards + index, config.json
+                written = weights.write_folder(staging, comp.stem, weights.plan_shards(header, max_shard_size),
+                                               tensors(names), config_json)
         _verify(written, {out_name[n]: (out_shape[n], sizes[n]) for n in names})
         with weights.output_errors(dst):
             files = _put_in_place(staging, written, dst, replaced, to_file)
@@ -604,27 +593,6 @@ def _outputs_in(folder: Path, stem: str) -> list[Path]:
     shard = re.compile(re.escape(stem) + r"(-\d{5}-of-\d{5})?\.safetensors")
     return [p for p in folder.iterdir() if shard.fullmatch(p.name)
             or p.name in (f"{stem}.safetensors.index.json", "config.json")]
-
-
-def _write_folder(folder, stem, order, sizes, max_shard_size, out_name, shapes, out_dtype, tensors, config_json):
-    """The official layout: one file or shards + index, and config.json. -> the files written."""
-    shards = _plan_shards(order, sizes, max_shard_size)
-    if len(shards) == 1:
-        file_names = [f"{stem}.safetensors"]
-    else:
-        file_names = [f"{stem}-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    weight_map = {}
-    for shard, file_name in zip(shards, file_names):
-        weights.write_safetensors(folder / file_name, [(out_name[n], shapes[n], out_dtype[n]) for n in shard],
-                                  tensors(shard))
-        weight_map.update({out_name[n]: file_name for n in shard})
-    files = [folder / f for f in file_names]
-    if len(shards) > 1:
-        index = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map}
-        weights.write_json(folder / f"{stem}.safetensors.index.json", index)
-        files.append(folder / f"{stem}.safetensors.index.json")
-    weights.write_json(folder / "config.json", config_json)
-    return files + [folder / "config.json"]
 
 
 def _verify(files: list[Path], planned: dict) -> None:

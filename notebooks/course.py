@@ -56,7 +56,7 @@ def parity(what: str, ours: torch.Tensor, reference: torch.Tensor, tol: float = 
 
 def tiles(pictures, labels, columns: int = 4, title: str | None = None, width: float = 2.3) -> None:
     """Show PIL pictures in framed panels, each under its label (the frames keep neighbouring scenes apart,
-    where `images.labelled_grid` butts them together)."""
+    where `images.picture_grid` butts them together)."""
     rows = math.ceil(len(pictures) / columns)
     fig, axes = plt.subplots(rows, columns, figsize=(width * columns, (width + 0.65) * rows), squeeze=False, dpi=72,
                              layout="constrained")

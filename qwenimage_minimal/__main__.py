@@ -10,12 +10,12 @@
     python -m qwenimage_minimal demo [--model DIR | --random] [--prompt "..."] [--edit]
     python -m qwenimage_minimal train --model DIR --data DIR --out DIR [--rank 16] [--learning_rate 1e-4]
         [--resolution 1024] [--max_train_steps 1000] ... (see `train --help`; torchrun for several GPUs)
-    python -m qwenimage_minimal train-nano [--out out/nano] [--quick]    (the nano model from scratch: nano.py)
+    python -m qwenimage_minimal train-nano [--out out/nano] [--quick]    (the nano model from scratch: nano/recipe.py)
 
 `demo` runs the whole pipeline on the CPU, printing each stage with shapes and times. Without --model
 it runs the NANO model committed in checkpoints/nano (Qwen-Image's architecture at 23 MB, trained from
-scratch on generated scenes by nano.py): a grid of prompts, some of them combinations it never saw in
-training, each picture read back by the scorer of scenes.py. With --model DIR it runs the real model;
+scratch on generated scenes by nano/recipe.py): a grid of prompts, some of them combinations it never saw in
+training, each picture read back by the scorer of nano/scenes.py. With --model DIR it runs the real model;
 with --random, a TINY RANDOM-WEIGHT Qwen-Image written first in the official folder layout (its picture
 is noise: the machinery, not the art). `demo --edit` does the same for the Edit-2509 pipeline (vision
 tower included) on a tiny random model (or --model), editing a generated test picture.
@@ -31,7 +31,8 @@ from pathlib import Path
 
 import torch
 
-from . import images, lora, mmdit, pipeline, prompts, scheduler, sizes, weights
+from . import images, lora, mmdit, nano, pipeline, prompts, scheduler, sizes, weights
+from .nano import scenes
 
 
 # ---------------------------------------------------------------------------------------------
@@ -97,8 +98,8 @@ def check_sampling_options(args, overwrite: bool) -> None:
         value = getattr(args, name)
         if value is not None and not 16 <= value <= pipeline.MAX_SIDE:
             raise SystemExit(f"--{name} {value}: must be between 16 and {pipeline.MAX_SIDE} pixels")
-    if not 1 <= args.steps <= pipeline.MAX_STEPS:
-        raise SystemExit(f"--steps {args.steps}: must be between 1 and {pipeline.MAX_STEPS}")
+    if not 1 <= args.steps <= scheduler.MAX_STEPS:
+        raise SystemExit(f"--steps {args.steps}: must be between 1 and {scheduler.MAX_STEPS}")
     if not math.isfinite(args.cfg) or args.cfg < 0:
         raise SystemExit(f"--cfg {args.cfg}: must be a finite number >= 0 (1 turns guidance off)")
     if args.device is not None:
@@ -119,29 +120,29 @@ def demo_pipeline(args, stage, class_name: str):
               "its image is noise")
         device, dtype = torch.device("cpu"), torch.float32
     else:
-        from . import nano
         root, device, dtype = nano.COMMITTED, torch.device("cpu"), torch.float32
         if not (root / "model_index.json").is_file():
             raise SystemExit(f"error: the nano model is not in {root} (a clone of the repository has it; `make nano` "
                              "trains it again): or pass --random for a tiny random-weight model")
         stage(f"the NANO model from {root}: Qwen-Image's architecture trained from scratch on generated scenes "
-              "(nano.py)")
+              "(nano/recipe.py)")
     cls = pipeline.QwenImagePipeline if class_name == "QwenImagePipeline" else pipeline.QwenImageEditPipeline
     return cls.from_pretrained(root, device=device, dtype=dtype)
 
 
-def step_printer(stage, steps: int, note: str = ""):
-    """A callback_on_step_end that prints each step: the sigmas, the latents' shape and spread."""
+def step_printer(stage, sigmas, note: str = ""):
+    """A callback_on_step_end that prints each step of the schedule `sigmas`: the noise levels, the latents'
+    shape and spread."""
+    steps = len(sigmas) - 1
     def on_step(pipe, i, t, tensors):
         latents = tensors["latents"]
-        stage(f"  step {i + 1}/{steps}: sigma {t / 1000:.3f} -> {pipe.scheduler.sigmas[i + 1]:.3f}, "
+        stage(f"  step {i + 1}/{steps}: sigma {sigmas[i]:.3f} -> {sigmas[i + 1]:.3f}, "
               f"latents {tuple(latents.shape)}, std {latents.float().std():.3f}{note}")
         return tensors
     return on_step
 
 
 def demo(args):
-    from . import nano, scenes
     nano_model = not (args.model or args.random or args.edit)
     if nano_model:      # trained at 128 x 128; its best CFG, against the empty prompt it learnt (nano.NanoConfig)
         defaults = dict(height=128, width=128, steps=20, cfg=nano.NanoConfig.eval_cfg,
@@ -181,17 +182,16 @@ def demo(args):
     latents = pipe(prompt_embeds=embeds, prompt_embeds_mask=mask, negative_prompt=args.negative_prompt,
                    true_cfg_scale=args.cfg, height=height, width=width, num_inference_steps=args.steps,
                    generator=torch.Generator().manual_seed(args.seed), output_type="latent",
-                   callback_on_step_end=step_printer(stage, args.steps), progress=False).images
-    z = mmdit.unpack_latents(latents.float(), h, w, p)
-    stage(f"unpacked latents {tuple(z.shape)} -> * latents_std + latents_mean -> VAE decoder")
-    with torch.no_grad():
-        image = pipe.vae.decode(pipe.vae.denormalize_latents(z.to(device, dtype)))
-    pictures = images.postprocess(image, "pil")
+                   callback_on_step_end=step_printer(stage, pipe.schedule(args.steps, height, width)),
+                   progress=False).images
+    stage(f"latents {tuple(latents.shape)} -> unpacked ({n}, {c}, {h}, {w}) -> * latents_std + latents_mean -> "
+          "VAE decoder")
+    pictures = pipe.decode(latents, height, width, "pil").images
     if len(pictures) == 1:
         images.save_image(pictures[0], args.out)
-        stage(f"image {tuple(image.shape)} -> {args.out} ({pictures[0].size[0]}x{pictures[0].size[1]})")
+        stage(f"image {pictures[0].size[0]}x{pictures[0].size[1]} -> {args.out}")
     labels = list(prompt_list)
-    if nano_model:        # the scorer of scenes.py reads each picture back (a nano GenEval)
+    if nano_model:        # the scorer of nano/scenes.py reads each picture back (a nano GenEval)
         for i, (picture, text) in enumerate(zip(pictures, prompt_list)):
             try:
                 scene = scenes.parse_caption(text)
@@ -206,9 +206,9 @@ def demo(args):
             labels[i] = ("[held out] " if held_out else "") + text + ("  OK" if all(v["correct"] for v in verdicts)
                                                                       else "  (scorer: wrong)")
     if len(pictures) > 1:
-        grid = images.labelled_grid(pictures, labels, columns=4, scale=2)
+        grid = images.picture_grid(pictures, labels, columns=4, scale=2)
         images.save_image(grid, args.out)
-        stage(f"images {tuple(image.shape)} -> a labelled grid {grid.size[0]}x{grid.size[1]} -> {args.out}")
+        stage(f"{n} images -> a labelled grid {grid.size[0]}x{grid.size[1]} -> {args.out}")
 
 
 def demo_edit(args, stage):
@@ -235,11 +235,15 @@ def demo_edit(args, stage):
     stage(f"VAE: {vae_images[0].size[0]}x{vae_images[0].size[1]} -> normalised latents -> {tuple(tokens.shape)} "
           f"reference tokens, img_shapes {shapes} (frame 1 in the MMDiT's RoPE)")
 
-    # The pipeline takes the embeddings computed above (the vision tower and the text encoder do not run again).
-    out = pipe(image=image, prompt_embeds=embeds, prompt_embeds_mask=mask, negative_prompt_embeds=neg_embeds,
+    # The pipeline takes the embeddings computed above (the vision tower and the text encoder do not run again);
+    # the output size is its default: the input's aspect at `output_area`, in whole tokens.
+    width, height = images.calculate_dimensions(pipe.output_area, image.width / image.height)
+    height, width = pipe.check_size(height, width)
+    out = pipe(image=image, height=height, width=width, prompt_embeds=embeds, prompt_embeds_mask=mask, negative_prompt_embeds=neg_embeds,
                negative_prompt_embeds_mask=neg_mask, true_cfg_scale=args.cfg, num_inference_steps=args.steps,
                generator=torch.Generator().manual_seed(args.seed),
-               callback_on_step_end=step_printer(stage, args.steps, f" (+ {tokens.shape[1]} reference tokens in the MMDiT)"),
+               callback_on_step_end=step_printer(stage, pipe.schedule(args.steps, height, width),
+                                                 f" (+ {tokens.shape[1]} reference tokens in the MMDiT)"),
                progress=False).images[0]
     images.save_image(out, args.out)
     stage(f"edited image {out.size[0]}x{out.size[1]} -> {args.out}")
@@ -319,9 +323,9 @@ def main(argv=None):
     if argv[:1] == ["train"]:                  # its own flags (diffusers' names): see train.py
         from . import train
         return train.main(argv[1:])
-    if argv[:1] == ["train-nano"]:             # the nano model from scratch: see nano.py
-        from . import nano
-        nano.main(argv[1:])
+    if argv[:1] == ["train-nano"]:             # the nano model from scratch: see nano/recipe.py
+        from .nano import recipe
+        recipe.main(argv[1:])
         return 0
     p = argparse.ArgumentParser(prog="python -m qwenimage_minimal", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)

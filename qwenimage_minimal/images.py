@@ -18,12 +18,14 @@ The prompt then holds (h/2)(w/2) `<|image_pad|>` tokens for this image: one per 
 from __future__ import annotations
 
 import math
+import textwrap
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
 
 from . import weights
 
@@ -38,7 +40,6 @@ def open_image(path, max_pixels: int | None = DEFAULT_MAX_PIXELS, name: str = "i
     """Read an image file: refused when it is not an image or has more than `max_pixels` pixels
     (a decompression bomb: a small file that claims a huge size), the first frame of an animation
     (with a warning), turned upright by its EXIF orientation (as cameras and phones store it)."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"{name} {path}: no such file")
@@ -68,6 +69,32 @@ def open_image(path, max_pixels: int | None = DEFAULT_MAX_PIXELS, name: str = "i
     return upright
 
 
+def image_size(path: Path, what: str = "image") -> tuple[int, int]:
+    """(width, height) from the file's header alone, as open_image will turn it (EXIF orientations 5-8
+    swap the sides): the training loop sizes every image before it reads the pixels, once, to cache them."""
+    try:
+        with Image.open(path) as image:
+            orientation = image.getexif().get(0x0112, 1)
+            width, height = image.size
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        raise ValueError(f"{what} {path}: not an image PIL can read ({e}); fix or remove it") from None
+    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+
+
+def load_pixels(path: Path, size: tuple[int, int], what: str = "image") -> torch.Tensor:
+    """Image file -> (1, 3, h, w) in [-1, 1]: resized to cover `size` (aspect kept), center crop."""
+    try:
+        image = to_rgb(open_image(path, name=what), name=what)
+        image.load()
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{what} {path}: cannot be read ({e}); fix or remove it") from None
+    h, w = size
+    scale = max(h / image.height, w / image.width)
+    image = image.resize((max(w, round(image.width * scale)), max(h, round(image.height * scale))), Image.LANCZOS)
+    left, top = (image.width - w) // 2, (image.height - h) // 2
+    return to_tensor(image.crop((left, top, left + w, top + h)))
+
+
 def to_rgb(image, name: str = "image"):
     """A PIL image, an (H, W, C) numpy array or a (C, H, W) / (1, C, H, W) tensor -> PIL RGB image.
 
@@ -77,7 +104,6 @@ def to_rgb(image, name: str = "image"):
     converted; 16-bit, 32-bit integer and float grey images ("I;16", "I", "F") are scaled from
     their range to 8 bits rather than clipped. Everything is rounded to 8 bits: the vision
     tower's processor works on 8-bit images anyway."""
-    from PIL import Image
     if isinstance(image, (str, Path)):
         raise TypeError(f"{name} is a path ({image!r}); open it first: PIL.Image.open(path)")
     if isinstance(image, torch.Tensor):
@@ -152,7 +178,6 @@ def calculate_dimensions(target_area: int, aspect_ratio: float) -> tuple[int, in
 def resize_to_area(image, area: int):
     """PIL image -> the same aspect ratio at about `area` pixels (multiples of 32), Lanczos, as the
     official Edit pipelines resize their inputs."""
-    from PIL import Image
     return image.resize(calculate_dimensions(area, image.width / image.height), Image.LANCZOS)
 
 
@@ -170,19 +195,15 @@ def postprocess(image: torch.Tensor, output_type: str):
     array = image.cpu().permute(0, 2, 3, 1).float().numpy()
     if output_type == "np":
         return array
-    from PIL import Image
     return [Image.fromarray((a * 255).round().astype("uint8")) for a in array]
 
 
-def labelled_grid(pictures: list, labels: list[str], columns: int = 4, scale: int = 1):
-    """PIL pictures in a grid, each enlarged `scale` times (nearest neighbour: pixels stay pixels) above its
-    label, wrapped to the tile's width in PIL's default font."""
-    import textwrap
-
-    from PIL import Image, ImageDraw
+def picture_grid(pictures: list, labels: list[str] | None = None, columns: int = 4, scale: int = 1):
+    """PIL pictures in a grid, each enlarged `scale` times (nearest neighbour: pixels stay pixels), with its
+    label under it wrapped to the tile's width in PIL's default font; labels=None: the pictures alone."""
     w, h = max(p.width for p in pictures) * scale, max(p.height for p in pictures) * scale
-    wrapped = [textwrap.wrap(text, max(8, w // 6)) for text in labels]      # the default font: ~6 px a character
-    label_h = 4 + 11 * max(len(lines) for lines in wrapped)
+    wrapped = [textwrap.wrap(text, max(8, w // 6)) for text in labels or [""] * len(pictures)]  # ~6 px a character
+    label_h = 0 if labels is None else 4 + 11 * max(len(lines) for lines in wrapped)
     columns = min(columns, len(pictures))
     rows = math.ceil(len(pictures) / columns)
     grid = Image.new("RGB", (columns * w, rows * (h + label_h)), "white")
@@ -190,14 +211,44 @@ def labelled_grid(pictures: list, labels: list[str], columns: int = 4, scale: in
     for i, (picture, lines) in enumerate(zip(pictures, wrapped, strict=True)):
         x, y = (i % columns) * w, (i // columns) * (h + label_h)
         grid.paste(picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST), (x, y))
-        draw.multiline_text((x + 3, y + h + 2), "\n".join(lines), fill="black", spacing=1)
+        if lines:
+            draw.multiline_text((x + 3, y + h + 2), "\n".join(lines), fill="black", spacing=1)
     return grid
+
+
+def plot_loss(rows: list[dict], png) -> None:
+    """A loss curve as a PNG (the training loop's loss.png): the loss of every row {"step", "loss", ...} of
+    log.jsonl and its running mean, in PIL alone (no plotting library). Fewer than two rows: nothing is drawn."""
+    if len(rows) < 2:
+        return
+    steps = [r["step"] for r in rows]
+    losses = [r["loss"] for r in rows]
+    smooth, avg = [], losses[0]
+    for v in losses:
+        avg = 0.9 * avg + 0.1 * v
+        smooth.append(avg)
+    W, H, m = 640, 360, 48
+    lo, hi = min(losses), max(losses)
+    hi = hi if hi > lo else lo + 1
+
+    def xy(step, value):                                     # data -> pixel coordinates inside the frame
+        x = m + (step - steps[0]) / max(1, steps[-1] - steps[0]) * (W - 2 * m)
+        return x, H - m - (value - lo) / (hi - lo) * (H - 2 * m)
+    image = Image.new("RGB", (W, H), "white")
+    d = ImageDraw.Draw(image)
+    d.rectangle([m, m, W - m, H - m], outline="black")
+    d.line([xy(s, v) for s, v in zip(steps, losses)], fill=(150, 170, 230), width=1)
+    d.line([xy(s, v) for s, v in zip(steps, smooth)], fill=(20, 40, 160), width=2)
+    d.text((m, 12), f"training loss (running mean in dark blue), steps {steps[0]}-{steps[-1]}", fill="black")
+    d.text((4, m - 6), f"{hi:.3g}", fill="black")
+    d.text((4, H - m - 6), f"{lo:.3g}", fill="black")
+    with weights.atomic_write(png) as f:
+        image.save(f, format="PNG")
 
 
 def check_output_path(path, overwrite: bool = False, name: str = "--out") -> Path:
     """Before any work: `path` names an image file PIL can write (by its extension), is not a
     folder, does not exist unless `overwrite`, and its folder can be written."""
-    from PIL import Image
     path = Path(path)
     formats = Image.registered_extensions()
     if path.is_dir():
@@ -215,7 +266,6 @@ def check_output_path(path, overwrite: bool = False, name: str = "--out") -> Pat
 
 def save_image(image, path) -> None:
     """Save a PIL image all or nothing (weights.atomic_write): a failed write leaves the old file as it was."""
-    from PIL import Image
     path = Path(path)
     with weights.atomic_write(path) as f:
         image.save(f, format=Image.registered_extensions()[path.suffix.lower()])
@@ -288,7 +338,6 @@ def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = 56
 
 def preprocess(image, config: ImageProcessorConfig = ImageProcessorConfig()) -> tuple[torch.Tensor, tuple]:
     """image -> (pixel_values (h*w, C*T*P*P) float32, grid_thw (1, h, w) in patches)."""
-    from PIL import Image
     c = config
     image = to_rgb(image)
     H, W = smart_resize(image.height, image.width, c.patch_size * c.merge_size, c.min_pixels, c.max_pixels)

@@ -385,7 +385,11 @@ class MMDiT(nn.Module):
             key_mask = torch.cat([txt_mask.to(device=img.device, dtype=torch.bool),
                                   torch.ones(B, N, dtype=torch.bool, device=img.device)], dim=1)  # (B, L + N)
 
-        # With streamed weights (streaming.py) the streamer hands out each block once its weights are on the device.
+        # The one place streaming (streaming.py) hooks in: a WeightStreamer sets `self.streamer`, and its
+        # blocks() yields each block once its weights are on the device (a streamed one as a slot that was
+        # filled while the previous block computed). Why an attribute read here and not a wrapper or hooks:
+        # the loop must hand out *other modules* (the slots) in the blocks' place, which forward hooks cannot,
+        # and a wrapper model would duplicate this forward. Without a streamer it is the plain block list.
         blocks = self.transformer_blocks if self.streamer is None else self.streamer.blocks()
         for block in blocks:
             args = (img, txt, temb, img_rope, txt_rope, key_mask, temb_ref, n_noise)
@@ -440,13 +444,10 @@ def config_from_folder(path) -> MMDiTConfig:
 
 
 def load(path, device=None, dtype=None, check_finite: bool = True) -> MMDiT:
-    """Load an official `transformer/` folder (config.json + sharded or single safetensors). A folder
-    whose weights are stored in fp8 (weights_convert.py --dtype fp8, or a ComfyUI fp8 file converted)
-    keeps them in fp8 and computes in `dtype` (bf16 by default): see fp8.py."""
+    """Load an official `transformer/` folder (config.json + sharded or single safetensors). This file
+    knows nothing of fp8: a folder stored in fp8 loads with fp8.load_transformer, and
+    pipeline.load_transformer chooses between the two by reading the folder's headers."""
     config = config_from_folder(path)
-    from . import fp8                    # fp8.py builds on this file
-    if fp8.is_fp8_folder(path):
-        return fp8.load_transformer(path, device=device, dtype=dtype or torch.bfloat16, check_finite=check_finite)
     return weights.load_weights(lambda: MMDiT(config), path, WEIGHTS_STEM, device=device, dtype=dtype,
                                 block_counts={"transformer_blocks": ("num_layers", config.num_layers)},
                                 check_finite=check_finite)

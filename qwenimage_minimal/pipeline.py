@@ -28,13 +28,11 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from . import images, lora, mmdit, prompts, sampling, scheduler, streaming, text_encoder, tokenizer, vae, vision, weights
+from . import fp8, images, lora, mmdit, prompts, sampling, scheduler, streaming, text_encoder, tokenizer, vae, vision, weights
 
 COMPONENTS = ("tokenizer", "text_encoder", "transformer", "vae", "scheduler")
-PIPELINE_CLASSES = ("QwenImagePipeline", "QwenImageEditPipeline", "QwenImageEditPlusPipeline")
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 MAX_SIDE = 16384                 # pixels: Edit's default size for a 200:1 image at 1024² area is 14496 x 64
-MAX_STEPS = 1000                 # the training schedule's timesteps; more steps revisit the same noise levels
 
 
 @dataclass
@@ -55,23 +53,33 @@ def check_model_folder(root: Path, what: str) -> str:
         raise weights.CheckpointError(f"{root}: component folder(s) {missing} missing")
     class_name = weights.parse_json(index.read_bytes(), index)
     class_name = class_name.get("_class_name") if isinstance(class_name, dict) else None
-    if class_name not in PIPELINE_CLASSES:
+    if class_name not in weights.PIPELINE_CLASSES:
         raise weights.CheckpointError(f"{index} names the pipeline class {class_name!r}: not a Qwen-Image checkpoint "
-                                      f"this project runs ({', '.join(PIPELINE_CLASSES)})")
+                                      f"this project runs ({', '.join(weights.PIPELINE_CLASSES)})")
     return class_name
 
 
+def load_transformer(path, device=None, dtype=None, check_finite: bool = True) -> torch.nn.Module:
+    """A transformer/ folder as it is stored: fp8 weights (weights_convert.py --dtype fp8, or a ComfyUI fp8
+    file converted) stay in fp8 and compute in `dtype` (bf16 by default), see fp8.py; any other folder loads
+    with mmdit.load. The choice is made here, above both files, as gpt-fast's generate.py chooses and its
+    model.py never imports quantize.py."""
+    if fp8.is_fp8_folder(path):
+        return fp8.load_transformer(path, device=device, dtype=dtype or torch.bfloat16, check_finite=check_finite)
+    return mmdit.load(path, device=device, dtype=dtype, check_finite=check_finite)
+
+
 def load_components(root: Path, device, dtype, offload: bool, check_finite: bool = True,
-                    load_transformer: bool = True) -> dict:
+                    transformer_weights: bool = True) -> dict:
     """The five components every Qwen-Image pipeline has, on `device` (on the CPU with offload).
-    load_transformer=False builds the transformer on the meta device (its config, no weights): a
+    transformer_weights=False builds the transformer on the meta device (its config, no weights): a
     pipeline that only encodes prompts and images, as the training loop's cache needs."""
     place = torch.device("cpu") if offload else device
     options = dict(device=place, dtype=dtype, check_finite=check_finite)
     config = mmdit.config_from_folder(root / "transformer")
     return dict(tokenizer=tokenizer.load(root / "tokenizer"),
                 text_encoder=text_encoder.load(root / "text_encoder", **options),
-                transformer=(mmdit.load(root / "transformer", **options) if load_transformer
+                transformer=(load_transformer(root / "transformer", **options) if transformer_weights
                              else weights.build_on_meta(lambda: mmdit.MMDiT(config))),
                 vae=vae.load(root / "vae", **options),
                 scheduler=scheduler.load(root / "scheduler"))
@@ -202,8 +210,9 @@ class QwenImagePipeline:
                  callback_on_step_end=None, max_sequence_length: int = 512, tiled_vae: bool = False,
                  progress: bool = True) -> PipelineOutput:
         height, width = self.check_size(1024 if height is None else height, 1024 if width is None else width)
-        self.check_call(num_inference_steps, sigmas, height, width, output_type, num_images_per_prompt,
-                        max_sequence_length, true_cfg_scale)
+        self.check_call(num_inference_steps, height, width, output_type, num_images_per_prompt, max_sequence_length,
+                        true_cfg_scale)
+        sigmas = self.schedule(num_inference_steps, height, width, sigmas)    # (steps + 1,), last 0
 
         # 1. Prompts -> embeddings (positive, and negative for classifier-free guidance)
         cond, uncond = self.prompt_embeddings(prompt, negative_prompt, true_cfg_scale, prompt_embeds,
@@ -213,7 +222,8 @@ class QwenImagePipeline:
         latents = self.prepare_latents(latents, len(cond[0]), height, width, generator)
         img_shapes = [(1, height // self.size_multiple, width // self.size_multiple)]
         # 3. Denoise, 4. decode
-        latents = self.denoise(latents, cond, uncond, true_cfg_scale, img_shapes, callback_on_step_end, progress)
+        latents = self.denoise(latents, cond, uncond, true_cfg_scale, img_shapes, sigmas, callback_on_step_end,
+                               progress)
         return self.decode(latents, height, width, output_type, tiled_vae)
 
     # --- the steps every pipeline shares --------------------------------------------------------
@@ -233,24 +243,25 @@ class QwenImagePipeline:
                           f"{height // m * m}x{width // m * m}", stacklevel=3)
         return int(height) // m * m, int(width) // m * m
 
-    def check_call(self, num_inference_steps, sigmas, height, width, output_type, num_images_per_prompt,
-                   max_sequence_length, true_cfg_scale):
-        """The arguments that need no model; also sets the schedule (which checks the steps and sigmas)."""
+    def check_call(self, num_inference_steps, height, width, output_type, num_images_per_prompt, max_sequence_length,
+                   true_cfg_scale):
+        """The arguments that need no model (the steps and sigmas are checked where the schedule is made)."""
         if not isinstance(true_cfg_scale, (int, float)) or isinstance(true_cfg_scale, bool) \
                 or not math.isfinite(true_cfg_scale) or true_cfg_scale < 0:
             raise ValueError(f"true_cfg_scale must be a finite number >= 0 (1 = no guidance), got {true_cfg_scale!r}")
-        if sigmas is None and isinstance(num_inference_steps, int) and num_inference_steps > MAX_STEPS:
-            raise ValueError(f"num_inference_steps must be at most {MAX_STEPS}, got {num_inference_steps}")
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be 'pil', 'np', 'pt' or 'latent', got {output_type!r}")
         if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
             raise ValueError(f"num_images_per_prompt must be an integer >= 1, got {num_images_per_prompt!r}")
-        if not 1 <= max_sequence_length <= prompts.MAX_PROMPT_TOKENS:
-            raise ValueError(f"max_sequence_length must be in 1..{prompts.MAX_PROMPT_TOKENS}, "
-                             f"got {max_sequence_length}")
+        prompts.check_max_sequence_length(max_sequence_length)
+
+    def schedule(self, num_inference_steps, height, width, sigmas=None) -> torch.Tensor:
+        """The noise levels to visit, (steps + 1,) on the device, last 0: scheduler.get_schedule at this size's
+        number of image tokens (the shift grows with it). A value handed to `denoise`, as flux hands its
+        timesteps to its denoise; `sigmas` replaces the default linspace, as in diffusers."""
         tokens = (height // self.size_multiple) * (width // self.size_multiple)
-        self.scheduler.set_timesteps(None if sigmas is not None else num_inference_steps, image_seq_len=tokens,
-                                     sigmas=sigmas, device=self.device)
+        steps = None if sigmas is not None else num_inference_steps
+        return scheduler.get_schedule(self.scheduler.config, steps, tokens, sigmas).to(self.device)
 
     def prompt_embeddings(self, prompt, negative_prompt, true_cfg_scale, prompt_embeds, prompt_embeds_mask,
                           negative_prompt_embeds, negative_prompt_embeds_mask, n, max_sequence_length, image=None):
@@ -321,16 +332,17 @@ class QwenImagePipeline:
                              f"got {tuple(latents.shape)}")
         return latents.to(self.device, dtype)
 
-    def denoise(self, latents, cond, uncond, true_cfg_scale, img_shapes, callback_on_step_end=None,
+    def denoise(self, latents, cond, uncond, true_cfg_scale, img_shapes, sigmas, callback_on_step_end=None,
                 progress=True, reference=None) -> torch.Tensor:
-        """sampling.denoise over the schedule set by check_call, with the transformer on the device."""
+        """sampling.denoise over `sigmas` (from `schedule`), with the transformer on the device."""
         on_step = None
         if callback_on_step_end is not None:      # diffusers' signature: (pipeline, i, t, {"latents": x})
+            timesteps = sigmas[:-1] * self.scheduler.config.num_train_timesteps       # t = 1000 sigma, as reported
             def on_step(i, x):
-                out = callback_on_step_end(self, i, self.scheduler.timesteps[i], {"latents": x})
+                out = callback_on_step_end(self, i, timesteps[i], {"latents": x})
                 return (out or {}).get("latents")
         with self.active(self.transformer) as dit:
-            return sampling.denoise(dit, latents, cond, self.scheduler.sigmas, img_shapes, negative_prompt=uncond,
+            return sampling.denoise(dit, latents, cond, sigmas, img_shapes, negative_prompt=uncond,
                                     cfg_scale=true_cfg_scale, reference=reference, on_step=on_step, progress=progress,
                                     batch_cfg=self.batch_cfg)
 
@@ -476,10 +488,8 @@ class QwenImageEditPipeline(QwenImagePipeline):
         they follow the 64 dropped template tokens. max_sequence_length is accepted for the common
         signature and not used, as in diffusers: Edit prompts are never cut.
         image_positions="sequential" reproduces diffusers 0.42.1 (see prompts.encode_prompts)."""
-        if max_sequence_length is not None and not (isinstance(max_sequence_length, int)
-                                                    and 1 <= max_sequence_length <= prompts.MAX_PROMPT_TOKENS):
-            raise ValueError(f"max_sequence_length must be None or in 1..{prompts.MAX_PROMPT_TOKENS}, "
-                             f"got {max_sequence_length!r} (image_positions is passed by name)")
+        prompts.check_max_sequence_length(max_sequence_length, allow_none=True,
+                                          hint=" (image_positions is passed by name)")
         read = image if isinstance(image, ImageFeatures) else self.image_features(self.prepare_images(image)[0])
         prefix = prompts.edit_prompt_prefix(len(read.grids), self.numbered_pictures)
         texts = [prompt] if isinstance(prompt, str) else list(prompt)
@@ -510,8 +520,9 @@ class QwenImageEditPipeline(QwenImagePipeline):
         condition_images, vae_images = self.resize_images(rgb_images)
         default_w, default_h = images.calculate_dimensions(self.output_area, rgb_images[-1].width / rgb_images[-1].height)
         height, width = self.check_size(height or default_h, width or default_w)
-        self.check_call(num_inference_steps, sigmas, height, width, output_type, num_images_per_prompt,
-                        max_sequence_length, true_cfg_scale)
+        self.check_call(num_inference_steps, height, width, output_type, num_images_per_prompt, max_sequence_length,
+                        true_cfg_scale)
+        sigmas = self.schedule(num_inference_steps, height, width, sigmas)    # (steps + 1,), last 0
 
         # 1. Prompts (+ the images, through the vision tower once) -> embeddings
         read = None
@@ -529,8 +540,8 @@ class QwenImageEditPipeline(QwenImagePipeline):
         img_shapes = [(1, height // self.size_multiple, width // self.size_multiple), *reference_shapes]
 
         # 3. Denoise [noise | references], keep the noise tokens; 4. decode
-        latents = self.denoise(latents, cond, uncond, true_cfg_scale, img_shapes, callback_on_step_end, progress,
-                               reference=reference)
+        latents = self.denoise(latents, cond, uncond, true_cfg_scale, img_shapes, sigmas, callback_on_step_end,
+                               progress, reference=reference)
         return self.decode(latents, height, width, output_type, tiled_vae)
 
 

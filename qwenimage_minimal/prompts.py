@@ -61,6 +61,33 @@ def expand_image_pads(ids: list[int], pad_id: int, counts: list[int]) -> list[in
     return out
 
 
+def check_max_sequence_length(value, allow_none: bool = False, hint: str = "") -> None:
+    """The one check of `max_sequence_length`, for every function that takes it."""
+    if value is None and allow_none:
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= MAX_PROMPT_TOKENS:
+        raise ValueError(f"max_sequence_length must be {'None or ' if allow_none else ''}in 1..{MAX_PROMPT_TOKENS}, "
+                         f"got {value!r}{hint}")
+
+
+def check_prompts(prompts) -> list[str]:
+    """A str or a non-empty list of str, each valid Unicode -> the list."""
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    if not isinstance(prompts, (list, tuple)) or not prompts:
+        raise ValueError("prompt must be a str or a non-empty list of str")
+    bad = [i for i, p in enumerate(prompts) if not isinstance(p, str)]
+    if bad:
+        raise TypeError(f"prompt(s) at index {bad} are not str: {[type(prompts[i]).__name__ for i in bad]}")
+    for i, p in enumerate(prompts):
+        try:
+            p.encode("utf-8")
+        except UnicodeEncodeError as e:       # a lone surrogate, e.g. half of an emoji cut by a byte-level slice
+            raise ValueError(f"prompt {i} is not valid Unicode: character {e.start} ({p[e.start:e.end]!r}) cannot "
+                             f"be encoded ({e.reason}); remove it or decode the text properly") from None
+    return list(prompts)
+
+
 def encode_prompts(tokenizer, encoder: TextEncoder, prompts, template: str = T2I_TEMPLATE,
                    prefix_tokens: int = T2I_PREFIX_TOKENS, max_sequence_length: int | None = MAX_PROMPT_TOKENS,
                    device=None, image_features: torch.Tensor | None = None, image_grid_thw=None,
@@ -82,27 +109,12 @@ def encode_prompts(tokenizer, encoder: TextEncoder, prompts, template: str = T2I
     "sequential" numbers them like text, which is what diffusers 0.42.1 with transformers 5.x
     computes (its encoder call omits `mm_token_type_ids`, diffusers issue #14194): use it only to
     reproduce such outputs."""
-    if isinstance(prompts, str):
-        prompts = [prompts]
-    if not isinstance(prompts, (list, tuple)) or not prompts:
-        raise ValueError("prompt must be a str or a non-empty list of str")
-    bad = [i for i, p in enumerate(prompts) if not isinstance(p, str)]
-    if bad:
-        raise TypeError(f"prompt(s) at index {bad} are not str: {[type(prompts[i]).__name__ for i in bad]}")
-    for i, p in enumerate(prompts):
-        try:
-            p.encode("utf-8")
-        except UnicodeEncodeError as e:       # a lone surrogate, e.g. half of an emoji cut by a byte-level slice
-            raise ValueError(f"prompt {i} is not valid Unicode: character {e.start} ({p[e.start:e.end]!r}) cannot "
-                             f"be encoded ({e.reason}); remove it or decode the text properly") from None
+    prompts = check_prompts(prompts)
+    if max_sequence_length is not None:                     # None: Edit, whose prompts are never cut
+        check_max_sequence_length(max_sequence_length)
     if image_positions not in ("3d", "sequential"):
         raise ValueError(f"image_positions must be '3d' or 'sequential', got {image_positions!r}")
-    if max_sequence_length is not None and not 1 <= max_sequence_length <= MAX_PROMPT_TOKENS:
-        raise ValueError(f"max_sequence_length must be in 1..{MAX_PROMPT_TOKENS}, got {max_sequence_length}")
-
-    if tokenizer.vocab_size > encoder.config.vocab_size:     # checked here, not by a host sync in every forward
-        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the text encoder embeds only "
-                         f"{encoder.config.vocab_size}: they do not belong together")
+    # (That the tokenizer's ids fit the encoder's embedding table is checked once, where a pipeline joins them.)
     ids = [tokenizer.encode(template.format(p)) for p in prompts]
     if image_features is None:
         kept = min(MAX_PROMPT_TOKENS, max_sequence_length or MAX_PROMPT_TOKENS)

@@ -75,6 +75,17 @@ def stretch_to_terminal(sigmas: torch.Tensor, terminal: float) -> torch.Tensor:
     return 1 - one_minus * (1 - terminal) / one_minus[-1]
 
 
+MAX_STEPS = 1000       # the training schedule's timesteps: more steps would revisit the same noise levels
+
+
+def check_steps(num_inference_steps) -> None:
+    """The one check of a step count (the command line calls it too, before any model loads)."""
+    if not isinstance(num_inference_steps, int) or isinstance(num_inference_steps, bool) or num_inference_steps < 1:
+        raise ValueError(f"num_inference_steps must be an integer >= 1, got {num_inference_steps!r}")
+    if num_inference_steps > MAX_STEPS:
+        raise ValueError(f"num_inference_steps must be at most {MAX_STEPS}, got {num_inference_steps}")
+
+
 def get_schedule(config: SchedulerConfig, num_inference_steps: int | None, image_seq_len: int | None = None,
                  sigmas=None) -> torch.Tensor:
     """The sigmas to visit: (N + 1,) float32, from ~1 down, the last one 0.
@@ -84,8 +95,7 @@ def get_schedule(config: SchedulerConfig, num_inference_steps: int | None, image
     to ~1e-7)."""
     c = config
     if sigmas is None:
-        if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps must be an integer >= 1, got {num_inference_steps!r}")
+        check_steps(num_inference_steps)
         sigmas = torch.linspace(1.0, 1.0 / num_inference_steps, num_inference_steps, dtype=torch.float64)
         sigmas = sigmas.to(torch.float32).to(torch.float64)  # the reference rounds its inputs to fp32
     else:

@@ -4,7 +4,7 @@ One table, as gpt-fast keeps its `transformer_configs`: a size names one config 
 
     tiny      every component at toy size (~10 M parameters, most of them the 151,680-token
               embedding): the tests, `make demo`, the notebooks, the benchmarks
-    nano      the size the nano recipe trains from scratch on a CPU (nano.py): a 6-block, 128-wide MMDiT,
+    nano      the size the nano recipe trains from scratch on a CPU (nano/recipe.py): a 6-block, 128-wide MMDiT,
               a 0.8 M-parameter VAE, a 32-wide text encoder (~21 MB in all in bf16)
     official  Qwen-Image's own configuration (the 20.4 B MMDiT, Qwen2.5-VL-7B, the 16-channel VAE)
 
@@ -25,11 +25,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from PIL import Image, ImageDraw
 
 from . import weights
 from .images import ImageProcessorConfig
 from .mmdit import WEIGHTS_STEM as TRANSFORMER_STEM, MMDiT, MMDiTConfig
-from .pipeline import PIPELINE_CLASSES
 from .scheduler import SchedulerConfig
 from .text_encoder import WEIGHTS_STEM as TEXT_ENCODER_STEM, TextEncoder, TextEncoderConfig
 from .tokenizer import FIRST_ADDED_ID, PAD_TOKEN, QWEN25_ADDED_TOKENS
@@ -57,10 +57,10 @@ SIZES = {
         transformer=MMDiTConfig(num_layers=2, num_attention_heads=2, attention_head_dim=32, joint_attention_dim=64,
                                 axes_dims_rope=(8, 12, 12)),
         vae=VAEConfig(base_dim=16)),
-    # nano: what the nano recipe trains (nano.py): 128 px scenes -> 4 x 16 x 16 latents -> 64 image tokens. The text
+    # nano: what the nano recipe trains (nano/recipe.py): 128 px scenes -> 4 x 16 x 16 latents -> 64 image tokens. The text
     # encoder is 32 wide so that its real-vocabulary table stays ~10 MB in bf16; it stays frozen at random init.
     # 4 latent channels, not 16: flat-coloured shapes need few, and the MMDiT learns a 4-channel latent space
-    # faster (measured: see nano.py); latents_mean/std are measured by the recipe and written to vae/config.json.
+    # faster (measured: see nano/__init__.py); latents_mean/std are measured by the recipe and written to vae/config.json.
     "nano": ModelSize(
         text_encoder=TextEncoderConfig(vocab_size=151680, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                        num_attention_heads=4, num_key_value_heads=2, mrope_section=(1, 1, 2)),
@@ -81,8 +81,8 @@ def write_checkpoint(root, size: str | ModelSize = "tiny", pipeline_class: str =
     QwenImageEditPlusPipeline is Edit-2509's layout (Edit-2511 adds `zero_cond_t` to the transformer's
     config). The text encoder's own weights are written for every class, as the official folders hold
     them; its vision tower only for Edit, which uses it."""
-    if pipeline_class not in PIPELINE_CLASSES:
-        raise ValueError(f"pipeline_class must be one of {PIPELINE_CLASSES}, got {pipeline_class!r}")
+    if pipeline_class not in weights.PIPELINE_CLASSES:
+        raise ValueError(f"pipeline_class must be one of {weights.PIPELINE_CLASSES}, got {pipeline_class!r}")
     if isinstance(size, str):
         if size not in SIZES:
             raise ValueError(f"size must be one of {sorted(SIZES)} or a ModelSize, got {size!r}")
@@ -100,26 +100,15 @@ def write_checkpoint(root, size: str | ModelSize = "tiny", pipeline_class: str =
 
     # text_encoder/: the language model under `model.*` (the official legacy names); with Edit the
     # tower's `visual.*` tensors in a second shard, as the official files split them
-    text = root / "text_encoder"
-    text.mkdir(parents=True, exist_ok=True)
-    weights.write_json(text / "config.json", size.text_encoder.to_json(size.vision.to_json()))
-    if tower is None:
-        save_tensors(language_model, text / f"{TEXT_ENCODER_STEM}.safetensors", prefix="model.")
-    else:
-        shards = {"model-00001-of-00002.safetensors": save_tensors(
-                      language_model, text / "model-00001-of-00002.safetensors", prefix="model."),
-                  "model-00002-of-00002.safetensors": save_tensors(
-                      tower, text / "model-00002-of-00002.safetensors", prefix="visual.")}
-        weight_map = {name: shard for shard, names in shards.items() for name in names}
-        weights.write_json(text / f"{TEXT_ENCODER_STEM}.safetensors.index.json", {"metadata": {}, "weight_map": weight_map})
+    parts = [named_tensors(language_model, "model.")] + ([named_tensors(tower, "visual.")] if edit else [])
+    write_component(root / "text_encoder", TEXT_ENCODER_STEM, parts, size.text_encoder.to_json(size.vision.to_json()))
+    if edit:
         (root / "processor").mkdir(exist_ok=True)
         weights.write_json(root / "processor" / "preprocessor_config.json", ImageProcessorConfig().to_json())
 
     for folder, model, stem, config in (("transformer", transformer, TRANSFORMER_STEM, size.transformer),
                                         ("vae", autoencoder, VAE_STEM, size.vae)):
-        (root / folder).mkdir(exist_ok=True)
-        save_tensors(model, root / folder / f"{stem}.safetensors")
-        weights.write_json(root / folder / "config.json", config.to_json())
+        write_component(root / folder, stem, [named_tensors(model)], config.to_json())
     (root / "scheduler").mkdir(exist_ok=True)
     weights.write_json(root / "scheduler" / "scheduler_config.json", size.scheduler.to_json())
 
@@ -134,13 +123,23 @@ def write_checkpoint(root, size: str | ModelSize = "tiny", pipeline_class: str =
     return root
 
 
+def write_component(folder: Path, stem: str, parts: list[list[tuple[str, torch.Tensor]]], config: dict) -> None:
+    """A component folder through weights.write_folder: each part [(name, tensor)] in a file of its own
+    (one part: `<stem>.safetensors`), then config.json."""
+    weights.write_folder(folder, stem, [[(n, tuple(t.shape), t.dtype) for n, t in part] for part in parts],
+                         (t for part in parts for _, t in part), config)
+
+
+def named_tensors(model: torch.nn.Module, prefix: str = "") -> list[tuple[str, torch.Tensor]]:
+    """A module's state dict as [(name behind `prefix`, tensor)], in the module's order."""
+    return [(prefix + k, v) for k, v in model.state_dict().items()]
+
+
 def save_tensors(model: torch.nn.Module, path: Path, prefix: str = "") -> list[str]:
     """Write a module's state dict to one safetensors file, names behind `prefix`. -> the names written."""
-    state = model.state_dict()
-    names = [prefix + k for k in state]
-    weights.write_safetensors(path, [(n, tuple(v.shape), v.dtype) for n, v in zip(names, state.values())],
-                              state.values())
-    return names
+    named = named_tensors(model, prefix)
+    weights.write_safetensors(path, [(n, tuple(v.shape), v.dtype) for n, v in named], [v for _, v in named])
+    return [n for n, _ in named]
 
 
 def write_tokenizer_folder(folder, vocab_json=None, merges_txt=None) -> Path:
@@ -173,7 +172,6 @@ def write_tokenizer_folder(folder, vocab_json=None, merges_txt=None) -> Path:
 
 def test_picture(width: int = 320, height: int = 224):
     """A synthetic input for the Edit demos: sky, sun, ground and a house, drawn with PIL."""
-    from PIL import Image, ImageDraw
     img = Image.new("RGB", (width, height), (120, 180, 240))
     d = ImageDraw.Draw(img)
     d.rectangle([0, height * 2 // 3, width, height], fill=(70, 150, 60))

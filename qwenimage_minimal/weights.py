@@ -26,6 +26,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import errno
+import itertools
 import json
 import math
 import os
@@ -50,6 +51,10 @@ FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)   # stored weights, never 
 
 DTYPES_BY_NAME = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
                   "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+
+
+# The `_class_name`s of model_index.json that this project runs (sizes.py writes them, pipeline.py reads them).
+PIPELINE_CLASSES = ("QwenImagePipeline", "QwenImageEditPipeline", "QwenImageEditPlusPipeline")
 
 
 class CheckpointError(ValueError):
@@ -186,6 +191,55 @@ def write_safetensors(path: str | os.PathLike, names_shapes_dtypes: list[tuple[s
                 raise ValueError(f"tensor {name!r}: got {tuple(t.shape)} {t.dtype}, header says {shape} {dtype}")
             f.write(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return offset
+
+
+def plan_shards(header: list[tuple[str, tuple, torch.dtype]], max_shard_bytes: int = 5 * 2**30) -> list[list]:
+    """Cut a header [(name, shape, dtype)] into consecutive shards of at most `max_shard_bytes` of tensor data
+    each (a tensor larger than that gets a shard of its own), as diffusers' save_pretrained cuts them."""
+    shards, current, current_bytes = [], [], 0
+    for entry in header:
+        nbytes = math.prod(entry[1]) * entry[2].itemsize
+        if current and current_bytes + nbytes > max_shard_bytes:
+            shards.append(current)
+            current, current_bytes = [], 0
+        current.append(entry)
+        current_bytes += nbytes
+    return shards + [current]
+
+
+def write_folder(folder, stem: str, shards: list[list[tuple[str, tuple, torch.dtype]]],
+                 tensors: Iterable[torch.Tensor], config: dict | None = None) -> list[Path]:
+    """A component folder in the official layout, streaming: one shard -> `<stem>.safetensors`; several ->
+    `<stem>-0000i-of-0000n.safetensors` + `<stem>.safetensors.index.json`; then config.json (if given).
+
+    shards   the header cut into files, [[(name, shape, dtype)], ...]: plan_shards(header, max_shard_bytes),
+             or explicit groups (the Edit text encoder keeps its vision tower in a shard of its own)
+    tensors  every tensor, in the order of the shards' entries; read one at a time, so a converter holds
+             one tensor in memory, not the model
+    returns  the files written: the weights, the index (if sharded), config.json (if given)
+
+    The index is diffusers' and transformers': {"metadata": {"total_size": bytes}, "weight_map": {name: file}}."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    if len(shards) == 1:
+        names = [f"{stem}.safetensors"]
+    else:
+        names = [f"{stem}-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    stream = iter(tensors)
+    weight_map, total_size = {}, 0
+    for shard, name in zip(shards, names):
+        total_size += write_safetensors(folder / name, shard, itertools.islice(stream, len(shard)))
+        weight_map.update({entry[0]: name for entry in shard})
+    if next(stream, None) is not None:
+        raise ValueError(f"{folder}: more tensors than the {len(weight_map)} the shards name")
+    files = [folder / name for name in names]
+    if len(shards) > 1:
+        files.append(folder / f"{stem}.safetensors.index.json")
+        write_json(files[-1], {"metadata": {"total_size": total_size}, "weight_map": weight_map})
+    if config is not None:
+        files.append(folder / "config.json")
+        write_json(files[-1], config)
+    return files
 
 
 def write_json(path, data) -> None:

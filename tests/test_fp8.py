@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 
 import weights_convert
 from conftest import max_rel_err, randomize_
-from qwenimage_minimal import fp8, lora, mmdit, weights
+from qwenimage_minimal import fp8, lora, mmdit, pipeline, weights
 
 CONFIG = mmdit.MMDiTConfig(num_layers=2, num_attention_heads=2, attention_head_dim=128, joint_attention_dim=64)
 E4M3 = torch.float8_e4m3fn
@@ -188,8 +188,8 @@ def test_plain_fp8_file_without_scales(model, tmp_path):
     assert isinstance(layer, fp8.FP8Linear) and layer.scale_weight.item() == 1.0
     assert "transformer_blocks.0.attn.to_q.scale_weight" not in loaded.state_dict()   # the file's keys exactly
     assert loaded.proj_out.weight.dtype == torch.bfloat16
-    # mmdit.load (so from_pretrained too) recognises an fp8 folder and keeps its weights in fp8
-    auto = mmdit.load(tmp_path / "transformer")
+    # pipeline.load_transformer (so from_pretrained too) recognises an fp8 folder and keeps its weights in fp8
+    auto = pipeline.load_transformer(tmp_path / "transformer")
     assert isinstance(auto.transformer_blocks[0].attn.to_q, fp8.FP8Linear) and torch.equal(run(auto), run(loaded))
     # the generic loader refuses fp8 tensors without a compute dtype, and upcasts them exactly with one
     build = lambda: mmdit.MMDiT(mmdit.config_from_folder(tmp_path / "transformer"))

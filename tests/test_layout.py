@@ -59,3 +59,68 @@ def test_notebooks_use_no_private_names(path):
     private = re.findall(rf"\b{OUR_MODULES}\._\w+", code_of_notebook(path))
     private += re.findall(r"\b(?:pipe|ours|ae|te|dit|tok|sch|tower)\._\w+\(", code_of_notebook(path))
     assert not private, f"{path.name} uses private names {private}"
+
+
+
+def package_imports() -> dict[str, set[str]]:
+    """module -> the package's modules it imports, anywhere in the file (inside functions too), read from
+    the source: `from . import x`, `from .x import y`, `from .. import x` in a subpackage. Dotted names
+    relative to the package (`nano.scenes`); a subpackage's __init__ is the subpackage's name."""
+    files = {".".join(p.relative_to(PACKAGE).with_suffix("").parts): p for p in PACKAGE.rglob("*.py")}
+    files.pop("__init__", None)                              # the package's own (empty) __init__
+    names = {f.removesuffix(".__init__") for f in files}
+    graph = {}
+    for file, path in files.items():
+        name = file.removesuffix(".__init__")
+        here = file.split(".")[:-1]                          # the package the file is in, as parts
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.ImportFrom):
+                continue
+            if node.level:                                   # from . import x / from .x import y / from .. import x
+                base = here[: len(here) - node.level + 1] + (node.module.split(".") if node.module else [])
+            elif (node.module or "").split(".")[0] == "qwenimage_minimal":
+                base = node.module.split(".")[1:]
+            else:
+                continue
+            for alias in node.names:                         # a module imported by name, else the one named
+                whole, prefix = ".".join(base + [alias.name]), ".".join(base)
+                target = whole if whole in names else prefix
+                if target in names and target != name:
+                    found.add(target)
+        graph[name] = found
+    return graph
+
+
+def test_the_package_has_no_import_cycle():
+    graph = package_imports()
+
+    def reachable(start: str) -> set[str]:
+        seen, todo = set(), list(graph[start])
+        while todo:
+            module = todo.pop()
+            if module not in seen:
+                seen.add(module)
+                todo += graph[module]
+        return seen
+
+    cycles = sorted(m for m in graph if m in reachable(m))
+    assert not cycles, f"modules on an import cycle: {cycles}"
+
+
+def test_the_module_map_matches_the_imports():
+    """docs/architecture.md's module map has a row for every module of the package, and its 'depends on'
+    column names exactly the package modules that the file imports (read from the source), so the map
+    cannot drift from the code."""
+    graph = package_imports()
+    section = (ROOT / "docs" / "architecture.md").read_text().split("## The module map", 1)[1].split("\n## ", 1)[0]
+    table = {}
+    for row in section.splitlines():
+        cells = [c.strip() for c in row.strip().strip("|").split("|")]
+        if len(cells) == 3 and re.fullmatch(r"`[\w/]+\.py`", cells[0]) and cells[0] != "`weights_convert.py`":
+            name = cells[0].strip("`").removesuffix(".py").replace("/", ".").removesuffix(".__init__")
+            table[name] = set(re.findall(r"`([\w.]+)`", cells[2]))
+    assert set(table) == set(graph), (f"module map rows missing: {sorted(set(graph) - set(table))}; "
+                                      f"rows of no module: {sorted(set(table) - set(graph))}")
+    for name, imported in graph.items():
+        assert table[name] == imported, f"{name}: the map says {sorted(table[name])}, the source imports {sorted(imported)}"

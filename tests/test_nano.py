@@ -1,8 +1,9 @@
-"""The nano recipe's pieces (nano.py), short enough for CI: each must be seen to learn."""
+"""The nano recipe's pieces (qwenimage_minimal/nano/), short enough for CI: each must be seen to learn."""
 
 import torch
 
-from qwenimage_minimal import images, nano, scenes, sizes
+from qwenimage_minimal import images, nano, sizes
+from qwenimage_minimal.nano import recipe, scenes, vae_training
 from qwenimage_minimal.vae import QwenImageVAE
 
 
@@ -15,8 +16,8 @@ def test_vae_training_lowers_the_loss_and_raises_held_out_psnr():
     vae = QwenImageVAE(sizes.SIZES["nano"].vae)
     train, held_out = pictures(200, 0), pictures(16, 1, "held_out")
     background = torch.tensor(scenes.BACKGROUND, dtype=torch.float32) / 127.5 - 1
-    before = nano.psnr(vae.decode(vae.encode(held_out).mean).detach(), held_out)
-    rows = nano.train_vae(vae, train, held_out, background, steps=300, batch=16, crop=32, lr=1e-3, eval_every=300,
+    before = vae_training.psnr(vae.decode(vae.encode(held_out).mean).detach(), held_out)
+    rows = vae_training.train_vae(vae, train, held_out, background, steps=300, batch=16, crop=32, lr=1e-3, eval_every=300,
                           log=print)
     first = sum(r["reconstruction"] for r in rows[:10]) / 10
     last = sum(r["reconstruction"] for r in rows[-10:]) / 10
@@ -28,12 +29,12 @@ def test_vae_training_lowers_the_loss_and_raises_held_out_psnr():
 def test_object_crops_centre_on_objects_and_latent_statistics_normalise():
     x = pictures(20, 0)
     background = torch.tensor(scenes.BACKGROUND, dtype=torch.float32) / 127.5 - 1
-    mask = nano.object_mask(x, background)
+    mask = vae_training.object_mask(x, background)
     assert 0.02 < mask.float().mean() < 0.5                       # objects are a minority of the pixels
-    crops, crop_mask = nano.object_crops(x, mask, 32, 64, torch.Generator().manual_seed(0))
+    crops, crop_mask = vae_training.object_crops(x, mask, 32, 64, torch.Generator().manual_seed(0))
     assert crops.shape == (64, 3, 32, 32) and crop_mask.float().mean() > 2 * mask.float().mean()
     vae = QwenImageVAE(sizes.SIZES["nano"].vae)
-    mean, std = nano.latent_statistics(vae, x, batch=7)
+    mean, std = vae_training.latent_statistics(vae, x, batch=7)
     assert len(mean) == len(std) == vae.config.z_dim
     z = vae.encode(x).mean
     normalised = (z - torch.tensor(mean).view(1, -1, 1, 1)) / torch.tensor(std).view(1, -1, 1, 1)
@@ -43,7 +44,7 @@ def test_object_crops_centre_on_objects_and_latent_statistics_normalise():
 def test_the_quick_recipe_lowers_both_losses_and_writes_a_loadable_model(tmp_path):
     """`train-nano --quick`: data, VAE, latent statistics, the MMDiT through train.py, scoring; about a minute."""
     from qwenimage_minimal import pipeline
-    report = nano.build(nano.NanoConfig(out=str(tmp_path / "nano"), **nano.QUICK))
+    report = recipe.build(nano.NanoConfig(out=str(tmp_path / "nano"), **nano.QUICK))
     vae, dit = report["vae"], report["mmdit"]
     print(f"VAE reconstruction {vae['loss_first']:.3f} -> {vae['loss_last']:.3f}; MMDiT flow-matching loss "
           f"{dit['loss_first']:.3f} -> {dit['loss_last']:.3f}; {report['minutes']} min")

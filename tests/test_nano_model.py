@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from conftest import max_rel_err
-from qwenimage_minimal import nano, pipeline, scenes, weights
+from qwenimage_minimal import nano, pipeline, weights
+from qwenimage_minimal.nano import measure, scenes
 
 pytestmark = pytest.mark.skipif(not (nano.COMMITTED / "model_index.json").is_file(),
                                 reason="checkpoints/nano is not in this checkout")
@@ -44,7 +45,7 @@ def test_held_out_prompts_are_drawn_right(pipe):
     together in training; 20 steps, CFG 2 against the empty prompt). The full measurement (200 scenes: single
     objects 100 / 100 / 98.9% colour / position / shape, two objects 83.2%) is in checkpoints/nano/report.json."""
     held_out = scenes.make_scenes(48, seed=100, split="held_out")
-    got = nano.evaluate(pipe, held_out, steps=20, cfg=nano.NanoConfig.eval_cfg)
+    got = measure.evaluate(pipe, held_out, steps=20, cfg=nano.NanoConfig.eval_cfg)
     print({k: round(v, 3) for k, v in got.items()})
     assert got["single_colour"] >= 0.95 and got["single_position"] >= 0.95 and got["single_shape"] >= 0.85, got
     assert got["two_objects"] >= 0.80, got

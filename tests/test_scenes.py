@@ -1,4 +1,4 @@
-"""scenes.py: the nano model's synthetic data (deterministic, held-out combinations kept out of training)
+"""nano/scenes.py: the nano model's synthetic data (deterministic, held-out combinations kept out of training)
 and the pixel scorer (right on ground truth, robust to blur and noise, and able to say no)."""
 
 import random
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
-from qwenimage_minimal import scenes
+from qwenimage_minimal.nano import scenes
 
 
 def test_generation_is_deterministic_and_captions_round_trip():
@@ -87,9 +87,9 @@ def test_the_scorer_says_no_to_wrong_captions():
 
 
 def test_a_written_dataset_is_what_the_training_loop_reads(tmp_path):
-    from qwenimage_minimal import train
+    from qwenimage_minimal import train_data
     made = scenes.write_dataset(tmp_path / "data", 6, seed=2)
-    examples = train.read_examples(tmp_path / "data")
+    examples = train_data.read_examples(tmp_path / "data")
     assert [scenes.parse_caption(e.prompt) for e in examples] == made
     picture = Image.open(examples[0].image)
     assert picture.size == (128, 128) and scenes.evaluate([picture], made[:1])["colour"] == 1.0

@@ -16,7 +16,7 @@ from diffusers.training_utils import compute_density_for_timestep_sampling, comp
 from peft import LoraConfig
 
 from conftest import max_rel_err, randomize_
-from qwenimage_minimal import lora, mmdit, scheduler, train
+from qwenimage_minimal import lora, mmdit, scheduler, train, train_config
 
 TOL = 1e-5
 TINY = dict(patch_size=2, in_channels=64, out_channels=16, num_layers=3, attention_head_dim=32,
@@ -146,7 +146,7 @@ def draw_u(scheme, n, seed):
 
 # ---------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("scheme", train.WEIGHTING_SCHEMES)
+@pytest.mark.parametrize("scheme", train_config.WEIGHTING_SCHEMES)
 def test_density_and_weighting_equal_diffusers(scheme):
     for seed in range(3):
         ours = train.timestep_density(scheme, 4096, 0.3, 1.2, 1.29, generator=torch.Generator().manual_seed(seed))
@@ -186,7 +186,7 @@ def test_mode_density_at_its_edge_does_not_index_past_the_schedule():
     assert t.tolist() == [1.0, 1000.0, 1.0] and s[0].item() == pytest.approx(0.001)
 
 
-@pytest.mark.parametrize("scheme", train.WEIGHTING_SCHEMES)
+@pytest.mark.parametrize("scheme", train_config.WEIGHTING_SCHEMES)
 def test_lora_step_loss_and_gradients_match_the_recipe(tmp_path, scheme):
     ref, ours = make_models(tmp_path)
     x0, noise, embeds, mask = batch()

@@ -14,7 +14,18 @@ from PIL import Image, ImageDraw
 from safetensors.torch import load_file
 
 from qwenimage_minimal import __main__ as cli
-from qwenimage_minimal import images, lora, mmdit, pipeline, sizes, train, weights
+from qwenimage_minimal import (
+    checkpoints,
+    images,
+    lora,
+    mmdit,
+    pipeline,
+    sizes,
+    train,
+    train_config,
+    train_data,
+    weights,
+)
 
 COLOURS = {"red": (220, 30, 30), "blue": (30, 60, 220), "green": (30, 180, 60), "yellow": (230, 210, 40)}
 
@@ -45,7 +56,7 @@ def config(model, data, out, **overrides):
     settings = dict(model=str(model), data=str(data), out=str(out), resolution=64, mixed_precision="no",
                     train_batch_size=2, checkpointing_steps=1000, max_train_steps=4)
     settings.update(overrides)
-    return train.TrainConfig(**settings)
+    return train_config.TrainConfig(**settings)
 
 
 def sample_distance(pipe, data) -> float:
@@ -202,7 +213,7 @@ def test_prior_preservation_and_jsonl_data(model, tmp_path):
     (tmp_path / "data.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     c = config(model, tmp_path / "data.jsonl", tmp_path / "out", with_prior_preservation=True,
                class_data_dir=str(data), class_prompt="a square", max_train_steps=2)
-    examples, class_examples, _, _ = train.prepare_data(c, None, tmp_path / "out")
+    examples, class_examples, _, _ = train_data.prepare_data(c, None, tmp_path / "out")
     assert [e.image.stem for e in examples] == ["red", "blue", "red", "blue"]
     assert [e.image.stem for e in class_examples] == ["blue", "green", "red", "yellow"]
     assert {e.prompt for e in class_examples} == {"a square"}
@@ -220,17 +231,17 @@ def test_caption_dropout_uses_the_empty_prompt_and_never_drops_class_prompts(mod
     c = config(model, data, tmp_path / "out", caption_dropout=0.5, with_prior_preservation=True,
                class_data_dir=str(data), class_prompt="a square", max_train_steps=1, train_batch_size=4)
     train.train(c, progress=False)
-    examples, class_examples, sizes, cache_dir = train.prepare_data(c, None, tmp_path / "out")
-    model_id = f"{train.model_fingerprint(model)}:{torch.float32}"       # as train() keys the cache it filled
-    cache = train.build_cache(None, examples, sizes, cache_dir, "instance", True, 512, 4, model_id)
-    class_cache = train.build_cache(None, class_examples, sizes, cache_dir, "class", False, 512, 4, model_id)
+    examples, class_examples, sizes, cache_dir = train_data.prepare_data(c, None, tmp_path / "out")
+    model_id = f"{train_data.model_fingerprint(model)}:{torch.float32}"  # as train() keys the cache it filled
+    cache = train_data.build_cache(None, examples, sizes, cache_dir, "instance", True, 512, 4, model_id)
+    class_cache = train_data.build_cache(None, class_examples, sizes, cache_dir, "class", False, 512, 4, model_id)
     stats = torch.zeros(1, 16, 1, 1), torch.ones(1, 16, 1, 1)
     dropped = 0
     for seed in range(50):
         inputs = train.make_inputs([0, 1, 2, 3], cache, class_cache, c, torch.Generator().manual_seed(seed), *stats,
                                    "cpu", torch.float32)
         for i in range(4):
-            own = train.read_cached(cache[i])
+            own = train_data.read_cached(cache[i])
             length = int(inputs["prompt_mask"][i].sum()) if inputs["prompt_mask"] is not None else inputs[
                 "prompt_embeds"].shape[1]
             row = inputs["prompt_embeds"][i, :length]
@@ -238,7 +249,7 @@ def test_caption_dropout_uses_the_empty_prompt_and_never_drops_class_prompts(mod
             assert is_empty or torch.equal(row, own["prompt_embeds"])
             dropped += is_empty
         class_rows = inputs["prompt_embeds"][4:]
-        class_embeds = train.read_cached(class_cache[0])["prompt_embeds"]
+        class_embeds = train_data.read_cached(class_cache[0])["prompt_embeds"]
         assert all(torch.equal(r[: class_embeds.shape[0]], class_embeds) for r in class_rows)   # never dropped
     assert 0.4 < dropped / 200 < 0.6
 
@@ -257,22 +268,22 @@ def test_the_cache_is_reused_and_keyed_by_content(model, tmp_path):
 
 
 def test_buckets_come_from_a_ladder_are_multiples_of_16_and_never_upscale():
-    assert train.bucket_size(1920, 1080, 1024) == (768, 1360)                 # 16:9 at ~1024² pixels
-    assert train.bucket_size(1080, 1920, 1024) == (1360, 768)
-    assert train.bucket_size(100, 60, 1024) == (48, 80)                       # small: 64² pixels, 16:9 (5:3 nearest)
+    assert train_data.bucket_size(1920, 1080, 1024) == (768, 1360)            # 16:9 at ~1024² pixels
+    assert train_data.bucket_size(1080, 1920, 1024) == (1360, 768)
+    assert train_data.bucket_size(100, 60, 1024) == (48, 80)                  # small: 64² pixels, 16:9 (5:3 nearest)
     g = torch.Generator().manual_seed(0)
     sides = torch.randint(1100, 3000, (100, 2), generator=g).tolist()    # all at least 1024² pixels
-    assert len({train.bucket_size(w, h, 1024) for w, h in sides}) <= len(train.ASPECT_RATIOS)   # batches stay full
-    assert train.bucket_size(500, 300, 256, square=True) == (256, 256)
+    assert len({train_data.bucket_size(w, h, 1024) for w, h in sides}) <= len(train_data.ASPECT_RATIOS)  # batches stay full
+    assert train_data.bucket_size(500, 300, 256, square=True) == (256, 256)
     for w, h in [(1000, 1000), (333, 777), (4000, 100)]:
-        bh, bw = train.bucket_size(w, h, 512)
+        bh, bw = train_data.bucket_size(w, h, 512)
         assert bh % 16 == 0 and bw % 16 == 0 and bh * bw <= 1.1 * 512 * 512
-    batches = train.epoch_batches(((64, 64),) * 5 + ((32, 96),) * 3, 2, epoch=0, seed=0)
+    batches = train_data.epoch_batches(((64, 64),) * 5 + ((32, 96),) * 3, 2, epoch=0, seed=0)
     assert sorted(i for b in batches for i in b) == list(range(8))
     assert all(len({i < 5 for i in b}) == 1 for b in batches)                 # one bucket per batch
-    assert train.epoch_batches(((64, 64),) * 8, 2, 1, 0) != train.epoch_batches(((64, 64),) * 8, 2, 0, 0)
+    assert train_data.epoch_batches(((64, 64),) * 8, 2, 1, 0) != train_data.epoch_batches(((64, 64),) * 8, 2, 0, 0)
     # the long names of diffusers' script are accepted
-    c = train.parse_args(["--pretrained_model_name_or_path", "m", "--instance_data_dir", "d", "--output_dir", "o"])
+    c = train_config.parse_args(["--pretrained_model_name_or_path", "m", "--instance_data_dir", "d", "--output_dir", "o"])
     assert (c.model, c.data, c.out) == ("m", "d", "o")
 
 
@@ -314,7 +325,7 @@ def test_bad_data_and_settings_are_refused_with_the_flag_named(model, tmp_path):
 
 def test_learning_rate_schedules_equal_diffusers():
     from diffusers.optimization import get_scheduler
-    for kind in train.LR_SCHEDULERS:
+    for kind in train_config.LR_SCHEDULERS:
         opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
         ref = get_scheduler(kind, optimizer=opt, num_warmup_steps=3, num_training_steps=10)
         for step in range(12):
@@ -327,11 +338,11 @@ def test_learning_rate_schedules_equal_diffusers():
 def test_settings_file_types_are_checked(tmp_path):
     settings = tmp_path / "settings.json"
     settings.write_text(json.dumps({"validation_prompt": "a photo of a dog", "rank": 8}))
-    c = train.parse_args(["--config", str(settings), "--model", "m", "--data", "d", "--out", "o", "--rank", "16"])
+    c = train_config.parse_args(["--config", str(settings), "--model", "m", "--data", "d", "--out", "o", "--rank", "16"])
     assert c.validation_prompt == ("a photo of a dog",) and c.rank == 16          # one string is one prompt; flags win
     settings.write_text(json.dumps({"learning_rate": "1e-4"}))
     with pytest.raises(ValueError, match="'learning_rate' must be float"):
-        train.parse_args(["--config", str(settings), "--model", "m", "--data", "d", "--out", "o"])
+        train_config.parse_args(["--config", str(settings), "--model", "m", "--data", "d", "--out", "o"])
 
 
 def test_resuming_another_runs_checkpoint_is_refused(model, tmp_path):
@@ -352,7 +363,7 @@ def test_resuming_another_runs_checkpoint_is_refused(model, tmp_path):
     bad_config = tmp_path / "settings.json"
     bad_config.write_text(json.dumps({"rnak": 4}))
     with pytest.raises(ValueError, match="unknown keys: \\['rnak'\\]"):
-        train.parse_args(["--config", str(bad_config), "--model", "m", "--data", "d", "--out", "o"])
+        train_config.parse_args(["--config", str(bad_config), "--model", "m", "--data", "d", "--out", "o"])
 
 
 def test_a_crash_mid_save_leaves_the_previous_checkpoints_whole(model, tmp_path, monkeypatch):
@@ -370,7 +381,7 @@ def test_a_crash_mid_save_leaves_the_previous_checkpoints_whole(model, tmp_path,
         train.train(config(model, data, out, max_train_steps=4, checkpointing_steps=2,
                            resume_from_checkpoint="latest"), progress=False)
     monkeypatch.undo()
-    assert [p.name for p in train.checkpoints_in(out)] == ["checkpoint-2"]   # no half-written checkpoint-4
+    assert [p.name for p in checkpoints.checkpoints_in(out)] == ["checkpoint-2"]  # no half-written checkpoint-4
     assert not list(out.glob(".checkpoint-*"))
     # A process killed mid-save (SIGKILL: no clean-up) leaves a hidden staging folder: 'latest' ignores it,
     # and the next run removes it.
@@ -378,5 +389,5 @@ def test_a_crash_mid_save_leaves_the_previous_checkpoints_whole(model, tmp_path,
     (out / ".checkpoint-4.partial-12345" / "training_state.safetensors").write_bytes(b"\0" * 10)
     train.train(config(model, data, out, max_train_steps=4, checkpointing_steps=2, resume_from_checkpoint="latest"),
                 progress=False)
-    assert [p.name for p in train.checkpoints_in(out)] == ["checkpoint-2", "checkpoint-4"]
+    assert [p.name for p in checkpoints.checkpoints_in(out)] == ["checkpoint-2", "checkpoint-4"]
     assert not list(out.glob(".checkpoint-*"))

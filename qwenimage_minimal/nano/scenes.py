@@ -34,8 +34,13 @@ from __future__ import annotations
 import random
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+from .. import images, weights
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 205, 40),
            "purple": (140, 60, 180), "orange": (240, 130, 30), "cyan": (40, 200, 210), "pink": (240, 130, 180)}
@@ -95,7 +100,6 @@ def parse_caption(text: str) -> Scene:
 
 def render(scene: Scene, size: int = 128):
     """The scene as a size x size RGB PIL image (objects centred in their grid cell)."""
-    from PIL import Image, ImageDraw
     image = Image.new("RGB", (size, size), BACKGROUND)
     draw = ImageDraw.Draw(image)
     cell = size / 3
@@ -113,6 +117,11 @@ def render(scene: Scene, size: int = 128):
         else:
             draw.polygon([(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)], fill=fill)
     return image
+
+
+def pictures_of(scene_list: list[Scene], size: int) -> torch.Tensor:
+    """The scenes rendered, as one (N, 3, size, size) tensor in [-1, 1]: what the VAE trains on."""
+    return torch.cat([images.to_tensor(render(s, size)) for s in scene_list])       # (N, 3, H, W)
 
 
 def is_held_out(scene: Scene) -> bool:
@@ -156,9 +165,6 @@ def make_scenes(n: int, seed: int = 0, split: str = "train", two_object_fraction
 
 def write_dataset(folder, n: int, seed: int = 0, split: str = "train", size: int = 128) -> list[Scene]:
     """n scenes as a training folder (scene-00000.png + scene-00000.txt, ...), the layout `train.py` reads."""
-    from pathlib import Path
-
-    from . import images, weights
     folder = Path(folder)
     weights.check_writable_folder(folder, f"cannot write the scenes to {folder}")
     made = make_scenes(n, seed, split)

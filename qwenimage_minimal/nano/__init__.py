@@ -1,0 +1,75 @@
+"""The nano world: Qwen-Image's own architecture at a size a CPU trains from scratch, on scenes it draws.
+
+    scenes.py     captioned pictures of coloured shapes (some combinations held out of training) and a scorer
+                  that reads them back from pixels (a nano GenEval)
+    vae_training.py  1. the VAE learns to reconstruct them; 2. its latents get their per-channel statistics
+    recipe.py     3. the MMDiT learns flow matching on the latents through train.py (full fine-tuning from
+                  random init, caption dropout so that CFG works); the whole recipe, `build`
+    measure.py    4. the folder is stored in bf16 and measured: held-out prompts scored per checkpoint, at
+                  several CFG scales and step counts -> model/report.json
+
+This file holds what the recipe, the command line, the tests and the lessons share: the recipe's settings
+(NanoConfig, QUICK), where the trained model is committed (COMMITTED) and `demo`'s prompts.
+
+The text encoder stays at its random initialisation (frozen, as Qwen-Image's is frozen too): a random
+2-layer Qwen2.5-VL still maps different words to different vectors, and the MMDiT learns to read them.
+The latents have 4 channels, not the official 16 (sizes.SIZES["nano"]): on the same recipe the MMDiT placed
+held-out objects right 42% of the time after 2,000 steps with 4 channels, 19% after 3,000 with 16.
+
+    python -m qwenimage_minimal train-nano [--out out/nano] [--quick]      (make nano, about 50 CPU minutes;
+                                                                             out/nano/model is checkpoints/nano)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+COMMITTED = Path(__file__).resolve().parents[2] / "checkpoints" / "nano"   # the trained model, in git
+
+# `demo`'s prompts: the first four are combinations the training split allows, the last four never appear in it
+# (scenes.HELD_OUT_OBJECTS: a red triangle at the top left, a blue circle at the bottom right; HELD_OUT_PAIRS:
+# red with blue, green with yellow)
+DEMO_PROMPTS = (
+    "a large red circle at the top left",
+    "a small blue square in the center",
+    "a large green triangle at the bottom right",
+    "a large yellow diamond at the left and a large purple circle at the right",
+    "a large red triangle at the top left",
+    "a large blue circle at the bottom right",
+    "a large red square at the top and a large blue circle at the bottom",
+    "a large green diamond at the left and a large yellow square at the right",
+)
+
+
+
+@dataclass
+class NanoConfig:
+    """Every setting of the recipe; QUICK (below) is the CI-sized run, the defaults the committed model's."""
+    out: str = "out/nano"               # data/, vae/ log, run/ (train.py's output), model/ (the checkpoint)
+    seed: int = 0
+    size: int = 128                     # pixels: 4 x 16 x 16 latents, 64 image tokens
+    train_scenes: int = 4000
+    vae_steps: int = 3000               # 16 CPU minutes: held-out PSNR 28.9 dB
+    vae_batch: int = 16
+    vae_crop: int = 64
+    vae_lr: float = 1e-3
+    dit_steps: int = 10000              # 30 CPU minutes (scores against minutes: checkpoints/nano/README.md)
+    dit_batch: int = 16
+    dit_lr: float = 1e-3                # warmup, then a cosine to 0
+    dit_weighting: str = "logit_normal"  # timesteps mostly at middle noise levels (SD3, Esser et al. 2024)
+    dit_checkpoint_every: int = 2000    # run/checkpoint-N/transformer: scores against minutes
+    caption_dropout: float = 0.1        # the empty prompt's share: what CFG's unconditional branch learns from
+    vae_eval_every: int = 200           # steps between held-out PSNR measurements
+    held_out_pictures: int = 32         # held-out scenes for the VAE's PSNR
+    eval_scenes: int = 200              # held-out scenes drawn and scored at the end (as many training-like ones)
+    table_scenes: int = 96              # held-out scenes for the CFG scale / step count table
+    progress_scenes: int = 48           # held-out scenes drawn with every checkpoint of the MMDiT run
+    eval_steps: int = 20
+    eval_cfg: float = 2.0               # measured best (checkpoints/nano/README.md: CFG x steps table)
+    eval_negative: str = ""             # CFG's negative prompt: the empty one that caption dropout trained
+
+
+QUICK = dict(size=64, train_scenes=64, vae_steps=150, vae_batch=16, vae_crop=32, vae_lr=1e-3, vae_eval_every=150,
+             held_out_pictures=8, dit_steps=100, dit_batch=8, dit_checkpoint_every=100, eval_scenes=4, table_scenes=4,
+             progress_scenes=4, eval_steps=4)

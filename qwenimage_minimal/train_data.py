@@ -1,0 +1,329 @@
+"""The training data: examples, their sizes, their order, and the cache of what the frozen models make of them.
+
+    data folder (image + same-stem .txt) or .jsonl ─ read_examples ─> [Example(image, prompt, controls)]
+        ─ bucket_size(images.image_size) ─> each example's (height, width): ~resolution² pixels, a fixed ratio
+        ─ build_cache (main process, once): images.load_pixels -> VAE posterior; caption -> prompt embeddings
+        ─> one safetensors file per example, named by its content: <cache>/<key>.safetensors
+    micro-batch i of the run ─ micro_batch (epoch_batches: shuffled within buckets) ─> example indices
+        ─ read_cached, pad_prompts ─> train.make_inputs (a micro-batch's draws and the loss's inputs)
+
+The data order is a pure function of (seed, epoch) and every micro-batch's draws of (seed, micro-batch
+number), so neither is state to save: a resumed run, or one on several processes, sees what a straight
+one on one process would.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from tqdm.auto import tqdm
+
+from . import images, pipeline, weights
+from .train_config import TrainConfig
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+# ---------------------------------------------------------------------------------------------
+# Examples and their sizes
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Example:
+    """One training example: a picture, its caption, and (Edit) the pictures it is made from."""
+    image: Path                           # the target image
+    prompt: str
+    controls: tuple = ()                  # Edit: condition image paths, in order
+
+
+def read_examples(data, control_dirs=(), instance_prompt: str | None = None, flag: str = "--data") -> list[Example]:
+    """A folder of images + same-stem .txt captions (kohya / ai-toolkit / DreamBooth convention), or a
+    .jsonl file of {"image": path, "prompt": str, "control": path or [paths]} (paths relative to the file).
+
+    Rule for an image without a caption: --instance_prompt if given, else an error that names it."""
+    data = Path(data)
+    if data.is_file():
+        if data.suffix != ".jsonl":
+            raise ValueError(f"{flag} {data}: expected a folder of images and captions, or a .jsonl file")
+        if control_dirs:
+            raise ValueError("--control_dirs is for a folder of images; in a .jsonl, name each example's "
+                             'condition images in its "control" entry')
+        return _read_jsonl(data)
+    if not data.is_dir():
+        raise ValueError(f"{flag} {data}: no such folder or file")
+    if not os.access(data, os.R_OK | os.X_OK):
+        raise ValueError(f"{flag} {data}: the folder cannot be read (permissions)")
+    for d in control_dirs:
+        if not Path(d).is_dir():
+            raise ValueError(f"--control_dirs {d}: no such folder")
+    files = sorted(p for p in data.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    if not files:
+        raise ValueError(f"{flag} {data}: no images ({', '.join(IMAGE_EXTENSIONS)}) in this folder")
+    examples = []
+    for path in files:
+        caption = path.with_suffix(".txt")
+        if caption.is_file():
+            try:
+                prompt = caption.read_text(encoding="utf-8").strip()
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{flag}: the caption {caption} is not UTF-8 text ({e.reason} at byte {e.start}); "
+                                 "save it as UTF-8") from None
+        elif instance_prompt is not None:
+            prompt = instance_prompt
+        else:
+            raise ValueError(f"{flag}: {path.name} has no caption file {caption.name}; write one, or pass "
+                             "--instance_prompt to use one prompt for every uncaptioned image")
+        controls = tuple(_same_stem(Path(d), path.stem, f"--control_dirs {d}") for d in control_dirs)
+        examples.append(Example(path, prompt, controls))
+    return examples
+
+
+def _same_stem(folder: Path, stem: str, what: str) -> Path:
+    found = [p for p in sorted(folder.glob(f"{stem}.*")) if p.suffix.lower() in IMAGE_EXTENSIONS]
+    if not found:
+        raise ValueError(f"{what}: no image named {stem}.* (every training image needs its condition image)")
+    return found[0]
+
+
+def _read_jsonl(path: Path) -> list[Example]:
+    examples = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"--data {path}, line {n}"
+        row = weights.parse_json(line, where)
+        if not isinstance(row, dict) or not isinstance(row.get("image"), str) or not isinstance(row.get("prompt"), str):
+            raise ValueError(f'{where}: expected {{"image": "file.png", "prompt": "..."}}, got {line[:80]!r}')
+        controls = row.get("control", row.get("edit_image", []))
+        controls = [controls] if isinstance(controls, str) else controls
+        if not isinstance(controls, list) or not all(isinstance(c, str) for c in controls) or len(controls) > 3:
+            raise ValueError(f'{where}: "control" must be a path or a list of 1 to 3 paths')
+        examples.append(Example(path.parent / row["image"], row["prompt"].strip(),
+                                tuple(path.parent / c for c in controls)))
+    if not examples:
+        raise ValueError(f"--data {path}: no examples in this file")
+    if len({len(e.controls) for e in examples}) > 1:
+        raise ValueError(f"--data {path}: every example needs the same number of condition images")
+    return examples
+
+
+ASPECT_RATIOS = (1 / 3, 9 / 21, 1 / 2, 9 / 16, 2 / 3, 3 / 4, 4 / 5, 1, 5 / 4, 4 / 3, 3 / 2, 16 / 9, 2, 21 / 9, 3)
+
+
+def bucket_size(width: int, height: int, resolution: int, square: bool = False) -> tuple[int, int]:
+    """(height, width) to train an image at: the nearest aspect ratio of a fixed ladder (width / height,
+    ASPECT_RATIOS) at about side² pixels, sides multiples of 16, so that images share buckets and batches
+    stay full. side = resolution, or less for a smaller image (rounded down to a multiple of 64): small
+    images are not upscaled (as in diffusers and ai-toolkit). square=True: resolution x resolution."""
+    if square:
+        return resolution, resolution
+    side = min(resolution, max(64, int(math.sqrt(width * height)) // 64 * 64))
+    ratio = min(ASPECT_RATIOS, key=lambda r: abs(math.log(r * height / width)))
+    w = max(16, round(side * math.sqrt(ratio) / 16) * 16)
+    h = max(16, round(side / math.sqrt(ratio) / 16) * 16)
+    return h, w
+
+
+# ---------------------------------------------------------------------------------------------
+# The data order: micro-batches as a function of (seed, epoch), draws of (seed, micro-batch)
+# ---------------------------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=4)                       # micro_batch asks for the same epoch at every step
+def epoch_batches(buckets: tuple, batch_size: int, epoch: int, seed: int) -> list[list[int]]:
+    """One epoch's micro-batches (lists of example indices): shuffled within each bucket, cut into
+    batches (the last of a bucket may be short), the batches shuffled. A pure function of (seed, epoch):
+    the data order is never state to save."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    by_bucket = {}
+    for i, b in enumerate(buckets):
+        by_bucket.setdefault(b, []).append(i)
+    batches = []
+    for key in sorted(by_bucket):
+        members = by_bucket[key]
+        order = [members[j] for j in torch.randperm(len(members), generator=g).tolist()]
+        batches += [order[k:k + batch_size] for k in range(0, len(order), batch_size)]
+    return [batches[j] for j in torch.randperm(len(batches), generator=g).tolist()]
+
+
+def micro_batch(buckets: tuple, batch_size: int, seed: int, index: int) -> list[int]:
+    """The index-th micro-batch of the whole run (epochs laid end to end)."""
+    per_epoch = len(epoch_batches(buckets, batch_size, 0, seed))
+    return epoch_batches(buckets, batch_size, index // per_epoch, seed)[index % per_epoch]
+
+
+def micro_batch_seed(seed: int, index: int) -> int:
+    """The seed of micro-batch `index`'s draws (and of the global RNG that LoRA dropout uses): the same
+    draws in any process layout and after a resume, so there is no RNG state to save."""
+    return (seed * 2_654_435_761 + index * 40_503 + 1) % 2**63
+
+
+# ---------------------------------------------------------------------------------------------
+# The cache: what the frozen text encoder and VAE compute, once
+# ---------------------------------------------------------------------------------------------
+
+def model_fingerprint(root: Path) -> str:
+    """What the cache depends on in the model: the JSON files of the text encoder, VAE, processor and
+    tokenizer (their content) and the names and sizes of their other files. Reading 16 GB of weights at
+    every start to hash them would cost minutes; a same-size edit of a weight file goes unnoticed."""
+    h = hashlib.sha256()
+    for sub in ("model_index.json", "text_encoder", "vae", "processor", "tokenizer"):
+        path = root / sub
+        for f in sorted([path] if path.is_file() else path.rglob("*") if path.is_dir() else []):
+            if f.is_file():
+                h.update(f"{f.relative_to(root)}:{f.stat().st_size}".encode())
+                if f.suffix == ".json":
+                    h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def cache_key(model_id: str, kind: str, example: Example, size, max_sequence_length: int, with_empty: bool) -> str:
+    parts = [model_id, kind, file_digest(example.image), example.prompt, str(tuple(size)), str(max_sequence_length),
+             str(with_empty)] + [file_digest(c) for c in example.controls]
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:32]
+
+
+def encode_examples(pipe, examples: list[Example], sizes: list, with_empty: bool, max_sequence_length: int,
+                    batch_size: int) -> list[dict]:
+    """Examples -> one dict of tensors each (all on the CPU, fp32):
+    latent_mean, latent_logvar (C, h, w)      the VAE posterior of the image (unnormalised)
+    prompt_embeds (L, D)                      its caption, without padding
+    empty_embeds (L0, D)                      the empty prompt (with the same images, for Edit), if asked
+    control_tokens (M, 64), control_shapes    Edit: the condition images' normalised, packed latents
+    Images of the same size go through the VAE together, `batch_size` at a time."""
+    edit = isinstance(pipe, pipeline.QwenImageEditPipeline)
+    out = [dict() for _ in examples]
+    vae_dtype = pipe.vae.post_quant_conv.weight.dtype
+    by_size = {}
+    for i, s in enumerate(sizes):
+        by_size.setdefault(tuple(s), []).append(i)
+    for size, members in by_size.items():
+        for k in range(0, len(members), batch_size):
+            chunk = members[k:k + batch_size]
+            pixels = torch.cat([images.load_pixels(examples[i].image, size) for i in chunk])      # (b, 3, H, W)
+            with pipe.active(pipe.vae) as ae, torch.no_grad():
+                posterior = ae.encode(pixels.to(pipe.device, vae_dtype))    # N(mean, exp(logvar)), (b, C, h, w) each
+            for j, i in enumerate(chunk):
+                out[i]["latent_mean"] = posterior.mean[j].float().cpu()
+                out[i]["latent_logvar"] = posterior.logvar[j].float().cpu()
+            if not edit:
+                prompts_ = [examples[i].prompt for i in chunk]
+                embeds, mask = pipe.encode_prompt(prompts_, max_sequence_length=max_sequence_length)
+                for j, i in enumerate(chunk):
+                    out[i]["prompt_embeds"] = embeds[j, : int(mask[j].sum())].float().cpu()
+    if not edit:
+        if with_empty:
+            empty, _ = pipe.encode_prompt([""], max_sequence_length=max_sequence_length)
+            for entry in out:
+                entry["empty_embeds"] = empty[0].float().cpu()
+        return out
+    for i, e in enumerate(examples):                       # Edit: each prompt is read with its own images
+        h, w = sizes[i]
+        condition, vae_images = condition_images(pipe, e.controls, (h, w))
+        features = pipe.image_features(condition)
+        out[i]["prompt_embeds"] = pipe.encode_prompt(e.prompt, features)[0][0].float().cpu()
+        if with_empty:
+            out[i]["empty_embeds"] = pipe.encode_prompt("", features)[0][0].float().cpu()
+        tokens, shapes = pipe.encode_image_latents(vae_images)
+        out[i]["control_tokens"] = tokens[0].float().cpu()
+        out[i]["control_shapes"] = torch.tensor(shapes, dtype=torch.int64)
+    return out
+
+
+def condition_images(pipe, paths, size):
+    """Edit: condition image files -> (images for the vision tower, images for the VAE). The VAE sees each
+    condition image at the target's training size (so a batch shares shapes); the vision tower sees it
+    as the pipeline would (Edit: the same image; Edit-2509+: about 384x384)."""
+    h, w = size
+    vae_images = [images.postprocess(images.load_pixels(p, (h, w), "control image"), "pil")[0] for p in paths]
+    if pipe.condition_area is None:
+        return vae_images, vae_images
+    return [images.resize_to_area(img, pipe.condition_area) for img in vae_images], vae_images
+
+
+def build_cache(pipe, examples, sizes, cache_dir: Path, kind: str, with_empty: bool, max_sequence_length: int,
+                batch_size: int, model_id: str, progress: bool = True) -> list[Path]:
+    """The cache file of every example, computing the missing ones (in batches) and writing each
+    atomically, so an interrupted run loses nothing it finished and leaves nothing half-written."""
+    keys = [cache_key(model_id, kind, e, s, max_sequence_length, with_empty) for e, s in zip(examples, sizes)]
+    paths = [cache_dir / f"{k}.safetensors" for k in keys]
+    todo = [i for i, p in enumerate(paths) if not p.is_file()]
+    if todo:
+        for start in tqdm(range(0, len(todo), 16 * batch_size), desc=f"caching {kind}", disable=not progress):
+            chunk = todo[start:start + 16 * batch_size]
+            entries = encode_examples(pipe, [examples[i] for i in chunk], [sizes[i] for i in chunk], with_empty,
+                                      max_sequence_length, batch_size)
+            for i, entry in zip(chunk, entries):
+                names = sorted(entry)
+                weights.write_safetensors(paths[i], [(n, tuple(entry[n].shape), entry[n].dtype) for n in names],
+                                          [entry[n] for n in names], metadata={"image": str(examples[i].image)})
+    return paths
+
+
+def read_cached(path: Path) -> dict:
+    """One cache file -> its tensors (encode_examples lists them), on the CPU."""
+    return load_file(str(path))
+
+
+def pad_prompts(embeds: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """[(L_i, D)] -> (B, max L, D) zero-padded, and the (B, max L) mask; None when nothing is padded
+    (as diffusers' concat_prompt_embedding_batches)."""
+    longest = max(e.shape[0] for e in embeds)
+    out = torch.zeros(len(embeds), longest, embeds[0].shape[1], dtype=embeds[0].dtype)
+    mask = torch.zeros(len(embeds), longest, dtype=torch.int64)
+    for i, e in enumerate(embeds):
+        out[i, : e.shape[0]], mask[i, : e.shape[0]] = e, 1
+    return out, (None if bool(mask.all()) else mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# What train() calls: the examples paired and sized, then cached
+# ---------------------------------------------------------------------------------------------
+
+def prepare_data(c: TrainConfig, pipe, out: Path):
+    """Read the examples (and class images), pair them, choose their sizes; -> (examples, class examples,
+    sizes as (height, width), the cache folder). `pipe` (None on the other processes) checks Edit vs text."""
+    examples = read_examples(c.data, c.control_dirs, c.instance_prompt)
+    n_controls = len(examples[0].controls)
+    edit = isinstance(pipe, pipeline.QwenImageEditPipeline)
+    if edit and not 1 <= n_controls <= pipe.max_images:
+        raise ValueError(f"--data: {type(pipe).__name__} trains with 1 to {pipe.max_images} condition image(s) per "
+                         f"example (--control_dirs, or \"control\" in the .jsonl), got {n_controls}")
+    if pipe is not None and not edit and n_controls:
+        raise ValueError("--data has condition images but --model is a text-to-image checkpoint: use an Edit model")
+    class_examples = []
+    if c.with_prior_preservation:
+        # As the reference's dataset: max(instances, class images) pairs, instance i % n with class i % m, so
+        # that every class image is used (a few instance pictures against a hundred class pictures).
+        class_files = read_examples(c.class_data_dir, instance_prompt=c.class_prompt, flag="--class_data_dir")
+        n = max(len(examples), len(class_files))
+        examples = [examples[i % len(examples)] for i in range(n)]
+        class_examples = [Example(class_files[i % len(class_files)].image, c.class_prompt) for i in range(n)]
+    sizes = [bucket_size(*images.image_size(e.image), c.resolution, c.square) for e in examples]
+    cache_dir = Path(c.embeddings_cache) if c.embeddings_cache else out / "cache"
+    return examples, class_examples, sizes, cache_dir
+
+
+def build_caches(pipe, examples, class_examples, sizes, cache_dir: Path, c: TrainConfig, model_id: str,
+                 progress: bool = True) -> tuple[list[Path], list[Path]]:
+    """The cache files of the examples (with the empty prompt's embeddings when --caption_dropout can drop
+    a caption) and of the class images (prior preservation; never dropped). pipe=None: the files must exist."""
+    cache = build_cache(pipe, examples, sizes, cache_dir, "instance", c.caption_dropout > 0, c.max_sequence_length,
+                        c.train_batch_size, model_id, progress)
+    class_cache = build_cache(pipe, class_examples, sizes, cache_dir, "class", False, c.max_sequence_length,
+                              c.train_batch_size, model_id, progress) if class_examples else []
+    return cache, class_cache
