@@ -73,29 +73,38 @@ from qwenimage_minimal import fp8, lora, mmdit, text_encoder, vae, vision, weigh
 @dataclass
 class Component:
     """How one component's tensors are named in the official folder and elsewhere."""
+
     name: str
-    stem: str                                                # official weight file stem
-    prefixes: tuple[str, ...]                                # prefixes single files may carry
-    expected: Callable[[dict], dict[str, tuple[int, ...]]]   # config -> every allowed official name -> shape
+    stem: str  # official weight file stem
+    prefixes: tuple[str, ...]  # prefixes single files may carry
+    expected: Callable[[dict], dict[str, tuple[int, ...]]]  # config -> every allowed official name -> shape
     infer_config: Callable[[dict[str, tuple[int, ...]]], dict]  # official name -> shape  => config.json dict
-    may_be_absent: Callable[[str], bool] = lambda name: False   # allowed names a checkpoint may lack
+    may_be_absent: Callable[[str], bool] = lambda name: False  # allowed names a checkpoint may lack
     # any accepted naming -> official names (given all names of the file: some mappings depend on the set)
     to_official: Callable[[list[str]], dict[str, str]] = lambda names: {n: n for n in names}
     # output layouts: official name (and the config) -> name written
-    layouts: dict[str, Callable[[str, dict], str]] = field(default_factory=lambda: {"official": lambda name, config: name})
-    all_or_none: tuple[str, ...] = ()                        # name prefixes that are complete or absent
-    file_layout: str | None = None                           # the layout single files use, if not the official
+    layouts: dict[str, Callable[[str, dict], str]] = field(
+        default_factory=lambda: {"official": lambda name, config: name}
+    )
+    all_or_none: tuple[str, ...] = ()  # name prefixes that are complete or absent
+    file_layout: str | None = None  # the layout single files use, if not the official
 
     @property
-    def folder_layout(self) -> str:                          # the official folder's layout
+    def folder_layout(self) -> str:  # the official folder's layout
         return next(iter(self.layouts))
 
 
 # --- transformer --------------------------------------------------------------------------
 
+
 def _transformer_expected(config_json: dict) -> dict[str, tuple[int, ...]]:
-    config = weights.config_from_json(mmdit.MMDiTConfig, config_json, "<config>", mmdit.REQUIRED_FIELDS,
-                                      must_be_false=mmdit.UNSUPPORTED_FLAGS)
+    config = weights.config_from_json(
+        mmdit.MMDiTConfig,
+        config_json,
+        "<config>",
+        mmdit.REQUIRED_FIELDS,
+        must_be_false=mmdit.UNSUPPORTED_FLAGS,
+    )
     model = weights.build_on_meta(lambda: mmdit.MMDiT(config))
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
@@ -109,16 +118,23 @@ def _transformer_infer_config(shapes: dict[str, tuple[int, ...]]) -> dict:
     dim, in_channels = shapes["img_in.weight"]
     head_dim = shapes["transformer_blocks.0.attn.norm_q.weight"][0]
     if head_dim != 128:
-        raise weights.CheckpointError(f"attention_head_dim {head_dim} is not the official 128, so the RoPE axes "
-                                      "cannot be inferred: pass --config with a config.json")
-    config = mmdit.MMDiTConfig(in_channels=in_channels, num_layers=weights.count_blocks(shapes, "transformer_blocks"),
-                               num_attention_heads=dim // head_dim, attention_head_dim=head_dim,
-                               joint_attention_dim=shapes["txt_in.weight"][1],
-                               out_channels=shapes["proj_out.weight"][0] // 4)
+        raise weights.CheckpointError(
+            f"attention_head_dim {head_dim} is not the official 128, so the RoPE axes "
+            "cannot be inferred: pass --config with a config.json"
+        )
+    config = mmdit.MMDiTConfig(
+        in_channels=in_channels,
+        num_layers=weights.count_blocks(shapes, "transformer_blocks"),
+        num_attention_heads=dim // head_dim,
+        attention_head_dim=head_dim,
+        joint_attention_dim=shapes["txt_in.weight"][1],
+        out_channels=shapes["proj_out.weight"][0] // 4,
+    )
     return config.to_json()
 
 
 # --- text encoder (Qwen2.5-VL) --------------------------------------------------------------
+
 
 def _text_encoder_expected(config_json: dict) -> dict[str, tuple[int, ...]]:
     """The official (legacy) names: the language model ours loads, lm_head, and the vision tower
@@ -136,25 +152,39 @@ def _text_encoder_expected(config_json: dict) -> dict[str, tuple[int, ...]]:
 def _text_encoder_infer_config(shapes: dict[str, tuple[int, ...]]) -> dict:
     """The official config.json form (transformers 4.x: text fields at the top), read off the shapes;
     head_dim 128, rope theta 1e6 and the M-RoPE sections are Qwen2.5-VL's constants."""
-    need = ["model.embed_tokens.weight", "model.layers.0.self_attn.k_proj.weight", "model.layers.0.mlp.gate_proj.weight"]
+    need = [
+        "model.embed_tokens.weight",
+        "model.layers.0.self_attn.k_proj.weight",
+        "model.layers.0.mlp.gate_proj.weight",
+    ]
     absent = [k for k in need if k not in shapes]
     if absent:
         raise weights.CheckpointError(f"not a Qwen2.5-VL text encoder checkpoint: no {absent}")
     vocab, hidden = shapes["model.embed_tokens.weight"]
     head_dim = 128
     config = text_encoder.TextEncoderConfig(
-        vocab_size=vocab, hidden_size=hidden, intermediate_size=shapes["model.layers.0.mlp.gate_proj.weight"][0],
-        num_hidden_layers=weights.count_blocks(shapes, "model.layers"), num_attention_heads=hidden // head_dim,
-        num_key_value_heads=shapes["model.layers.0.self_attn.k_proj.weight"][0] // head_dim)
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=shapes["model.layers.0.mlp.gate_proj.weight"][0],
+        num_hidden_layers=weights.count_blocks(shapes, "model.layers"),
+        num_attention_heads=hidden // head_dim,
+        num_key_value_heads=shapes["model.layers.0.self_attn.k_proj.weight"][0] // head_dim,
+    )
     vision_config = None
     if "visual.patch_embed.proj.weight" in shapes:
         d, in_channels, tp, p, _ = shapes["visual.patch_embed.proj.weight"]
         merged = shapes["visual.merger.mlp.0.weight"][0]
         vision_config = vision.VisionConfig(
-            depth=weights.count_blocks(shapes, "visual.blocks"), hidden_size=d, in_channels=in_channels,
-            intermediate_size=shapes["visual.blocks.0.mlp.gate_proj.weight"][0], num_heads=d // 80,
-            out_hidden_size=shapes["visual.merger.mlp.2.weight"][0], patch_size=p, temporal_patch_size=tp,
-            spatial_merge_size=int(round((merged / d) ** 0.5))).to_json()
+            depth=weights.count_blocks(shapes, "visual.blocks"),
+            hidden_size=d,
+            in_channels=in_channels,
+            intermediate_size=shapes["visual.blocks.0.mlp.gate_proj.weight"][0],
+            num_heads=d // 80,
+            out_hidden_size=shapes["visual.merger.mlp.2.weight"][0],
+            patch_size=p,
+            temporal_patch_size=tp,
+            spatial_merge_size=int(round((merged / d) ** 0.5)),
+        ).to_json()
     return config.to_json(vision_config)
 
 
@@ -165,9 +195,9 @@ def _text_encoder_to_official(names: list[str]) -> dict[str, str]:
 def _text_encoder_name_to_official(name: str) -> str:
     """transformers 5.x names -> the official legacy names; legacy names stay."""
     if name.startswith("model.language_model."):
-        return "model." + name[len("model.language_model."):]
+        return "model." + name[len("model.language_model.") :]
     if name.startswith("model.visual."):
-        return name[len("model."):]
+        return name[len("model.") :]
     return name
 
 
@@ -175,7 +205,7 @@ def _text_encoder_to_transformers5(name: str, config: dict) -> str:
     if name.startswith("visual."):
         return "model." + name
     if name.startswith("model."):
-        return "model.language_model." + name[len("model."):]
+        return "model.language_model." + name[len("model.") :]
     return name
 
 
@@ -183,13 +213,27 @@ def _text_encoder_to_transformers5(name: str, config: dict) -> str:
 
 # Inside a residual block, Wan numbers the layers of one nn.Sequential: RMS_norm(0), SiLU(1),
 # CausalConv3d(2), RMS_norm(3), SiLU(4), Dropout(5), CausalConv3d(6); diffusers names them.
-_WAN_RESIDUAL = {"norm1.gamma": "residual.0.gamma", "conv1.weight": "residual.2.weight", "conv1.bias": "residual.2.bias",
-                 "norm2.gamma": "residual.3.gamma", "conv2.weight": "residual.6.weight", "conv2.bias": "residual.6.bias",
-                 "conv_shortcut.weight": "shortcut.weight", "conv_shortcut.bias": "shortcut.bias"}
+_WAN_RESIDUAL = {
+    "norm1.gamma": "residual.0.gamma",
+    "conv1.weight": "residual.2.weight",
+    "conv1.bias": "residual.2.bias",
+    "norm2.gamma": "residual.3.gamma",
+    "conv2.weight": "residual.6.weight",
+    "conv2.bias": "residual.6.bias",
+    "conv_shortcut.weight": "shortcut.weight",
+    "conv_shortcut.bias": "shortcut.bias",
+}
 _DIFFUSERS_RESIDUAL = {wan: official for official, wan in _WAN_RESIDUAL.items()}
-_WAN_TOP = {"encoder.conv_in.": "encoder.conv1.", "decoder.conv_in.": "decoder.conv1.", "quant_conv.": "conv1.",
-            "post_quant_conv.": "conv2.", "encoder.norm_out.": "encoder.head.0.", "encoder.conv_out.": "encoder.head.2.",
-            "decoder.norm_out.": "decoder.head.0.", "decoder.conv_out.": "decoder.head.2."}
+_WAN_TOP = {
+    "encoder.conv_in.": "encoder.conv1.",
+    "decoder.conv_in.": "decoder.conv1.",
+    "quant_conv.": "conv1.",
+    "post_quant_conv.": "conv2.",
+    "encoder.norm_out.": "encoder.head.0.",
+    "encoder.conv_out.": "encoder.head.2.",
+    "decoder.norm_out.": "decoder.head.0.",
+    "decoder.conv_out.": "decoder.head.2.",
+}
 
 
 def _vae_to_wan(name: str, config: dict) -> str:
@@ -198,14 +242,14 @@ def _vae_to_wan(name: str, config: dict) -> str:
     R = config["num_res_blocks"]
     for official, wan in _WAN_TOP.items():
         if name.startswith(official):
-            return wan + name[len(official):]
+            return wan + name[len(official) :]
     if m := re.fullmatch(r"(encoder|decoder)\.mid_block\.(resnets|attentions)\.(\d+)\.(.+)", name):
         side, kind, i, rest = m.groups()
         if kind == "attentions":
-            return f"{side}.middle.1.{rest}"                     # middle = [resnet, attention, resnet]
+            return f"{side}.middle.1.{rest}"  # middle = [resnet, attention, resnet]
         return f"{side}.middle.{2 * int(i)}.{_WAN_RESIDUAL.get(rest, rest)}"
     if m := re.fullmatch(r"encoder\.down_blocks\.(\d+)\.(.+)", name):
-        return f"encoder.downsamples.{m[1]}.{_WAN_RESIDUAL.get(m[2], m[2])}"   # same flat list; resamplers keep names
+        return f"encoder.downsamples.{m[1]}.{_WAN_RESIDUAL.get(m[2], m[2])}"  # same flat list; resamplers keep names
     if m := re.fullmatch(r"decoder\.up_blocks\.(\d+)\.resnets\.(\d+)\.(.+)", name):
         return f"decoder.upsamples.{int(m[1]) * (R + 2) + int(m[2])}.{_WAN_RESIDUAL.get(m[3], m[3])}"
     if m := re.fullmatch(r"decoder\.up_blocks\.(\d+)\.upsamplers\.0\.(.+)", name):
@@ -217,7 +261,7 @@ def _wan_to_vae(name: str, R: int) -> str:
     """Wan VAE name -> official name (the inverse of _vae_to_wan); unknown names come back unchanged."""
     for official, wan in _WAN_TOP.items():
         if name.startswith(wan):
-            return official + name[len(wan):]
+            return official + name[len(wan) :]
     if m := re.fullmatch(r"(encoder|decoder)\.middle\.(\d+)\.(.+)", name):
         side, slot, rest = m[1], int(m[2]), m[3]
         if slot == 1:
@@ -234,12 +278,12 @@ def _wan_to_vae(name: str, R: int) -> str:
 
 
 def _vae_to_official(names: list[str]) -> dict[str, str]:
-    if "encoder.conv1.weight" not in names:                     # already diffusers names
+    if "encoder.conv1.weight" not in names:  # already diffusers names
         return {n: n for n in names}
     resamples = [int(m[1]) for n in names if (m := re.match(r"encoder\.downsamples\.(\d+)\.resample\.", n))]
     if not resamples:
         raise weights.CheckpointError("a Wan-style VAE file without encoder.downsamples.N.resample tensors")
-    R = min(resamples)                                           # residual blocks before the first resample
+    R = min(resamples)  # residual blocks before the first resample
     return {n: _wan_to_vae(n, R) for n in names}
 
 
@@ -252,38 +296,63 @@ def _vae_expected(config_json: dict) -> dict[str, tuple[int, ...]]:
 def _vae_infer_config(shapes: dict[str, tuple[int, ...]]) -> dict:
     """Architecture from the shapes; latents_mean/std are not weights: the official values are used."""
     if "encoder.conv_in.weight" not in shapes or "post_quant_conv.weight" not in shapes:
-        raise weights.CheckpointError("not a Qwen-Image / Wan VAE checkpoint: no encoder.conv_in / post_quant_conv")
+        raise weights.CheckpointError(
+            "not a Qwen-Image / Wan VAE checkpoint: no encoder.conv_in / post_quant_conv"
+        )
     base_dim, in_channels = shapes["encoder.conv_in.weight"][:2]
     blocks = weights.count_blocks(shapes, "encoder.down_blocks")
     resamples = [i for i in range(blocks) if f"encoder.down_blocks.{i}.resample.1.weight" in shapes]
     R = resamples[0]
     stages = len(resamples) + 1
-    dim_mult = [shapes[f"encoder.down_blocks.{s * (R + 1)}.conv1.weight"][0] // base_dim for s in range(stages)]
-    config = vae.VAEConfig(base_dim=base_dim, z_dim=shapes["post_quant_conv.weight"][0], dim_mult=dim_mult,
-                           num_res_blocks=R, input_channels=in_channels,
-                           temperal_downsample=[f"encoder.down_blocks.{i}.time_conv.weight" in shapes for i in resamples])
+    dim_mult = [
+        shapes[f"encoder.down_blocks.{s * (R + 1)}.conv1.weight"][0] // base_dim for s in range(stages)
+    ]
+    config = vae.VAEConfig(
+        base_dim=base_dim,
+        z_dim=shapes["post_quant_conv.weight"][0],
+        dim_mult=dim_mult,
+        num_res_blocks=R,
+        input_channels=in_channels,
+        temperal_downsample=[f"encoder.down_blocks.{i}.time_conv.weight" in shapes for i in resamples],
+    )
     return config.to_json()
 
 
 COMPONENTS = {
-    "transformer": Component("transformer", mmdit.WEIGHTS_STEM, ("model.diffusion_model.", "diffusion_model."),
-                             _transformer_expected, _transformer_infer_config),
-    "text_encoder": Component("text_encoder", text_encoder.WEIGHTS_STEM, (), _text_encoder_expected,
-                              _text_encoder_infer_config,
-                              may_be_absent=lambda name: name == "lm_head.weight" or name.startswith("visual."),
-                              to_official=_text_encoder_to_official,
-                              layouts={"legacy": lambda name, config: name,
-                                       "transformers5": _text_encoder_to_transformers5},
-                              all_or_none=("visual.",)),
-    "vae": Component("vae", vae.WEIGHTS_STEM, ("first_stage_model.", "vae."), _vae_expected, _vae_infer_config,
-                     to_official=_vae_to_official,
-                     layouts={"diffusers": lambda name, config: name, "wan": _vae_to_wan}, file_layout="wan"),
+    "transformer": Component(
+        "transformer",
+        mmdit.WEIGHTS_STEM,
+        ("model.diffusion_model.", "diffusion_model."),
+        _transformer_expected,
+        _transformer_infer_config,
+    ),
+    "text_encoder": Component(
+        "text_encoder",
+        text_encoder.WEIGHTS_STEM,
+        (),
+        _text_encoder_expected,
+        _text_encoder_infer_config,
+        may_be_absent=lambda name: name == "lm_head.weight" or name.startswith("visual."),
+        to_official=_text_encoder_to_official,
+        layouts={"legacy": lambda name, config: name, "transformers5": _text_encoder_to_transformers5},
+        all_or_none=("visual.",),
+    ),
+    "vae": Component(
+        "vae",
+        vae.WEIGHTS_STEM,
+        ("first_stage_model.", "vae."),
+        _vae_expected,
+        _vae_infer_config,
+        to_official=_vae_to_official,
+        layouts={"diffusers": lambda name, config: name, "wan": _vae_to_wan},
+        file_layout="wan",
+    ),
 }
 
 
 # --- fp8 (transformer only; see qwenimage_minimal/fp8.py for the format) ---------------------
 
-MARKER = "scaled_fp8"          # ComfyUI's marker tensor of a scaled-fp8 file, at the model's key prefix
+MARKER = "scaled_fp8"  # ComfyUI's marker tensor of a scaled-fp8 file, at the model's key prefix
 
 
 def _take_fp8_extras(sources: dict, headers: dict) -> tuple[dict, dict]:
@@ -295,12 +364,16 @@ def _take_fp8_extras(sources: dict, headers: dict) -> tuple[dict, dict]:
         path, in_name = sources[name]
         layer = name.rpartition(".")[0]
         if name == MARKER:
-            dropped[in_name] = (f"the scaled-fp8 marker ({str(headers[path].dtype(in_name))[6:]}, "
-                                f"{math.prod(headers[path].shape(in_name))} elements) says only that scales follow; "
-                                "a file written from the folder gets a new one")
+            dropped[in_name] = (
+                f"the scaled-fp8 marker ({str(headers[path].dtype(in_name))[6:]}, "
+                f"{math.prod(headers[path].shape(in_name))} elements) says only that scales follow; "
+                "a file written from the folder gets a new one"
+            )
         elif name.endswith(".scale_input") and layer + ".weight" in sources:
-            dropped[in_name] = ("the activation scale serves only fp8 x fp8 matrix products (torch._scaled_mm); "
-                                "this project multiplies in bf16, so it changes nothing here")
+            dropped[in_name] = (
+                "the activation scale serves only fp8 x fp8 matrix products (torch._scaled_mm); "
+                "this project multiplies in bf16, so it changes nothing here"
+            )
         elif name.endswith(fp8.SCALE):
             scales[layer] = sources[name]
         else:
@@ -329,11 +402,16 @@ class _Fp8Plan:
         self.kept_fp8 = fp8_out - self.quantized
         self.compute = torch.bfloat16 if dtype == fp8.FP8 else dtype
         self.in_dtype = in_dtype
-        self.scale_of = {n: n[:-len(".weight")] + fp8.SCALE for n in order if n in fp8_out
-                         and (dtype == fp8.FP8 or n in self.quantized or n[:-len(".weight")] in scales)}
+        self.scale_of = {
+            n: n[: -len(".weight")] + fp8.SCALE
+            for n in order
+            if n in fp8_out and (dtype == fp8.FP8 or n in self.quantized or n[: -len(".weight")] in scales)
+        }
         self.weight_of = {s: n for n, s in self.scale_of.items()}
         self.marker = to_file and bool(self.scale_of)  # so that ComfyUI reads the scales
-        self.names = [m for n in order for m in (n, self.scale_of.get(n)) if m] + ([MARKER] if self.marker else [])
+        self.names = [m for n in order for m in (n, self.scale_of.get(n)) if m] + (
+            [MARKER] if self.marker else []
+        )
 
     def out_dtype(self, n: str) -> torch.dtype:
         if n == MARKER:
@@ -367,12 +445,14 @@ def _source_tensors(src: Path, comp: Component, prefix: str | None):
         used = prefix if prefix is not None else (found[0] if found else "")
         for name in names:
             if not name.startswith(used):
-                raise weights.CheckpointError(f"{src}: tensor {name!r} lacks the prefix {used!r} that the others carry")
+                raise weights.CheckpointError(
+                    f"{src}: tensor {name!r} lacks the prefix {used!r} that the others carry"
+                )
         files = {name: (src, name) for name in names}
     mapping = {}
-    renamed = comp.to_official([name[len(used):] for name in files])
+    renamed = comp.to_official([name[len(used) :] for name in files])
     for name, where in files.items():
-        official = renamed[name[len(used):]]
+        official = renamed[name[len(used) :]]
         if official in mapping:
             raise weights.CheckpointError(f"{src}: {mapping[official][1]!r} and {name!r} are the same tensor")
         mapping[official] = where
@@ -387,27 +467,47 @@ def _check_complete(src, comp: Component, shapes: dict, expected: dict, file_nam
     for group in comp.all_or_none:  # e.g. the vision tower: all of it or none of it
         if any(n.startswith(group) for n in shapes):
             missing += sorted(n for n in expected if n.startswith(group) and n not in shapes)
-    wrong = sorted(f"{k}: {list(shapes[k])} vs {list(expected[k])}" for k in set(shapes) & set(expected)
-                   if shapes[k] != expected[k])
+    wrong = sorted(
+        f"{k}: {list(shapes[k])} vs {list(expected[k])}"
+        for k in set(shapes) & set(expected)
+        if shapes[k] != expected[k]
+    )
     if unknown or missing or wrong:
-        raise weights.CheckpointError(weights.describe_mismatch(src, missing, unknown, wrong,
-                                                          problem=f"are not a complete {comp.name} checkpoint"))
+        raise weights.CheckpointError(
+            weights.describe_mismatch(
+                src, missing, unknown, wrong, problem=f"are not a complete {comp.name} checkpoint"
+            )
+        )
 
 
-def convert(src, dst, component: str = "transformer", dtype: torch.dtype | None = None,
-            max_shard_size: int = 5 * 2**30, prefix: str | None = None, config_path=None,
-            overwrite: bool = False, layout: str | None = None, log=print, merge_lora=()) -> dict:
+def convert(
+    src,
+    dst,
+    component: str = "transformer",
+    dtype: torch.dtype | None = None,
+    max_shard_size: int = 5 * 2**30,
+    prefix: str | None = None,
+    config_path=None,
+    overwrite: bool = False,
+    layout: str | None = None,
+    log=print,
+    merge_lora=(),
+) -> dict:
     """Convert SRC to DST (see the module docstring). Returns the summary as a dict.
     merge_lora: [(LoRA file, scale)] added into the transformer's weights on the way."""
     src, dst = Path(src), Path(dst)
     if component == "lora":
         if merge_lora or dtype is not None or prefix is not None or config_path:
-            raise ValueError("--component lora converts one LoRA file between layouts: --merge-lora, --dtype, "
-                             "--prefix and --config do not apply")
+            raise ValueError(
+                "--component lora converts one LoRA file between layouts: --merge-lora, --dtype, "
+                "--prefix and --config do not apply"
+            )
         return convert_lora(src, dst, layout or "diffusers", overwrite, log)
     if dtype in weights.FP8_DTYPES and (dtype != fp8.FP8 or component != "transformer"):
-        raise ValueError("--dtype fp8 writes the transformer's block Linear weights in float8_e4m3fn: it applies "
-                         "to --component transformer only")
+        raise ValueError(
+            "--dtype fp8 writes the transformer's block Linear weights in float8_e4m3fn: it applies "
+            "to --component transformer only"
+        )
     comp = COMPONENTS[component]
     to_file = dst.suffix == ".safetensors"
     layout = layout or ((comp.file_layout or comp.folder_layout) if to_file else comp.folder_layout)
@@ -420,12 +520,16 @@ def convert(src, dst, component: str = "transformer", dtype: torch.dtype | None 
     if src.resolve() == dst.resolve():
         raise ValueError("source and destination are the same path")
     if dst.exists() and dst.is_dir() == to_file:
-        raise FileExistsError(f"{dst} exists and is a {'folder' if dst.is_dir() else 'file'}, but the output is a "
-                              f"{'file' if to_file else 'folder'}: choose another destination")
+        raise FileExistsError(
+            f"{dst} exists and is a {'folder' if dst.is_dir() else 'file'}, but the output is a "
+            f"{'file' if to_file else 'folder'}: choose another destination"
+        )
     replaced = [dst] if to_file else _outputs_in(dst, comp.stem)
     if any(src.resolve() == old.resolve() for old in replaced if old.exists()):
-        raise ValueError(f"the source {src} is one of the files that converting into {dst} replaces: write the "
-                         "output to another folder (and move it afterwards)")
+        raise ValueError(
+            f"the source {src} is one of the files that converting into {dst} replaces: write the "
+            "output to another folder (and move it afterwards)"
+        )
     weights.check_writable_folder(dst.parent, f"cannot write {dst}")
 
     sources, stripped = _source_tensors(src, comp, None if src.is_dir() else prefix)
@@ -448,15 +552,25 @@ def convert(src, dst, component: str = "transformer", dtype: torch.dtype | None 
     if merge_lora and component != "transformer":
         raise ValueError("--merge-lora merges into a transformer: pass --component transformer")
     merges = _lora_deltas(merge_lora, config_json) if merge_lora else {}
-    for layer, (path, in_name) in scales.items():       # each beside an fp8 Linear weight, one number
+    for layer, (path, in_name) in scales.items():  # each beside an fp8 Linear weight, one number
         weight = layer + ".weight"
-        fp8.check_scale(src, in_name, headers[path].dtype(in_name), headers[path].shape(in_name), in_dtype.get(weight),
-                        len(expected.get(weight, ())) == 2)
+        fp8.check_scale(
+            src,
+            in_name,
+            headers[path].dtype(in_name),
+            headers[path].shape(in_name),
+            in_dtype.get(weight),
+            len(expected.get(weight, ())) == 2,
+        )
     _check_complete(src, comp, shapes, expected, {n: where[1] for n, where in sources.items()})
 
     order = [n for n in expected if n in shapes]  # module order, as the reference writes its shards
     plan = _Fp8Plan(order, expected, in_dtype, scales, {m + ".weight" for m in merges}, dtype, to_file)
-    out_shape = {**shapes, **{s: () for s in plan.scale_of.values()}, **({MARKER: (2,)} if plan.marker else {})}
+    out_shape = {
+        **shapes,
+        **{s: () for s in plan.scale_of.values()},
+        **({MARKER: (2,)} if plan.marker else {}),
+    }
     names = plan.names
     out_dtype = {n: plan.out_dtype(n) for n in names}
     sizes = {n: math.prod(out_shape[n]) * out_dtype[n].itemsize for n in names}
@@ -467,59 +581,67 @@ def convert(src, dst, component: str = "transformer", dtype: torch.dtype | None 
         path, in_name = sources[n]
         try:
             return headers[path].read(in_name)
-        except OSError as e:                     # a read error is the source's, not the output's
+        except OSError as e:  # a read error is the source's, not the output's
             raise weights.CheckpointError(f"cannot read {in_name!r} from {path}: {e}") from None
 
-    def scale(n):                                # the scale of the fp8 tensor n as stored (1 if none)
-        layer = n[:-len(".weight")] if n.endswith(".weight") else None
+    def scale(n):  # the scale of the fp8 tensor n as stored (1 if none)
+        layer = n[: -len(".weight")] if n.endswith(".weight") else None
         if layer not in scales:
             return torch.ones(())
         path, in_name = scales[layer]
         return fp8.read_scale(src, in_name, headers[path].read(in_name))
 
-    pending = {}                                 # weight -> the scale to write right after it
+    pending = {}  # weight -> the scale to write right after it
 
     def tensors(names):  # read, cast or (de)quantise, hand over: one tensor in memory at a time
         for n in names:
             if n == MARKER:
                 yield torch.zeros(2, dtype=fp8.FP8)
-            elif n in plan.weight_of:                                        # a scale, after its weight
+            elif n in plan.weight_of:  # a scale, after its weight
                 yield pending.pop(plan.weight_of[n])
-            elif n in plan.kept_fp8:                                         # fp8 bytes as they are
+            elif n in plan.kept_fp8:  # fp8 bytes as they are
                 if n in plan.scale_of:
                     pending[n] = scale(n)
                 yield read(n)
             else:
                 tensor = read(n)
-                if tensor.dtype in weights.FP8_DTYPES:                       # the reference formula
+                if tensor.dtype in weights.FP8_DTYPES:  # the reference formula
                     exact = n in plan.merged or n in plan.quantized
                     tensor = fp8.dequantize(tensor, scale(n), torch.float32 if exact else out_dtype[n])
                 if n in plan.merged:
-                    tensor = tensor.float() + sum(delta() for delta in merges[n[:-len(".weight")]])
+                    tensor = tensor.float() + sum(delta() for delta in merges[n[: -len(".weight")]])
                 if n in plan.quantized:
                     tensor, pending[n] = fp8.quantize_weight(tensor)
                 yield tensor.to(out_dtype[n])
 
-    for leftover in dst.parent.glob(f".{dst.name}.*.partial"):      # an interrupted earlier run's
+    for leftover in dst.parent.glob(f".{dst.name}.*.partial"):  # an interrupted earlier run's
         shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
     needed = sum(sizes.values())
     free = shutil.disk_usage(dst.parent).free
     if needed > free:
-        raise weights.OutputError(28, f"cannot write {dst}: it needs {needed / 2**30:.2f} GiB and the disk has "
-                                      f"{free / 2**30:.2f} GiB free; nothing was changed")
+        raise weights.OutputError(
+            28,
+            f"cannot write {dst}: it needs {needed / 2**30:.2f} GiB and the disk has "
+            f"{free / 2**30:.2f} GiB free; nothing was changed",
+        )
 
     # Write everything under a temporary name beside dst, check it, then put it in place.
     staging = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".partial", dir=dst.parent))
-    os.chmod(staging, 0o777 & ~weights.current_umask())      # it may become dst: a plain folder's permissions
+    os.chmod(staging, 0o777 & ~weights.current_umask())  # it may become dst: a plain folder's permissions
     try:
         with weights.output_errors(dst):
             header = [(out_name[n], out_shape[n], out_dtype[n]) for n in names]
             if to_file:
                 written = [staging / dst.name]
                 weights.write_safetensors(written[0], header, tensors(names))
-            else:                                # the official layout: one file or shards + index, config.json
-                written = weights.write_folder(staging, comp.stem, weights.plan_shards(header, max_shard_size),
-                                               tensors(names), config_json)
+            else:  # the official layout: one file or shards + index, config.json
+                written = weights.write_folder(
+                    staging,
+                    comp.stem,
+                    weights.plan_shards(header, max_shard_size),
+                    tensors(names),
+                    config_json,
+                )
         _verify(written, {out_name[n]: (out_shape[n], sizes[n]) for n in names})
         with weights.output_errors(dst):
             files = _put_in_place(staging, written, dst, replaced, to_file)
@@ -527,29 +649,49 @@ def convert(src, dst, component: str = "transformer", dtype: torch.dtype | None 
         shutil.rmtree(staging, ignore_errors=True)
 
     files = [f for f in files if f.suffix == ".safetensors"]
-    summary = {"component": component, "tensors_read": tensors_read, "tensors_written": len(names),
-               "params": sum(math.prod(s) for s in shapes.values()), "bytes_written": sum(sizes.values()),
-               "files": [str(f) for f in files], "dtypes": sorted({str(d).replace("torch.", "") for d in out_dtype.values()}),
-               "prefix_stripped": stripped, "absent": sorted(n for n in expected if n not in shapes),
-               "fp8_weights": len(plan.kept_fp8) + len(plan.quantized), "scales_written": len(plan.scale_of),
-               "dequantized": sorted(n for n in order if in_dtype[n] in weights.FP8_DTYPES
-                                     and out_dtype[n] not in weights.FP8_DTYPES),
-               "dropped": dropped, "marker_written": plan.marker}
-    log(f"{component}: {summary['tensors_read']} tensors read from {src}"
-        + (f" (prefix {stripped!r} stripped)" if stripped else ""))
-    log(f"  {summary['tensors_written']} written to {len(files)} file(s) under {dst}: "
+    summary = {
+        "component": component,
+        "tensors_read": tensors_read,
+        "tensors_written": len(names),
+        "params": sum(math.prod(s) for s in shapes.values()),
+        "bytes_written": sum(sizes.values()),
+        "files": [str(f) for f in files],
+        "dtypes": sorted({str(d).replace("torch.", "") for d in out_dtype.values()}),
+        "prefix_stripped": stripped,
+        "absent": sorted(n for n in expected if n not in shapes),
+        "fp8_weights": len(plan.kept_fp8) + len(plan.quantized),
+        "scales_written": len(plan.scale_of),
+        "dequantized": sorted(
+            n for n in order if in_dtype[n] in weights.FP8_DTYPES and out_dtype[n] not in weights.FP8_DTYPES
+        ),
+        "dropped": dropped,
+        "marker_written": plan.marker,
+    }
+    log(
+        f"{component}: {summary['tensors_read']} tensors read from {src}"
+        + (f" (prefix {stripped!r} stripped)" if stripped else "")
+    )
+    log(
+        f"  {summary['tensors_written']} written to {len(files)} file(s) under {dst}: "
         f"{summary['params'] / 1e9:.2f} B params, {summary['bytes_written'] / 2**30:.2f} GiB, "
-        f"dtype {', '.join(summary['dtypes'])}" + (f", {layout} key layout" if len(comp.layouts) > 1 else ""))
+        f"dtype {', '.join(summary['dtypes'])}" + (f", {layout} key layout" if len(comp.layouts) > 1 else "")
+    )
     if summary["absent"]:
         log(f"  not in the source (allowed): {len(summary['absent'])} tensors, e.g. {summary['absent'][:3]}")
     if summary["fp8_weights"]:
         marker = ", the scaled_fp8 marker (2 elements: ComfyUI dequantises and multiplies in bf16)"
-        log(f"  fp8: {summary['fp8_weights']} weights in float8 ({len(plan.quantized)} quantised here, per tensor), "
-            f"{summary['scales_written']} scale_weight tensors" + (marker if plan.marker else ""))
+        log(
+            f"  fp8: {summary['fp8_weights']} weights in float8 ({len(plan.quantized)} quantised here, per tensor), "
+            f"{summary['scales_written']} scale_weight tensors" + (marker if plan.marker else "")
+        )
     if summary["dequantized"]:
-        log(f"  {len(summary['dequantized'])} fp8 tensors dequantised to {str(plan.compute)[6:]}: "
-            "(q.float() * scale_weight).to(dtype), as fp8.dequantize")
-    for reason, group in itertools.groupby(sorted(dropped.items(), key=lambda kv: kv[1]), key=lambda kv: kv[1]):
+        log(
+            f"  {len(summary['dequantized'])} fp8 tensors dequantised to {str(plan.compute)[6:]}: "
+            "(q.float() * scale_weight).to(dtype), as fp8.dequantize"
+        )
+    for reason, group in itertools.groupby(
+        sorted(dropped.items(), key=lambda kv: kv[1]), key=lambda kv: kv[1]
+    ):
         group = [name for name, _ in group]
         log(f"  not written: {len(group)} tensor(s), e.g. {group[:2]}: {reason}")
     return summary
@@ -566,7 +708,9 @@ def _lora_deltas(merge_lora, config_json: dict) -> dict:
         adapters, _ = lora.read_lora(path, model)
         lora.check_fits(model, adapters)
         for module, (A, B, alpha) in adapters.items():
-            deltas.setdefault(module, []).append(lambda A=A, B=B, k=scale * alpha / A.shape[0]: (B.float() @ A.float()) * k)
+            deltas.setdefault(module, []).append(
+                lambda A=A, B=B, k=scale * alpha / A.shape[0]: (B.float() @ A.float()) * k
+            )
     return deltas
 
 
@@ -578,7 +722,7 @@ def convert_lora(src: Path, dst: Path, layout: str, overwrite: bool, log=print) 
         raise FileExistsError(f"{dst} already exists; pass --overwrite to replace it")
     if src.resolve() == dst.resolve():
         raise ValueError("source and destination are the same path")
-    model = weights.build_on_meta(lambda: mmdit.MMDiT(mmdit.MMDiTConfig()))     # the official module names
+    model = weights.build_on_meta(lambda: mmdit.MMDiT(mmdit.MMDiTConfig()))  # the official module names
     adapters, fmt = lora.read_lora(src, model)
     lora.write_lora(dst, adapters, format=layout)
     log(f"lora: {len(adapters)} adapted modules read from {src} ({fmt}); written to {dst} ({layout} layout)")
@@ -591,8 +735,11 @@ def _outputs_in(folder: Path, stem: str) -> list[Path]:
     if not folder.is_dir():
         return []
     shard = re.compile(re.escape(stem) + r"(-\d{5}-of-\d{5})?\.safetensors")
-    return [p for p in folder.iterdir() if shard.fullmatch(p.name)
-            or p.name in (f"{stem}.safetensors.index.json", "config.json")]
+    return [
+        p
+        for p in folder.iterdir()
+        if shard.fullmatch(p.name) or p.name in (f"{stem}.safetensors.index.json", "config.json")
+    ]
 
 
 def _verify(files: list[Path], planned: dict) -> None:
@@ -604,22 +751,29 @@ def _verify(files: list[Path], planned: dict) -> None:
         h = weights.SafetensorsFile(f)
         for k in h.keys():
             if k in written:
-                raise weights.OutputError(errno.EIO, f"tensor {k} was written twice; nothing was put in place")
+                raise weights.OutputError(
+                    errno.EIO, f"tensor {k} was written twice; nothing was put in place"
+                )
             written[k] = (h.shape(k), h.nbytes(k))
     if written != planned:
-        raise weights.OutputError(errno.EIO, "the written files do not hold exactly the planned tensors (a faulty "
-                                             "disk?); nothing was put in place")
+        raise weights.OutputError(
+            errno.EIO,
+            "the written files do not hold exactly the planned tensors (a faulty "
+            "disk?); nothing was put in place",
+        )
 
 
-def _put_in_place(staging: Path, written: list[Path], dst: Path, replaced: list[Path], to_file: bool) -> list[Path]:
+def _put_in_place(
+    staging: Path, written: list[Path], dst: Path, replaced: list[Path], to_file: bool
+) -> list[Path]:
     """Move the checked output from `staging` to `dst`, replacing the old output only now. The old
     files wait in a backup folder until the new ones are all in place, and come back on an error."""
     if to_file:
-        os.replace(written[0], dst)                         # one rename: atomic
+        os.replace(written[0], dst)  # one rename: atomic
         return [dst]
     if not dst.exists():
         dst.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(staging, dst)                            # one rename of the whole folder: atomic
+        os.replace(staging, dst)  # one rename of the whole folder: atomic
         return [dst / f.name for f in written]
     backup = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".old", dir=dst.parent))
     moved = []
@@ -630,10 +784,10 @@ def _put_in_place(staging: Path, written: list[Path], dst: Path, replaced: list[
         for f in written:
             os.replace(f, dst / f.name)
     except BaseException:
-        for f in written:                                   # take back what had arrived
+        for f in written:  # take back what had arrived
             if not f.exists() and (dst / f.name).exists():
                 os.replace(dst / f.name, f)
-        for old in moved:                                   # and restore the old output
+        for old in moved:  # and restore the old output
             os.replace(backup / old.name, old)
         shutil.rmtree(backup, ignore_errors=True)
         raise
@@ -642,29 +796,53 @@ def _put_in_place(staging: Path, written: list[Path], dst: Path, replaced: list[
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__,
+    )
     p.add_argument("src", help="a .safetensors file or an official component folder")
     p.add_argument("dst", help="a component folder, or a .safetensors file for a single-file output")
     p.add_argument("--component", default="transformer", choices=sorted([*COMPONENTS, "lora"]))
-    p.add_argument("--dtype", choices=sorted([*weights.DTYPES_BY_NAME, "fp8"]),
-                   help="cast floating tensors (default: keep); fp8: the transformer's block Linear weights in "
-                        "float8_e4m3fn with per-tensor scales, the rest in bf16")
+    p.add_argument(
+        "--dtype",
+        choices=sorted([*weights.DTYPES_BY_NAME, "fp8"]),
+        help="cast floating tensors (default: keep); fp8: the transformer's block Linear weights in "
+        "float8_e4m3fn with per-tensor scales, the rest in bf16",
+    )
     p.add_argument("--max-shard-size", type=parse_size, default=parse_size("5GB"))
     p.add_argument("--prefix", help="key prefix of the single file (read: detected by default; write: none)")
     p.add_argument("--config", help="config.json to use instead of inferring it from the tensor shapes")
-    p.add_argument("--layout", help="key layout to write. text_encoder: legacy (official) or transformers5; "
-                                    "vae: diffusers (official) or wan. Default: the official layout for a "
-                                    "folder, the usual single-file layout (vae: wan) for a file")
+    p.add_argument(
+        "--layout",
+        help="key layout to write. text_encoder: legacy (official) or transformers5; "
+        "vae: diffusers (official) or wan. Default: the official layout for a "
+        "folder, the usual single-file layout (vae: wan) for a file",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
-    p.add_argument("--merge-lora", action="append", default=[], metavar="FILE[:SCALE]",
-                   help="add a LoRA into the transformer's weights while converting; repeatable")
+    p.add_argument(
+        "--merge-lora",
+        action="append",
+        default=[],
+        metavar="FILE[:SCALE]",
+        help="add a LoRA into the transformer's weights while converting; repeatable",
+    )
     a = p.parse_args(argv)
     try:
         merges = [lora.parse_file_and_scale(text) for text in a.merge_lora]
         dtype = fp8.FP8 if a.dtype == "fp8" else weights.DTYPES_BY_NAME.get(a.dtype)
-        convert(a.src, a.dst, a.component, dtype, a.max_shard_size, a.prefix,
-                a.config, a.overwrite, a.layout, merge_lora=merges)
+        convert(
+            a.src,
+            a.dst,
+            a.component,
+            dtype,
+            a.max_shard_size,
+            a.prefix,
+            a.config,
+            a.overwrite,
+            a.layout,
+            merge_lora=merges,
+        )
     except (weights.CheckpointError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -26,8 +26,9 @@ from safetensors.torch import save_file
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from qwenimage_minimal import lora, mmdit, weights  # noqa: E402
 from timing import median_seconds_alternating  # noqa: E402
+
+from qwenimage_minimal import lora, mmdit, weights  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -45,6 +46,7 @@ def main(argv=None):
     a = p.parse_args(argv)
     from diffusers import QwenImageTransformer2DModel
     from diffusers.utils import logging as dlog
+
     dlog.set_verbosity_error()
     device, dtype = torch.device(a.device), DTYPES[a.dtype]
     torch.manual_seed(0)
@@ -55,8 +57,10 @@ def main(argv=None):
         for q in ref.parameters():
             q.normal_(0, 0.02)
     ours = weights.build_on_meta(lambda: mmdit.MMDiT(mmdit.MMDiTConfig(num_layers=a.blocks)))
-    ours.load_state_dict({k: v.clone() for k, v in ref.state_dict().items()}, assign=True)   # own copies: fusing
-                                                                                            # changes the weights
+    ours.load_state_dict(
+        {k: v.clone() for k, v in ref.state_dict().items()}, assign=True
+    )  # own copies: fusing
+    # changes the weights
     ours.eval()
 
     # A rank-32 LoRA on every Linear of the blocks, kohya names, written to disk.
@@ -68,8 +72,14 @@ def main(argv=None):
         tensors[f"{flat}.lora_down.weight"] = torch.randn(a.rank, layer.in_features, generator=g) * 0.01
         tensors[f"{flat}.lora_up.weight"] = torch.randn(layer.out_features, a.rank, generator=g) * 0.01
         tensors[f"{flat}.alpha"] = torch.tensor(16.0)
-    result = {"blocks": a.blocks, "rank": a.rank, "lora_tensors": len(tensors), "device": str(device), "dtype": a.dtype,
-              "lora_mb": sum(t.numel() * 4 for t in tensors.values()) / 2**20}
+    result = {
+        "blocks": a.blocks,
+        "rank": a.rank,
+        "lora_tensors": len(tensors),
+        "device": str(device),
+        "dtype": a.dtype,
+        "lora_mb": sum(t.numel() * 4 for t in tensors.values()) / 2**20,
+    }
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "lora.safetensors"
         save_file(tensors, path)
@@ -79,12 +89,13 @@ def main(argv=None):
         lora.load_adapter(ours, adapters, "bench")
         result["load_s_ours"] = time.perf_counter() - t0
         from diffusers import QwenImagePipeline
+
         t0 = time.perf_counter()
-        state = QwenImagePipeline.lora_state_dict(str(path))         # reads and converts the kohya names
+        state = QwenImagePipeline.lora_state_dict(str(path))  # reads and converts the kohya names
         ref.load_lora_adapter(state, adapter_name="bench", prefix="transformer")
         result["load_s_diffusers"] = time.perf_counter() - t0
 
-    side = int(a.img_tokens ** 0.5)
+    side = int(a.img_tokens**0.5)
     shape = (1, side, a.img_tokens // side)
     n = shape[1] * shape[2]
     img = torch.randn(1, n, 64, device=device, dtype=dtype)
@@ -94,28 +105,47 @@ def main(argv=None):
     run_ref = lambda: ref(img, txt, None, sigma, [[shape]]).sample
     with torch.no_grad():
         err = ((run_ours().float() - run_ref().float()).abs().max() / run_ref().float().abs().max()).item()
-        unfused = median_seconds_alternating({"ours": run_ours, "diffusers": run_ref}, device, a.repeats, warmup=1)
+        unfused = median_seconds_alternating(
+            {"ours": run_ours, "diffusers": run_ref}, device, a.repeats, warmup=1
+        )
         lora.fuse(ours)
         ref.fuse_lora(adapter_names=["bench"])
-        fused = median_seconds_alternating({"ours": run_ours, "diffusers": run_ref}, device, a.repeats, warmup=1)
+        fused = median_seconds_alternating(
+            {"ours": run_ours, "diffusers": run_ref}, device, a.repeats, warmup=1
+        )
         lora.unload(ours)
         ref.unload_lora()
-        base = median_seconds_alternating({"ours": run_ours, "diffusers": run_ref}, device, a.repeats, warmup=1)
+        base = median_seconds_alternating(
+            {"ours": run_ours, "diffusers": run_ref}, device, a.repeats, warmup=1
+        )
     for k in ("ours", "diffusers"):
-        result |= {f"call_ms_base_{k}": 1e3 * base[k], f"call_ms_unfused_{k}": 1e3 * unfused[k],
-                   f"call_ms_fused_{k}": 1e3 * fused[k]}
-    result |= {"unfused_max_rel_err": err, "load_ratio": result["load_s_ours"] / result["load_s_diffusers"],
-               "unfused_ratio": unfused["ours"] / unfused["diffusers"], "fused_ratio": fused["ours"] / fused["diffusers"]}
+        result |= {
+            f"call_ms_base_{k}": 1e3 * base[k],
+            f"call_ms_unfused_{k}": 1e3 * unfused[k],
+            f"call_ms_fused_{k}": 1e3 * fused[k],
+        }
+    result |= {
+        "unfused_max_rel_err": err,
+        "load_ratio": result["load_s_ours"] / result["load_s_diffusers"],
+        "unfused_ratio": unfused["ours"] / unfused["diffusers"],
+        "fused_ratio": fused["ours"] / fused["diffusers"],
+    }
 
-    print(f"# LoRA benchmark: {a.blocks} full-width blocks, rank {a.rank} on all {len(tensors) // 3} Linears "
-          f"({result['lora_mb']:.0f} MB), {device} {a.dtype}, {n} image + {a.txt_tokens} text tokens")
-    print(f"load + apply: ours {result['load_s_ours']:.2f} s, diffusers + PEFT {result['load_s_diffusers']:.2f} s "
-          f"(ratio {result['load_ratio']:.2f}x)")
+    print(
+        f"# LoRA benchmark: {a.blocks} full-width blocks, rank {a.rank} on all {len(tensors) // 3} Linears "
+        f"({result['lora_mb']:.0f} MB), {device} {a.dtype}, {n} image + {a.txt_tokens} text tokens"
+    )
+    print(
+        f"load + apply: ours {result['load_s_ours']:.2f} s, diffusers + PEFT {result['load_s_diffusers']:.2f} s "
+        f"(ratio {result['load_ratio']:.2f}x)"
+    )
     for what in ("base", "unfused", "fused"):
         o, d = result[f"call_ms_{what}_ours"], result[f"call_ms_{what}_diffusers"]
         print(f"transformer call, {what:8s}: ours {o:7.1f} ms, diffusers {d:7.1f} ms, ratio {o / d:.3f}x")
-    print(f"unfused LoRA costs {result['call_ms_unfused_ours'] / result['call_ms_base_ours']:.2f}x the base call "
-          f"(ours); outputs agree to {err:.1e} (max rel)")
+    print(
+        f"unfused LoRA costs {result['call_ms_unfused_ours'] / result['call_ms_base_ours']:.2f}x the base call "
+        f"(ours); outputs agree to {err:.1e} (max rel)"
+    )
     if a.json:
         Path(a.json).write_text(json.dumps(result, indent=2))
     return result

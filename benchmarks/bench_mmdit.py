@@ -26,8 +26,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from qwenimage_minimal import mmdit, weights  # noqa: E402
 from timing import median_seconds_alternating  # noqa: E402
+
+from qwenimage_minimal import mmdit, weights  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -38,7 +39,9 @@ def bench_block(device, dtype, img_tokens, txt_tokens, repeats, warmup):
     config = mmdit.MMDiTConfig(num_layers=1)
     torch.manual_seed(0)
     with torch.device(device):
-        ref = QwenImageTransformerBlock(config.dim, config.num_attention_heads, config.attention_head_dim).to(dtype)
+        ref = QwenImageTransformerBlock(config.dim, config.num_attention_heads, config.attention_head_dim).to(
+            dtype
+        )
         ours = weights.build_on_meta(lambda: mmdit.DualStreamBlock(config))
     with torch.no_grad():
         for p in ref.parameters():
@@ -46,7 +49,7 @@ def bench_block(device, dtype, img_tokens, txt_tokens, repeats, warmup):
     ours.load_state_dict(ref.state_dict(), assign=True, strict=True)  # the same tensors, shared
     ours.eval(), ref.eval()
 
-    side = int(img_tokens ** 0.5)
+    side = int(img_tokens**0.5)
     shape = (1, side, img_tokens // side)
     n = shape[1] * shape[2]
     g = torch.Generator(device=device).manual_seed(1)
@@ -61,9 +64,14 @@ def bench_block(device, dtype, img_tokens, txt_tokens, repeats, warmup):
         out_ours, out_ref = run_ours(), run_ref()
         err = ((out_ours.float() - out_ref.float()).abs().max() / out_ref.float().abs().max()).item()
         med = median_seconds_alternating({"ours": run_ours, "diffusers": run_ref}, device, repeats, warmup)
-    return {"block_ms_ours": 1e3 * med["ours"], "block_ms_diffusers": 1e3 * med["diffusers"],
-            "block_ratio": med["ours"] / med["diffusers"], "block_max_rel_err": err,
-            "img_tokens": n, "txt_tokens": txt_tokens}
+    return {
+        "block_ms_ours": 1e3 * med["ours"],
+        "block_ms_diffusers": 1e3 * med["diffusers"],
+        "block_ratio": med["ours"] / med["diffusers"],
+        "block_max_rel_err": err,
+        "img_tokens": n,
+        "txt_tokens": txt_tokens,
+    }
 
 
 def write_checkpoint(folder: Path, num_layers: int, shard_bytes: int) -> int:
@@ -111,8 +119,12 @@ def bench_load(num_layers: int, shard_mb: int):
         result = {"load_checkpoint_gb": tensor_bytes / 1e9, "load_shards": n_files}
         root = str(Path(__file__).resolve().parents[1])
         for which in ("ours", "diffusers"):
-            out = subprocess.run([sys.executable, "-c", LOAD_SNIPPET, which, str(folder), root],
-                                 capture_output=True, text=True, check=True).stdout.split()
+            out = subprocess.run(
+                [sys.executable, "-c", LOAD_SNIPPET, which, str(folder), root],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout.split()
             before_kb, peak_kb = int(out[-2]), int(out[-1])
             result[f"load_peak_ratio_{which}"] = (peak_kb - before_kb) * 1024 / tensor_bytes
     return result
@@ -126,25 +138,40 @@ def main(argv=None):
     p.add_argument("--txt-tokens", type=int, default=32)
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--load-layers", type=int, default=1, help="full-width blocks in the load benchmark (1 block: a 1.6 GB fp32 checkpoint)")
+    p.add_argument(
+        "--load-layers",
+        type=int,
+        default=1,
+        help="full-width blocks in the load benchmark (1 block: a 1.6 GB fp32 checkpoint)",
+    )
     p.add_argument("--shard-mb", type=int, default=500)
     p.add_argument("--skip-load", action="store_true")
     p.add_argument("--json", help="also write the results to this file")
     a = p.parse_args(argv)
 
     device = torch.device(a.device)
-    info = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-            "threads": torch.get_num_threads(), "torch": torch.__version__, "dtype": a.dtype}
-    print(f"# MMDiT benchmark on {info['device']} ({info['threads']} threads), torch {info['torch']}, {a.dtype}")
+    info = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "dtype": a.dtype,
+    }
+    print(
+        f"# MMDiT benchmark on {info['device']} ({info['threads']} threads), torch {info['torch']}, {a.dtype}"
+    )
     result = {**info, **bench_block(device, DTYPES[a.dtype], a.img_tokens, a.txt_tokens, a.repeats, a.warmup)}
-    print(f"block forward, {result['img_tokens']} image + {result['txt_tokens']} text tokens: "
-          f"ours {result['block_ms_ours']:.1f} ms, diffusers {result['block_ms_diffusers']:.1f} ms, "
-          f"ratio {result['block_ratio']:.3f}x (goal <= 1.0), max rel err {result['block_max_rel_err']:.1e}")
+    print(
+        f"block forward, {result['img_tokens']} image + {result['txt_tokens']} text tokens: "
+        f"ours {result['block_ms_ours']:.1f} ms, diffusers {result['block_ms_diffusers']:.1f} ms, "
+        f"ratio {result['block_ratio']:.3f}x (goal <= 1.0), max rel err {result['block_max_rel_err']:.1e}"
+    )
     if not a.skip_load:
         result.update(bench_load(a.load_layers, a.shard_mb))
-        print(f"load {result['load_checkpoint_gb']:.2f} GB in {result['load_shards']} shards: peak RSS above "
-              f"baseline / tensor bytes = ours {result['load_peak_ratio_ours']:.3f}x (goal <= 1.1), "
-              f"diffusers {result['load_peak_ratio_diffusers']:.3f}x")
+        print(
+            f"load {result['load_checkpoint_gb']:.2f} GB in {result['load_shards']} shards: peak RSS above "
+            f"baseline / tensor bytes = ours {result['load_peak_ratio_ours']:.3f}x (goal <= 1.1), "
+            f"diffusers {result['load_peak_ratio_diffusers']:.3f}x"
+        )
     if a.json:
         Path(a.json).write_text(json.dumps(result, indent=2))
     return result

@@ -24,8 +24,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from qwenimage_minimal import pipeline, sampling, sizes  # noqa: E402
 from timing import median_seconds  # noqa: E402
+
+from qwenimage_minimal import pipeline, sampling, sizes  # noqa: E402
 
 LOAD_SNIPPET = r"""
 import resource, sys
@@ -48,6 +49,7 @@ def bench_step(device, dtype, size, blocks, txt_tokens, repeats):
     full-width transformer of `blocks` blocks: ours vs diffusers' transformer + its CFG arithmetic
     + FlowMatchEulerDiscreteScheduler.step, the same weight tensors."""
     from diffusers import FlowMatchEulerDiscreteScheduler, QwenImageTransformer2DModel
+
     from qwenimage_minimal import mmdit, scheduler, weights
 
     torch.manual_seed(0)
@@ -64,13 +66,18 @@ def bench_step(device, dtype, size, blocks, txt_tokens, repeats):
     txt, neg = (torch.randn(1, txt_tokens, 3584, generator=g, device=device, dtype=dtype) for _ in range(2))
     sch = scheduler.FlowMatchEulerScheduler()
     sch.set_timesteps(50, h * w, device=device)
-    ref_sch = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=0.9,
-                                              max_image_seq_len=8192, shift_terminal=0.02)
-    ref_sch.set_timesteps(sigmas=np.linspace(1, 1 / 50, 50), mu=scheduler.compute_mu(h * w, sch.config), device=device)
+    ref_sch = FlowMatchEulerDiscreteScheduler(
+        use_dynamic_shifting=True, base_shift=0.5, max_shift=0.9, max_image_seq_len=8192, shift_terminal=0.02
+    )
+    ref_sch.set_timesteps(
+        sigmas=np.linspace(1, 1 / 50, 50), mu=scheduler.compute_mu(h * w, sch.config), device=device
+    )
 
     def step_ours():
         sigma = sch.timesteps[0].expand(1).to(dtype) / 1000
-        v = sampling.cfg_combine(ours(x, txt, None, sigma, [(1, h, w)]), ours(x, neg, None, sigma, [(1, h, w)]), 4.0)
+        v = sampling.cfg_combine(
+            ours(x, txt, None, sigma, [(1, h, w)]), ours(x, neg, None, sigma, [(1, h, w)]), 4.0
+        )
         return sch.step(v, 0, x)
 
     def step_ref():
@@ -87,11 +94,19 @@ def bench_step(device, dtype, size, blocks, txt_tokens, repeats):
         err = (step_ours().float() - step_ref().float()).abs().max().item()
         t_ref = median_seconds(step_ref, device, repeats, warmup=3)
         t_ours = median_seconds(step_ours, device, repeats, warmup=3)
-    result = {"step_size": size, "step_blocks": blocks, "step_ms_ours": 1e3 * t_ours,
-              "step_ms_diffusers": 1e3 * t_ref, "step_ratio": t_ours / t_ref, "step_max_abs_diff": err}
-    print(f"one CFG step, {size}x{size}, {blocks} full-width blocks, {txt_tokens} text tokens: ours "
-          f"{result['step_ms_ours']:.1f} ms, diffusers {result['step_ms_diffusers']:.1f} ms, ratio "
-          f"{result['step_ratio']:.3f}x; max |diff| {err:.1e}")
+    result = {
+        "step_size": size,
+        "step_blocks": blocks,
+        "step_ms_ours": 1e3 * t_ours,
+        "step_ms_diffusers": 1e3 * t_ref,
+        "step_ratio": t_ours / t_ref,
+        "step_max_abs_diff": err,
+    }
+    print(
+        f"one CFG step, {size}x{size}, {blocks} full-width blocks, {txt_tokens} text tokens: ours "
+        f"{result['step_ms_ours']:.1f} ms, diffusers {result['step_ms_diffusers']:.1f} ms, ratio "
+        f"{result['step_ratio']:.3f}x; max |diff| {err:.1e}"
+    )
     return result
 
 
@@ -118,36 +133,62 @@ def main(argv=None):
     from diffusers import QwenImagePipeline
     from diffusers.utils import logging as dlogging
     from transformers.utils import logging as tlogging
+
     dlogging.set_verbosity_error(), tlogging.set_verbosity_error()
 
-    print(f"# pipeline benchmark, tiny random Qwen-Image, CPU ({torch.get_num_threads()} threads), torch {torch.__version__}")
+    print(
+        f"# pipeline benchmark, tiny random Qwen-Image, CPU ({torch.get_num_threads()} threads), torch {torch.__version__}"
+    )
     with tempfile.TemporaryDirectory() as tmp:
         root = sizes.write_checkpoint(Path(tmp) / "tiny", "tiny")
         ours = pipeline.QwenImagePipeline.from_pretrained(root)
         ref = QwenImagePipeline.from_pretrained(root)
         ref.set_progress_bar_config(disable=True)
-        kwargs = dict(prompt="a corgi wearing sunglasses", negative_prompt=" ", true_cfg_scale=4.0, height=a.size,
-                      width=a.size, num_inference_steps=a.steps, output_type="np")
+        kwargs = dict(
+            prompt="a corgi wearing sunglasses",
+            negative_prompt=" ",
+            true_cfg_scale=4.0,
+            height=a.size,
+            width=a.size,
+            num_inference_steps=a.steps,
+            output_type="np",
+        )
         run_ours = lambda: ours(generator=torch.Generator().manual_seed(0), progress=False, **kwargs).images
         run_ref = lambda: ref(generator=torch.Generator().manual_seed(0), **kwargs).images
         err = float(np.abs(run_ours() - run_ref()).max())
         cpu = torch.device("cpu")
         t_ref, t_ours = median_seconds(run_ref, cpu, a.repeats), median_seconds(run_ours, cpu, a.repeats)
-        result.update({"size": a.size, "steps": a.steps, "ms_ours": 1e3 * t_ours, "ms_diffusers": 1e3 * t_ref,
-                       "ratio": t_ours / t_ref, "max_abs_pixel_diff": err})
-        print(f"{a.size}x{a.size}, {a.steps} steps with CFG: ours {result['ms_ours']:.0f} ms, diffusers "
-              f"{result['ms_diffusers']:.0f} ms, ratio {result['ratio']:.3f}x (goal <= 1.0); max |pixel diff| {err:.1e}")
+        result.update(
+            {
+                "size": a.size,
+                "steps": a.steps,
+                "ms_ours": 1e3 * t_ours,
+                "ms_diffusers": 1e3 * t_ref,
+                "ratio": t_ours / t_ref,
+                "max_abs_pixel_diff": err,
+            }
+        )
+        print(
+            f"{a.size}x{a.size}, {a.steps} steps with CFG: ours {result['ms_ours']:.0f} ms, diffusers "
+            f"{result['ms_diffusers']:.0f} ms, ratio {result['ratio']:.3f}x (goal <= 1.0); max |pixel diff| {err:.1e}"
+        )
         weight_bytes = sum(f.stat().st_size for f in root.rglob("*.safetensors"))
         for which in ("ours", "diffusers"):
-            out = subprocess.run([sys.executable, "-c", LOAD_SNIPPET, which, str(root), str(ROOT)],
-                                 capture_output=True, text=True, check=True).stdout.split()
+            out = subprocess.run(
+                [sys.executable, "-c", LOAD_SNIPPET, which, str(root), str(ROOT)],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout.split()
             result[f"load_peak_mb_{which}"] = (int(out[-1]) - int(out[-2])) / 1024
             result[f"load_peak_ratio_{which}"] = result[f"load_peak_mb_{which}"] * 2**20 / weight_bytes
-        print(f"from_pretrained peak RSS above baseline: ours {result['load_peak_mb_ours']:.0f} MB "
-              f"({result['load_peak_ratio_ours']:.1f}x the {weight_bytes / 2**20:.0f} MB of weights), diffusers "
-              f"{result['load_peak_mb_diffusers']:.0f} MB ({result['load_peak_ratio_diffusers']:.1f}x). At this size "
-              "fixed costs dominate (the 151k-token tokenizer, imports); per component the weights load at "
-              "~1.0x (see bench_mmdit.py)")
+        print(
+            f"from_pretrained peak RSS above baseline: ours {result['load_peak_mb_ours']:.0f} MB "
+            f"({result['load_peak_ratio_ours']:.1f}x the {weight_bytes / 2**20:.0f} MB of weights), diffusers "
+            f"{result['load_peak_mb_diffusers']:.0f} MB ({result['load_peak_ratio_diffusers']:.1f}x). At this size "
+            "fixed costs dominate (the 151k-token tokenizer, imports); per component the weights load at "
+            "~1.0x (see bench_mmdit.py)"
+        )
     if a.json:
         Path(a.json).write_text(json.dumps(result, indent=2))
     return result

@@ -25,8 +25,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT / "tests"))
-from qwenimage_minimal import text_encoder, tokenizer, weights  # noqa: E402
 from timing import median_seconds as timed  # noqa: E402
+
+from qwenimage_minimal import text_encoder, tokenizer, weights  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -43,8 +44,14 @@ def bench_tokenizer(repeat_corpus: int):
     t_ours = timed(lambda: [ours.encode(t) for t in corpus], torch.device("cpu"), 5, 1)
     t_hf = timed(lambda: [hf.encode(t, add_special_tokens=False) for t in corpus], torch.device("cpu"), 5, 1)
     n_tokens = sum(len(ours.encode(t)) for t in corpus)
-    return {"tok_texts": len(corpus), "tok_chars": n_chars, "tok_tokens": n_tokens,
-            "tok_ms_ours": 1e3 * t_ours, "tok_ms_transformers": 1e3 * t_hf, "tok_ratio": t_ours / t_hf}
+    return {
+        "tok_texts": len(corpus),
+        "tok_chars": n_chars,
+        "tok_tokens": n_tokens,
+        "tok_ms_ours": 1e3 * t_ours,
+        "tok_ms_transformers": 1e3 * t_hf,
+        "tok_ratio": t_ours / t_hf,
+    }
 
 
 def bench_layer(device, dtype, tokens, repeats, warmup):
@@ -52,10 +59,15 @@ def bench_layer(device, dtype, tokens, repeats, warmup):
     from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLDecoderLayer
 
     config = text_encoder.TextEncoderConfig()
-    hf_config = Qwen2_5_VLTextConfig(hidden_size=3584, intermediate_size=18944, num_attention_heads=28,
-                                     num_key_value_heads=4, rms_norm_eps=1e-6, num_hidden_layers=1,
-                                     rope_parameters={"rope_type": "default", "rope_theta": 1e6,
-                                                      "mrope_section": [16, 24, 24]})
+    hf_config = Qwen2_5_VLTextConfig(
+        hidden_size=3584,
+        intermediate_size=18944,
+        num_attention_heads=28,
+        num_key_value_heads=4,
+        rms_norm_eps=1e-6,
+        num_hidden_layers=1,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]},
+    )
     hf_config._attn_implementation = "sdpa"
     torch.manual_seed(0)
     with torch.device(device):
@@ -64,7 +76,7 @@ def bench_layer(device, dtype, tokens, repeats, warmup):
         for p in ref.parameters():
             p.normal_(0, 0.02)
     ours = weights.build_on_meta(lambda: text_encoder.DecoderLayer(config))
-    ours.load_state_dict(ref.state_dict(), assign=True, strict=True)   # the same tensors
+    ours.load_state_dict(ref.state_dict(), assign=True, strict=True)  # the same tensors
 
     g = torch.Generator(device=device).manual_seed(1)
     x = torch.randn(1, tokens, 3584, generator=g, device=device, dtype=dtype)
@@ -75,12 +87,24 @@ def bench_layer(device, dtype, tokens, repeats, warmup):
         out_ref = ref(x, attention_mask=None, position_embeddings=(cos, sin))
         err = ((out_ours.float() - out_ref.float()).abs().max() / out_ref.float().abs().max()).item()
         t_ref, t_ours = [], []
-        for _ in range(2):   # alternate to share any drift in machine speed
-            t_ref.append(timed(lambda: ref(x, attention_mask=None, position_embeddings=(cos, sin)), device, repeats, warmup))
+        for _ in range(2):  # alternate to share any drift in machine speed
+            t_ref.append(
+                timed(
+                    lambda: ref(x, attention_mask=None, position_embeddings=(cos, sin)),
+                    device,
+                    repeats,
+                    warmup,
+                )
+            )
             t_ours.append(timed(lambda: ours(x, cos, sin, None), device, repeats, warmup))
     t_ours, t_ref = min(t_ours), min(t_ref)
-    return {"layer_tokens": tokens, "layer_ms_ours": 1e3 * t_ours, "layer_ms_transformers": 1e3 * t_ref,
-            "layer_ratio": t_ours / t_ref, "layer_max_rel_err": err}
+    return {
+        "layer_tokens": tokens,
+        "layer_ms_ours": 1e3 * t_ours,
+        "layer_ms_transformers": 1e3 * t_ref,
+        "layer_ratio": t_ours / t_ref,
+        "layer_max_rel_err": err,
+    }
 
 
 def main(argv=None):
@@ -96,17 +120,23 @@ def main(argv=None):
     a = p.parse_args(argv)
     device = torch.device(a.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    print(f"# text-encoder benchmark on {name} ({torch.get_num_threads()} threads), torch {torch.__version__}, {a.dtype}")
+    print(
+        f"# text-encoder benchmark on {name} ({torch.get_num_threads()} threads), torch {torch.__version__}, {a.dtype}"
+    )
     result = {"device": name, "dtype": a.dtype}
     if not a.skip_tokenizer:
         result.update(bench_tokenizer(a.corpus_repeat))
-        print(f"tokenizer, {result['tok_texts']} texts / {result['tok_chars']} chars / {result['tok_tokens']} tokens: "
-              f"ours {result['tok_ms_ours']:.1f} ms, transformers {result['tok_ms_transformers']:.1f} ms, "
-              f"ratio {result['tok_ratio']:.3f}x")
+        print(
+            f"tokenizer, {result['tok_texts']} texts / {result['tok_chars']} chars / {result['tok_tokens']} tokens: "
+            f"ours {result['tok_ms_ours']:.1f} ms, transformers {result['tok_ms_transformers']:.1f} ms, "
+            f"ratio {result['tok_ratio']:.3f}x"
+        )
     result.update(bench_layer(device, DTYPES[a.dtype], a.tokens, a.repeats, a.warmup))
-    print(f"decoder layer (3584, 28/4 heads, 18944), {a.tokens} tokens: ours {result['layer_ms_ours']:.1f} ms, "
-          f"transformers {result['layer_ms_transformers']:.1f} ms, ratio {result['layer_ratio']:.3f}x (goal <= 1.0), "
-          f"max rel err {result['layer_max_rel_err']:.1e}")
+    print(
+        f"decoder layer (3584, 28/4 heads, 18944), {a.tokens} tokens: ours {result['layer_ms_ours']:.1f} ms, "
+        f"transformers {result['layer_ms_transformers']:.1f} ms, ratio {result['layer_ratio']:.3f}x (goal <= 1.0), "
+        f"max rel err {result['layer_max_rel_err']:.1e}"
+    )
     if a.json:
         Path(a.json).write_text(json.dumps(result, indent=2))
     return result

@@ -23,14 +23,16 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT / "tests"))
-from qwenimage_minimal import images, vision, weights  # noqa: E402
 from timing import median_seconds as timed  # noqa: E402
+
+from qwenimage_minimal import images, vision, weights  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def bench_processor(image, repeats):
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
     ref = Qwen2VLImageProcessorPil(min_pixels=3136, max_pixels=12845056)
     ours = lambda: images.preprocess(image)
     theirs = lambda: ref(images=[image], return_tensors="pt")
@@ -44,8 +46,14 @@ def bench_tower(image, device, dtype, blocks, repeats, warmup):
     from transformers import Qwen2_5_VLVisionConfig
     from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
 
-    hf_config = Qwen2_5_VLVisionConfig(depth=blocks, hidden_size=1280, intermediate_size=3420, num_heads=16,
-                                       out_hidden_size=3584, fullatt_block_indexes=[blocks - 1])
+    hf_config = Qwen2_5_VLVisionConfig(
+        depth=blocks,
+        hidden_size=1280,
+        intermediate_size=3420,
+        num_heads=16,
+        out_hidden_size=3584,
+        fullatt_block_indexes=[blocks - 1],
+    )
     hf_config._attn_implementation = "sdpa"
     torch.manual_seed(0)
     with torch.device(device):
@@ -55,7 +63,7 @@ def bench_tower(image, device, dtype, blocks, repeats, warmup):
             p.normal_(0, 0.02)
     config = vision.VisionConfig(depth=blocks, fullatt_block_indexes=(blocks - 1,))
     ours = weights.build_on_meta(lambda: vision.VisionTower(config))
-    ours.load_state_dict(ref.state_dict(), assign=True, strict=True)    # the same tensors
+    ours.load_state_dict(ref.state_dict(), assign=True, strict=True)  # the same tensors
 
     pixels, grid = images.preprocess(image)
     pixels = pixels.to(device)
@@ -65,14 +73,20 @@ def bench_tower(image, device, dtype, blocks, repeats, warmup):
         out_ref = ref(pixels, grid_thw=grid_t).pooler_output
         err = ((out_ours.float() - out_ref.float()).abs().max() / out_ref.float().abs().max()).item()
         t_ref, t_ours = [], []
-        for _ in range(2):   # alternate to share any drift in machine speed
+        for _ in range(2):  # alternate to share any drift in machine speed
             t_ref.append(timed(lambda: ref(pixels, grid_thw=grid_t), device, repeats, warmup))
             t_ours.append(timed(lambda: ours(pixels, [grid]), device, repeats, warmup))
     t_ours, t_ref = min(t_ours), min(t_ref)
     _, lengths = vision.window_order([grid], config)
-    return {"tower_patches": pixels.shape[0], "tower_windows": len(lengths), "tower_blocks": blocks,
-            "tower_ms_ours": 1e3 * t_ours, "tower_ms_transformers": 1e3 * t_ref, "tower_ratio": t_ours / t_ref,
-            "tower_max_rel_err": err}
+    return {
+        "tower_patches": pixels.shape[0],
+        "tower_windows": len(lengths),
+        "tower_blocks": blocks,
+        "tower_ms_ours": 1e3 * t_ours,
+        "tower_ms_transformers": 1e3 * t_ref,
+        "tower_ratio": t_ours / t_ref,
+        "tower_max_rel_err": err,
+    }
 
 
 def main(argv=None):
@@ -87,19 +101,26 @@ def main(argv=None):
     p.add_argument("--json")
     a = p.parse_args(argv)
     from test_vision import random_image
+
     device = torch.device(a.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    print(f"# vision benchmark on {name} ({torch.get_num_threads()} threads), torch {torch.__version__}, {a.dtype}")
+    print(
+        f"# vision benchmark on {name} ({torch.get_num_threads()} threads), torch {torch.__version__}, {a.dtype}"
+    )
     image = random_image(a.height, a.width, seed=0)
     result = {"device": name, "dtype": a.dtype, "image": f"{a.width}x{a.height}"}
     result.update(bench_processor(image, a.repeats))
-    print(f"processor, {a.width}x{a.height}: ours {result['proc_ms_ours']:.1f} ms, transformers "
-          f"{result['proc_ms_transformers']:.1f} ms, ratio {result['proc_ratio']:.3f}x (outputs equal)")
+    print(
+        f"processor, {a.width}x{a.height}: ours {result['proc_ms_ours']:.1f} ms, transformers "
+        f"{result['proc_ms_transformers']:.1f} ms, ratio {result['proc_ratio']:.3f}x (outputs equal)"
+    )
     result.update(bench_tower(image, device, DTYPES[a.dtype], a.blocks, a.repeats, a.warmup))
-    print(f"vision tower (1280, 16 heads, 3420), {a.blocks} blocks, {result['tower_patches']} patches in "
-          f"{result['tower_windows']} windows: ours {result['tower_ms_ours']:.1f} ms, transformers "
-          f"{result['tower_ms_transformers']:.1f} ms, ratio {result['tower_ratio']:.3f}x (goal <= 1.0), "
-          f"max rel err {result['tower_max_rel_err']:.1e}")
+    print(
+        f"vision tower (1280, 16 heads, 3420), {a.blocks} blocks, {result['tower_patches']} patches in "
+        f"{result['tower_windows']} windows: ours {result['tower_ms_ours']:.1f} ms, transformers "
+        f"{result['tower_ms_transformers']:.1f} ms, ratio {result['tower_ratio']:.3f}x (goal <= 1.0), "
+        f"max rel err {result['tower_max_rel_err']:.1e}"
+    )
     if a.json:
         Path(a.json).write_text(json.dumps(result, indent=2))
     return result

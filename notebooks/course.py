@@ -25,8 +25,9 @@ def _as_tensor(x, name: str = "answer") -> torch.Tensor:
     try:
         return torch.as_tensor(x, dtype=torch.float64)
     except (TypeError, ValueError, RuntimeError):
-        raise TypeError(f"{name} must be a number, a list of numbers or a tensor, got {type(x).__name__}: "
-                        f"{x!r:.60}") from None
+        raise TypeError(
+            f"{name} must be a number, a list of numbers or a tensor, got {type(x).__name__}: {x!r:.60}"
+        ) from None
 
 
 def check(what: str, answer, expected, rtol: float = 1e-5, atol: float = 1e-8, hint: str = "") -> None:
@@ -58,12 +59,22 @@ def tiles(pictures, labels, columns: int = 4, title: str | None = None, width: f
     """Show PIL pictures in framed panels, each under its label (the frames keep neighbouring scenes apart,
     where `images.picture_grid` butts them together)."""
     rows = math.ceil(len(pictures) / columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(width * columns, (width + 0.65) * rows), squeeze=False, dpi=72,
-                             layout="constrained")
+    fig, axes = plt.subplots(
+        rows,
+        columns,
+        figsize=(width * columns, (width + 0.65) * rows),
+        squeeze=False,
+        dpi=72,
+        layout="constrained",
+    )
     for ax in axes.flat:
-        ax.set_xticks([]); ax.set_yticks([]); ax.set_visible(False)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_visible(False)
     for ax, picture, label in zip(axes.flat, pictures, labels):
-        ax.set_visible(True); ax.imshow(picture); ax.set_title("\n".join(textwrap.wrap(label, 34)), fontsize=8)
+        ax.set_visible(True)
+        ax.imshow(picture)
+        ax.set_title("\n".join(textwrap.wrap(label, 34)), fontsize=8)
     if title:
         fig.suptitle(title, fontsize=10)
     plt.show()

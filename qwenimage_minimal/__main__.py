@@ -34,10 +34,10 @@ import torch
 from . import images, lora, mmdit, nano, pipeline, prompts, scheduler, sizes, weights
 from .nano import scenes
 
-
 # ---------------------------------------------------------------------------------------------
 # Commands
 # ---------------------------------------------------------------------------------------------
+
 
 def resolve_device(device: str | None) -> torch.device:
     if device is None:
@@ -50,7 +50,9 @@ def resolve_device(device: str | None) -> torch.device:
         if not torch.cuda.is_available():
             raise SystemExit(f"--device {device}: CUDA is not available on this machine (use --device cpu)")
         if resolved.index is not None and resolved.index >= torch.cuda.device_count():
-            raise SystemExit(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+            raise SystemExit(
+                f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)"
+            )
     elif resolved.type != "cpu":
         raise SystemExit(f"--device {device}: only cpu and cuda are supported")
     return resolved
@@ -116,16 +118,22 @@ def demo_pipeline(args, stage, class_name: str):
     elif args.random or class_name != "QwenImagePipeline":
         folder = "tiny-qwen-image" if class_name == "QwenImagePipeline" else "tiny-qwen-image-edit"
         root = sizes.write_checkpoint(args.out.parent / folder, "tiny", class_name)
-        stage(f"wrote a TINY RANDOM-WEIGHT {class_name} checkpoint (official folder layout) to {root}: "
-              "its image is noise")
+        stage(
+            f"wrote a TINY RANDOM-WEIGHT {class_name} checkpoint (official folder layout) to {root}: "
+            "its image is noise"
+        )
         device, dtype = torch.device("cpu"), torch.float32
     else:
         root, device, dtype = nano.COMMITTED, torch.device("cpu"), torch.float32
         if not (root / "model_index.json").is_file():
-            raise SystemExit(f"error: the nano model is not in {root} (a clone of the repository has it; `make nano` "
-                             "trains it again): or pass --random for a tiny random-weight model")
-        stage(f"the NANO model from {root}: Qwen-Image's architecture trained from scratch on generated scenes "
-              "(nano/recipe.py)")
+            raise SystemExit(
+                f"error: the nano model is not in {root} (a clone of the repository has it; `make nano` "
+                "trains it again): or pass --random for a tiny random-weight model"
+            )
+        stage(
+            f"the NANO model from {root}: Qwen-Image's architecture trained from scratch on generated scenes "
+            "(nano/recipe.py)"
+        )
     cls = pipeline.QwenImagePipeline if class_name == "QwenImagePipeline" else pipeline.QwenImageEditPipeline
     return cls.from_pretrained(root, device=device, dtype=dtype)
 
@@ -134,24 +142,33 @@ def step_printer(stage, sigmas, note: str = ""):
     """A callback_on_step_end that prints each step of the schedule `sigmas`: the noise levels, the latents'
     shape and spread."""
     steps = len(sigmas) - 1
+
     def on_step(pipe, i, t, tensors):
         latents = tensors["latents"]
-        stage(f"  step {i + 1}/{steps}: sigma {sigmas[i]:.3f} -> {sigmas[i + 1]:.3f}, "
-              f"latents {tuple(latents.shape)}, std {latents.float().std():.3f}{note}")
+        stage(
+            f"  step {i + 1}/{steps}: sigma {sigmas[i]:.3f} -> {sigmas[i + 1]:.3f}, "
+            f"latents {tuple(latents.shape)}, std {latents.float().std():.3f}{note}"
+        )
         return tensors
+
     return on_step
 
 
 def demo(args):
     nano_model = not (args.model or args.random or args.edit)
-    if nano_model:      # trained at 128 x 128; its best CFG, against the empty prompt it learnt (nano.NanoConfig)
-        defaults = dict(height=128, width=128, steps=20, cfg=nano.NanoConfig.eval_cfg,
-                        negative_prompt=nano.NanoConfig.eval_negative)
+    if nano_model:  # trained at 128 x 128; its best CFG, against the empty prompt it learnt (nano.NanoConfig)
+        defaults = dict(
+            height=128,
+            width=128,
+            steps=20,
+            cfg=nano.NanoConfig.eval_cfg,
+            negative_prompt=nano.NanoConfig.eval_negative,
+        )
     else:
         defaults = dict(height=256, width=384, steps=8, cfg=4.0, negative_prompt=" ")
     for name, value in defaults.items():
         setattr(args, name, value if getattr(args, name) is None else getattr(args, name))
-    check_sampling_options(args, overwrite=True)             # a demo replaces its own picture
+    check_sampling_options(args, overwrite=True)  # a demo replaces its own picture
     t0 = time.perf_counter()
     stage = lambda text: print(f"[{time.perf_counter() - t0:7.2f}s] {text}", flush=True)
     if args.edit:
@@ -165,46 +182,69 @@ def demo(args):
         prompt_list = ['A corgi wearing sunglasses, neon sign that says "Qwen"']
     pipe = demo_pipeline(args, stage, "QwenImagePipeline")
     device, dtype = pipe.device, pipe.transformer.img_in.weight.dtype
-    params = {name: sum(p.numel() for p in getattr(pipe, name).parameters()) / 1e6
-              for name in ("text_encoder", "transformer", "vae")}
-    stage("loaded " + ", ".join(f"{k} {v:.1f} M params" for k, v in params.items()) + f" ({dtype} on {device})")
+    params = {
+        name: sum(p.numel() for p in getattr(pipe, name).parameters()) / 1e6
+        for name in ("text_encoder", "transformer", "vae")
+    }
+    stage(
+        "loaded " + ", ".join(f"{k} {v:.1f} M params" for k, v in params.items()) + f" ({dtype} on {device})"
+    )
 
     embeds, mask = pipe.encode_prompt(prompt_list)
-    stage(f"{len(prompt_list)} prompt(s) -> template -> {pipe.text_encoder.config.num_hidden_layers}-layer Qwen2.5-VL "
-          f"-> embeddings {tuple(embeds.shape)} ({prompts.T2I_PREFIX_TOKENS} template tokens dropped, padded to the "
-          "longest, masked)")
-    height, width = pipe.check_size(args.height, args.width)             # rounded to whole tokens
+    stage(
+        f"{len(prompt_list)} prompt(s) -> template -> {pipe.text_encoder.config.num_hidden_layers}-layer Qwen2.5-VL "
+        f"-> embeddings {tuple(embeds.shape)} ({prompts.T2I_PREFIX_TOKENS} template tokens dropped, padded to the "
+        "longest, masked)"
+    )
+    height, width = pipe.check_size(args.height, args.width)  # rounded to whole tokens
     s, p, c = pipe.vae_scale_factor, pipe.transformer.config.patch_size, pipe.vae.config.z_dim
     h, w, n = height // s, width // s, len(prompt_list)
-    stage(f"noise ({n}, {c}, {h}, {w}) -> packed tokens ({n}, {(h // p) * (w // p)}, {c * p * p}); "
-          f"{args.steps} Euler steps with true CFG {args.cfg} against negative prompt {args.negative_prompt!r}")
+    stage(
+        f"noise ({n}, {c}, {h}, {w}) -> packed tokens ({n}, {(h // p) * (w // p)}, {c * p * p}); "
+        f"{args.steps} Euler steps with true CFG {args.cfg} against negative prompt {args.negative_prompt!r}"
+    )
 
-    latents = pipe(prompt_embeds=embeds, prompt_embeds_mask=mask, negative_prompt=args.negative_prompt,
-                   true_cfg_scale=args.cfg, height=height, width=width, num_inference_steps=args.steps,
-                   generator=torch.Generator().manual_seed(args.seed), output_type="latent",
-                   callback_on_step_end=step_printer(stage, pipe.schedule(args.steps, height, width)),
-                   progress=False).images
-    stage(f"latents {tuple(latents.shape)} -> unpacked ({n}, {c}, {h}, {w}) -> * latents_std + latents_mean -> "
-          "VAE decoder")
+    latents = pipe(
+        prompt_embeds=embeds,
+        prompt_embeds_mask=mask,
+        negative_prompt=args.negative_prompt,
+        true_cfg_scale=args.cfg,
+        height=height,
+        width=width,
+        num_inference_steps=args.steps,
+        generator=torch.Generator().manual_seed(args.seed),
+        output_type="latent",
+        callback_on_step_end=step_printer(stage, pipe.schedule(args.steps, height, width)),
+        progress=False,
+    ).images
+    stage(
+        f"latents {tuple(latents.shape)} -> unpacked ({n}, {c}, {h}, {w}) -> * latents_std + latents_mean -> "
+        "VAE decoder"
+    )
     pictures = pipe.decode(latents, height, width, "pil").images
     if len(pictures) == 1:
         images.save_image(pictures[0], args.out)
         stage(f"image {pictures[0].size[0]}x{pictures[0].size[1]} -> {args.out}")
     labels = list(prompt_list)
-    if nano_model:        # the scorer of nano/scenes.py reads each picture back (a nano GenEval)
+    if nano_model:  # the scorer of nano/scenes.py reads each picture back (a nano GenEval)
         for i, (picture, text) in enumerate(zip(pictures, prompt_list)):
             try:
                 scene = scenes.parse_caption(text)
             except ValueError:
-                continue                                    # a prompt outside the scene language: not scored
+                continue  # a prompt outside the scene language: not scored
             verdicts = scenes.score(picture, scene)
-            marks = "; ".join(f"{t.colour} {t.shape}: colour {'ok' if v['colour'] else 'NO'}, shape "
-                              f"{'ok' if v['shape'] else 'NO'}, position {'ok' if v['position'] else 'NO'}"
-                              for t, v in zip(scene.things, verdicts))
+            marks = "; ".join(
+                f"{t.colour} {t.shape}: colour {'ok' if v['colour'] else 'NO'}, shape "
+                f"{'ok' if v['shape'] else 'NO'}, position {'ok' if v['position'] else 'NO'}"
+                for t, v in zip(scene.things, verdicts)
+            )
             held_out = " (held out of training)" if scenes.is_held_out(scene) else ""
             stage(f"  {text!r}{held_out}: {marks}")
-            labels[i] = ("[held out] " if held_out else "") + text + ("  OK" if all(v["correct"] for v in verdicts)
-                                                                      else "  (scorer: wrong)")
+            labels[i] = (
+                ("[held out] " if held_out else "")
+                + text
+                + ("  OK" if all(v["correct"] for v in verdicts) else "  (scorer: wrong)")
+            )
     if len(pictures) > 1:
         grid = images.picture_grid(pictures, labels, columns=4, scale=2)
         images.save_image(grid, args.out)
@@ -214,37 +254,57 @@ def demo(args):
 def demo_edit(args, stage):
     """The Edit-2509 pipeline, stage by stage, on a tiny random model (or --model)."""
     pipe = demo_pipeline(args, stage, "QwenImageEditPlusPipeline")
-    if not args.model:   # keep the toy fast: small areas instead of 1024^2 / 384^2
+    if not args.model:  # keep the toy fast: small areas instead of 1024^2 / 384^2
         pipe.output_area = pipe.vae_area = args.height * args.width
         pipe.condition_area = 112 * 112
         stage(f"toy areas: VAE and output {args.width}x{args.height}-ish, vision tower 112x112-ish")
     image = sizes.test_picture()
     images.save_image(image, args.out.with_name("demo_input.png"))
-    stage(f"{type(pipe).__name__} loaded; input {image.size[0]}x{image.size[1]} -> {args.out.with_name('demo_input.png')}")
+    stage(
+        f"{type(pipe).__name__} loaded; input {image.size[0]}x{image.size[1]} -> {args.out.with_name('demo_input.png')}"
+    )
 
     condition, vae_images = pipe.prepare_images(image)
     features, grids = pipe.image_features(condition)
-    stage(f"vision tower: {condition[0].size[0]}x{condition[0].size[1]} -> patches {grids[0]} (t, h, w) -> "
-          f"{tuple(features.shape)} features = {images.image_token_count(grids[0])} <|image_pad|> tokens")
+    stage(
+        f"vision tower: {condition[0].size[0]}x{condition[0].size[1]} -> patches {grids[0]} (t, h, w) -> "
+        f"{tuple(features.shape)} features = {images.image_token_count(grids[0])} <|image_pad|> tokens"
+    )
     read = pipeline.ImageFeatures(features, grids)
     embeds, mask = pipe.encode_prompt(args.prompt, read)
     neg_embeds, neg_mask = pipe.encode_prompt(args.negative_prompt, read)
-    stage(f"'Picture 1: <image>' + prompt -> Qwen2.5-VL with 3-D positions -> embeddings {tuple(embeds.shape)} "
-          f"({prompts.EDIT_PREFIX_TOKENS} template tokens dropped; the image tokens stay)")
+    stage(
+        f"'Picture 1: <image>' + prompt -> Qwen2.5-VL with 3-D positions -> embeddings {tuple(embeds.shape)} "
+        f"({prompts.EDIT_PREFIX_TOKENS} template tokens dropped; the image tokens stay)"
+    )
     tokens, shapes = pipe.encode_image_latents(vae_images)
-    stage(f"VAE: {vae_images[0].size[0]}x{vae_images[0].size[1]} -> normalised latents -> {tuple(tokens.shape)} "
-          f"reference tokens, img_shapes {shapes} (frame 1 in the MMDiT's RoPE)")
+    stage(
+        f"VAE: {vae_images[0].size[0]}x{vae_images[0].size[1]} -> normalised latents -> {tuple(tokens.shape)} "
+        f"reference tokens, img_shapes {shapes} (frame 1 in the MMDiT's RoPE)"
+    )
 
     # The pipeline takes the embeddings computed above (the vision tower and the text encoder do not run again);
     # the output size is its default: the input's aspect at `output_area`, in whole tokens.
     width, height = images.calculate_dimensions(pipe.output_area, image.width / image.height)
     height, width = pipe.check_size(height, width)
-    out = pipe(image=image, height=height, width=width, prompt_embeds=embeds, prompt_embeds_mask=mask, negative_prompt_embeds=neg_embeds,
-               negative_prompt_embeds_mask=neg_mask, true_cfg_scale=args.cfg, num_inference_steps=args.steps,
-               generator=torch.Generator().manual_seed(args.seed),
-               callback_on_step_end=step_printer(stage, pipe.schedule(args.steps, height, width),
-                                                 f" (+ {tokens.shape[1]} reference tokens in the MMDiT)"),
-               progress=False).images[0]
+    out = pipe(
+        image=image,
+        height=height,
+        width=width,
+        prompt_embeds=embeds,
+        prompt_embeds_mask=mask,
+        negative_prompt_embeds=neg_embeds,
+        negative_prompt_embeds_mask=neg_mask,
+        true_cfg_scale=args.cfg,
+        num_inference_steps=args.steps,
+        generator=torch.Generator().manual_seed(args.seed),
+        callback_on_step_end=step_printer(
+            stage,
+            pipe.schedule(args.steps, height, width),
+            f" (+ {tokens.shape[1]} reference tokens in the MMDiT)",
+        ),
+        progress=False,
+    ).images[0]
     images.save_image(out, args.out)
     stage(f"edited image {out.size[0]}x{out.size[1]} -> {args.out}")
 
@@ -252,7 +312,9 @@ def demo_edit(args, stage):
 def memory_options(args, device) -> dict:
     """--gpu-memory and --compile as from_pretrained's max_gpu_memory and compile."""
     if args.gpu_memory is not None and device.type != "cuda":
-        raise SystemExit(f"error: --gpu-memory {args.gpu_memory:g} needs a CUDA device (got --device {device.type})")
+        raise SystemExit(
+            f"error: --gpu-memory {args.gpu_memory:g} needs a CUDA device (got --device {device.type})"
+        )
     if args.gpu_memory is not None and not args.gpu_memory > 0:
         raise SystemExit(f"error: --gpu-memory must be a positive number of GB, got {args.gpu_memory:g}")
     return dict(max_gpu_memory=args.gpu_memory, compile=args.compile)
@@ -264,13 +326,21 @@ def generate(args):
     check_loras(args)
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
-    pipe = pipeline.QwenImagePipeline.from_pretrained(args.model, device=device, dtype=dtype, offload=args.offload,
-                                                      **memory_options(args, device))
+    pipe = pipeline.QwenImagePipeline.from_pretrained(
+        args.model, device=device, dtype=dtype, offload=args.offload, **memory_options(args, device)
+    )
     apply_lora_and_scheduler(pipe, args)
     generator = torch.Generator().manual_seed(args.seed)
-    image = pipe(prompt=args.prompt, negative_prompt=args.negative_prompt, true_cfg_scale=args.cfg,
-                 height=args.height, width=args.width, num_inference_steps=args.steps, generator=generator,
-                 tiled_vae=args.tiled_vae).images[0]
+    image = pipe(
+        prompt=args.prompt,
+        negative_prompt=args.negative_prompt,
+        true_cfg_scale=args.cfg,
+        height=args.height,
+        width=args.width,
+        num_inference_steps=args.steps,
+        generator=generator,
+        tiled_vae=args.tiled_vae,
+    ).images[0]
     images.save_image(image, args.out)
     print(f"wrote {args.out} ({image.size[0]}x{image.size[1]})")
 
@@ -281,17 +351,25 @@ def edit(args):
         raise SystemExit(f"--max-image-pixels {args.max_image_pixels}: must be a positive number of pixels")
     pictures = [images.open_image(path, args.max_image_pixels, name="--image") for path in args.image]
     kind = pipeline.edit_pipeline_class(Path(args.model))
-    kind.load_images(pictures)                               # count, sizes, modes: before the model loads
+    kind.load_images(pictures)  # count, sizes, modes: before the model loads
     check_loras(args)
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
-    pipe = kind.from_pretrained(args.model, device=device, dtype=dtype, offload=args.offload,
-                                **memory_options(args, device))
+    pipe = kind.from_pretrained(
+        args.model, device=device, dtype=dtype, offload=args.offload, **memory_options(args, device)
+    )
     apply_lora_and_scheduler(pipe, args)
-    out = pipe(image=pictures if len(pictures) > 1 else pictures[0], prompt=args.prompt,
-               negative_prompt=args.negative_prompt, true_cfg_scale=args.cfg, height=args.height, width=args.width,
-               num_inference_steps=args.steps, generator=torch.Generator().manual_seed(args.seed),
-               tiled_vae=args.tiled_vae).images[0]
+    out = pipe(
+        image=pictures if len(pictures) > 1 else pictures[0],
+        prompt=args.prompt,
+        negative_prompt=args.negative_prompt,
+        true_cfg_scale=args.cfg,
+        height=args.height,
+        width=args.width,
+        num_inference_steps=args.steps,
+        generator=torch.Generator().manual_seed(args.seed),
+        tiled_vae=args.tiled_vae,
+    ).images[0]
     images.save_image(out, args.out)
     print(f"wrote {args.out} ({out.size[0]}x{out.size[1]})")
 
@@ -305,33 +383,58 @@ def add_sampling_options(parser):
     parser.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--dtype", choices=["bf16", "fp32"], help="default: bf16 on cuda, fp32 on cpu")
     parser.add_argument("--tiled-vae", action="store_true", help="decode in 256 px tiles (bounded memory)")
-    parser.add_argument("--offload", action="store_true", help="keep components on the CPU, one at a time on the GPU")
-    parser.add_argument("--gpu-memory", type=float, metavar="GB",
-                        help="a GPU memory budget, e.g. 24: the transformer blocks that do not fit are streamed "
-                             "from CPU memory at every step; the other components are offloaded")
-    parser.add_argument("--compile", action="store_true",
-                        help="torch.compile each transformer block (regional: the first step takes ~a minute longer)")
+    parser.add_argument(
+        "--offload", action="store_true", help="keep components on the CPU, one at a time on the GPU"
+    )
+    parser.add_argument(
+        "--gpu-memory",
+        type=float,
+        metavar="GB",
+        help="a GPU memory budget, e.g. 24: the transformer blocks that do not fit are streamed "
+        "from CPU memory at every step; the other components are offloaded",
+    )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile each transformer block (regional: the first step takes ~a minute longer)",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    parser.add_argument("--lora", action="append", type=parse_lora_option, metavar="FILE[:SCALE]",
-                        help="a transformer LoRA (diffusers, ComfyUI, kohya, DiffSynth or Lightning file); repeatable")
-    parser.add_argument("--scheduler", choices=["default", "lightning"], default="default",
-                        help="lightning: for the Qwen-Image-Lightning LoRAs (with --steps 8 or 4 and --cfg 1)")
+    parser.add_argument(
+        "--lora",
+        action="append",
+        type=parse_lora_option,
+        metavar="FILE[:SCALE]",
+        help="a transformer LoRA (diffusers, ComfyUI, kohya, DiffSynth or Lightning file); repeatable",
+    )
+    parser.add_argument(
+        "--scheduler",
+        choices=["default", "lightning"],
+        default="default",
+        help="lightning: for the Qwen-Image-Lightning LoRAs (with --steps 8 or 4 and --cfg 1)",
+    )
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["train"]:                  # its own flags (diffusers' names): see train.py
+    if argv[:1] == ["train"]:  # its own flags (diffusers' names): see train.py
         from . import train
+
         return train.main(argv[1:])
-    if argv[:1] == ["train-nano"]:             # the nano model from scratch: see nano/recipe.py
+    if argv[:1] == ["train-nano"]:  # the nano model from scratch: see nano/recipe.py
         from .nano import recipe
+
         recipe.main(argv[1:])
         return 0
-    p = argparse.ArgumentParser(prog="python -m qwenimage_minimal", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p = argparse.ArgumentParser(
+        prog="python -m qwenimage_minimal",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__,
+    )
     sub = p.add_subparsers(dest="command", required=True)
-    sub.add_parser("train", help="fine-tune (LoRA or full) on a folder of captioned images: train --help",
-                   add_help=False)
+    sub.add_parser(
+        "train", help="fine-tune (LoRA or full) on a folder of captioned images: train --help", add_help=False
+    )
     g = sub.add_parser("generate", help="text-to-image with an official Qwen-Image folder")
     g.add_argument("--model", required=True, help="the official Qwen-Image folder (model_index.json, ...)")
     g.add_argument("--prompt", required=True)
@@ -341,23 +444,42 @@ def main(argv=None):
     add_sampling_options(g)
     e = sub.add_parser("edit", help="edit image(s) with an official Qwen-Image-Edit / -2509 / -2511 folder")
     e.add_argument("--model", required=True, help="the official Qwen-Image-Edit(-2509/-2511) folder")
-    e.add_argument("--image", required=True, nargs="+", type=Path,
-                   help="input image(s): one for Qwen-Image-Edit, 1 to 3 for Edit-2509/2511")
+    e.add_argument(
+        "--image",
+        required=True,
+        nargs="+",
+        type=Path,
+        help="input image(s): one for Qwen-Image-Edit, 1 to 3 for Edit-2509/2511",
+    )
     e.add_argument("--prompt", required=True, help="the edit instruction")
     e.add_argument("--width", type=int, help="default: the (last) image's aspect ratio at about 1024x1024")
     e.add_argument("--height", type=int)
     e.add_argument("--out", type=Path, default=Path("out/edited.png"))
-    e.add_argument("--max-image-pixels", type=int, default=images.DEFAULT_MAX_PIXELS,
-                   help="refuse input images larger than this (decompression bombs); default %(default)s")
+    e.add_argument(
+        "--max-image-pixels",
+        type=int,
+        default=images.DEFAULT_MAX_PIXELS,
+        help="refuse input images larger than this (decompression bombs); default %(default)s",
+    )
     add_sampling_options(e)
-    d = sub.add_parser("demo", help="the whole pipeline, stage by stage (the committed nano model unless --model "
-                                    "or --random)")
-    d.add_argument("--model", help="an official Qwen-Image folder (default: the nano model in checkpoints/nano)")
-    d.add_argument("--random", action="store_true",
-                   help="a tiny random-weight model instead: noise, the machinery only")
-    d.add_argument("--prompt", help="default: a grid of scene prompts (nano), a corgi with a neon sign (--model, "
-                                    "--random), or an instruction (--edit)")
-    d.add_argument("--negative-prompt", help='default "" (nano: the empty prompt it was trained with), else " "')
+    d = sub.add_parser(
+        "demo",
+        help="the whole pipeline, stage by stage (the committed nano model unless --model or --random)",
+    )
+    d.add_argument(
+        "--model", help="an official Qwen-Image folder (default: the nano model in checkpoints/nano)"
+    )
+    d.add_argument(
+        "--random", action="store_true", help="a tiny random-weight model instead: noise, the machinery only"
+    )
+    d.add_argument(
+        "--prompt",
+        help="default: a grid of scene prompts (nano), a corgi with a neon sign (--model, "
+        "--random), or an instruction (--edit)",
+    )
+    d.add_argument(
+        "--negative-prompt", help='default "" (nano: the empty prompt it was trained with), else " "'
+    )
     d.add_argument("--height", type=int, help="default 128 (nano), else 256")
     d.add_argument("--width", type=int, help="default 128 (nano), else 384")
     d.add_argument("--steps", type=int, help="default 20 (nano), else 8")
@@ -365,18 +487,24 @@ def main(argv=None):
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--device")
     d.add_argument("--out", type=Path, default=Path("out/demo.png"))
-    d.add_argument("--edit", action="store_true", help="the Edit-2509 pipeline instead (--model: an Edit folder)")
+    d.add_argument(
+        "--edit", action="store_true", help="the Edit-2509 pipeline instead (--model: an Edit folder)"
+    )
     a = p.parse_args(argv)
     if a.command == "demo" and a.model and a.random:
-        raise SystemExit("error: --model and --random exclude each other: --model runs that folder, --random a tiny "
-                         "random-weight model")
+        raise SystemExit(
+            "error: --model and --random exclude each other: --model runs that folder, --random a tiny "
+            "random-weight model"
+        )
     if a.model and not Path(a.model).is_dir():
         raise SystemExit(f"--model {a.model}: no such folder (expected an official Qwen-Image folder)")
     try:
         {"demo": demo, "generate": generate, "edit": edit}[a.command](a)
     except torch.OutOfMemoryError:
-        raise SystemExit("error: out of memory: try --offload, --tiled-vae, a smaller size or --dtype bf16") from None
-    except (weights.CheckpointError, ValueError, OSError) as e:   # expected failures: one line, no traceback
+        raise SystemExit(
+            "error: out of memory: try --offload, --tiled-vae, a smaller size or --dtype bf16"
+        ) from None
+    except (weights.CheckpointError, ValueError, OSError) as e:  # expected failures: one line, no traceback
         raise SystemExit(f"error: {e}") from None
 
 

@@ -36,21 +36,37 @@ from . import lora, mmdit, weights
 from .distributed import unwrap
 from .train_config import TrainConfig
 
-RUN_FIELDS = ("model", "data", "finetune", "rank", "lora_alpha", "lora_layers", "resolution", "square", "seed",
-              "train_batch_size", "gradient_accumulation_steps", "with_prior_preservation", "caption_dropout",
-              "weighting_scheme", "mixed_precision")
+RUN_FIELDS = (
+    "model",
+    "data",
+    "finetune",
+    "rank",
+    "lora_alpha",
+    "lora_layers",
+    "resolution",
+    "square",
+    "seed",
+    "train_batch_size",
+    "gradient_accumulation_steps",
+    "with_prior_preservation",
+    "caption_dropout",
+    "weighting_scheme",
+    "mixed_precision",
+)
 
 
 def prepare_out(out: Path, resuming: bool, main_process: bool) -> None:
     """--out before a run: a folder that can be written, cleared of an interrupted save's staging folders, and
     refused when it holds an earlier run's checkpoints that this run would mix with its own."""
     weights.check_writable_folder(out, f"--out {out}")
-    for leftover in out.glob(".checkpoint-*"):                 # debris of an interrupted save
+    for leftover in out.glob(".checkpoint-*"):  # debris of an interrupted save
         if main_process:
             shutil.rmtree(leftover, ignore_errors=True)
     if checkpoints_in(out) and not resuming:
-        raise ValueError(f"--out {out} holds checkpoints of an earlier run: pass --resume_from_checkpoint latest "
-                         "to continue it, or choose another --out")
+        raise ValueError(
+            f"--out {out} holds checkpoints of an earlier run: pass --resume_from_checkpoint latest "
+            "to continue it, or choose another --out"
+        )
 
 
 def run_identity(c: TrainConfig, world: int, cache: list[Path]) -> dict:
@@ -58,14 +74,19 @@ def run_identity(c: TrainConfig, world: int, cache: list[Path]) -> dict:
     computes, the number of processes, and the examples (a digest of their cache keys: content and captions)."""
     identity = {k: getattr(c, k) for k in RUN_FIELDS}
     examples_digest = hashlib.sha256("".join(p.name for p in cache).encode()).hexdigest()[:16]
-    identity.update(model=str(Path(c.model).resolve()), data=str(Path(c.data).resolve()), world_size=world,
-                    examples=examples_digest)
+    identity.update(
+        model=str(Path(c.model).resolve()),
+        data=str(Path(c.data).resolve()),
+        world_size=world,
+        examples=examples_digest,
+    )
     return identity
 
 
 # ---------------------------------------------------------------------------------------------
 # Saving
 # ---------------------------------------------------------------------------------------------
+
 
 def full_states(model, optimizer, c: TrainConfig, world: int) -> tuple[dict | None, dict]:
     """(full model state for saving, optimizer state keyed by parameter name), gathered to every process
@@ -79,8 +100,16 @@ def full_states(model, optimizer, c: TrainConfig, world: int) -> tuple[dict | No
     return model_state, optim
 
 
-def save_checkpoint(out: Path, step: int, model: nn.Module, c: TrainConfig, identity: dict,
-                    trainable: dict, full_state: dict | None, optim_state: dict) -> Path:
+def save_checkpoint(
+    out: Path,
+    step: int,
+    model: nn.Module,
+    c: TrainConfig,
+    identity: dict,
+    trainable: dict,
+    full_state: dict | None,
+    optim_state: dict,
+) -> Path:
     """out/checkpoint-<step>/, written in a hidden staging folder and renamed into place: a crash leaves
     either the previous checkpoints or the new one complete, never a half-written one.
 
@@ -100,17 +129,26 @@ def save_checkpoint(out: Path, step: int, model: nn.Module, c: TrainConfig, iden
             tensors.update({f"param.{n}": p.detach().float().cpu() for n, p in trainable.items()})
         else:
             header = [(name, tuple(t.shape), t.dtype) for name, t in full_state.items()]
-            weights.write_folder(staging / "transformer", mmdit.WEIGHTS_STEM, weights.plan_shards(header),
-                                 full_state.values(), unwrap(model).config.to_json())
+            weights.write_folder(
+                staging / "transformer",
+                mmdit.WEIGHTS_STEM,
+                weights.plan_shards(header),
+                full_state.values(),
+                unwrap(model).config.to_json(),
+            )
         for name, entry in optim_state["state"].items():
             for key, value in entry.items():
                 tensors[f"optim.{name}.{key}"] = torch.as_tensor(value).detach().cpu()
         names = sorted(tensors)
-        weights.write_safetensors(staging / "training_state.safetensors",
-                                  [(n, tuple(tensors[n].shape), tensors[n].dtype) for n in names],
-                                  [tensors[n] for n in names])
+        weights.write_safetensors(
+            staging / "training_state.safetensors",
+            [(n, tuple(tensors[n].shape), tensors[n].dtype) for n in names],
+            [tensors[n] for n in names],
+        )
         groups = [{k: v for k, v in g.items() if k != "params"} for g in optim_state["param_groups"]]
-        weights.write_json(staging / "trainer_state.json", {"step": step, "param_groups": groups, "run": identity})
+        weights.write_json(
+            staging / "trainer_state.json", {"step": step, "param_groups": groups, "run": identity}
+        )
         old = out / f".checkpoint-{step}.old-{os.getpid()}"
         if final.exists():
             os.replace(final, old)
@@ -128,7 +166,7 @@ def checkpoint(out, step, model, optimizer, trainable, c, identity, main_process
     if main_process:
         save_checkpoint(out, step, model, c, identity, trainable, model_state, optim)
         if c.checkpoints_total_limit:
-            for old in checkpoints_in(out)[:-c.checkpoints_total_limit]:
+            for old in checkpoints_in(out)[: -c.checkpoints_total_limit]:
                 shutil.rmtree(old, ignore_errors=True)
     if world > 1:
         dist.barrier()
@@ -143,7 +181,9 @@ def checkpoint_step(path: Path) -> int:
 
 def checkpoints_in(out: Path) -> list[Path]:
     """The complete checkpoints in `out`, oldest first (staging folders are hidden: .checkpoint-*)."""
-    return sorted((p for p in out.glob("checkpoint-*") if p.is_dir() and checkpoint_step(p) >= 0), key=checkpoint_step)
+    return sorted(
+        (p for p in out.glob("checkpoint-*") if p.is_dir() and checkpoint_step(p) >= 0), key=checkpoint_step
+    )
 
 
 def finish(out: Path, last: Path, c: TrainConfig) -> None:
@@ -163,8 +203,10 @@ def finish(out: Path, last: Path, c: TrainConfig) -> None:
 # Resuming
 # ---------------------------------------------------------------------------------------------
 
-def resume_from_flag(c: TrainConfig, out: Path, identity: dict, model, optimizer, trainable: dict,
-                     main_process: bool) -> tuple[int, Path | None]:
+
+def resume_from_flag(
+    c: TrainConfig, out: Path, identity: dict, model, optimizer, trainable: dict, main_process: bool
+) -> tuple[int, Path | None]:
     """--resume_from_checkpoint: a checkpoint folder, or 'latest' (the last complete one in --out; a new run
     when there is none). -> (the step the run continues from, the checkpoint it resumed or None)."""
     if not c.resume_from_checkpoint:
@@ -174,11 +216,18 @@ def resume_from_flag(c: TrainConfig, out: Path, identity: dict, model, optimizer
         saved = found[-1] if found else None
     else:
         saved = Path(c.resume_from_checkpoint)
-    later = [p.name for p in found if saved is not None and p.parent.resolve() == saved.parent.resolve()
-             and checkpoint_step(p) > checkpoint_step(saved)]
+    later = [
+        p.name
+        for p in found
+        if saved is not None
+        and p.parent.resolve() == saved.parent.resolve()
+        and checkpoint_step(p) > checkpoint_step(saved)
+    ]
     if later:
-        raise ValueError(f"--resume_from_checkpoint {saved}: {out} holds later checkpoints ({', '.join(later)}) "
-                         "that this run would mix with its own; move them away, or resume from 'latest'")
+        raise ValueError(
+            f"--resume_from_checkpoint {saved}: {out} holds later checkpoints ({', '.join(later)}) "
+            "that this run would mix with its own; move them away, or resume from 'latest'"
+        )
     if saved is None:
         if main_process:
             print(f"--resume_from_checkpoint latest: no checkpoint in {out}; starting a new run")
@@ -190,15 +239,19 @@ def read_checkpoint(path: Path, identity: dict) -> tuple[int, dict, dict]:
     """-> (step, trainer_state, tensors), after checking the checkpoint belongs to this run."""
     state_file = path / "trainer_state.json"
     if not state_file.is_file() or not (path / "training_state.safetensors").is_file():
-        raise ValueError(f"--resume_from_checkpoint {path}: not a checkpoint of this trainer "
-                         "(trainer_state.json and training_state.safetensors are missing)")
+        raise ValueError(
+            f"--resume_from_checkpoint {path}: not a checkpoint of this trainer "
+            "(trainer_state.json and training_state.safetensors are missing)"
+        )
     state = weights.parse_json(state_file.read_text(), state_file)
     saved = state.get("run", {})
     differ = {k: (saved.get(k), v) for k, v in identity.items() if saved.get(k) != v}
     if differ:
         lines = "; ".join(f"{k}: checkpoint {a!r}, now {b!r}" for k, (a, b) in sorted(differ.items()))
-        raise ValueError(f"--resume_from_checkpoint {path}: the checkpoint is from another run ({lines}); "
-                         "resume with the settings it was trained with, or start a new --out")
+        raise ValueError(
+            f"--resume_from_checkpoint {path}: the checkpoint is from another run ({lines}); "
+            "resume with the settings it was trained with, or start a new --out"
+        )
     return int(state["step"]), state, load_file(str(path / "training_state.safetensors"))
 
 
@@ -206,7 +259,9 @@ def resume(path: Path, identity: dict, model, optimizer, trainable: dict, c: Tra
     """Load a checkpoint into the model and optimizer; -> its step."""
     step, state, tensors = read_checkpoint(path, identity)
     inner = unwrap(model)
-    options = StateDictOptions(full_state_dict=True, strict=False)   # a weight that never had a gradient has no state
+    options = StateDictOptions(
+        full_state_dict=True, strict=False
+    )  # a weight that never had a gradient has no state
     if c.finetune == "lora":
         with torch.no_grad():
             for n, p in trainable.items():
@@ -218,13 +273,13 @@ def resume(path: Path, identity: dict, model, optimizer, trainable: dict, c: Tra
     optim = {"state": {}, "param_groups": template["param_groups"]}
     for key, t in tensors.items():
         if key.startswith("optim."):
-            name, field_ = key[len("optim."):].rsplit(".", 1)
+            name, field_ = key[len("optim.") :].rsplit(".", 1)
             optim["state"].setdefault(name, {})[field_] = t
     # The optimizer's hyperparameters are this run's flags (identical, for an exact resume); the learning rate
     # is set from the step before every update.
     set_optimizer_state_dict(inner, optimizer, optim, options=options)
-    for name, p in inner.named_parameters():      # it fills in zero state for weights that never had a gradient:
-        if name not in optim["state"]:            # drop it, so the optimizer is exactly the saved one
+    for name, p in inner.named_parameters():  # it fills in zero state for weights that never had a gradient:
+        if name not in optim["state"]:  # drop it, so the optimizer is exactly the saved one
             optimizer.state.pop(p, None)
     return step
 
@@ -232,6 +287,7 @@ def resume(path: Path, identity: dict, model, optimizer, trainable: dict, c: Tra
 # ---------------------------------------------------------------------------------------------
 # The training log
 # ---------------------------------------------------------------------------------------------
+
 
 def read_log(path: Path) -> list[dict]:
     """The rows of log.jsonl; a last line cut short by a killed process is dropped."""

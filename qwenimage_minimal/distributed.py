@@ -31,7 +31,9 @@ def setup_distributed(device_name: str | None) -> tuple[int, int, torch.device]:
         return 0, 1, device
     if not dist.is_initialized():
         # Rank 0 fills the cache (and gathers full checkpoints) while the others wait at a barrier: allow hours.
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=6))
+        dist.init_process_group(
+            "nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=6)
+        )
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
@@ -52,8 +54,9 @@ def wrap_for_processes(transformer: nn.Module, finetune: str, world: int, device
     if finetune == "lora":
         # static_graph: the same adapters get no gradient at every step (the last block's text-stream output
         # is never used), which DDP must be told about.
-        return nn.parallel.DistributedDataParallel(transformer, device_ids=[device] if device.type == "cuda" else None,
-                                                   static_graph=True)
+        return nn.parallel.DistributedDataParallel(
+            transformer, device_ids=[device] if device.type == "cuda" else None, static_graph=True
+        )
     mesh = init_device_mesh(device.type, (world,))
     policy = MixedPrecisionPolicy(param_dtype=weight_dtype, reduce_dtype=torch.float32)
     for block in transformer.transformer_blocks:

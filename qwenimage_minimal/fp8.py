@@ -54,7 +54,7 @@ from torch import nn
 from . import mmdit, weights
 
 FP8 = torch.float8_e4m3fn
-FP8_MAX = torch.finfo(FP8).max          # 448.0
+FP8_MAX = torch.finfo(FP8).max  # 448.0
 COMPUTE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
@@ -83,12 +83,21 @@ class FP8Linear(nn.Module):
     `scale_weight` is ComfyUI's name, so the state dict's keys are the file's. A layer read from a
     file without scales has scale 1.0, not saved (persistent=False): its keys are still the file's."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None,
-                 dtype: torch.dtype | None = None, weight_dtype: torch.dtype = FP8, scaled: bool = True):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        device=None,
+        dtype: torch.dtype | None = None,
+        weight_dtype: torch.dtype = FP8,
+        scaled: bool = True,
+    ):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self.weight = nn.Parameter(torch.empty(out_features, in_features, device=device, dtype=weight_dtype),
-                                   requires_grad=False)
+        self.weight = nn.Parameter(
+            torch.empty(out_features, in_features, device=device, dtype=weight_dtype), requires_grad=False
+        )
         self.register_buffer("scale_weight", torch.ones((), device=device), persistent=scaled)
         self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
 
@@ -109,7 +118,7 @@ class FP8Linear(nn.Module):
     def _apply(self, fn, recurse=True):
         # model.to(torch.bfloat16) / .float() cast every floating tensor, fp8 included: that would undo
         # the saving (and round the fp32 scale). Here they change only the bias; .to(device) moves all.
-        weight, scale = self.weight.detach(), self.scale_weight     # (nn.Module swaps a parameter's .data)
+        weight, scale = self.weight.detach(), self.scale_weight  # (nn.Module swaps a parameter's .data)
         super()._apply(fn, recurse)
         if self.weight.dtype != weight.dtype:
             self.weight = nn.Parameter(weight.to(self.weight.device), requires_grad=False)
@@ -118,28 +127,36 @@ class FP8Linear(nn.Module):
         return self
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"weight={str(self.weight.dtype)[6:]}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"weight={str(self.weight.dtype)[6:]}"
+        )
 
 
 SCALE = ".scale_weight"
 
 
-def check_scale(where, name: str, dtype: torch.dtype, shape: tuple, weight_dtype: torch.dtype | None,
-                is_linear: bool) -> None:
+def check_scale(
+    where, name: str, dtype: torch.dtype, shape: tuple, weight_dtype: torch.dtype | None, is_linear: bool
+) -> None:
     """A `<layer>.scale_weight` (of this dtype and shape) must sit beside the fp8 weight of a Linear
     layer and be one floating-point number; else a CheckpointError that names it."""
-    layer = name[:-len(SCALE)]
+    layer = name[: -len(SCALE)]
     if not is_linear:
-        raise weights.CheckpointError(f"{where}: {name!r} scales {layer!r}, which is not a Linear layer of the "
-                                      "transformer")
+        raise weights.CheckpointError(
+            f"{where}: {name!r} scales {layer!r}, which is not a Linear layer of the transformer"
+        )
     if weight_dtype not in weights.FP8_DTYPES:
         held = "absent" if weight_dtype is None else f"stored in {str(weight_dtype)[6:]}"
-        raise weights.CheckpointError(f"{where}: {name!r} scales the weight {layer}.weight, which is {held}; a "
-                                      "scale belongs beside an fp8 weight")
+        raise weights.CheckpointError(
+            f"{where}: {name!r} scales the weight {layer}.weight, which is {held}; a "
+            "scale belongs beside an fp8 weight"
+        )
     if tuple(shape) not in ((), (1,)) or not dtype.is_floating_point:
-        raise weights.CheckpointError(f"{where}: {name!r} is {str(dtype)[6:]} {list(shape)}; a per-tensor scale "
-                                      "is one floating-point number (shape [] or [1])")
+        raise weights.CheckpointError(
+            f"{where}: {name!r} is {str(dtype)[6:]} {list(shape)}; a per-tensor scale "
+            "is one floating-point number (shape [] or [1])"
+        )
 
 
 def read_scale(where, name: str, stored: torch.Tensor, check_finite: bool = True) -> torch.Tensor:
@@ -153,8 +170,11 @@ def read_scale(where, name: str, stored: torch.Tensor, check_finite: bool = True
 
 def block_linears(model: nn.Module) -> list[str]:
     """The names of the Linear layers inside transformer_blocks: the ones kept in fp8."""
-    return [name for name, m in model.named_modules()
-            if isinstance(m, (nn.Linear, FP8Linear)) and name.startswith("transformer_blocks.")]
+    return [
+        name
+        for name, m in model.named_modules()
+        if isinstance(m, (nn.Linear, FP8Linear)) and name.startswith("transformer_blocks.")
+    ]
 
 
 def quantize(model: nn.Module) -> nn.Module:
@@ -166,8 +186,10 @@ def quantize(model: nn.Module) -> nn.Module:
         if isinstance(module, FP8Linear):
             continue
         if type(module) is not nn.Linear:
-            raise ValueError(f"{name} is a {type(module).__name__}: only plain Linear layers are quantised "
-                             "(fuse and unload LoRA adapters first)")
+            raise ValueError(
+                f"{name} is a {type(module).__name__}: only plain Linear layers are quantised "
+                "(fuse and unload LoRA adapters first)"
+            )
         model.set_submodule(name, FP8Linear.from_linear(module))
     return model
 
@@ -176,6 +198,7 @@ def quantize(model: nn.Module) -> nn.Module:
 # Loading an official-layout transformer/ folder that holds fp8 weights
 # ---------------------------------------------------------------------------------------------
 
+
 def is_fp8_folder(path: str | os.PathLike) -> bool:
     """Does the transformer folder hold fp8 tensors? Reads only the safetensors headers."""
     files = weights.weight_files(path, mmdit.WEIGHTS_STEM)
@@ -183,8 +206,9 @@ def is_fp8_folder(path: str | os.PathLike) -> bool:
     return any(headers[p].entries.get(n, (None,))[0] in weights.FP8_DTYPES for n, p in files.items())
 
 
-def load_transformer(path: str | os.PathLike, device=None, dtype: torch.dtype = torch.bfloat16,
-                     check_finite: bool = True) -> mmdit.MMDiT:
+def load_transformer(
+    path: str | os.PathLike, device=None, dtype: torch.dtype = torch.bfloat16, check_finite: bool = True
+) -> mmdit.MMDiT:
     """An MMDiT from a transformer/ folder with fp8 weights (with or without `scale_weight`s; plain
     ones load too): block Linears whose weight is fp8 become FP8Linear, every other tensor is read
     into `dtype`. The same strict checks as mmdit.load, plus: every scale belongs to an fp8 Linear
@@ -195,47 +219,71 @@ def load_transformer(path: str | os.PathLike, device=None, dtype: torch.dtype = 
     config = mmdit.config_from_folder(path)
     files = weights.weight_files(path, mmdit.WEIGHTS_STEM)
     headers = {p: weights.SafetensorsFile(p) for p in sorted(set(files.values()))}
-    entry = {n: headers[p].entries.get(n) for n, p in files.items()}     # None: load_weights names it
-    linears = {name: m for name, m in weights.build_on_meta(lambda: mmdit.MMDiT(config)).named_modules()
-               if isinstance(m, nn.Linear)}
+    entry = {n: headers[p].entries.get(n) for n, p in files.items()}  # None: load_weights names it
+    linears = {
+        name: m
+        for name, m in weights.build_on_meta(lambda: mmdit.MMDiT(config)).named_modules()
+        if isinstance(m, nn.Linear)
+    }
 
-    fp8_weights = {n[:-len(".weight")]: e[0] for n, e in entry.items()
-                   if n.endswith(".weight") and e is not None and e[0] in weights.FP8_DTYPES}
+    fp8_weights = {
+        n[: -len(".weight")]: e[0]
+        for n, e in entry.items()
+        if n.endswith(".weight") and e is not None and e[0] in weights.FP8_DTYPES
+    }
     scales = {}
     for name, e in entry.items():
         if name.endswith(SCALE) and e is not None:
-            layer = name[:-len(SCALE)]
+            layer = name[: -len(SCALE)]
             weight = entry.get(layer + ".weight")
             check_scale(path, name, e[0], e[1], weight and weight[0], layer in linears)
             scales[layer] = read_scale(path, name, headers[files[name]].read(name), check_finite)
 
-    in_blocks = {layer for layer in fp8_weights if layer in linears and layer.startswith("transformer_blocks.")}
+    in_blocks = {
+        layer for layer in fp8_weights if layer in linears and layer.startswith("transformer_blocks.")
+    }
 
     def build():
         model = mmdit.MMDiT(config)
         for layer in in_blocks:
             lin = linears[layer]
-            model.set_submodule(layer, FP8Linear(lin.in_features, lin.out_features, bias=lin.bias is not None,
-                                                 weight_dtype=fp8_weights[layer], scaled=layer in scales))
+            model.set_submodule(
+                layer,
+                FP8Linear(
+                    lin.in_features,
+                    lin.out_features,
+                    bias=lin.bias is not None,
+                    weight_dtype=fp8_weights[layer],
+                    scaled=layer in scales,
+                ),
+            )
         return model
 
-    def rename(name):       # the scales of layers dequantised at load were read above
+    def rename(name):  # the scales of layers dequantised at load were read above
         layer, _, leaf = name.rpartition(".")
         return None if leaf == "scale_weight" and layer not in in_blocks else name
 
     def convert(name, stored):
         layer, _, leaf = name.rpartition(".")
         if layer in in_blocks and leaf == "weight":
-            return stored.to(device)                                          # stays fp8
+            return stored.to(device)  # stays fp8
         if layer in in_blocks and leaf == "scale_weight":
             return stored.to(device, torch.float32).reshape(())
-        if leaf == "weight" and layer in fp8_weights and layer in linears:   # outside the blocks
+        if leaf == "weight" and layer in fp8_weights and layer in linears:  # outside the blocks
             return dequantize(stored.to(device), scales.get(layer, torch.ones(())).to(device), dtype)
         return stored.to(device, dtype) if stored.is_floating_point() else stored.to(device)
 
-    model = weights.load_weights(build, path, mmdit.WEIGHTS_STEM, device=device, dtype=dtype, rename=rename,
-                                 block_counts={"transformer_blocks": ("num_layers", config.num_layers)},
-                                 check_finite=check_finite, convert=convert)
-    for layer in in_blocks - set(scales):                  # unscaled fp8: the scale is 1, not in the file
+    model = weights.load_weights(
+        build,
+        path,
+        mmdit.WEIGHTS_STEM,
+        device=device,
+        dtype=dtype,
+        rename=rename,
+        block_counts={"transformer_blocks": ("num_layers", config.num_layers)},
+        check_finite=check_finite,
+        convert=convert,
+    )
+    for layer in in_blocks - set(scales):  # unscaled fp8: the scale is 1, not in the file
         model.get_submodule(layer).scale_weight = torch.ones((), device=device)
     return model

@@ -33,7 +33,7 @@ from . import weights
 # A file -> PIL image, any image -> PIL RGB
 # ---------------------------------------------------------------------------------------------
 
-DEFAULT_MAX_PIXELS = 89_478_485          # PIL's own limit: about 9459 x 9459
+DEFAULT_MAX_PIXELS = 89_478_485  # PIL's own limit: about 9459 x 9459
 
 
 def open_image(path, max_pixels: int | None = DEFAULT_MAX_PIXELS, name: str = "image"):
@@ -43,21 +43,25 @@ def open_image(path, max_pixels: int | None = DEFAULT_MAX_PIXELS, name: str = "i
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"{name} {path}: no such file")
-    limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None     # our limit, checked below, replaces PIL's
+    limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None  # our limit, checked below, replaces PIL's
     try:
-        image = Image.open(path)                                      # reads the header only
+        image = Image.open(path)  # reads the header only
     except (UnidentifiedImageError, OSError) as e:
         raise ValueError(f"{name} {path}: not an image PIL can read ({e})") from None
     finally:
         Image.MAX_IMAGE_PIXELS = limit
     if max_pixels is not None and image.width * image.height > max_pixels:
         image.close()
-        raise ValueError(f"{name} {path} is {image.width}x{image.height} = {image.width * image.height:,} pixels, over "
-                         f"the limit of {max_pixels:,} (a decompression bomb?); if the file is genuine, raise the "
-                         "limit (max_pixels=, --max-image-pixels)")
+        raise ValueError(
+            f"{name} {path} is {image.width}x{image.height} = {image.width * image.height:,} pixels, over "
+            f"the limit of {max_pixels:,} (a decompression bomb?); if the file is genuine, raise the "
+            "limit (max_pixels=, --max-image-pixels)"
+        )
     frames = getattr(image, "n_frames", 1)
     if frames > 1:
-        warnings.warn(f"{name} {path} is animated ({frames} frames): only the first frame is used", stacklevel=2)
+        warnings.warn(
+            f"{name} {path} is animated ({frames} frames): only the first frame is used", stacklevel=2
+        )
     try:
         image.load()
     except OSError as e:
@@ -65,7 +69,7 @@ def open_image(path, max_pixels: int | None = DEFAULT_MAX_PIXELS, name: str = "i
         raise ValueError(f"{name} {path}: the file is damaged ({e})") from None
     upright = ImageOps.exif_transpose(image)
     if upright is not image:
-        image.close()                                                 # the file handle of the original
+        image.close()  # the file handle of the original
     return upright
 
 
@@ -90,7 +94,9 @@ def load_pixels(path: Path, size: tuple[int, int], what: str = "image") -> torch
         raise ValueError(f"{what} {path}: cannot be read ({e}); fix or remove it") from None
     h, w = size
     scale = max(h / image.height, w / image.width)
-    image = image.resize((max(w, round(image.width * scale)), max(h, round(image.height * scale))), Image.LANCZOS)
+    image = image.resize(
+        (max(w, round(image.width * scale)), max(h, round(image.height * scale))), Image.LANCZOS
+    )
     left, top = (image.width - w) // 2, (image.height - h) // 2
     return to_tensor(image.crop((left, top, left + w, top + h)))
 
@@ -111,37 +117,47 @@ def to_rgb(image, name: str = "image"):
         if t.ndim == 4 and t.shape[0] == 1:
             t = t[0]
         if t.ndim != 3 or t.shape[0] not in (1, 3, 4):
-            raise ValueError(f"{name}: a tensor must be (C, H, W) or (1, C, H, W) with C in 1, 3, 4, "
-                             f"got {tuple(image.shape)}")
+            raise ValueError(
+                f"{name}: a tensor must be (C, H, W) or (1, C, H, W) with C in 1, 3, 4, "
+                f"got {tuple(image.shape)}"
+            )
         image = t.permute(1, 2, 0).float().numpy() if t.is_floating_point() else t.permute(1, 2, 0).numpy()
     if isinstance(image, np.ndarray):
         a = image
         if a.ndim == 2:
             a = a[..., None]
         if a.ndim != 3 or a.shape[-1] not in (1, 3, 4):
-            raise ValueError(f"{name}: an array must be (H, W) or (H, W, C) with C in 1, 3, 4, got {image.shape}")
+            raise ValueError(
+                f"{name}: an array must be (H, W) or (H, W, C) with C in 1, 3, 4, got {image.shape}"
+            )
         if a.shape[0] == 0 or a.shape[1] == 0:
             raise ValueError(f"{name} is empty: {image.shape}")
         if a.dtype == np.uint16:
             a = (a.astype(np.float64) * (255 / 65535)).round()
         elif np.issubdtype(a.dtype, np.floating):
             if not np.isfinite(a).all() or a.min() < 0 or a.max() > 1:
-                raise ValueError(f"{name}: float arrays/tensors must hold values in [0, 1], got "
-                                 f"[{np.nanmin(a):.3g}, {np.nanmax(a):.3g}]")
+                raise ValueError(
+                    f"{name}: float arrays/tensors must hold values in [0, 1], got "
+                    f"[{np.nanmin(a):.3g}, {np.nanmax(a):.3g}]"
+                )
             a = (a * 255).round()
         elif a.dtype != np.uint8 and (a.min() < 0 or a.max() > 255):
             raise ValueError(f"{name}: integer arrays must hold 0..255, got [{a.min()}, {a.max()}]")
         a = a.astype(np.uint8)
-        image = Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a, mode={1: "L", 3: "RGB", 4: "RGBA"}[a.shape[-1]])
+        image = Image.fromarray(
+            a[..., 0] if a.shape[-1] == 1 else a, mode={1: "L", 3: "RGB", 4: "RGBA"}[a.shape[-1]]
+        )
     if not isinstance(image, Image.Image):
         raise TypeError(f"{name} must be a PIL image, a numpy array or a tensor, got {type(image).__name__}")
     if image.width == 0 or image.height == 0:
         raise ValueError(f"{name} has size {image.size}: it is empty")
-    if image.mode.startswith("I") or image.mode == "F":          # 16/32-bit integers or floats, one channel
+    if image.mode.startswith("I") or image.mode == "F":  # 16/32-bit integers or floats, one channel
         image = Image.fromarray(_wide_grey_to_8_bits(np.asarray(image), image.mode, name), mode="L")
     if max(image.size) / min(image.size) > 200:
-        raise ValueError(f"{name} is {image.width}x{image.height}: aspect ratios over 200:1 are not supported "
-                         "(Qwen2.5-VL's image processor refuses them); crop or pad it")
+        raise ValueError(
+            f"{name} is {image.width}x{image.height}: aspect ratios over 200:1 are not supported "
+            "(Qwen2.5-VL's image processor refuses them); crop or pad it"
+        )
     if "A" in image.getbands() or image.info.get("transparency") is not None:
         rgba = image.convert("RGBA")
         return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
@@ -159,14 +175,17 @@ def _wide_grey_to_8_bits(a: np.ndarray, mode: str, name: str) -> np.ndarray:
     elif mode == "F" and 0 <= low and high <= 255:
         scale = 1.0
     else:
-        raise ValueError(f"{name}: a {mode!r} image with values in [{low:g}, {high:g}]: only 0..65535 (integers) or "
-                         "[0, 1] / 0..255 (floats) have a known meaning; convert it to 8 or 16 bits first")
+        raise ValueError(
+            f"{name}: a {mode!r} image with values in [{low:g}, {high:g}]: only 0..65535 (integers) or "
+            "[0, 1] / 0..255 (floats) have a known meaning; convert it to 8 or 16 bits first"
+        )
     return (a.astype(np.float64) * scale).round().clip(0, 255).astype(np.uint8)
 
 
 # ---------------------------------------------------------------------------------------------
 # Sizes, and image <-> tensor
 # ---------------------------------------------------------------------------------------------
+
 
 def calculate_dimensions(target_area: int, aspect_ratio: float) -> tuple[int, int]:
     """(width, height) of about `target_area` pixels with this width/height ratio, multiples of 32."""
@@ -183,7 +202,9 @@ def resize_to_area(image, area: int):
 
 def to_tensor(image) -> torch.Tensor:
     """PIL RGB image -> (1, 3, H, W) float32 in [-1, 1], what the VAE encodes."""
-    x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255).permute(2, 0, 1)[None]   # (1, 3, H, W) in [0, 1]
+    x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255).permute(2, 0, 1)[
+        None
+    ]  # (1, 3, H, W) in [0, 1]
     return 2 * x - 1
 
 
@@ -202,7 +223,9 @@ def picture_grid(pictures: list, labels: list[str] | None = None, columns: int =
     """PIL pictures in a grid, each enlarged `scale` times (nearest neighbour: pixels stay pixels), with its
     label under it wrapped to the tile's width in PIL's default font; labels=None: the pictures alone."""
     w, h = max(p.width for p in pictures) * scale, max(p.height for p in pictures) * scale
-    wrapped = [textwrap.wrap(text, max(8, w // 6)) for text in labels or [""] * len(pictures)]  # ~6 px a character
+    wrapped = [
+        textwrap.wrap(text, max(8, w // 6)) for text in labels or [""] * len(pictures)
+    ]  # ~6 px a character
     label_h = 0 if labels is None else 4 + 11 * max(len(lines) for lines in wrapped)
     columns = min(columns, len(pictures))
     rows = math.ceil(len(pictures) / columns)
@@ -231,9 +254,10 @@ def plot_loss(rows: list[dict], png) -> None:
     lo, hi = min(losses), max(losses)
     hi = hi if hi > lo else lo + 1
 
-    def xy(step, value):                                     # data -> pixel coordinates inside the frame
+    def xy(step, value):  # data -> pixel coordinates inside the frame
         x = m + (step - steps[0]) / max(1, steps[-1] - steps[0]) * (W - 2 * m)
         return x, H - m - (value - lo) / (hi - lo) * (H - 2 * m)
+
     image = Image.new("RGB", (W, H), "white")
     d = ImageDraw.Draw(image)
     d.rectangle([m, m, W - m, H - m], outline="black")
@@ -254,10 +278,17 @@ def check_output_path(path, overwrite: bool = False, name: str = "--out") -> Pat
     if path.is_dir():
         raise ValueError(f"{name} {path} is a folder: give a file name such as {path / 'image.png'}")
     if path.suffix.lower() not in formats or formats[path.suffix.lower()] not in Image.SAVE:
-        known = ", ".join(sorted(e for e, f in formats.items() if f in Image.SAVE and e in (".png", ".jpg", ".jpeg",
-                                                                                           ".webp", ".bmp", ".tiff")))
-        raise ValueError(f"{name} {path}: the extension {path.suffix or '(none)'!r} names no image format PIL can "
-                         f"write (use one of {known})")
+        known = ", ".join(
+            sorted(
+                e
+                for e, f in formats.items()
+                if f in Image.SAVE and e in (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tiff")
+            )
+        )
+        raise ValueError(
+            f"{name} {path}: the extension {path.suffix or '(none)'!r} names no image format PIL can "
+            f"write (use one of {known})"
+        )
     if path.exists() and not overwrite:
         raise ValueError(f"{name} {path} already exists: pass --overwrite to replace it")
     weights.check_writable_folder(path.parent, f"{name} {path}", create=False)
@@ -282,8 +313,9 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 @dataclass
 class ImageProcessorConfig:
     """Defaults are Qwen2.5-VL's preprocessor_config.json, which Edit checkpoints carry in processor/."""
+
     min_pixels: int = 56 * 56
-    max_pixels: int = 28 * 28 * 16384          # 12845056
+    max_pixels: int = 28 * 28 * 16384  # 12845056
     patch_size: int = 14
     temporal_patch_size: int = 2
     merge_size: int = 2
@@ -293,15 +325,21 @@ class ImageProcessorConfig:
     def to_json(self) -> dict:
         """processor/preprocessor_config.json, as the official Edit checkpoints write it."""
         fields = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
-        return {"image_processor_type": "Qwen2VLImageProcessor", "processor_class": "Qwen2_5_VLProcessor",
-                "resample": 3, **fields}
+        return {
+            "image_processor_type": "Qwen2VLImageProcessor",
+            "processor_class": "Qwen2_5_VLProcessor",
+            "resample": 3,
+            **fields,
+        }
 
 
 def processor_config_from_json(raw: dict, path="<preprocessor_config.json>") -> ImageProcessorConfig:
     """Both forms: `min_pixels`/`max_pixels` (official files) or `size: {shortest_edge, longest_edge}` (5.x)."""
     size = raw.get("size") or {}
-    fields = dict(min_pixels=raw.get("min_pixels", size.get("shortest_edge")),
-                  max_pixels=raw.get("max_pixels", size.get("longest_edge")))
+    fields = dict(
+        min_pixels=raw.get("min_pixels", size.get("shortest_edge")),
+        max_pixels=raw.get("max_pixels", size.get("longest_edge")),
+    )
     for key in ("patch_size", "temporal_patch_size", "merge_size", "image_mean", "image_std"):
         fields[key] = raw.get(key)
     missing = [k for k, v in fields.items() if v is None]
@@ -309,19 +347,22 @@ def processor_config_from_json(raw: dict, path="<preprocessor_config.json>") -> 
         raise weights.CheckpointError(f"{path} is missing {missing}")
     resample = raw.get("resample", 3)
     if resample != 3:
-        raise weights.CheckpointError(f"{path}: resample={resample}; only 3 (bicubic), the official value, "
-                                      "is supported")
+        raise weights.CheckpointError(
+            f"{path}: resample={resample}; only 3 (bicubic), the official value, is supported"
+        )
     return ImageProcessorConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
 
 
 def load_processor_config(folder) -> ImageProcessorConfig:
     """Read an Edit checkpoint's `processor/preprocessor_config.json`."""
-    return processor_config_from_json(weights.read_config(folder, "preprocessor_config.json"),
-                                      Path(folder) / "preprocessor_config.json")
+    return processor_config_from_json(
+        weights.read_config(folder, "preprocessor_config.json"), Path(folder) / "preprocessor_config.json"
+    )
 
 
-def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = 56 * 56,
-                 max_pixels: int = 28 * 28 * 16384) -> tuple[int, int]:
+def smart_resize(
+    height: int, width: int, factor: int = 28, min_pixels: int = 56 * 56, max_pixels: int = 28 * 28 * 16384
+) -> tuple[int, int]:
     """The size the vision tower sees: both sides multiples of `factor`, close to the input's
     aspect ratio, the area within [min_pixels, max_pixels]. (to_rgb has refused ratios over 200:1.)"""
     h, w = round(height / factor) * factor, round(width / factor) * factor
@@ -341,16 +382,16 @@ def preprocess(image, config: ImageProcessorConfig = ImageProcessorConfig()) -> 
     c = config
     image = to_rgb(image)
     H, W = smart_resize(image.height, image.width, c.patch_size * c.merge_size, c.min_pixels, c.max_pixels)
-    pixels = np.asarray(image.resize((W, H), Image.BICUBIC))                    # (H, W, 3) uint8
+    pixels = np.asarray(image.resize((W, H), Image.BICUBIC))  # (H, W, 3) uint8
     # Rescale in float64 then cast, normalise in float32: the same roundings as transformers.
     x = (pixels.astype(np.float64) * (1 / 255)).astype(np.float32)
     x = (x - np.array(c.image_mean, np.float32)) / np.array(c.image_std, np.float32)
-    x = x.transpose(2, 0, 1)                                                     # (3, H, W)
+    x = x.transpose(2, 0, 1)  # (3, H, W)
 
     p, m, T = c.patch_size, c.merge_size, c.temporal_patch_size
     gh, gw = H // p, W // p
     x = x.reshape(3, gh // m, m, p, gw // m, m, p)
-    x = x.transpose(1, 4, 2, 5, 0, 3, 6)                     # (gh/m, gw/m, m, m, 3, p, p): 2x2 groups together
+    x = x.transpose(1, 4, 2, 5, 0, 3, 6)  # (gh/m, gw/m, m, m, 3, p, p): 2x2 groups together
     x = np.broadcast_to(x[:, :, :, :, :, None], (*x.shape[:5], T, p, p))  # one image = T identical frames
     return torch.from_numpy(np.ascontiguousarray(x).reshape(gh * gw, 3 * T * p * p)), (1, gh, gw)
 
@@ -358,4 +399,4 @@ def preprocess(image, config: ImageProcessorConfig = ImageProcessorConfig()) -> 
 def image_token_count(grid_thw, merge_size: int = 2) -> int:
     """How many `<|image_pad|>` tokens an image of this patch grid takes: one per merged 2x2 group."""
     t, h, w = grid_thw
-    return t * h * w // merge_size ** 2
+    return t * h * w // merge_size**2

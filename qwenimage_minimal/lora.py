@@ -41,10 +41,10 @@ from . import weights
 ATTENTION_IMAGE = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0")
 ATTENTION_TEXT = ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out")
 TARGET_PRESETS = {
-    "diffusers": ATTENTION_IMAGE,                                  # the DreamBooth script's default
-    "attention": ATTENTION_IMAGE + ATTENTION_TEXT,                 # both streams' attention
-    "all-linear": None,                                            # every Linear in the blocks (ai-toolkit)
-    "all-linear-no-mod": None,                                     # ... but the *_mod layers (musubi-tuner)
+    "diffusers": ATTENTION_IMAGE,  # the DreamBooth script's default
+    "attention": ATTENTION_IMAGE + ATTENTION_TEXT,  # both streams' attention
+    "all-linear": None,  # every Linear in the blocks (ai-toolkit)
+    "all-linear-no-mod": None,  # ... but the *_mod layers (musubi-tuner)
 }
 
 
@@ -58,9 +58,9 @@ class LoRALinear(nn.Linear):
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight, self.bias = base.weight, base.bias
         self.lora_A, self.lora_B, self.dropout = nn.ModuleDict(), nn.ModuleDict(), nn.ModuleDict()
-        self.scaling: dict[str, float] = {}        # alpha / r of each adapter
-        self.scale: dict[str, float] = {}          # the user's weight of each adapter; 0 = off
-        self.fused: set[str] = set()               # adapters added into `weight`
+        self.scaling: dict[str, float] = {}  # alpha / r of each adapter
+        self.scale: dict[str, float] = {}  # the user's weight of each adapter; 0 = off
+        self.fused: set[str] = set()  # adapters added into `weight`
         self.weight_before_fusing: torch.Tensor | None = None
 
     def add(self, name: str, A: torch.Tensor, B: torch.Tensor, alpha: float, dropout: float = 0.0):
@@ -72,7 +72,7 @@ class LoRALinear(nn.Linear):
             self.lora_B[name].weight.copy_(B)
         self.dropout[name] = nn.Dropout(dropout) if dropout else nn.Identity()
         self.scaling[name], self.scale[name] = alpha / r, 1.0
-        self.train(self.training)                  # new modules start in training mode: follow the layer's
+        self.train(self.training)  # new modules start in training mode: follow the layer's
 
     def delta(self, name: str) -> torch.Tensor:
         """The adapter as a full (out, in) matrix: s * alpha / r * B A, in fp32."""
@@ -80,11 +80,11 @@ class LoRALinear(nn.Linear):
         return (B @ A) * (self.scale[name] * self.scaling[name])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias)                                  # (..., out)
+        y = F.linear(x, self.weight, self.bias)  # (..., out)
         for name, A in self.lora_A.items():
             if name in self.fused or self.scale[name] == 0:
                 continue
-            down = A(self.dropout[name](x.to(A.weight.dtype)))                    # (..., r)
+            down = A(self.dropout[name](x.to(A.weight.dtype)))  # (..., r)
             y = y + (self.lora_B[name](down) * (self.scale[name] * self.scaling[name])).to(y.dtype)
         return y
 
@@ -93,14 +93,20 @@ def target_names(model: nn.Module, targets) -> list[str]:
     """The Linear layers of the transformer blocks that `targets` (a preset name or suffixes) selects."""
     if isinstance(targets, str):
         if targets not in TARGET_PRESETS:
-            raise ValueError(f"targets must be one of {sorted(TARGET_PRESETS)} or a list of module names, got {targets!r}")
+            raise ValueError(
+                f"targets must be one of {sorted(TARGET_PRESETS)} or a list of module names, got {targets!r}"
+            )
         preset, targets = targets, TARGET_PRESETS[targets]
     else:
         preset = None
     names = []
     for name, module in model.named_modules():
-        if not isinstance(module, nn.Linear) or not name.startswith("transformer_blocks.") or ".lora_" in name:
-            continue                                            # (an adapter's own A and B are Linears too)
+        if (
+            not isinstance(module, nn.Linear)
+            or not name.startswith("transformer_blocks.")
+            or ".lora_" in name
+        ):
+            continue  # (an adapter's own A and B are Linears too)
         if preset in ("all-linear", "all-linear-no-mod"):
             if preset == "all-linear" or "_mod." not in name:
                 names.append(name)
@@ -117,8 +123,10 @@ def _wrap(model: nn.Module, name: str) -> LoRALinear:
     if isinstance(module, LoRALinear):
         return module
     if not isinstance(module, nn.Linear):
-        raise ValueError(f"{name} is a {type(module).__name__}, not a Linear layer: LoRA applies to Linear layers")
-    wrapped = LoRALinear(module).train(module.training)      # a new Module starts in training mode
+        raise ValueError(
+            f"{name} is a {type(module).__name__}, not a Linear layer: LoRA applies to Linear layers"
+        )
+    wrapped = LoRALinear(module).train(module.training)  # a new Module starts in training mode
     _replace(model, name, wrapped)
     return wrapped
 
@@ -141,8 +149,15 @@ def adapter_names(model: nn.Module) -> list[str]:
     return sorted({a for layer in lora_layers(model).values() for a in layer.lora_A})
 
 
-def add_adapter(model: nn.Module, name: str, targets="diffusers", rank: int = 4, alpha: float | None = None,
-                dropout: float = 0.0, generator: torch.Generator | None = None) -> list[str]:
+def add_adapter(
+    model: nn.Module,
+    name: str,
+    targets="diffusers",
+    rank: int = 4,
+    alpha: float | None = None,
+    dropout: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> list[str]:
     """A new, trainable adapter for training: A normal with standard deviation 1/r (PEFT's "gaussian"),
     B = 0, so the model starts unchanged. Returns the names of the layers it was added to."""
     if not isinstance(rank, int) or rank < 1:
@@ -153,9 +168,14 @@ def add_adapter(model: nn.Module, name: str, targets="diffusers", rank: int = 4,
     for layer_name in names:
         layer = _wrap(model, layer_name)
         w = layer.weight
-        A = torch.randn(rank, layer.in_features, generator=generator).to(w.device) / rank      # fp32: trainable
-        layer.add(name, A, torch.zeros(layer.out_features, rank, device=w.device), float(rank if alpha is None else alpha),
-                  dropout)
+        A = torch.randn(rank, layer.in_features, generator=generator).to(w.device) / rank  # fp32: trainable
+        layer.add(
+            name,
+            A,
+            torch.zeros(layer.out_features, rank, device=w.device),
+            float(rank if alpha is None else alpha),
+            dropout,
+        )
     return names
 
 
@@ -168,8 +188,12 @@ def load_adapter(model: nn.Module, adapters: dict, name: str, scale: float = 1.0
     check_fits(model, adapters)
     for module, (A, B, alpha) in adapters.items():
         layer = _wrap(model, module)
-        layer.add(name, A.to(layer.weight.device, layer.weight.dtype), B.to(layer.weight.device, layer.weight.dtype),
-                  alpha)
+        layer.add(
+            name,
+            A.to(layer.weight.device, layer.weight.dtype),
+            B.to(layer.weight.device, layer.weight.dtype),
+            alpha,
+        )
         layer.scale[name] = float(scale)
 
 
@@ -183,24 +207,32 @@ def check_fits(model: nn.Module, adapters: dict) -> None:
         if A.shape[1] != layer.in_features or B.shape[0] != layer.out_features or A.shape[0] != B.shape[1]:
             raise weights.CheckpointError(
                 f"the LoRA for {module} has A {list(A.shape)} and B {list(B.shape)}, but the layer is "
-                f"{layer.out_features} x {layer.in_features}: it was made for a model of another width")
+                f"{layer.out_features} x {layer.in_features}: it was made for a model of another width"
+            )
 
 
 def check_not_fp8(model: nn.Module) -> None:
     """Adapters go on bf16 weights: on fp8 ones (fp8.FP8Linear) they could be neither fused (the sum
     would be re-rounded to 3 mantissa bits) nor run beside them here. Each layer is asked the dtype of its
     weight, so this file needs nothing from fp8.py."""
-    if any(getattr(m, "weight", None) is not None and m.weight.dtype in weights.FP8_DTYPES for m in model.modules()):
-        raise ValueError("this transformer holds fp8 weights, and LoRA adapters need the bf16 ones: load the bf16 "
-                         "folder (weights_convert.py SRC DST --dtype bf16 makes one from an fp8 checkpoint), or "
-                         "merge the LoRA into the fp8 weights once with weights_convert.py SRC DST "
-                         "--merge-lora FILE[:SCALE] (the fp8 layers it changes are re-quantised)")
+    if any(
+        getattr(m, "weight", None) is not None and m.weight.dtype in weights.FP8_DTYPES
+        for m in model.modules()
+    ):
+        raise ValueError(
+            "this transformer holds fp8 weights, and LoRA adapters need the bf16 ones: load the bf16 "
+            "folder (weights_convert.py SRC DST --dtype bf16 makes one from an fp8 checkpoint), or "
+            "merge the LoRA into the fp8 weights once with weights_convert.py SRC DST "
+            "--merge-lora FILE[:SCALE] (the fp8 layers it changes are re-quantised)"
+        )
 
 
 def check_adapter_name(model: nn.Module, name) -> None:
     if not isinstance(name, str) or not name or "." in name or hasattr(nn.ModuleDict(), name):
-        raise ValueError(f"adapter_name {name!r} cannot name an adapter (it must be a non-empty name without '.', "
-                         "not a torch Module attribute such as 'train'); choose another")
+        raise ValueError(
+            f"adapter_name {name!r} cannot name an adapter (it must be a non-empty name without '.', "
+            "not a torch Module attribute such as 'train'); choose another"
+        )
     if name in adapter_names(model):
         raise ValueError(f"an adapter named {name!r} is already loaded; choose another adapter_name")
 
@@ -227,12 +259,18 @@ def check_scale(scale, what: str) -> None:
 def set_adapters(model: nn.Module, names, scales=None) -> None:
     """Use these adapters with these weights (1.0 each by default); every other adapter is switched off."""
     names = [names] if isinstance(names, str) else list(names)
-    scales = [1.0] * len(names) if scales is None else ([scales] * len(names) if isinstance(scales, (int, float))
-                                                       else list(scales))
+    scales = (
+        [1.0] * len(names)
+        if scales is None
+        else ([scales] * len(names) if isinstance(scales, (int, float)) else list(scales))
+    )
     unknown = sorted(set(names) - set(adapter_names(model)))
     if unknown or len(scales) != len(names):
-        raise ValueError(f"adapters {unknown} are not loaded (loaded: {adapter_names(model)})" if unknown else
-                         f"{len(names)} adapter names but {len(scales)} weights")
+        raise ValueError(
+            f"adapters {unknown} are not loaded (loaded: {adapter_names(model)})"
+            if unknown
+            else f"{len(names)} adapter names but {len(scales)} weights"
+        )
     for s in scales:
         check_scale(s, "adapter weight")
     if any(layer.fused for layer in lora_layers(model).values()):
@@ -279,17 +317,25 @@ def unload(model: nn.Module) -> None:
 
 def trainable_parameters(model: nn.Module, name: str | None = None) -> dict[str, nn.Parameter]:
     """The LoRA parameters (of adapter `name`, or all), by their names in the model."""
-    return {n: p for n, p in model.named_parameters()
-            if (".lora_A." in n or ".lora_B." in n) and (name is None or n.endswith(f".{name}.weight"))}
+    return {
+        n: p
+        for n, p in model.named_parameters()
+        if (".lora_A." in n or ".lora_B." in n) and (name is None or n.endswith(f".{name}.weight"))
+    }
 
 
 # ---------------------------------------------------------------------------------------------
 # Files
 # ---------------------------------------------------------------------------------------------
 
-ROLE_SUFFIXES = {                     # key ending -> which matrix
-    ".lora_A.weight": "A", ".lora_B.weight": "B", ".lora_A.default.weight": "A", ".lora_B.default.weight": "B",
-    ".lora_down.weight": "A", ".lora_up.weight": "B", ".alpha": "alpha",
+ROLE_SUFFIXES = {  # key ending -> which matrix
+    ".lora_A.weight": "A",
+    ".lora_B.weight": "B",
+    ".lora_A.default.weight": "A",
+    ".lora_B.default.weight": "B",
+    ".lora_down.weight": "A",
+    ".lora_up.weight": "B",
+    ".alpha": "alpha",
 }
 OTHER_COMPONENTS = ("lora_te", "text_encoder.", "te.", "lora_te1_", "lora_te2_", "conditioner.", "vae.")
 
@@ -298,7 +344,7 @@ def read_lora(path, model: nn.Module) -> tuple[dict, str]:
     """A LoRA file -> ({module: (A (r, in), B (out, r), alpha)}, the format's name), checked against
     the model's Linear layers. Safetensors only."""
     path = Path(path)
-    header = weights.SafetensorsFile(path)                    # a truncated or corrupt file fails here
+    header = weights.SafetensorsFile(path)  # a truncated or corrupt file fails here
     with open(path, "rb") as f:
         tensors = {k: header.read(k, f) for k in header.keys()}
     metadata = header.metadata.get("lora_adapter_metadata")
@@ -311,42 +357,55 @@ def parse_lora(tensors: dict, metadata: dict, model: nn.Module, source: str = "t
         raise weights.CheckpointError(f"{source} holds no tensors")
     foreign = [k for k in keys if k.startswith(OTHER_COMPONENTS)]
     if foreign:
-        raise weights.CheckpointError(f"{source} adapts the text encoder or another component (e.g. {foreign[0]!r}); "
-                                      "only LoRAs on the transformer are supported, and nothing was applied")
+        raise weights.CheckpointError(
+            f"{source} adapts the text encoder or another component (e.g. {foreign[0]!r}); "
+            "only LoRAs on the transformer are supported, and nothing was applied"
+        )
     prefix, fmt = "", "DiffSynth / Lightning (bare module names)"
-    for p, name in (("transformer.", "diffusers / PEFT"), ("diffusion_model.", "ComfyUI / ai-toolkit"),
-                    ("lora_unet_", "kohya / musubi-tuner")):
+    for p, name in (
+        ("transformer.", "diffusers / PEFT"),
+        ("diffusion_model.", "ComfyUI / ai-toolkit"),
+        ("lora_unet_", "kohya / musubi-tuner"),
+    ):
         if any(k.startswith(p) for k in keys):
             prefix, fmt = p, name
             break
     linears = {n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
-    flat = {n.replace(".", "_"): n for n in linears}           # kohya names: every "." became "_"
+    flat = {n.replace(".", "_"): n for n in linears}  # kohya names: every "." became "_"
 
     parts: dict[str, dict] = {}
     for key in keys:
         suffix = next((s for s in ROLE_SUFFIXES if key.endswith(s)), None)
         if not key.startswith(prefix) or suffix is None:
-            raise weights.CheckpointError(f"{source}: tensor {key!r} is not part of a {fmt} LoRA for the "
-                                          "transformer; nothing was applied")
-        module = key[len(prefix):-len(suffix)]
+            raise weights.CheckpointError(
+                f"{source}: tensor {key!r} is not part of a {fmt} LoRA for the "
+                "transformer; nothing was applied"
+            )
+        module = key[len(prefix) : -len(suffix)]
         if prefix == "lora_unet_":
             module = flat.get(module, module)
         parts.setdefault(module, {})[ROLE_SUFFIXES[suffix]] = tensors[key]
 
     unknown = sorted(m for m in parts if m not in linears)
     if unknown:
-        hint = (" It is a LoRA for another model." if len(unknown) == len(parts) else "")
-        raise weights.CheckpointError(f"{source} adapts {len(unknown)} module(s) the Qwen-Image transformer does not "
-                                      f"have, e.g. {unknown[:3]}.{hint} Nothing was applied")
+        hint = " It is a LoRA for another model." if len(unknown) == len(parts) else ""
+        raise weights.CheckpointError(
+            f"{source} adapts {len(unknown)} module(s) the Qwen-Image transformer does not "
+            f"have, e.g. {unknown[:3]}.{hint} Nothing was applied"
+        )
     adapters = {}
     for module, p in sorted(parts.items()):
         if "A" not in p or "B" not in p:
-            raise weights.CheckpointError(f"{source}: {module} has no {'down (A)' if 'A' not in p else 'up (B)'} "
-                                          "matrix; the file is incomplete")
+            raise weights.CheckpointError(
+                f"{source}: {module} has no {'down (A)' if 'A' not in p else 'up (B)'} "
+                "matrix; the file is incomplete"
+            )
         A, B = p["A"].float(), p["B"].float()
         if A.ndim != 2 or B.ndim != 2:
-            raise weights.CheckpointError(f"{source}: {module} holds {A.ndim}-D/{B.ndim}-D matrices; only plain "
-                                          "(Linear) LoRA is supported, not LoCon/LoKr")
+            raise weights.CheckpointError(
+                f"{source}: {module} holds {A.ndim}-D/{B.ndim}-D matrices; only plain "
+                "(Linear) LoRA is supported, not LoCon/LoKr"
+            )
         adapters[module] = (A, B, _alpha(module, A.shape[0], p.get("alpha"), metadata))
     return adapters, fmt
 
@@ -359,7 +418,7 @@ def _alpha(module: str, rank: int, tensor, metadata: dict) -> float:
         return float(tensor.float().reshape(-1)[0])
     alpha = float(metadata.get("transformer.lora_alpha", rank))
     for pattern, value in (metadata.get("transformer.alpha_pattern") or {}).items():
-        if re.fullmatch(rf"(.*\.)?({pattern})", module):           # PEFT's rule for its patterns
+        if re.fullmatch(rf"(.*\.)?({pattern})", module):  # PEFT's rule for its patterns
             alpha = float(value)
             break
     return alpha * math.sqrt(rank) if metadata.get("transformer.use_rslora") else alpha
@@ -398,13 +457,26 @@ def write_lora(path, adapters: dict, format: str = "diffusers") -> None:
             tensors[f"diffusion_model.{module}.alpha"] = torch.tensor(float(alpha))
     if format == "diffusers":
         if len(ranks) != 1:
-            raise ValueError("the diffusers format records one rank; this adapter mixes ranks "
-                             "(save it as format='comfyui', which needs none)")
+            raise ValueError(
+                "the diffusers format records one rank; this adapter mixes ranks "
+                "(save it as format='comfyui', which needs none)"
+            )
         rank = ranks.pop()
-        metadata = {"lora_adapter_metadata": json.dumps(
-            {"transformer.r": rank, "transformer.lora_alpha": rank, "transformer.target_modules": sorted(adapters),
-             "transformer.init_lora_weights": "gaussian", "transformer.use_dora": False, "transformer.bias": "none"},
-            indent=2, sort_keys=True)}
+        metadata = {
+            "lora_adapter_metadata": json.dumps(
+                {
+                    "transformer.r": rank,
+                    "transformer.lora_alpha": rank,
+                    "transformer.target_modules": sorted(adapters),
+                    "transformer.init_lora_weights": "gaussian",
+                    "transformer.use_dora": False,
+                    "transformer.bias": "none",
+                },
+                indent=2,
+                sort_keys=True,
+            )
+        }
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    weights.write_safetensors(path, [(k, tuple(v.shape), v.dtype) for k, v in tensors.items()], tensors.values(),
-                              metadata=metadata)
+    weights.write_safetensors(
+        path, [(k, tuple(v.shape), v.dtype) for k, v in tensors.items()], tensors.values(), metadata=metadata
+    )

@@ -21,7 +21,7 @@ the official `transformer/` folder loads with a strict key check and no renaming
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, asdict
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
@@ -34,9 +34,10 @@ from . import weights
 @dataclass
 class MMDiTConfig:
     """Defaults are the official Qwen-Image transformer (transformer/config.json)."""
+
     patch_size: int = 2
-    in_channels: int = 64            # 16 latent channels x 2 x 2 patch
-    out_channels: int = 16           # per latent pixel; proj_out emits patch_size**2 * out_channels
+    in_channels: int = 64  # 16 latent channels x 2 x 2 patch
+    out_channels: int = 16  # per latent pixel; proj_out emits patch_size**2 * out_channels
     num_layers: int = 60
     attention_head_dim: int = 128
     num_attention_heads: int = 24
@@ -44,7 +45,7 @@ class MMDiTConfig:
     axes_dims_rope: tuple[int, int, int] = (16, 56, 56)  # head dims given to (frame, row, column)
     rope_theta: float = 10000.0
     eps: float = 1e-6
-    zero_cond_t: bool = False        # Edit-2511: reference-image tokens are modulated with t = 0
+    zero_cond_t: bool = False  # Edit-2511: reference-image tokens are modulated with t = 0
 
     @property
     def dim(self) -> int:
@@ -53,26 +54,33 @@ class MMDiTConfig:
     def __post_init__(self):
         self.axes_dims_rope = tuple(self.axes_dims_rope)
         if sum(self.axes_dims_rope) != self.attention_head_dim or any(d % 2 for d in self.axes_dims_rope):
-            raise ValueError(f"axes_dims_rope {self.axes_dims_rope} must be even and sum to "
-                             f"attention_head_dim={self.attention_head_dim}")
+            raise ValueError(
+                f"axes_dims_rope {self.axes_dims_rope} must be even and sum to "
+                f"attention_head_dim={self.attention_head_dim}"
+            )
 
     @property
     def latent_channels(self) -> int:
         """Channels of the VAE latent this model denoises: each token is a patch_size² patch of them."""
-        return self.in_channels // self.patch_size ** 2
+        return self.in_channels // self.patch_size**2
 
     def to_json(self) -> dict:
         """transformer/config.json, as diffusers writes it (rope_theta and eps are fixed there)."""
         fields = asdict(self)
         fields.pop("rope_theta"), fields.pop("eps")
         fields["axes_dims_rope"] = list(fields["axes_dims_rope"])
-        return {"_class_name": "QwenImageTransformer2DModel", "_diffusers_version": "0.42.1",
-                "guidance_embeds": False, **fields}
+        return {
+            "_class_name": "QwenImageTransformer2DModel",
+            "_diffusers_version": "0.42.1",
+            "guidance_embeds": False,
+            **fields,
+        }
 
 
 # ---------------------------------------------------------------------------------------------
 # Packing: latent pixels -> tokens
 # ---------------------------------------------------------------------------------------------
+
 
 def pack_latents(latents: torch.Tensor, patch_size: int = 2) -> torch.Tensor:
     """(B, C, H, W) latents -> (B, H/2 * W/2, C * 4) tokens, row-major over 2x2 patches.
@@ -81,10 +89,12 @@ def pack_latents(latents: torch.Tensor, patch_size: int = 2) -> torch.Tensor:
     B, C, H, W = latents.shape
     p = patch_size
     if H % p or W % p:
-        raise ValueError(f"latent height and width must be multiples of {p}, got {H}x{W} "
-                         f"(image sizes must be multiples of {8 * p} pixels)")
+        raise ValueError(
+            f"latent height and width must be multiples of {p}, got {H}x{W} "
+            f"(image sizes must be multiples of {8 * p} pixels)"
+        )
     x = latents.reshape(B, C, H // p, p, W // p, p)
-    x = x.permute(0, 2, 4, 1, 3, 5)                      # (B, H/p, W/p, C, p, p)
+    x = x.permute(0, 2, 4, 1, 3, 5)  # (B, H/p, W/p, C, p, p)
     return x.reshape(B, (H // p) * (W // p), C * p * p)
 
 
@@ -95,7 +105,7 @@ def unpack_latents(tokens: torch.Tensor, height: int, width: int, patch_size: in
     if N != (height // p) * (width // p):
         raise ValueError(f"{N} tokens cannot be unpacked to a {height}x{width} latent")
     x = tokens.reshape(B, height // p, width // p, D // (p * p), p, p)
-    x = x.permute(0, 3, 1, 4, 2, 5)                      # (B, C, H/p, p, W/p, p)
+    x = x.permute(0, 3, 1, 4, 2, 5)  # (B, C, H/p, p, W/p, p)
     return x.reshape(B, D // (p * p), height, width)
 
 
@@ -108,6 +118,7 @@ def unpack_latents(tokens: torch.Tensor, height: int, width: int, patch_size: in
 # only on the position *difference*. The DiT pairs neighbouring channels (x[2i], x[2i+1]) into one
 # complex number ("interleaved"); Qwen2.5-VL pairs channel i with i + D/2 ("rotate half"). Same
 # idea, different memory layout: a checkpoint only works with the layout it was trained with.
+
 
 def image_positions(frames: int, height: int, width: int, frame_index: int) -> torch.Tensor:
     """(frames*height*width, 3) positions of one image's tokens, row-major.
@@ -134,8 +145,8 @@ def rope_table(positions: torch.Tensor, axes_dims: tuple[int, ...], theta: float
     angles = []
     for axis, dim in enumerate(axes_dims):
         inv_freq = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)  # (dim/2,)
-        angles.append(positions[:, axis, None] * inv_freq)                              # (S, dim/2)
-    angles = torch.cat(angles, dim=-1)                                                  # (S, head_dim/2)
+        angles.append(positions[:, axis, None] * inv_freq)  # (S, dim/2)
+    angles = torch.cat(angles, dim=-1)  # (S, head_dim/2)
     return torch.polar(torch.ones_like(angles), angles)
 
 
@@ -154,13 +165,14 @@ def rope_tables(img_shapes, text_len: int, config: MMDiTConfig, device=None):
 def apply_rope(x: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
     """Rotate (B, S, H, D) queries/keys by (S, D/2) complex rotations, interleaved pairs, in fp32."""
     x_complex = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))  # (B, S, H, D/2)
-    rotated = x_complex * rotations[:, None, :]                                # broadcast over heads
-    return torch.view_as_real(rotated).flatten(-2).type_as(x)                  # (B, S, H, D)
+    rotated = x_complex * rotations[:, None, :]  # broadcast over heads
+    return torch.view_as_real(rotated).flatten(-2).type_as(x)  # (B, S, H, D)
 
 
 # ---------------------------------------------------------------------------------------------
 # Building blocks
 # ---------------------------------------------------------------------------------------------
+
 
 class RMSNorm(nn.Module):
     """x / rms(x) * weight, the statistics in fp32; the result is cast to the weight's dtype before
@@ -184,7 +196,9 @@ def timestep_sinusoid(sigma: torch.Tensor, dim: int = 256, scale: float = 1000.0
     Frequencies run from 1 to 1/10000 geometrically; the angles are computed in fp32 even when
     sigma arrives in bf16 (already rounded: bf16(0.7) = 0.69921875, as in the reference)."""
     half = dim // 2
-    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=sigma.device) / half)
+    freqs = torch.exp(
+        -math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=sigma.device) / half
+    )
     angles = scale * (sigma[:, None].float() * freqs[None, :])  # (B, half)
     return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
 
@@ -242,7 +256,9 @@ class JointAttention(nn.Module):
         super().__init__()
         self.heads, self.head_dim = heads, head_dim
         self.to_q, self.to_k, self.to_v = (nn.Linear(dim, heads * head_dim) for _ in range(3))
-        self.add_q_proj, self.add_k_proj, self.add_v_proj = (nn.Linear(dim, heads * head_dim) for _ in range(3))
+        self.add_q_proj, self.add_k_proj, self.add_v_proj = (
+            nn.Linear(dim, heads * head_dim) for _ in range(3)
+        )
         self.norm_q, self.norm_k = RMSNorm(head_dim, eps), RMSNorm(head_dim, eps)
         self.norm_added_q, self.norm_added_k = RMSNorm(head_dim, eps), RMSNorm(head_dim, eps)
         self.to_out = nn.Sequential(nn.Linear(heads * head_dim, dim))  # the checkpoint names it `to_out.0`
@@ -250,19 +266,19 @@ class JointAttention(nn.Module):
 
     def forward(self, img, txt, img_rope, txt_rope, key_mask=None):
         # img (B, N, dim), txt (B, L, dim); key_mask (B, L + N) bool or None
-        split = lambda t: t.unflatten(-1, (self.heads, self.head_dim))      # (B, S, H, Dh)
+        split = lambda t: t.unflatten(-1, (self.heads, self.head_dim))  # (B, S, H, Dh)
         img_q = apply_rope(self.norm_q(split(self.to_q(img))), img_rope)
         img_k = apply_rope(self.norm_k(split(self.to_k(img))), img_rope)
         txt_q = apply_rope(self.norm_added_q(split(self.add_q_proj(txt))), txt_rope)
         txt_k = apply_rope(self.norm_added_k(split(self.add_k_proj(txt))), txt_rope)
         img_v, txt_v = split(self.to_v(img)), split(self.add_v_proj(txt))
 
-        q = torch.cat([txt_q, img_q], dim=1).transpose(1, 2)                 # (B, H, L + N, Dh)
+        q = torch.cat([txt_q, img_q], dim=1).transpose(1, 2)  # (B, H, L + N, Dh)
         k = torch.cat([txt_k, img_k], dim=1).transpose(1, 2)
         v = torch.cat([txt_v, img_v], dim=1).transpose(1, 2)
-        mask = None if key_mask is None else key_mask[:, None, None, :]      # padded text keys are ignored
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)        # (B, H, L + N, Dh)
-        out = out.transpose(1, 2).flatten(2)                                 # (B, L + N, H * Dh)
+        mask = None if key_mask is None else key_mask[:, None, None, :]  # padded text keys are ignored
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, L + N, Dh)
+        out = out.transpose(1, 2).flatten(2)  # (B, L + N, H * Dh)
 
         # Split back into the streams. contiguous(): a strided input sends a bf16 Linear down another
         # CPU matmul path whose rounding differs from the reference's; this keeps bf16 runs identical.
@@ -295,18 +311,22 @@ class DualStreamBlock(nn.Module):
 
     def forward(self, img, txt, temb, img_rope, txt_rope, key_mask=None, temb_ref=None, n_noise=None):
         # img (B, N, dim), txt (B, L, dim), temb (B, dim)
-        img_mod = self.img_mod(temb)[:, None]                      # (B, 1, 6*dim), same for every token
-        if temb_ref is not None:                                   # zero_cond_t: reference tokens get t = 0
+        img_mod = self.img_mod(temb)[:, None]  # (B, 1, 6*dim), same for every token
+        if temb_ref is not None:  # zero_cond_t: reference tokens get t = 0
             ref_mod = self.img_mod(temb_ref)[:, None]
             n_ref = img.shape[1] - n_noise
             img_mod = torch.cat([img_mod.expand(-1, n_noise, -1), ref_mod.expand(-1, n_ref, -1)], dim=1)
-        txt_mod = self.txt_mod(temb)[:, None]                      # (B, 1, 6*dim)
+        txt_mod = self.txt_mod(temb)[:, None]  # (B, 1, 6*dim)
         img_shift1, img_scale1, img_gate1, img_shift2, img_scale2, img_gate2 = img_mod.chunk(6, dim=-1)
         txt_shift1, txt_scale1, txt_gate1, txt_shift2, txt_scale2, txt_gate2 = txt_mod.chunk(6, dim=-1)
 
-        img_attn, txt_attn = self.attn(modulate(self.img_norm1(img), img_shift1, img_scale1),
-                                       modulate(self.txt_norm1(txt), txt_shift1, txt_scale1),
-                                       img_rope, txt_rope, key_mask)
+        img_attn, txt_attn = self.attn(
+            modulate(self.img_norm1(img), img_shift1, img_scale1),
+            modulate(self.txt_norm1(txt), txt_shift1, txt_scale1),
+            img_rope,
+            txt_rope,
+            key_mask,
+        )
         img = img + img_gate1 * img_attn
         txt = txt + txt_gate1 * txt_attn
 
@@ -332,6 +352,7 @@ class OutputNorm(nn.Module):
 # The model
 # ---------------------------------------------------------------------------------------------
 
+
 class MMDiT(nn.Module):
     def __init__(self, config: MMDiTConfig):
         super().__init__()
@@ -343,10 +364,10 @@ class MMDiT(nn.Module):
         self.img_in = nn.Linear(config.in_channels, dim)
         self.transformer_blocks = nn.ModuleList(DualStreamBlock(config) for _ in range(config.num_layers))
         self.norm_out = OutputNorm(dim, config.eps)
-        self.proj_out = nn.Linear(dim, config.patch_size ** 2 * config.out_channels)
+        self.proj_out = nn.Linear(dim, config.patch_size**2 * config.out_channels)
         self.gradient_checkpointing = False  # recompute each block in backward to save activation memory
-        self._rope_cache = {}                # (img_shapes, text_len, device) -> RoPE tables: same every step
-        self.streamer = None                 # a streaming.WeightStreamer when the blocks do not all fit the GPU
+        self._rope_cache = {}  # (img_shapes, text_len, device) -> RoPE tables: same every step
+        self.streamer = None  # a streaming.WeightStreamer when the blocks do not all fit the GPU
 
     def forward(self, img, txt, txt_mask, sigma, img_shapes):
         """
@@ -366,24 +387,29 @@ class MMDiT(nn.Module):
         dtype = self.img_in.weight.dtype
         sigma = torch.as_tensor(sigma, device=img.device).reshape(-1).expand(B)
 
-        img = self.img_in(img.to(dtype))                                    # (B, N, dim)
-        txt = self.txt_in(self.txt_norm(txt.to(dtype)))                     # (B, L, dim)
-        temb = self.time_text_embed(sigma.to(dtype), dtype)                 # (B, dim)
+        img = self.img_in(img.to(dtype))  # (B, N, dim)
+        txt = self.txt_in(self.txt_norm(txt.to(dtype)))  # (B, L, dim)
+        temb = self.time_text_embed(sigma.to(dtype), dtype)  # (B, dim)
         temb_ref, n_noise = None, None
         if self.config.zero_cond_t:
             temb_ref = self.time_text_embed(torch.zeros_like(sigma, dtype=dtype), dtype)
             n_noise = math.prod(img_shapes[0])
 
         key = (tuple(img_shapes), L, img.device)
-        if key not in self._rope_cache:      # built on the CPU and copied over once, not at every step
+        if key not in self._rope_cache:  # built on the CPU and copied over once, not at every step
             if len(self._rope_cache) > 16:
                 self._rope_cache.clear()
             self._rope_cache[key] = rope_tables(img_shapes, L, self.config, device=img.device)
-        img_rope, txt_rope = self._rope_cache[key]                          # (N, Dh/2), (L, Dh/2) complex
+        img_rope, txt_rope = self._rope_cache[key]  # (N, Dh/2), (L, Dh/2) complex
         key_mask = None
         if txt_mask is not None:
-            key_mask = torch.cat([txt_mask.to(device=img.device, dtype=torch.bool),
-                                  torch.ones(B, N, dtype=torch.bool, device=img.device)], dim=1)  # (B, L + N)
+            key_mask = torch.cat(
+                [
+                    txt_mask.to(device=img.device, dtype=torch.bool),
+                    torch.ones(B, N, dtype=torch.bool, device=img.device),
+                ],
+                dim=1,
+            )  # (B, L + N)
 
         # The one place streaming (streaming.py) hooks in: a WeightStreamer sets `self.streamer`, and its
         # blocks() yields each block once its weights are on the device (a streamed one as a slot that was
@@ -398,23 +424,33 @@ class MMDiT(nn.Module):
             else:
                 img, txt = block(*args)
 
-        return self.proj_out(self.norm_out(img, temb))                     # (B, N, 64)
+        return self.proj_out(self.norm_out(img, temb))  # (B, N, 64)
 
     def _check_inputs(self, img, txt, txt_mask, img_shapes):
         c = self.config
         if img.ndim != 3 or img.shape[-1] != c.in_channels:
-            raise ValueError(f"img must be (batch, tokens, {c.in_channels}) packed latents, got {tuple(img.shape)}")
+            raise ValueError(
+                f"img must be (batch, tokens, {c.in_channels}) packed latents, got {tuple(img.shape)}"
+            )
         if txt.ndim != 3 or txt.shape[-1] != c.joint_attention_dim or txt.shape[0] != img.shape[0]:
-            raise ValueError(f"txt must be (batch={img.shape[0]}, text_len, {c.joint_attention_dim}), "
-                             f"got {tuple(txt.shape)}")
+            raise ValueError(
+                f"txt must be (batch={img.shape[0]}, text_len, {c.joint_attention_dim}), "
+                f"got {tuple(txt.shape)}"
+            )
         if txt_mask is not None and tuple(txt_mask.shape) != tuple(txt.shape[:2]):
-            raise ValueError(f"txt_mask must be (batch, text_len) = {tuple(txt.shape[:2])}, got {tuple(txt_mask.shape)}")
+            raise ValueError(
+                f"txt_mask must be (batch, text_len) = {tuple(txt.shape[:2])}, got {tuple(txt_mask.shape)}"
+            )
         if not img_shapes or any(len(s) != 3 or min(s) < 1 for s in img_shapes):
-            raise ValueError(f"img_shapes must be a non-empty list of (frames, h, w) with positive sizes, got {img_shapes}")
+            raise ValueError(
+                f"img_shapes must be a non-empty list of (frames, h, w) with positive sizes, got {img_shapes}"
+            )
         n = sum(math.prod(s) for s in img_shapes)
         if n != img.shape[1]:
-            raise ValueError(f"img_shapes {img_shapes} describe {n} tokens but img has {img.shape[1]}; "
-                             "give one (frames, h, w) per image in packed-token units (latent size / 2)")
+            raise ValueError(
+                f"img_shapes {img_shapes} describe {n} tokens but img has {img.shape[1]}; "
+                "give one (frames, h, w) per image in packed-token units (latent size / 2)"
+            )
 
 
 def compile_blocks(model: MMDiT, **options) -> MMDiT:
@@ -432,8 +468,16 @@ def compile_blocks(model: MMDiT, **options) -> MMDiT:
 # Loading the official transformer/ folder
 # ---------------------------------------------------------------------------------------------
 
-REQUIRED_FIELDS = ("patch_size", "in_channels", "out_channels", "num_layers", "attention_head_dim",
-                   "num_attention_heads", "joint_attention_dim", "axes_dims_rope")
+REQUIRED_FIELDS = (
+    "patch_size",
+    "in_channels",
+    "out_channels",
+    "num_layers",
+    "attention_head_dim",
+    "num_attention_heads",
+    "joint_attention_dim",
+    "axes_dims_rope",
+)
 UNSUPPORTED_FLAGS = ("guidance_embeds", "use_additional_t_cond", "use_layer3d_rope")
 WEIGHTS_STEM = "diffusion_pytorch_model"
 
@@ -448,6 +492,12 @@ def load(path, device=None, dtype=None, check_finite: bool = True) -> MMDiT:
     knows nothing of fp8: a folder stored in fp8 loads with fp8.load_transformer, and
     pipeline.load_transformer chooses between the two by reading the folder's headers."""
     config = config_from_folder(path)
-    return weights.load_weights(lambda: MMDiT(config), path, WEIGHTS_STEM, device=device, dtype=dtype,
-                                block_counts={"transformer_blocks": ("num_layers", config.num_layers)},
-                                check_finite=check_finite)
+    return weights.load_weights(
+        lambda: MMDiT(config),
+        path,
+        WEIGHTS_STEM,
+        device=device,
+        dtype=dtype,
+        block_counts={"transformer_blocks": ("num_layers", config.num_layers)},
+        check_finite=check_finite,
+    )

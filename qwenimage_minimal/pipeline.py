@@ -28,11 +28,25 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from . import fp8, images, lora, mmdit, prompts, sampling, scheduler, streaming, text_encoder, tokenizer, vae, vision, weights
+from . import (
+    fp8,
+    images,
+    lora,
+    mmdit,
+    prompts,
+    sampling,
+    scheduler,
+    streaming,
+    text_encoder,
+    tokenizer,
+    vae,
+    vision,
+    weights,
+)
 
 COMPONENTS = ("tokenizer", "text_encoder", "transformer", "vae", "scheduler")
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
-MAX_SIDE = 16384                 # pixels: Edit's default size for a 200:1 image at 1024² area is 14496 x 64
+MAX_SIDE = 16384  # pixels: Edit's default size for a 200:1 image at 1024² area is 14496 x 64
 
 
 @dataclass
@@ -46,16 +60,20 @@ def check_model_folder(root: Path, what: str) -> str:
         raise weights.CheckpointError(f"model folder {root} does not exist")
     index = root / "model_index.json"
     if not index.is_file():
-        raise weights.CheckpointError(f"{root} is not a {what} checkpoint: no model_index.json "
-                                      f"(expected {', '.join(COMPONENTS)} folders beside it)")
+        raise weights.CheckpointError(
+            f"{root} is not a {what} checkpoint: no model_index.json "
+            f"(expected {', '.join(COMPONENTS)} folders beside it)"
+        )
     missing = [c for c in COMPONENTS if not (root / c).is_dir()]
     if missing:
         raise weights.CheckpointError(f"{root}: component folder(s) {missing} missing")
     class_name = weights.parse_json(index.read_bytes(), index)
     class_name = class_name.get("_class_name") if isinstance(class_name, dict) else None
     if class_name not in weights.PIPELINE_CLASSES:
-        raise weights.CheckpointError(f"{index} names the pipeline class {class_name!r}: not a Qwen-Image checkpoint "
-                                      f"this project runs ({', '.join(weights.PIPELINE_CLASSES)})")
+        raise weights.CheckpointError(
+            f"{index} names the pipeline class {class_name!r}: not a Qwen-Image checkpoint "
+            f"this project runs ({', '.join(weights.PIPELINE_CLASSES)})"
+        )
     return class_name
 
 
@@ -65,38 +83,58 @@ def load_transformer(path, device=None, dtype=None, check_finite: bool = True) -
     with mmdit.load. The choice is made here, above both files, as gpt-fast's generate.py chooses and its
     model.py never imports quantize.py."""
     if fp8.is_fp8_folder(path):
-        return fp8.load_transformer(path, device=device, dtype=dtype or torch.bfloat16, check_finite=check_finite)
+        return fp8.load_transformer(
+            path, device=device, dtype=dtype or torch.bfloat16, check_finite=check_finite
+        )
     return mmdit.load(path, device=device, dtype=dtype, check_finite=check_finite)
 
 
-def load_components(root: Path, device, dtype, offload: bool, check_finite: bool = True,
-                    transformer_weights: bool = True) -> dict:
+def load_components(
+    root: Path, device, dtype, offload: bool, check_finite: bool = True, transformer_weights: bool = True
+) -> dict:
     """The five components every Qwen-Image pipeline has, on `device` (on the CPU with offload).
     transformer_weights=False builds the transformer on the meta device (its config, no weights): a
     pipeline that only encodes prompts and images, as the training loop's cache needs."""
     place = torch.device("cpu") if offload else device
     options = dict(device=place, dtype=dtype, check_finite=check_finite)
     config = mmdit.config_from_folder(root / "transformer")
-    return dict(tokenizer=tokenizer.load(root / "tokenizer"),
-                text_encoder=text_encoder.load(root / "text_encoder", **options),
-                transformer=(load_transformer(root / "transformer", **options) if transformer_weights
-                             else weights.build_on_meta(lambda: mmdit.MMDiT(config))),
-                vae=vae.load(root / "vae", **options),
-                scheduler=scheduler.load(root / "scheduler"))
+    return dict(
+        tokenizer=tokenizer.load(root / "tokenizer"),
+        text_encoder=text_encoder.load(root / "text_encoder", **options),
+        transformer=(
+            load_transformer(root / "transformer", **options)
+            if transformer_weights
+            else weights.build_on_meta(lambda: mmdit.MMDiT(config))
+        ),
+        vae=vae.load(root / "vae", **options),
+        scheduler=scheduler.load(root / "scheduler"),
+    )
 
 
 class QwenImagePipeline:
-    def __init__(self, tokenizer, text_encoder, transformer, vae, scheduler, device=None, offload: bool = False,
-                 max_gpu_memory=None, compile: bool = False):
+    def __init__(
+        self,
+        tokenizer,
+        text_encoder,
+        transformer,
+        vae,
+        scheduler,
+        device=None,
+        offload: bool = False,
+        max_gpu_memory=None,
+        compile: bool = False,
+    ):
         self.tokenizer, self.text_encoder, self.transformer = tokenizer, text_encoder, transformer
         self.vae, self.scheduler = vae, scheduler
         self.device = torch.device(device or "cpu")
-        self.offload = offload   # keep components on the CPU; move each to `device` only while it runs
+        self.offload = offload  # keep components on the CPU; move each to `device` only while it runs
         # Under a memory budget the transformer's blocks are streamed (streaming.py), the other components
         # take turns on the device as with offload, and both CFG passes run as one batch.
         self.streamer = None
         if max_gpu_memory is not None:
-            self.streamer = streaming.WeightStreamer(transformer, self.device, streaming.parse_memory(max_gpu_memory))
+            self.streamer = streaming.WeightStreamer(
+                transformer, self.device, streaming.parse_memory(max_gpu_memory)
+            )
             self.offload = True
         self.batch_cfg = self.streamer is not None
         if compile:
@@ -106,13 +144,18 @@ class QwenImagePipeline:
             raise weights.CheckpointError(
                 f"the transformer reads {dit.latent_channels} and writes {dit.out_channels} latent channels "
                 f"(in_channels {dit.in_channels} / patch {dit.patch_size}², out_channels) but the VAE's "
-                f"z_dim is {ae.z_dim}: the components do not belong together")
+                f"z_dim is {ae.z_dim}: the components do not belong together"
+            )
         if te.hidden_size != dit.joint_attention_dim:
-            raise weights.CheckpointError(f"the text encoder is {te.hidden_size} wide but the transformer's "
-                                          f"joint_attention_dim is {dit.joint_attention_dim}")
+            raise weights.CheckpointError(
+                f"the text encoder is {te.hidden_size} wide but the transformer's "
+                f"joint_attention_dim is {dit.joint_attention_dim}"
+            )
         if tokenizer.vocab_size > te.vocab_size:
-            raise weights.CheckpointError(f"the tokenizer has {tokenizer.vocab_size} tokens but the text encoder "
-                                          f"embeds only {te.vocab_size}")
+            raise weights.CheckpointError(
+                f"the tokenizer has {tokenizer.vocab_size} tokens but the text encoder "
+                f"embeds only {te.vocab_size}"
+            )
 
     @property
     def vae_scale_factor(self) -> int:
@@ -125,9 +168,17 @@ class QwenImagePipeline:
         return self.vae.config.scale_factor * self.transformer.config.patch_size
 
     @classmethod
-    def from_pretrained(cls, root, device=None, dtype=None, offload: bool = False, check_finite: bool = True,
-                        load_transformer: bool = True, max_gpu_memory=None, compile: bool = False
-                        ) -> "QwenImagePipeline":
+    def from_pretrained(
+        cls,
+        root,
+        device=None,
+        dtype=None,
+        offload: bool = False,
+        check_finite: bool = True,
+        load_transformer: bool = True,
+        max_gpu_memory=None,
+        compile: bool = False,
+    ) -> "QwenImagePipeline":
         """Load an official Qwen-Image folder (model_index.json + component folders).
 
         dtype: bf16 for GPUs (the official weights' dtype), fp32 for CPU; None keeps the files' dtype.
@@ -144,10 +195,16 @@ class QwenImagePipeline:
             warnings.warn(f"{root} is a {class_name} checkpoint; loading it for text-to-image", stacklevel=2)
         device = torch.device(device or "cpu")
         if max_gpu_memory is not None:
-            streaming.parse_memory(max_gpu_memory)          # a bad value fails before minutes of loading
-        return cls(**load_components(root, device, dtype, offload or max_gpu_memory is not None, check_finite,
-                                     load_transformer),
-                   device=device, offload=offload, max_gpu_memory=max_gpu_memory, compile=compile)
+            streaming.parse_memory(max_gpu_memory)  # a bad value fails before minutes of loading
+        return cls(
+            **load_components(
+                root, device, dtype, offload or max_gpu_memory is not None, check_finite, load_transformer
+            ),
+            device=device,
+            offload=offload,
+            max_gpu_memory=max_gpu_memory,
+            compile=compile,
+        )
 
     # --- LoRA, with diffusers' method names (lora.py) ------------------------------------------
 
@@ -188,42 +245,84 @@ class QwenImagePipeline:
                 if self.device.type == "cuda":
                     torch.cuda.empty_cache()
 
-    def encode_prompt(self, prompt, image=None, num_images_per_prompt: int = 1,
-                      max_sequence_length: int | None = prompts.MAX_PROMPT_TOKENS):
+    def encode_prompt(
+        self,
+        prompt,
+        image=None,
+        num_images_per_prompt: int = 1,
+        max_sequence_length: int | None = prompts.MAX_PROMPT_TOKENS,
+    ):
         """prompt(s) -> (embeds (B * n, L, 3584), mask (B * n, L)); each prompt repeated n times in a row.
 
         The same signature as the Edit pipelines' (whose `image` is the picture(s) to edit)."""
         if image is not None:
             hint = " (pass num_images_per_prompt by name)" if isinstance(image, int) else ""
-            raise ValueError(f"image: text-to-image takes no input image, got {image!r}{hint}; "
-                             "use QwenImageEditPipeline to edit one")
+            raise ValueError(
+                f"image: text-to-image takes no input image, got {image!r}{hint}; "
+                "use QwenImageEditPipeline to edit one"
+            )
         with self.active(self.text_encoder) as te:
-            embeds, mask = prompts.encode_prompts(self.tokenizer, te, prompt, max_sequence_length=max_sequence_length,
-                                                  device=self.device)
-        return embeds.repeat_interleave(num_images_per_prompt, 0), mask.repeat_interleave(num_images_per_prompt, 0)
+            embeds, mask = prompts.encode_prompts(
+                self.tokenizer, te, prompt, max_sequence_length=max_sequence_length, device=self.device
+            )
+        return embeds.repeat_interleave(num_images_per_prompt, 0), mask.repeat_interleave(
+            num_images_per_prompt, 0
+        )
 
     @torch.no_grad()
-    def __call__(self, prompt=None, negative_prompt=None, true_cfg_scale: float = 4.0, height: int | None = None,
-                 width: int | None = None, num_inference_steps: int = 50, sigmas=None, num_images_per_prompt: int = 1,
-                 generator=None, latents=None, prompt_embeds=None, prompt_embeds_mask=None,
-                 negative_prompt_embeds=None, negative_prompt_embeds_mask=None, output_type: str = "pil",
-                 callback_on_step_end=None, max_sequence_length: int = 512, tiled_vae: bool = False,
-                 progress: bool = True) -> PipelineOutput:
+    def __call__(
+        self,
+        prompt=None,
+        negative_prompt=None,
+        true_cfg_scale: float = 4.0,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int = 50,
+        sigmas=None,
+        num_images_per_prompt: int = 1,
+        generator=None,
+        latents=None,
+        prompt_embeds=None,
+        prompt_embeds_mask=None,
+        negative_prompt_embeds=None,
+        negative_prompt_embeds_mask=None,
+        output_type: str = "pil",
+        callback_on_step_end=None,
+        max_sequence_length: int = 512,
+        tiled_vae: bool = False,
+        progress: bool = True,
+    ) -> PipelineOutput:
         height, width = self.check_size(1024 if height is None else height, 1024 if width is None else width)
-        self.check_call(num_inference_steps, height, width, output_type, num_images_per_prompt, max_sequence_length,
-                        true_cfg_scale)
-        sigmas = self.schedule(num_inference_steps, height, width, sigmas)    # (steps + 1,), last 0
+        self.check_call(
+            num_inference_steps,
+            height,
+            width,
+            output_type,
+            num_images_per_prompt,
+            max_sequence_length,
+            true_cfg_scale,
+        )
+        sigmas = self.schedule(num_inference_steps, height, width, sigmas)  # (steps + 1,), last 0
 
         # 1. Prompts -> embeddings (positive, and negative for classifier-free guidance)
-        cond, uncond = self.prompt_embeddings(prompt, negative_prompt, true_cfg_scale, prompt_embeds,
-                                              prompt_embeds_mask, negative_prompt_embeds, negative_prompt_embeds_mask,
-                                              num_images_per_prompt, max_sequence_length)
+        cond, uncond = self.prompt_embeddings(
+            prompt,
+            negative_prompt,
+            true_cfg_scale,
+            prompt_embeds,
+            prompt_embeds_mask,
+            negative_prompt_embeds,
+            negative_prompt_embeds_mask,
+            num_images_per_prompt,
+            max_sequence_length,
+        )
         # 2. Starting noise, packed into tokens: (B, 16, H/8, W/8) -> (B, H/16 * W/16, 64)
         latents = self.prepare_latents(latents, len(cond[0]), height, width, generator)
         img_shapes = [(1, height // self.size_multiple, width // self.size_multiple)]
         # 3. Denoise, 4. decode
-        latents = self.denoise(latents, cond, uncond, true_cfg_scale, img_shapes, sigmas, callback_on_step_end,
-                               progress)
+        latents = self.denoise(
+            latents, cond, uncond, true_cfg_scale, img_shapes, sigmas, callback_on_step_end, progress
+        )
         return self.decode(latents, height, width, output_type, tiled_vae)
 
     # --- the steps every pipeline shares --------------------------------------------------------
@@ -239,16 +338,33 @@ class QwenImagePipeline:
             if v > MAX_SIDE:
                 raise ValueError(f"{name} must be at most {MAX_SIDE} pixels, got {v}")
         if height % m or width % m:
-            warnings.warn(f"height and width must be multiples of {m}; {height}x{width} is rounded down to "
-                          f"{height // m * m}x{width // m * m}", stacklevel=3)
+            warnings.warn(
+                f"height and width must be multiples of {m}; {height}x{width} is rounded down to "
+                f"{height // m * m}x{width // m * m}",
+                stacklevel=3,
+            )
         return int(height) // m * m, int(width) // m * m
 
-    def check_call(self, num_inference_steps, height, width, output_type, num_images_per_prompt, max_sequence_length,
-                   true_cfg_scale):
+    def check_call(
+        self,
+        num_inference_steps,
+        height,
+        width,
+        output_type,
+        num_images_per_prompt,
+        max_sequence_length,
+        true_cfg_scale,
+    ):
         """The arguments that need no model (the steps and sigmas are checked where the schedule is made)."""
-        if not isinstance(true_cfg_scale, (int, float)) or isinstance(true_cfg_scale, bool) \
-                or not math.isfinite(true_cfg_scale) or true_cfg_scale < 0:
-            raise ValueError(f"true_cfg_scale must be a finite number >= 0 (1 = no guidance), got {true_cfg_scale!r}")
+        if (
+            not isinstance(true_cfg_scale, (int, float))
+            or isinstance(true_cfg_scale, bool)
+            or not math.isfinite(true_cfg_scale)
+            or true_cfg_scale < 0
+        ):
+            raise ValueError(
+                f"true_cfg_scale must be a finite number >= 0 (1 = no guidance), got {true_cfg_scale!r}"
+            )
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be 'pil', 'np', 'pt' or 'latent', got {output_type!r}")
         if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
@@ -263,24 +379,49 @@ class QwenImagePipeline:
         steps = None if sigmas is not None else num_inference_steps
         return scheduler.get_schedule(self.scheduler.config, steps, tokens, sigmas).to(self.device)
 
-    def prompt_embeddings(self, prompt, negative_prompt, true_cfg_scale, prompt_embeds, prompt_embeds_mask,
-                          negative_prompt_embeds, negative_prompt_embeds_mask, n, max_sequence_length, image=None):
+    def prompt_embeddings(
+        self,
+        prompt,
+        negative_prompt,
+        true_cfg_scale,
+        prompt_embeds,
+        prompt_embeds_mask,
+        negative_prompt_embeds,
+        negative_prompt_embeds_mask,
+        n,
+        max_sequence_length,
+        image=None,
+    ):
         """-> (embeds, mask), and the same for the negative prompt when CFG runs (else None).
         `image` is passed on to encode_prompt (the Edit pipelines' images or their features)."""
-        cond = self.embeddings(prompt, prompt_embeds, prompt_embeds_mask, "prompt", n, max_sequence_length, image)
+        cond = self.embeddings(
+            prompt, prompt_embeds, prompt_embeds_mask, "prompt", n, max_sequence_length, image
+        )
         use_cfg = true_cfg_scale > 1 and (negative_prompt is not None or negative_prompt_embeds is not None)
         if true_cfg_scale > 1 and not use_cfg:
-            warnings.warn(f"true_cfg_scale={true_cfg_scale} has no effect without a negative_prompt "
-                          "(the official examples use negative_prompt=' ')", stacklevel=3)
+            warnings.warn(
+                f"true_cfg_scale={true_cfg_scale} has no effect without a negative_prompt "
+                "(the official examples use negative_prompt=' ')",
+                stacklevel=3,
+            )
         if not use_cfg:
             return cond, None
-        if isinstance(negative_prompt, str):   # one negative prompt serves every prompt
+        if isinstance(negative_prompt, str):  # one negative prompt serves every prompt
             negative_prompt = [negative_prompt] * (len(cond[0]) // n)
-        uncond = self.embeddings(negative_prompt, negative_prompt_embeds, negative_prompt_embeds_mask,
-                                 "negative_prompt", n, max_sequence_length, image)
+        uncond = self.embeddings(
+            negative_prompt,
+            negative_prompt_embeds,
+            negative_prompt_embeds_mask,
+            "negative_prompt",
+            n,
+            max_sequence_length,
+            image,
+        )
         if len(uncond[0]) != len(cond[0]):
-            raise ValueError(f"negative_prompt gives {len(uncond[0])} embeddings but prompt gives "
-                             f"{len(cond[0])}: pass one negative prompt per prompt (or a single str)")
+            raise ValueError(
+                f"negative_prompt gives {len(uncond[0])} embeddings but prompt gives "
+                f"{len(cond[0])}: pass one negative prompt per prompt (or a single str)"
+            )
         return cond, uncond
 
     def embeddings(self, prompt, embeds, mask, name, n, max_sequence_length, image=None):
@@ -290,61 +431,98 @@ class QwenImagePipeline:
         if prompt is None and embeds is None:
             raise ValueError(f"pass {name} (text) or {name}_embeds")
         if embeds is None:
-            texts = [prompt] if isinstance(prompt, str) else prompt      # its types: checked by encode_prompts
-            if name == "prompt" and isinstance(texts, (list, tuple)) and any(
-                    isinstance(p, str) and not p.strip() for p in texts):
-                raise ValueError("prompt must not be empty: describe the image (an empty prompt is only "
-                                 "meaningful as negative_prompt)")
+            texts = [prompt] if isinstance(prompt, str) else prompt  # its types: checked by encode_prompts
+            if (
+                name == "prompt"
+                and isinstance(texts, (list, tuple))
+                and any(isinstance(p, str) and not p.strip() for p in texts)
+            ):
+                raise ValueError(
+                    "prompt must not be empty: describe the image (an empty prompt is only "
+                    "meaningful as negative_prompt)"
+                )
             embeds, mask = self.encode_prompt(prompt, image, n, max_sequence_length)
         else:
             width = self.transformer.config.joint_attention_dim
             if embeds.ndim != 3 or embeds.shape[-1] != width:
                 raise ValueError(f"{name}_embeds must be (batch, length, {width}), got {tuple(embeds.shape)}")
             if mask is None and embeds.shape[0] > 1:
-                raise ValueError(f"{name}_embeds for a batch needs {name}_embeds_mask (1 = token, 0 = padding): "
-                                 "without it padding would be attended to")
+                raise ValueError(
+                    f"{name}_embeds for a batch needs {name}_embeds_mask (1 = token, 0 = padding): "
+                    "without it padding would be attended to"
+                )
             if mask is not None and tuple(mask.shape) != tuple(embeds.shape[:2]):
-                raise ValueError(f"{name}_embeds_mask must be {tuple(embeds.shape[:2])}, got {tuple(mask.shape)}")
+                raise ValueError(
+                    f"{name}_embeds_mask must be {tuple(embeds.shape[:2])}, got {tuple(mask.shape)}"
+                )
             embeds = embeds[:, :max_sequence_length].repeat_interleave(n, 0)
             mask = None if mask is None else mask[:, :max_sequence_length].repeat_interleave(n, 0)
         embeds = embeds.to(self.device, self.transformer.img_in.weight.dtype)
         if mask is not None:
             mask = mask.to(self.device)
             if bool(mask.all()):
-                mask = None              # no padding: plain attention (as diffusers; also faster kernels)
+                mask = None  # no padding: plain attention (as diffusers; also faster kernels)
         return embeds, mask
 
     def prepare_latents(self, latents, batch, height, width, generator) -> torch.Tensor:
         """Packed starting noise (B, N, C * p²): drawn from `generator`, or the given `latents` checked."""
         s, p = self.vae_scale_factor, self.transformer.config.patch_size
-        h, w = height // s, width // s                                         # latent pixels
+        h, w = height // s, width // s  # latent pixels
         channels = self.vae.config.z_dim
         dtype = self.transformer.img_in.weight.dtype
         if latents is None:
             if isinstance(generator, list) and len(generator) != batch:
-                raise ValueError(f"generator is a list of {len(generator)} but the batch has {batch} images "
-                                 "(prompts x num_images_per_prompt): pass one generator per image, or one in all")
-            noise = sampling.initial_noise((batch, 1, channels, h, w), generator, self.device, dtype)  # (B, 1, C, h, w)
-            return mmdit.pack_latents(noise[:, 0], p)                                              # (B, N, C p²)
+                raise ValueError(
+                    f"generator is a list of {len(generator)} but the batch has {batch} images "
+                    "(prompts x num_images_per_prompt): pass one generator per image, or one in all"
+                )
+            noise = sampling.initial_noise(
+                (batch, 1, channels, h, w), generator, self.device, dtype
+            )  # (B, 1, C, h, w)
+            return mmdit.pack_latents(noise[:, 0], p)  # (B, N, C p²)
         shape = (batch, (h // p) * (w // p), channels * p * p)
         if tuple(latents.shape) != shape:
-            raise ValueError(f"latents must be packed noise of shape {shape} for {height}x{width}, "
-                             f"got {tuple(latents.shape)}")
+            raise ValueError(
+                f"latents must be packed noise of shape {shape} for {height}x{width}, "
+                f"got {tuple(latents.shape)}"
+            )
         return latents.to(self.device, dtype)
 
-    def denoise(self, latents, cond, uncond, true_cfg_scale, img_shapes, sigmas, callback_on_step_end=None,
-                progress=True, reference=None) -> torch.Tensor:
+    def denoise(
+        self,
+        latents,
+        cond,
+        uncond,
+        true_cfg_scale,
+        img_shapes,
+        sigmas,
+        callback_on_step_end=None,
+        progress=True,
+        reference=None,
+    ) -> torch.Tensor:
         """sampling.denoise over `sigmas` (from `schedule`), with the transformer on the device."""
         on_step = None
-        if callback_on_step_end is not None:      # diffusers' signature: (pipeline, i, t, {"latents": x})
-            timesteps = sigmas[:-1] * self.scheduler.config.num_train_timesteps       # t = 1000 sigma, as reported
+        if callback_on_step_end is not None:  # diffusers' signature: (pipeline, i, t, {"latents": x})
+            timesteps = sigmas[:-1] * self.scheduler.config.num_train_timesteps  # t = 1000 sigma, as reported
+
             def on_step(i, x):
                 out = callback_on_step_end(self, i, timesteps[i], {"latents": x})
                 return (out or {}).get("latents")
+
         with self.active(self.transformer) as dit:
-            return sampling.denoise(dit, latents, cond, sigmas, img_shapes, negative_prompt=uncond,
-                                    cfg_scale=true_cfg_scale, reference=reference, on_step=on_step, progress=progress,
-                                    batch_cfg=self.batch_cfg)
+            return sampling.denoise(
+                dit,
+                latents,
+                cond,
+                sigmas,
+                img_shapes,
+                negative_prompt=uncond,
+                cfg_scale=true_cfg_scale,
+                reference=reference,
+                on_step=on_step,
+                progress=progress,
+                batch_cfg=self.batch_cfg,
+            )
 
     def decode(self, latents, height, width, output_type, tiled_vae=False) -> PipelineOutput:
         """Packed latents -> unpack, undo the latent normalisation, VAE decode -> output_type."""
@@ -353,7 +531,7 @@ class QwenImagePipeline:
         s, p = self.vae_scale_factor, self.transformer.config.patch_size
         with self.active(self.vae) as ae:
             z = mmdit.unpack_latents(latents, height // s, width // s, p).to(ae.post_quant_conv.weight.dtype)
-            image = ae.decode(ae.denormalize_latents(z), tiled=tiled_vae)                 # (B, 3, H, W)
+            image = ae.decode(ae.denormalize_latents(z), tiled=tiled_vae)  # (B, 3, H, W)
         return PipelineOutput(images.postprocess(image, output_type))
 
 
@@ -361,8 +539,10 @@ class QwenImagePipeline:
 # Image editing
 # ---------------------------------------------------------------------------------------------
 
+
 class ImageFeatures(NamedTuple):
     """The vision tower's reading of the input image(s): (N, 3584) features and each image's patch grid."""
+
     features: torch.Tensor
     grids: list
 
@@ -370,10 +550,15 @@ class ImageFeatures(NamedTuple):
 def edit_pipeline_class(root: Path):
     """The Edit class an official folder's model_index.json names: Edit, or Plus (Edit-2509 / 2511)."""
     class_name = check_model_folder(root, "Qwen-Image-Edit")
-    kinds = {"QwenImageEditPipeline": QwenImageEditPipeline, "QwenImageEditPlusPipeline": QwenImageEditPlusPipeline}
+    kinds = {
+        "QwenImageEditPipeline": QwenImageEditPipeline,
+        "QwenImageEditPlusPipeline": QwenImageEditPlusPipeline,
+    }
     if class_name not in kinds:
-        raise weights.CheckpointError(f"{root}/model_index.json names {class_name!r}, not an Edit pipeline "
-                                      f"({', '.join(kinds)}); for text-to-image use QwenImagePipeline")
+        raise weights.CheckpointError(
+            f"{root}/model_index.json names {class_name!r}, not an Edit pipeline "
+            f"({', '.join(kinds)}); for text-to-image use QwenImagePipeline"
+        )
     return kinds[class_name]
 
 
@@ -390,23 +575,52 @@ class QwenImageEditPipeline(QwenImagePipeline):
     size defaults to the input's (resized as above). `from_pretrained` reads model_index.json and
     returns a QwenImageEditPlusPipeline for Edit-2509 / Edit-2511 checkpoints."""
 
-    numbered_pictures = False          # prompt prefix "<image>" (Edit) or "Picture 1: <image>..." (Edit-2509+)
+    numbered_pictures = False  # prompt prefix "<image>" (Edit) or "Picture 1: <image>..." (Edit-2509+)
     max_images = 1
-    output_area = 1024 * 1024          # the default output size: the (last) image's aspect at this area
+    output_area = 1024 * 1024  # the default output size: the (last) image's aspect at this area
     vae_area = 1024 * 1024
-    condition_area = None              # the vision tower sees the VAE-sized image
+    condition_area = None  # the vision tower sees the VAE-sized image
 
-    def __init__(self, tokenizer, text_encoder, vision_tower, transformer, vae, scheduler, processor_config=None,
-                 device=None, offload: bool = False, max_gpu_memory=None, compile: bool = False):
-        super().__init__(tokenizer, text_encoder, transformer, vae, scheduler, device=device, offload=offload,
-                         max_gpu_memory=max_gpu_memory, compile=compile)
+    def __init__(
+        self,
+        tokenizer,
+        text_encoder,
+        vision_tower,
+        transformer,
+        vae,
+        scheduler,
+        processor_config=None,
+        device=None,
+        offload: bool = False,
+        max_gpu_memory=None,
+        compile: bool = False,
+    ):
+        super().__init__(
+            tokenizer,
+            text_encoder,
+            transformer,
+            vae,
+            scheduler,
+            device=device,
+            offload=offload,
+            max_gpu_memory=max_gpu_memory,
+            compile=compile,
+        )
         self.vision_tower = vision_tower
         self.processor_config = processor_config or images.ImageProcessorConfig()
 
     @classmethod
-    def from_pretrained(cls, root, device=None, dtype=None, offload: bool = False, check_finite: bool = True,
-                        load_transformer: bool = True, max_gpu_memory=None, compile: bool = False
-                        ) -> "QwenImageEditPipeline":
+    def from_pretrained(
+        cls,
+        root,
+        device=None,
+        dtype=None,
+        offload: bool = False,
+        check_finite: bool = True,
+        load_transformer: bool = True,
+        max_gpu_memory=None,
+        compile: bool = False,
+    ) -> "QwenImageEditPipeline":
         """Load an official Qwen-Image-Edit / -Edit-2509 / -Edit-2511 folder (same layout as Qwen-Image,
         plus processor/). Called on QwenImageEditPipeline it picks the class model_index.json names.
         The options are QwenImagePipeline.from_pretrained's."""
@@ -415,17 +629,26 @@ class QwenImageEditPipeline(QwenImagePipeline):
         if cls is QwenImageEditPipeline:
             cls = named
         if not (root / "processor" / "preprocessor_config.json").is_file():
-            raise weights.CheckpointError(f"{root}/processor/preprocessor_config.json is missing: Edit checkpoints "
-                                          "ship it (the vision tower's image sizes); download it too")
+            raise weights.CheckpointError(
+                f"{root}/processor/preprocessor_config.json is missing: Edit checkpoints "
+                "ship it (the vision tower's image sizes); download it too"
+            )
         device = torch.device(device or "cpu")
         if max_gpu_memory is not None:
             streaming.parse_memory(max_gpu_memory)
         offload_all = offload or max_gpu_memory is not None
         place = torch.device("cpu") if offload_all else device
-        return cls(**load_components(root, device, dtype, offload_all, check_finite, load_transformer),
-                   vision_tower=vision.load(root / "text_encoder", device=place, dtype=dtype, check_finite=check_finite),
-                   processor_config=images.load_processor_config(root / "processor"), device=device, offload=offload,
-                   max_gpu_memory=max_gpu_memory, compile=compile)
+        return cls(
+            **load_components(root, device, dtype, offload_all, check_finite, load_transformer),
+            vision_tower=vision.load(
+                root / "text_encoder", device=place, dtype=dtype, check_finite=check_finite
+            ),
+            processor_config=images.load_processor_config(root / "processor"),
+            device=device,
+            offload=offload,
+            max_gpu_memory=max_gpu_memory,
+            compile=compile,
+        )
 
     # --- images ------------------------------------------------------------------------------
 
@@ -439,10 +662,19 @@ class QwenImageEditPipeline(QwenImagePipeline):
         if not given:
             raise ValueError("image is an empty list: pass at least one image")
         if len(given) > cls.max_images:
-            hint = (" (QwenImageEditPlusPipeline, for Edit-2509/2511 checkpoints, takes up to "
-                    f"{QwenImageEditPlusPipeline.max_images})" if cls.max_images == 1 else "")
-            raise ValueError(f"{cls.__name__} takes at most {cls.max_images} image(s), got {len(given)}{hint}")
-        return [images.to_rgb(img, name=f"image[{i}]" if len(given) > 1 else "image") for i, img in enumerate(given)]
+            hint = (
+                " (QwenImageEditPlusPipeline, for Edit-2509/2511 checkpoints, takes up to "
+                f"{QwenImageEditPlusPipeline.max_images})"
+                if cls.max_images == 1
+                else ""
+            )
+            raise ValueError(
+                f"{cls.__name__} takes at most {cls.max_images} image(s), got {len(given)}{hint}"
+            )
+        return [
+            images.to_rgb(img, name=f"image[{i}]" if len(given) > 1 else "image")
+            for i, img in enumerate(given)
+        ]
 
     def resize_images(self, rgb_images) -> tuple[list, list]:
         """PIL RGB images -> (condition images for the vision tower, VAE images), resized as the
@@ -471,16 +703,23 @@ class QwenImageEditPipeline(QwenImagePipeline):
         with self.active(self.vae) as ae, torch.no_grad():
             dtype = ae.post_quant_conv.weight.dtype
             for img in vae_images:
-                x = images.to_tensor(img).to(self.device, dtype)                     # (1, 3, H, W) in [-1, 1]
-                z = ae.normalize_latents(ae.encode(x).mean)                          # (1, C, H/8, W/8)
-                tokens.append(mmdit.pack_latents(z, p))                              # (1, H/16 * W/16, C p²)
+                x = images.to_tensor(img).to(self.device, dtype)  # (1, 3, H, W) in [-1, 1]
+                z = ae.normalize_latents(ae.encode(x).mean)  # (1, C, H/8, W/8)
+                tokens.append(mmdit.pack_latents(z, p))  # (1, H/16 * W/16, C p²)
                 shapes.append((1, z.shape[2] // p, z.shape[3] // p))
         return torch.cat(tokens, dim=1), shapes
 
     # --- prompts -----------------------------------------------------------------------------
 
-    def encode_prompt(self, prompt, image=None, num_images_per_prompt: int = 1, max_sequence_length=None, *,
-                      image_positions: str = "3d"):
+    def encode_prompt(
+        self,
+        prompt,
+        image=None,
+        num_images_per_prompt: int = 1,
+        max_sequence_length=None,
+        *,
+        image_positions: str = "3d",
+    ):
         """prompt(s) + image(s) -> (embeds (B * n, L, 3584), mask (B * n, L)).
 
         `image`: the image(s) as __call__ takes them, or their ImageFeatures (from `image_features`,
@@ -488,28 +727,58 @@ class QwenImageEditPipeline(QwenImagePipeline):
         they follow the 64 dropped template tokens. max_sequence_length is accepted for the common
         signature and not used, as in diffusers: Edit prompts are never cut.
         image_positions="sequential" reproduces diffusers 0.42.1 (see prompts.encode_prompts)."""
-        prompts.check_max_sequence_length(max_sequence_length, allow_none=True,
-                                          hint=" (image_positions is passed by name)")
-        read = image if isinstance(image, ImageFeatures) else self.image_features(self.prepare_images(image)[0])
+        prompts.check_max_sequence_length(
+            max_sequence_length, allow_none=True, hint=" (image_positions is passed by name)"
+        )
+        read = (
+            image if isinstance(image, ImageFeatures) else self.image_features(self.prepare_images(image)[0])
+        )
         prefix = prompts.edit_prompt_prefix(len(read.grids), self.numbered_pictures)
         texts = [prompt] if isinstance(prompt, str) else list(prompt)
         with self.active(self.text_encoder) as te:
             embeds, mask = prompts.encode_prompts(
-                self.tokenizer, te, [prefix + p if isinstance(p, str) else p for p in texts],
-                prompts.EDIT_TEMPLATE, prompts.EDIT_PREFIX_TOKENS, max_sequence_length=None, device=self.device,
-                image_features=read.features, image_grid_thw=read.grids,
-                merge_size=self.vision_tower.config.spatial_merge_size, image_positions=image_positions)
-        return embeds.repeat_interleave(num_images_per_prompt, 0), mask.repeat_interleave(num_images_per_prompt, 0)
+                self.tokenizer,
+                te,
+                [prefix + p if isinstance(p, str) else p for p in texts],
+                prompts.EDIT_TEMPLATE,
+                prompts.EDIT_PREFIX_TOKENS,
+                max_sequence_length=None,
+                device=self.device,
+                image_features=read.features,
+                image_grid_thw=read.grids,
+                merge_size=self.vision_tower.config.spatial_merge_size,
+                image_positions=image_positions,
+            )
+        return embeds.repeat_interleave(num_images_per_prompt, 0), mask.repeat_interleave(
+            num_images_per_prompt, 0
+        )
 
     # --- the edit ----------------------------------------------------------------------------
 
     @torch.no_grad()
-    def __call__(self, image=None, prompt=None, negative_prompt=None, true_cfg_scale: float = 4.0,
-                 height: int | None = None, width: int | None = None, num_inference_steps: int = 50, sigmas=None,
-                 num_images_per_prompt: int = 1, generator=None, latents=None, prompt_embeds=None,
-                 prompt_embeds_mask=None, negative_prompt_embeds=None, negative_prompt_embeds_mask=None,
-                 output_type: str = "pil", callback_on_step_end=None, max_sequence_length: int = 512,
-                 tiled_vae: bool = False, progress: bool = True) -> PipelineOutput:
+    def __call__(
+        self,
+        image=None,
+        prompt=None,
+        negative_prompt=None,
+        true_cfg_scale: float = 4.0,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int = 50,
+        sigmas=None,
+        num_images_per_prompt: int = 1,
+        generator=None,
+        latents=None,
+        prompt_embeds=None,
+        prompt_embeds_mask=None,
+        negative_prompt_embeds=None,
+        negative_prompt_embeds_mask=None,
+        output_type: str = "pil",
+        callback_on_step_end=None,
+        max_sequence_length: int = 512,
+        tiled_vae: bool = False,
+        progress: bool = True,
+    ) -> PipelineOutput:
         """Same arguments as diffusers' QwenImageEditPipeline / QwenImageEditPlusPipeline.
 
         image: a PIL image, an (H, W, C) array or a (C, H, W) tensor (values 0..255 or [0, 1]),
@@ -518,19 +787,37 @@ class QwenImageEditPipeline(QwenImagePipeline):
         never cut, since the image tokens are part of them."""
         rgb_images = self.load_images(image)
         condition_images, vae_images = self.resize_images(rgb_images)
-        default_w, default_h = images.calculate_dimensions(self.output_area, rgb_images[-1].width / rgb_images[-1].height)
+        default_w, default_h = images.calculate_dimensions(
+            self.output_area, rgb_images[-1].width / rgb_images[-1].height
+        )
         height, width = self.check_size(height or default_h, width or default_w)
-        self.check_call(num_inference_steps, height, width, output_type, num_images_per_prompt, max_sequence_length,
-                        true_cfg_scale)
-        sigmas = self.schedule(num_inference_steps, height, width, sigmas)    # (steps + 1,), last 0
+        self.check_call(
+            num_inference_steps,
+            height,
+            width,
+            output_type,
+            num_images_per_prompt,
+            max_sequence_length,
+            true_cfg_scale,
+        )
+        sigmas = self.schedule(num_inference_steps, height, width, sigmas)  # (steps + 1,), last 0
 
         # 1. Prompts (+ the images, through the vision tower once) -> embeddings
         read = None
         if prompt_embeds is None or (negative_prompt is not None and negative_prompt_embeds is None):
             read = self.image_features(condition_images)
-        cond, uncond = self.prompt_embeddings(prompt, negative_prompt, true_cfg_scale, prompt_embeds,
-                                              prompt_embeds_mask, negative_prompt_embeds, negative_prompt_embeds_mask,
-                                              num_images_per_prompt, None, image=read)
+        cond, uncond = self.prompt_embeddings(
+            prompt,
+            negative_prompt,
+            true_cfg_scale,
+            prompt_embeds,
+            prompt_embeds_mask,
+            negative_prompt_embeds,
+            negative_prompt_embeds_mask,
+            num_images_per_prompt,
+            None,
+            image=read,
+        )
         batch = len(cond[0])
 
         # 2. Noise tokens, and the reference images' tokens (the same for every sample)
@@ -540,8 +827,17 @@ class QwenImageEditPipeline(QwenImagePipeline):
         img_shapes = [(1, height // self.size_multiple, width // self.size_multiple), *reference_shapes]
 
         # 3. Denoise [noise | references], keep the noise tokens; 4. decode
-        latents = self.denoise(latents, cond, uncond, true_cfg_scale, img_shapes, sigmas, callback_on_step_end,
-                               progress, reference=reference)
+        latents = self.denoise(
+            latents,
+            cond,
+            uncond,
+            true_cfg_scale,
+            img_shapes,
+            sigmas,
+            callback_on_step_end,
+            progress,
+            reference=reference,
+        )
         return self.decode(latents, height, width, output_type, tiled_vae)
 
 

@@ -27,17 +27,21 @@ import torch
 
 from .text_encoder import TextEncoder, multimodal_position_ids
 
-T2I_TEMPLATE = ("<|im_start|>system\nDescribe the image by detailing the color, shape, size, texture, quantity, "
-                "text, spatial relationships of the objects and background:<|im_end|>\n<|im_start|>user\n{}"
-                "<|im_end|>\n<|im_start|>assistant\n")
-T2I_PREFIX_TOKENS = 34       # the template's tokens before the prompt: dropped from the embeddings
-EDIT_TEMPLATE = ("<|im_start|>system\nDescribe the key features of the input image (color, shape, size, texture, "
-                 "objects, background), then explain how the user's text instruction should alter or modify the "
-                 "image. Generate a new image that meets the user's requirements while maintaining consistency "
-                 "with the original input where appropriate.<|im_end|>\n<|im_start|>user\n{}<|im_end|>\n"
-                 "<|im_start|>assistant\n")
+T2I_TEMPLATE = (
+    "<|im_start|>system\nDescribe the image by detailing the color, shape, size, texture, quantity, "
+    "text, spatial relationships of the objects and background:<|im_end|>\n<|im_start|>user\n{}"
+    "<|im_end|>\n<|im_start|>assistant\n"
+)
+T2I_PREFIX_TOKENS = 34  # the template's tokens before the prompt: dropped from the embeddings
+EDIT_TEMPLATE = (
+    "<|im_start|>system\nDescribe the key features of the input image (color, shape, size, texture, "
+    "objects, background), then explain how the user's text instruction should alter or modify the "
+    "image. Generate a new image that meets the user's requirements while maintaining consistency "
+    "with the original input where appropriate.<|im_end|>\n<|im_start|>user\n{}<|im_end|>\n"
+    "<|im_start|>assistant\n"
+)
 EDIT_PREFIX_TOKENS = 64
-MAX_PROMPT_TOKENS = 1024     # tokens kept after the prefix (text-to-image), as in diffusers
+MAX_PROMPT_TOKENS = 1024  # tokens kept after the prefix (text-to-image), as in diffusers
 IMAGE_PLACEHOLDER = "<|vision_start|><|image_pad|><|vision_end|>"
 IMAGE_PAD = "<|image_pad|>"
 
@@ -66,8 +70,10 @@ def check_max_sequence_length(value, allow_none: bool = False, hint: str = "") -
     if value is None and allow_none:
         return
     if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= MAX_PROMPT_TOKENS:
-        raise ValueError(f"max_sequence_length must be {'None or ' if allow_none else ''}in 1..{MAX_PROMPT_TOKENS}, "
-                         f"got {value!r}{hint}")
+        raise ValueError(
+            f"max_sequence_length must be {'None or ' if allow_none else ''}in 1..{MAX_PROMPT_TOKENS}, "
+            f"got {value!r}{hint}"
+        )
 
 
 def check_prompts(prompts) -> list[str]:
@@ -82,16 +88,27 @@ def check_prompts(prompts) -> list[str]:
     for i, p in enumerate(prompts):
         try:
             p.encode("utf-8")
-        except UnicodeEncodeError as e:       # a lone surrogate, e.g. half of an emoji cut by a byte-level slice
-            raise ValueError(f"prompt {i} is not valid Unicode: character {e.start} ({p[e.start:e.end]!r}) cannot "
-                             f"be encoded ({e.reason}); remove it or decode the text properly") from None
+        except UnicodeEncodeError as e:  # a lone surrogate, e.g. half of an emoji cut by a byte-level slice
+            raise ValueError(
+                f"prompt {i} is not valid Unicode: character {e.start} ({p[e.start : e.end]!r}) cannot "
+                f"be encoded ({e.reason}); remove it or decode the text properly"
+            ) from None
     return list(prompts)
 
 
-def encode_prompts(tokenizer, encoder: TextEncoder, prompts, template: str = T2I_TEMPLATE,
-                   prefix_tokens: int = T2I_PREFIX_TOKENS, max_sequence_length: int | None = MAX_PROMPT_TOKENS,
-                   device=None, image_features: torch.Tensor | None = None, image_grid_thw=None,
-                   merge_size: int = 2, image_positions: str = "3d"):
+def encode_prompts(
+    tokenizer,
+    encoder: TextEncoder,
+    prompts,
+    template: str = T2I_TEMPLATE,
+    prefix_tokens: int = T2I_PREFIX_TOKENS,
+    max_sequence_length: int | None = MAX_PROMPT_TOKENS,
+    device=None,
+    image_features: torch.Tensor | None = None,
+    image_grid_thw=None,
+    merge_size: int = 2,
+    image_positions: str = "3d",
+):
     """prompts -> (embeds (B, L, hidden), mask (B, L) long), right-padded to the longest prompt.
 
     Each prompt goes through the template; the first `prefix_tokens` tokens (the system prompt and
@@ -110,7 +127,7 @@ def encode_prompts(tokenizer, encoder: TextEncoder, prompts, template: str = T2I
     computes (its encoder call omits `mm_token_type_ids`, diffusers issue #14194): use it only to
     reproduce such outputs."""
     prompts = check_prompts(prompts)
-    if max_sequence_length is not None:                     # None: Edit, whose prompts are never cut
+    if max_sequence_length is not None:  # None: Edit, whose prompts are never cut
         check_max_sequence_length(max_sequence_length)
     if image_positions not in ("3d", "sequential"):
         raise ValueError(f"image_positions must be '3d' or 'sequential', got {image_positions!r}")
@@ -120,49 +137,63 @@ def encode_prompts(tokenizer, encoder: TextEncoder, prompts, template: str = T2I
         kept = min(MAX_PROMPT_TOKENS, max_sequence_length or MAX_PROMPT_TOKENS)
         for i, x in enumerate(ids):
             if len(x) - prefix_tokens > kept:
-                warnings.warn(f"prompt {i} is {len(x) - prefix_tokens} tokens long with the template; only the "
-                              f"first {kept} are used (max_sequence_length; the rest, including the template's "
-                              "closing tokens, is cut, as in diffusers)", stacklevel=2)
-        ids = [x[:MAX_PROMPT_TOKENS + prefix_tokens] for x in ids]
+                warnings.warn(
+                    f"prompt {i} is {len(x) - prefix_tokens} tokens long with the template; only the "
+                    f"first {kept} are used (max_sequence_length; the rest, including the template's "
+                    "closing tokens, is cut, as in diffusers)",
+                    stacklevel=2,
+                )
+        ids = [x[: MAX_PROMPT_TOKENS + prefix_tokens] for x in ids]
     else:
         if image_grid_thw is None:
-            raise ValueError("image_features needs image_grid_thw: the (t, h, w) patch grid of each image, in order")
+            raise ValueError(
+                "image_features needs image_grid_thw: the (t, h, w) patch grid of each image, in order"
+            )
         pad_id = tokenizer.token_to_id(IMAGE_PAD)
-        counts = [t * h * w // merge_size ** 2 for t, h, w in image_grid_thw]
+        counts = [t * h * w // merge_size**2 for t, h, w in image_grid_thw]
         if sum(counts) != len(image_features):
-            raise ValueError(f"image_features has {len(image_features)} rows but image_grid_thw {image_grid_thw} "
-                             f"needs {sum(counts)}")
+            raise ValueError(
+                f"image_features has {len(image_features)} rows but image_grid_thw {image_grid_thw} "
+                f"needs {sum(counts)}"
+            )
         for i, x in enumerate(ids):
             if x.count(pad_id) != len(counts):
-                raise ValueError(f"prompt {i} holds {x.count(pad_id)} {IMAGE_PAD} token(s) but {len(counts)} "
-                                 f"image(s) are given: put one {IMAGE_PLACEHOLDER} per image in the template")
+                raise ValueError(
+                    f"prompt {i} holds {x.count(pad_id)} {IMAGE_PAD} token(s) but {len(counts)} "
+                    f"image(s) are given: put one {IMAGE_PLACEHOLDER} per image in the template"
+                )
             if len(x) - len(counts) - prefix_tokens > MAX_PROMPT_TOKENS:
-                raise ValueError(f"prompt {i} is {len(x) - len(counts) - prefix_tokens} tokens long with the "
-                                 f"template; Edit prompts may have at most {MAX_PROMPT_TOKENS}: shorten it")
+                raise ValueError(
+                    f"prompt {i} is {len(x) - len(counts) - prefix_tokens} tokens long with the "
+                    f"template; Edit prompts may have at most {MAX_PROMPT_TOKENS}: shorten it"
+                )
         ids = [expand_image_pads(x, pad_id, counts) for x in ids]
-    input_ids, attention_mask = tokenizer.pad(ids)                                 # (B, S) each
+    input_ids, attention_mask = tokenizer.pad(ids)  # (B, S) each
     device = device or encoder.embed_tokens.weight.device
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
 
     position_ids = inputs_embeds = None
     if image_features is not None:
-        inputs_embeds = encoder.embed_tokens(input_ids)                           # (B, S, hidden)
+        inputs_embeds = encoder.embed_tokens(input_ids)  # (B, S, hidden)
         slots = (input_ids == pad_id)[..., None]
-        features = image_features.to(device, inputs_embeds.dtype).repeat(len(ids), 1)  # the same images per prompt
+        features = image_features.to(device, inputs_embeds.dtype).repeat(
+            len(ids), 1
+        )  # the same images per prompt
         inputs_embeds = inputs_embeds.masked_scatter(slots, features)
         if image_positions == "3d":
-            position_ids = multimodal_position_ids(input_ids, attention_mask, list(image_grid_thw) * len(ids),
-                                                   pad_id, merge_size)             # (3, B, S)
+            position_ids = multimodal_position_ids(
+                input_ids, attention_mask, list(image_grid_thw) * len(ids), pad_id, merge_size
+            )  # (3, B, S)
     with torch.no_grad():
-        hidden = encoder(input_ids, attention_mask, position_ids, inputs_embeds)   # (B, S, hidden)
+        hidden = encoder(input_ids, attention_mask, position_ids, inputs_embeds)  # (B, S, hidden)
 
-    kept = [h[m.bool()][prefix_tokens:] for h, m in zip(hidden, attention_mask)]   # per prompt (L_b, hidden)
+    kept = [h[m.bool()][prefix_tokens:] for h, m in zip(hidden, attention_mask)]  # per prompt (L_b, hidden)
     L = max(len(k) for k in kept)
-    embeds = hidden.new_zeros(len(kept), L, hidden.shape[-1])                      # (B, L, hidden)
-    mask = torch.zeros(len(kept), L, dtype=torch.long, device=device)              # (B, L)
+    embeds = hidden.new_zeros(len(kept), L, hidden.shape[-1])  # (B, L, hidden)
+    mask = torch.zeros(len(kept), L, dtype=torch.long, device=device)  # (B, L)
     for b, k in enumerate(kept):
-        embeds[b, :len(k)] = k
-        mask[b, :len(k)] = 1
+        embeds[b, : len(k)] = k
+        mask[b, : len(k)] = 1
     if max_sequence_length is not None:
         embeds, mask = embeds[:, :max_sequence_length], mask[:, :max_sequence_length]
     return embeds, mask

@@ -37,9 +37,9 @@ def join_prompts(cond: tuple, uncond: tuple) -> tuple:
     embeds, masks = [], []
     for e, m in (cond, uncond):
         m = torch.ones(e.shape[:2], dtype=torch.long, device=e.device) if m is None else m.long()
-        embeds.append(F.pad(e, (0, 0, 0, length - e.shape[1])))             # zeros after the text
-        masks.append(F.pad(m, (0, length - e.shape[1])))                    # ... and masked out
-    mask = torch.cat(masks)                                                 # (2B, L)
+        embeds.append(F.pad(e, (0, 0, 0, length - e.shape[1])))  # zeros after the text
+        masks.append(F.pad(m, (0, length - e.shape[1])))  # ... and masked out
+    mask = torch.cat(masks)  # (2B, L)
     return torch.cat(embeds), (None if bool(mask.all()) else mask)
 
 
@@ -47,14 +47,24 @@ def cfg_combine(v_cond: torch.Tensor, v_uncond: torch.Tensor, scale: float) -> t
     """True classifier-free guidance with norm rescale: push away from the unconditional prediction,
     then give each token the length of its conditional prediction (over its channels), which
     keeps large scales from over-saturating."""
-    combined = v_uncond + scale * (v_cond - v_uncond)                       # (B, N, C)
+    combined = v_uncond + scale * (v_cond - v_uncond)  # (B, N, C)
     return combined * (v_cond.norm(dim=-1, keepdim=True) / combined.norm(dim=-1, keepdim=True))
 
 
 @torch.no_grad()
-def denoise(model, x: torch.Tensor, prompt: tuple, sigmas: torch.Tensor, img_shapes: list,
-            negative_prompt: tuple | None = None, cfg_scale: float = 1.0, reference: torch.Tensor | None = None,
-            on_step: Callable | None = None, progress: bool = False, batch_cfg: bool = False) -> torch.Tensor:
+def denoise(
+    model,
+    x: torch.Tensor,
+    prompt: tuple,
+    sigmas: torch.Tensor,
+    img_shapes: list,
+    negative_prompt: tuple | None = None,
+    cfg_scale: float = 1.0,
+    reference: torch.Tensor | None = None,
+    on_step: Callable | None = None,
+    progress: bool = False,
+    batch_cfg: bool = False,
+) -> torch.Tensor:
     """Integrate the flow from sigmas[0] to sigmas[-1] = 0 with Euler steps.
 
     model            the MMDiT: model(tokens, embeds, mask, sigma, img_shapes) -> velocity
@@ -75,16 +85,19 @@ def denoise(model, x: torch.Tensor, prompt: tuple, sigmas: torch.Tensor, img_sha
     steps = range(len(sigmas) - 1)
     if progress:
         from tqdm.auto import tqdm
+
         steps = tqdm(steps, desc="denoising")
     for i in steps:
         # The reference hands the model t = 1000 sigma rounded to the latents' dtype, then / 1000.
         t = (sigmas[i] * 1000).expand(batch).to(x.dtype)
-        sigma = t / 1000                                                        # (B,)
+        sigma = t / 1000  # (B,)
         tokens = x if reference is None else torch.cat([x, reference], dim=1)  # (B, N [+ M], C)
-        if both is not None:                                                    # one call of batch 2B
-            v, v_uncond = model(tokens.repeat(2, 1, 1), *both, sigma.repeat(2), img_shapes)[:, :n_noise].chunk(2)
+        if both is not None:  # one call of batch 2B
+            v, v_uncond = model(tokens.repeat(2, 1, 1), *both, sigma.repeat(2), img_shapes)[
+                :, :n_noise
+            ].chunk(2)
         else:
-            v = model(tokens, *prompt, sigma, img_shapes)[:, :n_noise]          # (B, N, C)
+            v = model(tokens, *prompt, sigma, img_shapes)[:, :n_noise]  # (B, N, C)
             if negative_prompt is not None:
                 v_uncond = model(tokens, *negative_prompt, sigma, img_shapes)[:, :n_noise]
         if negative_prompt is not None:

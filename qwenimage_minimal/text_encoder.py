@@ -31,6 +31,7 @@ from . import weights
 @dataclass
 class TextEncoderConfig:
     """Defaults are Qwen2.5-VL-7B's language model (text_encoder/config.json)."""
+
     vocab_size: int = 152064
     hidden_size: int = 3584
     intermediate_size: int = 18944
@@ -48,21 +49,40 @@ class TextEncoderConfig:
     def __post_init__(self):
         self.mrope_section = tuple(self.mrope_section)
         if sum(self.mrope_section) * 2 != self.head_dim:
-            raise ValueError(f"mrope_section {self.mrope_section} must sum to head_dim/2 = {self.head_dim // 2}")
+            raise ValueError(
+                f"mrope_section {self.mrope_section} must sum to head_dim/2 = {self.head_dim // 2}"
+            )
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
 
     def to_json(self, vision_config: dict | None = None) -> dict:
         """text_encoder/config.json in the official (transformers 4.x) form: the language model's
         fields at the top, the M-RoPE sections under rope_scaling, the tower's under vision_config."""
-        config = {"architectures": ["Qwen2_5_VLForConditionalGeneration"], "model_type": "qwen2_5_vl",
-                  "hidden_act": "silu", "vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
-                  "intermediate_size": self.intermediate_size, "num_hidden_layers": self.num_hidden_layers,
-                  "num_attention_heads": self.num_attention_heads, "num_key_value_heads": self.num_key_value_heads,
-                  "rms_norm_eps": self.rms_norm_eps, "rope_theta": self.rope_theta, "max_position_embeddings": 128000,
-                  "rope_scaling": {"mrope_section": list(self.mrope_section), "rope_type": "default", "type": "default"},
-                  "tie_word_embeddings": False, "image_token_id": 151655, "video_token_id": 151656,
-                  "vision_start_token_id": 151652, "vision_end_token_id": 151653, "vision_token_id": 151654}
+        config = {
+            "architectures": ["Qwen2_5_VLForConditionalGeneration"],
+            "model_type": "qwen2_5_vl",
+            "hidden_act": "silu",
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "max_position_embeddings": 128000,
+            "rope_scaling": {
+                "mrope_section": list(self.mrope_section),
+                "rope_type": "default",
+                "type": "default",
+            },
+            "tie_word_embeddings": False,
+            "image_token_id": 151655,
+            "video_token_id": 151656,
+            "vision_start_token_id": 151652,
+            "vision_end_token_id": 151653,
+            "vision_token_id": 151654,
+        }
         if vision_config is not None:
             config["vision_config"] = vision_config
         return config
@@ -77,14 +97,17 @@ class TextEncoderConfig:
 # frequencies are dealt out to the three position axes: the first 16 rotate with the time id, the
 # next 24 with the height id, the last 24 with the width id.
 
+
 def mrope_cos_sin(position_ids: torch.Tensor, config: TextEncoderConfig, dtype: torch.dtype):
     """(3, B, S) position ids -> cos, sin of shape (B, S, head_dim), computed in fp32, cast to dtype."""
     d = config.head_dim
-    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float, device=position_ids.device) / d))
-    freqs = position_ids[..., None].float() * inv_freq                 # (3, B, S, d/2)
+    inv_freq = 1.0 / (
+        config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float, device=position_ids.device) / d)
+    )
+    freqs = position_ids[..., None].float() * inv_freq  # (3, B, S, d/2)
     chunks = freqs.split(list(config.mrope_section), dim=-1)
     freqs = torch.cat([chunk[axis] for axis, chunk in enumerate(chunks)], dim=-1)  # (B, S, d/2)
-    emb = torch.cat([freqs, freqs], dim=-1)                            # (B, S, d)
+    emb = torch.cat([freqs, freqs], dim=-1)  # (B, S, d)
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
@@ -100,8 +123,13 @@ def text_position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     return pos[None].expand(3, -1, -1)
 
 
-def multimodal_position_ids(input_ids: torch.Tensor, attention_mask: torch.Tensor, image_grid_thw,
-                            image_token_id: int, merge_size: int = 2) -> torch.Tensor:
+def multimodal_position_ids(
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    image_grid_thw,
+    image_token_id: int,
+    merge_size: int = 2,
+) -> torch.Tensor:
     """(B, S) ids and mask with runs of image tokens -> (3, B, S) position ids (as Qwen2.5-VL was trained).
 
     Text tokens count up 0, 1, 2, ... on all three axes. An image of (t, h, w) patches takes
@@ -119,22 +147,26 @@ def multimodal_position_ids(input_ids: torch.Tensor, attention_mask: torch.Tenso
         pieces, pos, i = [], 0, 0
         while i < len(is_image):
             j = i
-            if not is_image[i]:                                  # a run of text
+            if not is_image[i]:  # a run of text
                 while j < len(is_image) and not is_image[j]:
                     j += 1
                 pieces.append(torch.arange(pos, pos + j - i).expand(3, -1))
                 pos += j - i
-            else:                                                # one image
+            else:  # one image
                 if next_grid == len(grids):
-                    raise ValueError(f"row {b} has more images (runs of image tokens) than image_grid_thw lists "
-                                     f"({len(grids)})")
+                    raise ValueError(
+                        f"row {b} has more images (runs of image tokens) than image_grid_thw lists "
+                        f"({len(grids)})"
+                    )
                 t, h, w = grids[next_grid]
                 next_grid += 1
                 gh, gw = h // merge_size, w // merge_size
                 j = i + t * gh * gw
                 if j > len(is_image) or not all(is_image[i:j]):
-                    raise ValueError(f"row {b}: an image of grid {(t, h, w)} needs {t * gh * gw} consecutive image "
-                                     "tokens; the prompt has a different number")
+                    raise ValueError(
+                        f"row {b}: an image of grid {(t, h, w)} needs {t * gh * gw} consecutive image "
+                        "tokens; the prompt has a different number"
+                    )
                 f, r, c = torch.meshgrid(torch.arange(t), torch.arange(gh), torch.arange(gw), indexing="ij")
                 pieces.append(torch.stack([f, r, c]).reshape(3, -1) + pos)
                 pos += max(gh, gw)
@@ -148,6 +180,7 @@ def multimodal_position_ids(input_ids: torch.Tensor, attention_mask: torch.Tenso
 # ---------------------------------------------------------------------------------------------
 # The decoder
 # ---------------------------------------------------------------------------------------------
+
 
 class RMSNorm(nn.Module):
     """x / rms(x) * weight; statistics in fp32, cast back to the input dtype before the weight."""
@@ -167,7 +200,11 @@ class Attention(nn.Module):
     def __init__(self, config: TextEncoderConfig):
         super().__init__()
         c = config
-        self.n_heads, self.n_kv_heads, self.head_dim = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        self.n_heads, self.n_kv_heads, self.head_dim = (
+            c.num_attention_heads,
+            c.num_key_value_heads,
+            c.head_dim,
+        )
         self.q_proj = nn.Linear(c.hidden_size, c.num_attention_heads * c.head_dim, bias=True)
         self.k_proj = nn.Linear(c.hidden_size, c.num_key_value_heads * c.head_dim, bias=True)
         self.v_proj = nn.Linear(c.hidden_size, c.num_key_value_heads * c.head_dim, bias=True)
@@ -175,14 +212,14 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, mask):
         B, S, _ = x.shape
-        q = self.q_proj(x).view(B, S, self.n_heads, self.head_dim).transpose(1, 2)     # (B, 28, S, 128)
+        q = self.q_proj(x).view(B, S, self.n_heads, self.head_dim).transpose(1, 2)  # (B, 28, S, 128)
         k = self.k_proj(x).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, 4, S, 128)
         v = self.v_proj(x).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        cos, sin = cos[:, None], sin[:, None]                                          # broadcast over heads
+        cos, sin = cos[:, None], sin[:, None]  # broadcast over heads
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
         # Grouped-query attention: each key/value head serves n_heads / n_kv_heads query heads.
-        k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)                # (B, 28, S, 128)
+        k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)  # (B, 28, S, 128)
         v = v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
         if mask is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
@@ -230,30 +267,37 @@ class TextEncoder(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None):
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+    ):
         """input_ids (B, S), attention_mask (B, S) with 1 = token, 0 = padding -> (B, S, hidden)."""
         B, S = input_ids.shape
         if attention_mask is None:
             attention_mask = torch.ones(B, S, dtype=torch.long, device=input_ids.device)
         if tuple(attention_mask.shape) != (B, S):
-            raise ValueError(f"attention_mask must be {(B, S)} like input_ids, got {tuple(attention_mask.shape)}")
+            raise ValueError(
+                f"attention_mask must be {(B, S)} like input_ids, got {tuple(attention_mask.shape)}"
+            )
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (B, S, hidden)
         if position_ids is None:
-            position_ids = text_position_ids(attention_mask)                           # (3, B, S)
-        cos, sin = mrope_cos_sin(position_ids, self.config, x.dtype)                   # (B, S, head_dim)
+            position_ids = text_position_ids(attention_mask)  # (3, B, S)
+        cos, sin = mrope_cos_sin(position_ids, self.config, x.dtype)  # (B, S, head_dim)
 
         if bool(attention_mask.all()):
-            mask = None                                   # plain causal attention (fast kernels)
+            mask = None  # plain causal attention (fast kernels)
         else:
             valid = attention_mask.bool()
             causal = torch.ones(S, S, dtype=torch.bool, device=x.device).tril()
-            mask = causal[None] & valid[:, None, :]       # (B, S, S): query i sees real keys j <= i
+            mask = causal[None] & valid[:, None, :]  # (B, S, S): query i sees real keys j <= i
             # A query with no real key before it (left padding) would give NaN, and NaN values
             # poison every later layer even where masked (0 * NaN); let such rows see themselves.
             empty = ~mask.any(dim=-1, keepdim=True)
             mask = mask | (empty & torch.eye(S, dtype=torch.bool, device=x.device))
-            mask = mask[:, None]                          # (B, 1, S, S), shared by the heads
+            mask = mask[:, None]  # (B, 1, S, S), shared by the heads
         for layer in self.layers:
             x = layer(x, cos, sin, mask)
         return self.norm(x)
@@ -274,13 +318,13 @@ def checkpoint_name_to_ours(name: str) -> str | None:
     ours:                      layers.3.mlp.up_proj.weight
     """
     if name.startswith(("visual.", "model.visual.")):
-        return None                                   # the vision tower (Edit) is not part of the text path
+        return None  # the vision tower (Edit) is not part of the text path
     if name.startswith("lm_head."):
-        return None                                   # next-token prediction: never needed here
+        return None  # next-token prediction: never needed here
     for prefix in ("model.language_model.", "model."):
         if name.startswith(prefix):
-            return name[len(prefix):]
-    return name                                       # anything else is reported as unexpected
+            return name[len(prefix) :]
+    return name  # anything else is reported as unexpected
 
 
 def config_from_json(raw: dict, folder="<config>") -> TextEncoderConfig:
@@ -290,19 +334,38 @@ def config_from_json(raw: dict, folder="<config>") -> TextEncoderConfig:
     text = {**raw, **raw.get("text_config", {})}
     rope = text.get("rope_parameters") or text.get("rope_scaling") or {}
     if not isinstance(rope, dict):
-        raise weights.CheckpointError(f"{folder}/config.json: rope_scaling / rope_parameters must be an object")
+        raise weights.CheckpointError(
+            f"{folder}/config.json: rope_scaling / rope_parameters must be an object"
+        )
     text.setdefault("rope_theta", rope.get("rope_theta"))
     if "mrope_section" in rope:
         text["mrope_section"] = rope["mrope_section"]
-    required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                "num_key_value_heads", "rms_norm_eps", "rope_theta", "mrope_section")
-    return weights.config_from_json(TextEncoderConfig, {k: text[k] for k in required if text.get(k) is not None},
-                                    folder, required)
+    required = (
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "rms_norm_eps",
+        "rope_theta",
+        "mrope_section",
+    )
+    return weights.config_from_json(
+        TextEncoderConfig, {k: text[k] for k in required if text.get(k) is not None}, folder, required
+    )
 
 
 def load(path, device=None, dtype=None, check_finite: bool = True) -> TextEncoder:
     """Load an official `text_encoder/` folder (either key layout); lm_head and visual.* are not read."""
     config = config_from_json(weights.read_config(path), path)
-    return weights.load_weights(lambda: TextEncoder(config), path, WEIGHTS_STEM, device=device, dtype=dtype,
-                                rename=checkpoint_name_to_ours, check_finite=check_finite,
-                                block_counts={"layers": ("num_hidden_layers", config.num_hidden_layers)})
+    return weights.load_weights(
+        lambda: TextEncoder(config),
+        path,
+        WEIGHTS_STEM,
+        device=device,
+        dtype=dtype,
+        rename=checkpoint_name_to_ours,
+        check_finite=check_finite,
+        block_counts={"layers": ("num_hidden_layers", config.num_hidden_layers)},
+    )

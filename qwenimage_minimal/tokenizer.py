@@ -27,17 +27,38 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalize
 from .weights import CheckpointError, parse_json
 
 # Qwen2's pre-tokenizer pattern (the same as in the official tokenizer.json of Qwen2/2.5).
-SPLIT_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+SPLIT_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 PAD_TOKEN = "<|endoftext|>"
 # Qwen2.5's 22 added tokens, ids 151643..151664 right after the BPE vocabulary. The first 14 are
 # "special" (skipped by decode(skip_special_tokens=True)); the tool-call and fill-in-the-middle
 # ones are plain added tokens. Both kinds are always matched whole.
-QWEN25_ADDED_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
-                       "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
-                       "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>", "<tool_call>",
-                       "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>",
-                       "<|repo_name|>", "<|file_sep|>"]
+QWEN25_ADDED_TOKENS = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|object_ref_start|>",
+    "<|object_ref_end|>",
+    "<|box_start|>",
+    "<|box_end|>",
+    "<|quad_start|>",
+    "<|quad_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+    "<tool_call>",
+    "</tool_call>",
+    "<|fim_prefix|>",
+    "<|fim_middle|>",
+    "<|fim_suffix|>",
+    "<|fim_pad|>",
+    "<|repo_name|>",
+    "<|file_sep|>",
+]
 FIRST_ADDED_ID = 151643
 
 
@@ -75,8 +96,11 @@ class QwenTokenizer:
         if max_length is not None:
             long = [i for i, x in enumerate(ids) if len(x) > max_length]
             if long:
-                warnings.warn(f"text(s) {long} are longer than {max_length} tokens "
-                              f"({[len(ids[i]) for i in long]}); truncated to the first {max_length}", stacklevel=2)
+                warnings.warn(
+                    f"text(s) {long} are longer than {max_length} tokens "
+                    f"({[len(ids[i]) for i in long]}); truncated to the first {max_length}",
+                    stacklevel=2,
+                )
                 ids = [x[:max_length] for x in ids]
         return self.pad(ids)
 
@@ -86,8 +110,8 @@ class QwenTokenizer:
         input_ids = torch.full((len(ids), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros(len(ids), width, dtype=torch.long)
         for b, x in enumerate(ids):
-            input_ids[b, :len(x)] = torch.tensor(x, dtype=torch.long)
-            mask[b, :len(x)] = 1
+            input_ids[b, : len(x)] = torch.tensor(x, dtype=torch.long)
+            mask[b, : len(x)] = 1
         return input_ids, mask
 
 
@@ -99,24 +123,32 @@ def added_tokens(folder: Path) -> list[tuple[int, str, bool]]:
         if config_path.is_file():
             decoder = parse_json(config_path.read_bytes(), config_path).get("added_tokens_decoder")
             if decoder:
-                return sorted((int(i), t["content"], bool(t.get("special", True))) for i, t in decoder.items())
+                return sorted(
+                    (int(i), t["content"], bool(t.get("special", True))) for i, t in decoder.items()
+                )
         if added_path.is_file():
-            return sorted((int(i), content, True) for content, i in parse_json(added_path.read_bytes(),
-                                                                               added_path).items())
+            return sorted(
+                (int(i), content, True)
+                for content, i in parse_json(added_path.read_bytes(), added_path).items()
+            )
     except (AttributeError, KeyError, TypeError, ValueError) as e:
         if isinstance(e, CheckpointError):
             raise
-        raise CheckpointError(f"{folder}: the added tokens in tokenizer_config.json / added_tokens.json are "
-                              f"malformed ({type(e).__name__}: {e})") from None
-    raise CheckpointError(f"{folder}: no special tokens found (need tokenizer_config.json with "
-                          "added_tokens_decoder, or added_tokens.json)")
+        raise CheckpointError(
+            f"{folder}: the added tokens in tokenizer_config.json / added_tokens.json are "
+            f"malformed ({type(e).__name__}: {e})"
+        ) from None
+    raise CheckpointError(
+        f"{folder}: no special tokens found (need tokenizer_config.json with "
+        "added_tokens_decoder, or added_tokens.json)"
+    )
 
 
 def read_tokenizer_file(read, name):
     """The `tokenizers` library's parse errors, turned into an error that names the file."""
     try:
         return read()
-    except Exception as e:          # tokenizers raises plain Exceptions for unreadable files
+    except Exception as e:  # tokenizers raises plain Exceptions for unreadable files
         raise CheckpointError(f"{name} cannot be read as a tokenizer file ({e}); download it again") from None
 
 
@@ -126,32 +158,44 @@ def load(path) -> QwenTokenizer:
     A `tokenizer.json`, if present, is used as is (it describes the same pipeline in one file)."""
     folder = Path(path)
     if (folder / "tokenizer.json").is_file():
-        tok = read_tokenizer_file(lambda: Tokenizer.from_file(str(folder / "tokenizer.json")), folder / "tokenizer.json")
-        tok.no_truncation()   # a saved tokenizer.json may carry truncation/padding settings; we do our own
+        tok = read_tokenizer_file(
+            lambda: Tokenizer.from_file(str(folder / "tokenizer.json")), folder / "tokenizer.json"
+        )
+        tok.no_truncation()  # a saved tokenizer.json may carry truncation/padding settings; we do our own
         tok.no_padding()
         return QwenTokenizer(tok)
     missing = [f for f in ("vocab.json", "merges.txt") if not (folder / f).is_file()]
     if missing:
-        raise CheckpointError(f"{folder}: tokenizer file(s) {missing} not found; expected the official "
-                              "tokenizer/ folder (vocab.json, merges.txt, tokenizer_config.json)")
+        raise CheckpointError(
+            f"{folder}: tokenizer file(s) {missing} not found; expected the official "
+            "tokenizer/ folder (vocab.json, merges.txt, tokenizer_config.json)"
+        )
     specials = added_tokens(folder)  # read first: a folder without them is an error, not a silent vocab
 
     if not isinstance(parse_json((folder / "vocab.json").read_bytes(), folder / "vocab.json"), dict):
         raise CheckpointError(f"{folder / 'vocab.json'} must map tokens to ids; download it again")
-    bpe = read_tokenizer_file(lambda: models.BPE.from_file(str(folder / "vocab.json"), str(folder / "merges.txt")),
-                              f"{folder / 'merges.txt'} (with its vocab.json)")
+    bpe = read_tokenizer_file(
+        lambda: models.BPE.from_file(str(folder / "vocab.json"), str(folder / "merges.txt")),
+        f"{folder / 'merges.txt'} (with its vocab.json)",
+    )
     tok = Tokenizer(bpe)
     tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(SPLIT_PATTERN), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),  # bytes -> stand-in chars
-    ])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(SPLIT_PATTERN), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),  # bytes -> stand-in chars
+        ]
+    )
     tok.decoder = decoders.ByteLevel()
     base = tok.get_vocab_size()
     for token_id, content, special in specials:
-        token = AddedToken(content, special=special, normalized=False, lstrip=False, rstrip=False, single_word=False)
+        token = AddedToken(
+            content, special=special, normalized=False, lstrip=False, rstrip=False, single_word=False
+        )
         tok.add_tokens([token]) if not special else tok.add_special_tokens([token])
         if tok.token_to_id(content) != token_id:
-            raise CheckpointError(f"{folder}: added token {content!r} should have id {token_id} but got "
-                                  f"{tok.token_to_id(content)} (vocab.json has {base} entries)")
+            raise CheckpointError(
+                f"{folder}: added token {content!r} should have id {token_id} but got "
+                f"{tok.token_to_id(content)} (vocab.json has {base} entries)"
+            )
     return QwenTokenizer(tok)

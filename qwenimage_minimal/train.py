@@ -65,8 +65,15 @@ from .vae import LATENTS_MEAN, LATENTS_STD
 # The step
 # ---------------------------------------------------------------------------------------------
 
-def timestep_density(scheme: str, batch_size: int, logit_mean: float = 0.0, logit_std: float = 1.0,
-                     mode_scale: float = 1.29, generator: torch.Generator | None = None) -> torch.Tensor:
+
+def timestep_density(
+    scheme: str,
+    batch_size: int,
+    logit_mean: float = 0.0,
+    logit_std: float = 1.0,
+    mode_scale: float = 1.29,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """u in [0, 1] (B,), drawn with the density of the weighting scheme (SD3, Esser et al. 2024, sec. 3.1).
     The schedule runs from t = 1000 down, so sigma ~ 1 - u: SD3's density of sigma, mirrored (a positive
     logit_mean means less noise here, as in the reference).
@@ -85,21 +92,32 @@ def loss_weighting(scheme: str, sigmas: torch.Tensor) -> torch.Tensor:
     """Per-sample loss weight (SD3's schemes that weight the loss instead of the density):
     sigma_sqrt 1 / sigma², cosmap 2 / (pi (1 - 2 sigma + 2 sigma²)), otherwise 1."""
     if scheme == "sigma_sqrt":
-        return (sigmas ** -2.0).float()
+        return (sigmas**-2.0).float()
     if scheme == "cosmap":
-        return 2 / (math.pi * (1 - 2 * sigmas + 2 * sigmas ** 2))
+        return 2 / (math.pi * (1 - 2 * sigmas + 2 * sigmas**2))
     return torch.ones_like(sigmas)
 
 
 def pick_timesteps(u: torch.Tensor, schedule) -> tuple[torch.Tensor, torch.Tensor]:
     """u (B,) -> (timesteps (B,), sigmas (B,)) from the training schedule: index int(u * 1000)."""
     timesteps, sigmas = schedule
-    index = (u * len(timesteps)).long().clamp(0, len(timesteps) - 1)    # "mode" can give u = 1 exactly
+    index = (u * len(timesteps)).long().clamp(0, len(timesteps) - 1)  # "mode" can give u = 1 exactly
     return timesteps[index], sigmas[index]
 
 
-def flow_matching_loss(model, x0, noise, u, prompt_embeds, prompt_mask, schedule, weighting_scheme: str = "none",
-                       reference: torch.Tensor | None = None, reference_shapes=(), prior_loss_weight=None):
+def flow_matching_loss(
+    model,
+    x0,
+    noise,
+    u,
+    prompt_embeds,
+    prompt_mask,
+    schedule,
+    weighting_scheme: str = "none",
+    reference: torch.Tensor | None = None,
+    reference_shapes=(),
+    prior_loss_weight=None,
+):
     """The training loss of one micro-batch, as the reference computes it.
 
     x0                (B, C, h, w) normalised latents, in the transformer's dtype
@@ -114,16 +132,16 @@ def flow_matching_loss(model, x0, noise, u, prompt_embeds, prompt_mask, schedule
     p = distributed.unwrap(model).config.patch_size
     timesteps, sigmas = pick_timesteps(u.to(x0.device), [s.to(x0.device) for s in schedule])
     sigma = sigmas.to(x0.dtype).view(B, 1, 1, 1)
-    x = (1 - sigma) * x0 + sigma * noise                                     # (B, C, h, w) on the straight path
-    tokens = mmdit.pack_latents(x, p)                                        # (B, N, C p²)
+    x = (1 - sigma) * x0 + sigma * noise  # (B, C, h, w) on the straight path
+    tokens = mmdit.pack_latents(x, p)  # (B, N, C p²)
     n = tokens.shape[1]
     shapes = [(1, h // p, w // p), *reference_shapes]
     if reference is not None:
-        tokens = torch.cat([tokens, reference.to(tokens.dtype)], dim=1)      # (B, N + M, C p²)
-    prediction = model(tokens, prompt_embeds, prompt_mask, timesteps / 1000, shapes)[:, :n]   # (B, N, C p²)
-    target = mmdit.pack_latents(noise - x0, p)                    # velocity noise - x0, packed alike
+        tokens = torch.cat([tokens, reference.to(tokens.dtype)], dim=1)  # (B, N + M, C p²)
+    prediction = model(tokens, prompt_embeds, prompt_mask, timesteps / 1000, shapes)[:, :n]  # (B, N, C p²)
+    target = mmdit.pack_latents(noise - x0, p)  # velocity noise - x0, packed alike
     weight = loss_weighting(weighting_scheme, sigma.flatten()).view(B, 1, 1)
-    per_sample = (weight.float() * (prediction.float() - target.float()) ** 2).reshape(B, -1).mean(1)   # (B,)
+    per_sample = (weight.float() * (prediction.float() - target.float()) ** 2).reshape(B, -1).mean(1)  # (B,)
     if prior_loss_weight is None:
         return per_sample.mean()
     instance, prior = per_sample.chunk(2)
@@ -134,44 +152,68 @@ def flow_matching_loss(model, x0, noise, u, prompt_embeds, prompt_mask, schedule
 # One micro-batch: from the cache to the loss's inputs, with its draws
 # ---------------------------------------------------------------------------------------------
 
+
 def vae_stats(root: Path):
     """The per-channel mean and std that normalise the VAE's latents: its config's, else the official ones."""
     raw = weights.read_config(root / "vae")
     return raw.get("latents_mean", LATENTS_MEAN), raw.get("latents_std", LATENTS_STD)
 
 
-def make_inputs(batch: list[int], cache: list, class_cache: list, c: TrainConfig, g: torch.Generator,
-                latents_mean, latents_std, device, dtype) -> dict:
+def make_inputs(
+    batch: list[int],
+    cache: list,
+    class_cache: list,
+    c: TrainConfig,
+    g: torch.Generator,
+    latents_mean,
+    latents_std,
+    device,
+    dtype,
+) -> dict:
     """One micro-batch from the cache: draws from `g` in a fixed order (dropout, posterior, noise, u)."""
     entries = [train_data.read_cached(cache[i]) for i in batch]
     dropped = (torch.rand(len(batch), generator=g) < c.caption_dropout).tolist()
-    captions = [e["empty_embeds"] if drop else e["prompt_embeds"] for e, drop in zip(entries, dropped)]  # (L_i, D)
-    if c.with_prior_preservation:                    # the batch becomes [instances, class images]; never dropped
+    captions = [
+        e["empty_embeds"] if drop else e["prompt_embeds"] for e, drop in zip(entries, dropped)
+    ]  # (L_i, D)
+    if c.with_prior_preservation:  # the batch becomes [instances, class images]; never dropped
         class_entries = [train_data.read_cached(class_cache[i]) for i in batch]
         entries += class_entries
         captions += [e["prompt_embeds"] for e in class_entries]
-    mean = torch.stack([e["latent_mean"] for e in entries])                        # (B, C, h, w)
-    logvar = torch.stack([e["latent_logvar"] for e in entries])                    # (B, C, h, w)
-    z = mean + torch.exp(0.5 * logvar.clamp(-30, 20)) * torch.randn(mean.shape, generator=g)  # posterior sample
-    x0 = ((z - latents_mean) / latents_std).to(device, dtype)                      # (B, C, h, w) normalised
-    noise = torch.randn(x0.shape, generator=g).to(device, dtype)                   # (B, C, h, w)
-    u = timestep_density(c.weighting_scheme, len(entries), c.logit_mean, c.logit_std, c.mode_scale, generator=g)
-    embeds, mask = train_data.pad_prompts(captions)                                # (B, L, D), (B, L) or None
-    inputs = {"x0": x0, "noise": noise, "u": u, "prompt_embeds": embeds.to(device, dtype),
-              "prompt_mask": None if mask is None else mask.to(device)}
+    mean = torch.stack([e["latent_mean"] for e in entries])  # (B, C, h, w)
+    logvar = torch.stack([e["latent_logvar"] for e in entries])  # (B, C, h, w)
+    z = mean + torch.exp(0.5 * logvar.clamp(-30, 20)) * torch.randn(
+        mean.shape, generator=g
+    )  # posterior sample
+    x0 = ((z - latents_mean) / latents_std).to(device, dtype)  # (B, C, h, w) normalised
+    noise = torch.randn(x0.shape, generator=g).to(device, dtype)  # (B, C, h, w)
+    u = timestep_density(
+        c.weighting_scheme, len(entries), c.logit_mean, c.logit_std, c.mode_scale, generator=g
+    )
+    embeds, mask = train_data.pad_prompts(captions)  # (B, L, D), (B, L) or None
+    inputs = {
+        "x0": x0,
+        "noise": noise,
+        "u": u,
+        "prompt_embeds": embeds.to(device, dtype),
+        "prompt_mask": None if mask is None else mask.to(device),
+    }
     if "control_tokens" in entries[0]:
-        inputs["reference"] = torch.stack([e["control_tokens"] for e in entries]).to(device, dtype)  # (B, M, 64)
+        inputs["reference"] = torch.stack([e["control_tokens"] for e in entries]).to(
+            device, dtype
+        )  # (B, M, 64)
         inputs["reference_shapes"] = [tuple(s) for s in entries[0]["control_shapes"].tolist()]
     return inputs
 
 
 class TrainingData(NamedTuple):
     """What the loop draws its micro-batches from."""
-    cache: list                       # the cache file of every example (train_data.build_cache)
-    class_cache: list                 # and of its class image (prior preservation), or []
-    buckets: tuple                    # every example's (height, width)
-    latents_mean: torch.Tensor        # (1, C, 1, 1): normalise the cached latents (vae_stats)
-    latents_std: torch.Tensor         # (1, C, 1, 1)
+
+    cache: list  # the cache file of every example (train_data.build_cache)
+    class_cache: list  # and of its class image (prior preservation), or []
+    buckets: tuple  # every example's (height, width)
+    latents_mean: torch.Tensor  # (1, C, 1, 1): normalise the cached latents (vae_stats)
+    latents_std: torch.Tensor  # (1, C, 1, 1)
 
 
 def micro_batch_inputs(data: TrainingData, index: int, c: TrainConfig, device, dtype) -> dict:
@@ -179,14 +221,24 @@ def micro_batch_inputs(data: TrainingData, index: int, c: TrainConfig, device, d
     order, and its draws, from its own seed."""
     batch = train_data.micro_batch(data.buckets, c.train_batch_size, c.seed, index)
     seed = train_data.micro_batch_seed(c.seed, index)
-    torch.manual_seed(seed + 1)                         # LoRA dropout draws from the global RNG
-    return make_inputs(batch, data.cache, data.class_cache, c, torch.Generator().manual_seed(seed), data.latents_mean,
-                       data.latents_std, device, dtype)
+    torch.manual_seed(seed + 1)  # LoRA dropout draws from the global RNG
+    return make_inputs(
+        batch,
+        data.cache,
+        data.class_cache,
+        c,
+        torch.Generator().manual_seed(seed),
+        data.latents_mean,
+        data.latents_std,
+        device,
+        dtype,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
 # Optimisation: learning rate, the optimizer, one optimizer step
 # ---------------------------------------------------------------------------------------------
+
 
 def lr_factor(kind: str, step: int, warmup: int, total: int) -> float:
     """The learning rate's multiplier at optimizer step `step` (diffusers' get_scheduler semantics)."""
@@ -199,44 +251,72 @@ def lr_factor(kind: str, step: int, warmup: int, total: int) -> float:
     progress = (step - warmup) / max(1, total - warmup)
     if kind == "linear":
         return max(0.0, 1 - progress)
-    return max(0.0, 0.5 * (1 + math.cos(math.pi * progress)))                # cosine, half a period
+    return max(0.0, 0.5 * (1 + math.cos(math.pi * progress)))  # cosine, half a period
 
 
 def make_optimizer(params: list, c: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    return torch.optim.AdamW(params, lr=c.learning_rate, betas=(c.adam_beta1, c.adam_beta2), eps=c.adam_epsilon,
-                             weight_decay=c.adam_weight_decay, fused=device.type == "cuda" or None)
+    return torch.optim.AdamW(
+        params,
+        lr=c.learning_rate,
+        betas=(c.adam_beta1, c.adam_beta2),
+        eps=c.adam_epsilon,
+        weight_decay=c.adam_weight_decay,
+        fused=device.type == "cuda" or None,
+    )
 
 
-def optimizer_step(model, optimizer, data: TrainingData, schedule, c: TrainConfig, step: int, rank: int, world: int,
-                   device, dtype) -> tuple[float, torch.Tensor]:
+def optimizer_step(
+    model,
+    optimizer,
+    data: TrainingData,
+    schedule,
+    c: TrainConfig,
+    step: int,
+    rank: int,
+    world: int,
+    device,
+    dtype,
+) -> tuple[float, torch.Tensor]:
     """Optimizer step `step` (from 0): this process's micro-batches forward and backward, the gradients averaged
     across processes, clipped, AdamW. -> (the mean loss of this process's micro-batches, the gradient norm)."""
     optimizer.zero_grad(set_to_none=True)
-    for group in optimizer.param_groups:                   # the schedule is a function of the step
+    for group in optimizer.param_groups:  # the schedule is a function of the step
         group["lr"] = c.learning_rate * lr_factor(c.lr_scheduler, step, c.lr_warmup_steps, c.max_train_steps)
     # Full fine-tuning keeps fp32 master weights; bf16 compute comes from autocast (one process) or
     # from FSDP2's mixed-precision policy (several).
-    autocast = torch.autocast(device.type, torch.bfloat16, enabled=c.finetune == "full" and world == 1
-                              and dtype == torch.bfloat16)
+    autocast = torch.autocast(
+        device.type, torch.bfloat16, enabled=c.finetune == "full" and world == 1 and dtype == torch.bfloat16
+    )
     loss_sum = 0.0
     for j in range(c.gradient_accumulation_steps):
         # Micro-batches are numbered over the whole run: this step's are step * accumulation * world + ...,
         # so one process accumulating 2 sees what 2 processes see, and a resumed run what a straight one saw.
-        inputs = micro_batch_inputs(data, (step * c.gradient_accumulation_steps + j) * world + rank, c, device, dtype)
+        inputs = micro_batch_inputs(
+            data, (step * c.gradient_accumulation_steps + j) * world + rank, c, device, dtype
+        )
         last = j == c.gradient_accumulation_steps - 1
-        sync = contextlib.nullcontext() if last or not isinstance(model, nn.parallel.DistributedDataParallel) \
-            else model.no_sync()                            # average gradients across processes once per step
+        sync = (
+            contextlib.nullcontext()
+            if last or not isinstance(model, nn.parallel.DistributedDataParallel)
+            else model.no_sync()
+        )  # average gradients across processes once per step
         with sync:
             with autocast:
-                loss = flow_matching_loss(model, **inputs, schedule=schedule, weighting_scheme=c.weighting_scheme,
-                                          prior_loss_weight=c.prior_loss_weight if c.with_prior_preservation
-                                          else None)
+                loss = flow_matching_loss(
+                    model,
+                    **inputs,
+                    schedule=schedule,
+                    weighting_scheme=c.weighting_scheme,
+                    prior_loss_weight=c.prior_loss_weight if c.with_prior_preservation else None,
+                )
             (loss / c.gradient_accumulation_steps).backward()
         loss_sum += loss.item() / c.gradient_accumulation_steps
     if not math.isfinite(loss_sum):
-        raise FloatingPointError(f"the loss is {loss_sum} at step {step + 1}: training diverged (lower "
-                                 "--learning_rate, keep --max_grad_norm, or use --mixed_precision no to "
-                                 f"find the cause); the last good checkpoint is in {Path(c.out)}")
+        raise FloatingPointError(
+            f"the loss is {loss_sum} at step {step + 1}: training diverged (lower "
+            "--learning_rate, keep --max_grad_norm, or use --mixed_precision no to "
+            f"find the cause); the last good checkpoint is in {Path(c.out)}"
+        )
     trained = [p for group in optimizer.param_groups for p in group["params"]]
     grad_norm = torch.nn.utils.clip_grad_norm_(trained, c.max_grad_norm if c.max_grad_norm > 0 else math.inf)
     optimizer.step()
@@ -247,25 +327,37 @@ def optimizer_step(model, optimizer, data: TrainingData, schedule, c: TrainConfi
 # Validation: samples through the pipeline's own steps
 # ---------------------------------------------------------------------------------------------
 
+
 def validation_entries(c: TrainConfig, pipe, edit: bool) -> list[dict]:
     """The validation prompts' embeddings (and Edit's condition latents), computed while the text
     encoder is loaded, at --resolution (Edit: the condition image's bucket)."""
     entries = []
-    controls = [Path(p) for p in c.validation_image]                  # check_config: one per prompt
+    controls = [Path(p) for p in c.validation_image]  # check_config: one per prompt
     for i, prompt in enumerate(c.validation_prompt):
         if not edit:
             embeds, mask = pipe.encode_prompt(prompt, max_sequence_length=c.max_sequence_length)
             negative, _ = pipe.encode_prompt(" ", max_sequence_length=c.max_sequence_length)
-            entries.append({"prompt_embeds": embeds[0].float().cpu(), "negative_embeds": negative[0].float().cpu(),
-                            "size": (c.resolution, c.resolution)})
+            entries.append(
+                {
+                    "prompt_embeds": embeds[0].float().cpu(),
+                    "negative_embeds": negative[0].float().cpu(),
+                    "size": (c.resolution, c.resolution),
+                }
+            )
             continue
         size = train_data.bucket_size(*images.image_size(controls[i]), c.resolution, c.square)
         condition, vae_images = train_data.condition_images(pipe, [controls[i]], size)
         features = pipe.image_features(condition)
         tokens, shapes = pipe.encode_image_latents(vae_images)
-        entries.append({"prompt_embeds": pipe.encode_prompt(prompt, features)[0][0].float().cpu(),
-                        "negative_embeds": pipe.encode_prompt(" ", features)[0][0].float().cpu(), "size": size,
-                        "control_tokens": tokens[0].float().cpu(), "control_shapes": torch.tensor(shapes)})
+        entries.append(
+            {
+                "prompt_embeds": pipe.encode_prompt(prompt, features)[0][0].float().cpu(),
+                "negative_embeds": pipe.encode_prompt(" ", features)[0][0].float().cpu(),
+                "size": size,
+                "control_tokens": tokens[0].float().cpu(),
+                "control_shapes": torch.tensor(shapes),
+            }
+        )
     return entries
 
 
@@ -281,12 +373,12 @@ def sample_validation(pipe, model, validation: list, steps: int, cfg: float, see
     pictures = []
     for entry in validation:
         h, w = entry["size"]
-        latents = pipe.prepare_latents(None, 1, h, w, torch.Generator().manual_seed(seed))       # (1, N, 64) noise
-        sigmas = pipe.schedule(steps, h, w)                                                       # (steps + 1,)
+        latents = pipe.prepare_latents(None, 1, h, w, torch.Generator().manual_seed(seed))  # (1, N, 64) noise
+        sigmas = pipe.schedule(steps, h, w)  # (steps + 1,)
         img_shapes = [(1, h // pipe.size_multiple, w // pipe.size_multiple)]
         reference = None
-        if "control_tokens" in entry:                                                             # Edit
-            reference = entry["control_tokens"][None].to(pipe.device, dtype)                      # (1, M, 64)
+        if "control_tokens" in entry:  # Edit
+            reference = entry["control_tokens"][None].to(pipe.device, dtype)  # (1, M, 64)
             img_shapes += [tuple(s) for s in entry["control_shapes"].tolist()]
         cond = (entry["prompt_embeds"][None].to(pipe.device, dtype), None)
         uncond = (entry["negative_embeds"][None].to(pipe.device, dtype), None) if cfg > 1 else None
@@ -294,7 +386,9 @@ def sample_validation(pipe, model, validation: list, steps: int, cfg: float, see
         # after: right for the VAE, which waits on the CPU between validations, not for the model being trained.
         offload, pipe.offload = pipe.offload, False
         try:
-            x = pipe.denoise(latents, cond, uncond, cfg, img_shapes, sigmas, progress=False, reference=reference)
+            x = pipe.denoise(
+                latents, cond, uncond, cfg, img_shapes, sigmas, progress=False, reference=reference
+            )
         finally:
             pipe.offload = offload
         pictures.append(pipe.decode(x, h, w, "pil").images[0])
@@ -304,7 +398,9 @@ def sample_validation(pipe, model, validation: list, steps: int, cfg: float, see
 
 def save_samples(pipe, model, validation: list, c: TrainConfig, png: Path) -> None:
     """The validation prompts sampled now, side by side in the order of --validation_prompt."""
-    pictures = sample_validation(pipe, model, validation, c.validation_inference_steps, c.validation_cfg, c.seed)
+    pictures = sample_validation(
+        pipe, model, validation, c.validation_inference_steps, c.validation_cfg, c.seed
+    )
     png.parent.mkdir(exist_ok=True)
     images.save_image(images.picture_grid(pictures), png)
 
@@ -313,37 +409,52 @@ def save_samples(pipe, model, validation: list, c: TrainConfig, png: Path) -> No
 # The loop, and the steps before it
 # ---------------------------------------------------------------------------------------------
 
-def prepare_cache(c: TrainConfig, root: Path, edit: bool, device, weight_dtype, main_process: bool, world: int,
-                  progress: bool):
+
+def prepare_cache(
+    c: TrainConfig,
+    root: Path,
+    edit: bool,
+    device,
+    weight_dtype,
+    main_process: bool,
+    world: int,
+    progress: bool,
+):
     """Read and size the examples, fill the cache: the main process encodes while the others wait, then they
     read the same files. -> (the pipeline without its text encoder, kept for validation (None on the other
     processes or without validation prompts), the TrainingData, the validation entries)."""
     pipe = None
     if main_process:
         cls = pipeline.QwenImageEditPipeline if edit else pipeline.QwenImagePipeline
-        pipe = cls.from_pretrained(root, device=device, dtype=weight_dtype, offload=device.type == "cuda",
-                                   load_transformer=False)      # loaded in prepare_model, where it is trained
+        pipe = cls.from_pretrained(
+            root, device=device, dtype=weight_dtype, offload=device.type == "cuda", load_transformer=False
+        )  # loaded in prepare_model, where it is trained
     examples, class_examples, sizes, cache_dir = train_data.prepare_data(c, pipe, Path(c.out))
     if len(examples) < c.train_batch_size:
-        warnings.warn(f"--train_batch_size {c.train_batch_size} is more than the {len(examples)} examples: "
-                      "every micro-batch is the whole data set", stacklevel=3)
-    model_id = f"{train_data.model_fingerprint(root)}:{weight_dtype}"   # a bf16 cache is not an fp32 one
+        warnings.warn(
+            f"--train_batch_size {c.train_batch_size} is more than the {len(examples)} examples: "
+            "every micro-batch is the whole data set",
+            stacklevel=3,
+        )
+    model_id = f"{train_data.model_fingerprint(root)}:{weight_dtype}"  # a bf16 cache is not an fp32 one
     validation = []
     if main_process:
-        cache, class_cache = train_data.build_caches(pipe, examples, class_examples, sizes, cache_dir, c, model_id,
-                                                     progress)
+        cache, class_cache = train_data.build_caches(
+            pipe, examples, class_examples, sizes, cache_dir, c, model_id, progress
+        )
         validation = validation_entries(c, pipe, edit)
-        pipe.text_encoder = None                               # the text encoder leaves memory here
+        pipe.text_encoder = None  # the text encoder leaves memory here
         if edit:
             pipe.vision_tower = None
         if not validation:
-            pipe = None                                        # and without validation, the VAE too
+            pipe = None  # and without validation, the VAE too
     if world > 1:
         dist.barrier()
     if not main_process:
-        cache, class_cache = train_data.build_caches(None, examples, class_examples, sizes, cache_dir, c, model_id,
-                                                     progress=False)
-    latents_mean, latents_std = (torch.tensor(v).view(1, -1, 1, 1) for v in vae_stats(root))   # (1, 16, 1, 1)
+        cache, class_cache = train_data.build_caches(
+            None, examples, class_examples, sizes, cache_dir, c, model_id, progress=False
+        )
+    latents_mean, latents_std = (torch.tensor(v).view(1, -1, 1, 1) for v in vae_stats(root))  # (1, 16, 1, 1)
     data = TrainingData(cache, class_cache, tuple(tuple(s) for s in sizes), latents_mean, latents_std)
     return pipe, data, validation
 
@@ -353,14 +464,27 @@ def prepare_model(c: TrainConfig, root: Path, world: int, device, weight_dtype):
     -> (model, {name: trained parameter}, optimizer)"""
     # FSDP2 moves each shard to the GPU as it shards: load on the CPU, so no GPU ever holds the whole model.
     sharded = c.finetune == "full" and world > 1
-    transformer = pipeline.load_transformer(root / "transformer", device="cpu" if sharded else device,
-                                            dtype=weight_dtype if c.finetune == "lora" else torch.float32)
+    transformer = pipeline.load_transformer(
+        root / "transformer",
+        device="cpu" if sharded else device,
+        dtype=weight_dtype if c.finetune == "lora" else torch.float32,
+    )
     transformer.requires_grad_(False)
     if c.finetune == "lora":
-        targets = (c.lora_layers if c.lora_layers in lora.TARGET_PRESETS
-                   else [t.strip() for t in c.lora_layers.split(",")])
-        lora.add_adapter(transformer, "default", targets, c.rank, c.lora_alpha, c.lora_dropout,
-                         generator=torch.Generator().manual_seed(c.seed))
+        targets = (
+            c.lora_layers
+            if c.lora_layers in lora.TARGET_PRESETS
+            else [t.strip() for t in c.lora_layers.split(",")]
+        )
+        lora.add_adapter(
+            transformer,
+            "default",
+            targets,
+            c.rank,
+            c.lora_alpha,
+            c.lora_dropout,
+            generator=torch.Generator().manual_seed(c.seed),
+        )
         trainable = lora.trainable_parameters(transformer)
     else:
         transformer.requires_grad_(True)
@@ -385,13 +509,17 @@ def train(c: TrainConfig, progress: bool = True) -> Path:
     weight_dtype = torch.bfloat16 if c.mixed_precision == "bf16" else torch.float32
     if c.validation_prompt and c.finetune == "full" and world > 1:
         # Sampling on one process would wait forever on the others' shards: sample from a checkpoint instead.
-        warnings.warn("--validation_prompt is skipped with --finetune full on several processes (FSDP2): "
-                      "sample from a saved checkpoint's transformer/ instead", stacklevel=2)
+        warnings.warn(
+            "--validation_prompt is skipped with --finetune full on several processes (FSDP2): "
+            "sample from a saved checkpoint's transformer/ instead",
+            stacklevel=2,
+        )
         c = dataclasses.replace(c, validation_prompt=())
 
     # 1. Data and cache (train_data.py); the pipeline stays, without its text encoder, for validation.
-    pipe, data, validation = prepare_cache(c, root, "Edit" in class_name, device, weight_dtype, main_process, world,
-                                           progress)
+    pipe, data, validation = prepare_cache(
+        c, root, "Edit" in class_name, device, weight_dtype, main_process, world, progress
+    )
     # 2. The model: the transformer, with what is trained in fp32.
     model, trainable, optimizer = prepare_model(c, root, world, device, weight_dtype)
     # 3. Resume: weights and optimizer moments; the data order and every draw follow from the step.
@@ -401,29 +529,43 @@ def train(c: TrainConfig, progress: bool = True) -> Path:
         weights.write_json(out / "train_config.json", c.to_json())
 
     # 4. The loop.
-    schedule = scheduler.training_schedule(scheduler.load(root / "scheduler").config)   # (timesteps, sigmas), 1000 each
+    schedule = scheduler.training_schedule(
+        scheduler.load(root / "scheduler").config
+    )  # (timesteps, sigmas), 1000 each
     log_path = out / "log.jsonl"
     if main_process:
-        checkpoints.trim_log(log_path, step)            # keep the log of the steps this run continues from
+        checkpoints.trim_log(log_path, step)  # keep the log of the steps this run continues from
     bar = tqdm(total=c.max_train_steps, initial=step, desc="training", disable=not progress)
     started = time.perf_counter()
     while step < c.max_train_steps:
-        loss, grad_norm = optimizer_step(model, optimizer, data, schedule, c, step, rank, world, device, weight_dtype)
+        loss, grad_norm = optimizer_step(
+            model, optimizer, data, schedule, c, step, rank, world, device, weight_dtype
+        )
         step += 1
         if world > 1:
-            reduced = torch.tensor([loss], device=device)     # NCCL reduces only GPU tensors
+            reduced = torch.tensor([loss], device=device)  # NCCL reduces only GPU tensors
             dist.all_reduce(reduced)
             loss = reduced.item() / world
         if main_process:
-            row = {"step": step, "loss": loss, "lr": optimizer.param_groups[0]["lr"],
-                   "grad_norm": float(grad_norm), "seconds": round(time.perf_counter() - started, 3)}
+            row = {
+                "step": step,
+                "loss": loss,
+                "lr": optimizer.param_groups[0]["lr"],
+                "grad_norm": float(grad_norm),
+                "seconds": round(time.perf_counter() - started, 3),
+            }
             checkpoints.append_log(log_path, row)
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{row['lr']:.2e}")
             bar.update(1)
         if step % c.checkpointing_steps == 0 or step == c.max_train_steps:
-            saved = checkpoints.checkpoint(out, step, model, optimizer, trainable, c, identity, main_process, world)
-        if main_process and validation and ((c.validation_steps and step % c.validation_steps == 0)
-                                            or step == c.max_train_steps):
+            saved = checkpoints.checkpoint(
+                out, step, model, optimizer, trainable, c, identity, main_process, world
+            )
+        if (
+            main_process
+            and validation
+            and ((c.validation_steps and step % c.validation_steps == 0) or step == c.max_train_steps)
+        ):
             save_samples(pipe, model, validation, c, out / "samples" / f"step-{step:06d}.png")
     bar.close()
     if main_process:

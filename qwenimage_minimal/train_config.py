@@ -17,7 +17,9 @@ from . import lora, pipeline, weights
 
 WEIGHTING_SCHEMES = ("none", "logit_normal", "mode", "sigma_sqrt", "cosmap")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
-DESCRIPTION = "Fine-tuning Qwen-Image and Qwen-Image-Edit with flow matching: LoRA (default) or the full transformer."
+DESCRIPTION = (
+    "Fine-tuning Qwen-Image and Qwen-Image-Edit with flow matching: LoRA (default) or the full transformer."
+)
 
 
 def option(default, help: str, **kwargs):
@@ -31,19 +33,38 @@ class TrainConfig:
     """Flag names follow diffusers' train_dreambooth_lora_qwen_image.py where it has them (its long names for
     --model / --data / --out are accepted too). Defaults differ where Qwen-Image's use differs: resolution 1024
     (the script: 512), batch 1 (4), max_train_steps 1000 (one epoch); --validation_prompt takes several."""
-    model: str = option(None, "official Qwen-Image or Qwen-Image-Edit(-2509/-2511) folder", required=True,
-                        aliases=("--pretrained_model_name_or_path",))
-    data: str = option(None, "a folder of images with same-stem .txt captions, or a .jsonl file", required=True,
-                       aliases=("--instance_data_dir",))
-    out: str = option(None, "output folder: checkpoints, samples, log, the final LoRA / transformer", required=True,
-                      aliases=("--output_dir",))
+
+    model: str = option(
+        None,
+        "official Qwen-Image or Qwen-Image-Edit(-2509/-2511) folder",
+        required=True,
+        aliases=("--pretrained_model_name_or_path",),
+    )
+    data: str = option(
+        None,
+        "a folder of images with same-stem .txt captions, or a .jsonl file",
+        required=True,
+        aliases=("--instance_data_dir",),
+    )
+    out: str = option(
+        None,
+        "output folder: checkpoints, samples, log, the final LoRA / transformer",
+        required=True,
+        aliases=("--output_dir",),
+    )
     # data
-    resolution: int = option(1024, "target side in pixels (multiple of 16): images are bucketed at about "
-                                   "resolution² pixels, or cropped to a square with --square")
+    resolution: int = option(
+        1024,
+        "target side in pixels (multiple of 16): images are bucketed at about "
+        "resolution² pixels, or cropped to a square with --square",
+    )
     square: bool = option(False, "resize and center-crop every image to resolution x resolution (no buckets)")
-    control_dirs: tuple = option((), "Edit: folders of condition images with the same stems (1 to 3 folders)",
-                                nargs="*")
-    instance_prompt: str = option(None, "caption for images that have no .txt file (otherwise that is an error)")
+    control_dirs: tuple = option(
+        (), "Edit: folders of condition images with the same stems (1 to 3 folders)", nargs="*"
+    )
+    instance_prompt: str = option(
+        None, "caption for images that have no .txt file (otherwise that is an error)"
+    )
     caption_dropout: float = option(0.0, "probability of training a sample on the empty prompt (helps CFG)")
     max_sequence_length: int = option(512, "prompt tokens kept (text-to-image)")
     # prior preservation (DreamBooth)
@@ -56,15 +77,24 @@ class TrainConfig:
     rank: int = option(4, "LoRA rank")
     lora_alpha: float = option(4.0, "LoRA alpha (the update is scaled by alpha / rank)")
     lora_dropout: float = option(0.0, "dropout on the LoRA input")
-    lora_layers: str = option("diffusers", "LoRA targets: a preset (diffusers, attention, all-linear, "
-                                           "all-linear-no-mod) or comma-separated module suffixes")
-    mixed_precision: str = option("bf16", "bf16: frozen weights in bf16, trained ones in fp32; no: all fp32",
-                                  choices=("bf16", "no"))
-    gradient_checkpointing: bool = option(False, "recompute each block in backward (much less memory, ~30% slower)")
+    lora_layers: str = option(
+        "diffusers",
+        "LoRA targets: a preset (diffusers, attention, all-linear, "
+        "all-linear-no-mod) or comma-separated module suffixes",
+    )
+    mixed_precision: str = option(
+        "bf16", "bf16: frozen weights in bf16, trained ones in fp32; no: all fp32", choices=("bf16", "no")
+    )
+    gradient_checkpointing: bool = option(
+        False, "recompute each block in backward (much less memory, ~30% slower)"
+    )
     # optimisation
     learning_rate: float = option(1e-4, "peak learning rate")
-    lr_scheduler: str = option("constant", "constant (no warmup, as diffusers), constant_with_warmup, linear, "
-                                           "cosine", choices=LR_SCHEDULERS)
+    lr_scheduler: str = option(
+        "constant",
+        "constant (no warmup, as diffusers), constant_with_warmup, linear, cosine",
+        choices=LR_SCHEDULERS,
+    )
     lr_warmup_steps: int = option(0, "linear warmup steps (not used by 'constant')")
     adam_beta1: float = option(0.9, "AdamW beta1")
     adam_beta2: float = option(0.999, "AdamW beta2")
@@ -74,9 +104,14 @@ class TrainConfig:
     train_batch_size: int = option(1, "images per micro-batch per process")
     gradient_accumulation_steps: int = option(1, "micro-batches per optimizer step")
     max_train_steps: int = option(1000, "optimizer steps")
-    weighting_scheme: str = option("none", "timestep density / loss weighting (SD3)", choices=WEIGHTING_SCHEMES)
-    logit_mean: float = option(0.0, "logit_normal: mean of logit(u); sigma ~ 1 - u here, so a positive mean "
-                                    "means LESS noise (as in diffusers' script)")
+    weighting_scheme: str = option(
+        "none", "timestep density / loss weighting (SD3)", choices=WEIGHTING_SCHEMES
+    )
+    logit_mean: float = option(
+        0.0,
+        "logit_normal: mean of logit(u); sigma ~ 1 - u here, so a positive mean "
+        "means LESS noise (as in diffusers' script)",
+    )
     logit_std: float = option(1.0, "logit_normal: standard deviation")
     mode_scale: float = option(1.29, "mode: scale")
     seed: int = option(0, "seed of data order, initialisation and every draw")
@@ -89,8 +124,11 @@ class TrainConfig:
     validation_steps: int = option(0, "sample the validation prompts every N steps (0: only at the end)")
     validation_inference_steps: int = option(20, "sampling steps for validation")
     validation_cfg: float = option(4.0, "true CFG scale for validation (1: off)")
-    embeddings_cache: str = option(None, "folder of the cached latents and prompt embeddings (default: <out>/cache; "
-                                         "diffusers' --cache_dir is its download cache, a different thing)")
+    embeddings_cache: str = option(
+        None,
+        "folder of the cached latents and prompt embeddings (default: <out>/cache; "
+        "diffusers' --cache_dir is its download cache, a different thing)",
+    )
     device: str = option(None, "cuda or cpu (default: cuda when available)")
 
     def to_json(self) -> dict:
@@ -109,8 +147,14 @@ def parse_args(argv=None) -> TrainConfig:
             p.add_argument(*names, dest=f.name, action="store_true", default=None, help=help_text)
         else:
             kind = {"int": int, "float": float}.get(f.type, str)
-            p.add_argument(*names, dest=f.name, type=kind, default=None, help=help_text + ("" if required else
-                           f" (default: {f.default})"), **meta)
+            p.add_argument(
+                *names,
+                dest=f.name,
+                type=kind,
+                default=None,
+                help=help_text + ("" if required else f" (default: {f.default})"),
+                **meta,
+            )
     args = p.parse_args(argv)
     settings = {}
     if args.config:
@@ -131,20 +175,27 @@ def read_config_file(path) -> dict:
         raise ValueError(f"--config {path}: expected a JSON object of settings, got {type(raw).__name__}")
     unknown = sorted(set(raw) - set(fields))
     if unknown:
-        raise ValueError(f"--config {path}: unknown keys: {unknown} (the keys are the flag names, e.g. 'rank')")
+        raise ValueError(
+            f"--config {path}: unknown keys: {unknown} (the keys are the flag names, e.g. 'rank')"
+        )
     out = {}
     for key, value in raw.items():
         kind = fields[key]
         if kind == "tuple" and isinstance(value, str):
             value = (value,)
-        ok = {"int": isinstance(value, int) and not isinstance(value, bool),
-              "float": isinstance(value, (int, float)) and not isinstance(value, bool),
-              "bool": isinstance(value, bool),
-              "tuple": isinstance(value, list) and all(isinstance(v, str) for v in value) or isinstance(value, tuple),
-              }.get(kind, isinstance(value, str)) or value is None
+        ok = {
+            "int": isinstance(value, int) and not isinstance(value, bool),
+            "float": isinstance(value, (int, float)) and not isinstance(value, bool),
+            "bool": isinstance(value, bool),
+            "tuple": isinstance(value, list)
+            and all(isinstance(v, str) for v in value)
+            or isinstance(value, tuple),
+        }.get(kind, isinstance(value, str)) or value is None
         if not ok:
-            raise ValueError(f"--config {path}: {key!r} must be {'a list of strings' if kind == 'tuple' else kind}, "
-                             f"got {value!r}")
+            raise ValueError(
+                f"--config {path}: {key!r} must be {'a list of strings' if kind == 'tuple' else kind}, "
+                f"got {value!r}"
+            )
         out[key] = tuple(value) if kind == "tuple" else value
     return out
 
@@ -152,42 +203,74 @@ def read_config_file(path) -> dict:
 def check_config(c: TrainConfig) -> str:
     """Every setting, once, before anything loads: a clear error that names the flag. -> the pipeline class
     that --model's model_index.json names (QwenImagePipeline, or an Edit class)."""
+
     def need(ok, message):
         if not ok:
             raise ValueError(message)
-    need(isinstance(c.resolution, int) and c.resolution >= 16 and c.resolution % 16 == 0,
-         f"--resolution {c.resolution}: must be a multiple of 16 (one latent token covers 16x16 pixels), "
-         f"e.g. {max(16, round(c.resolution / 16) * 16) if isinstance(c.resolution, (int, float)) else 1024}")
-    for name in ("train_batch_size", "gradient_accumulation_steps", "max_train_steps", "rank",
-                 "checkpointing_steps", "validation_inference_steps"):
+
+    need(
+        isinstance(c.resolution, int) and c.resolution >= 16 and c.resolution % 16 == 0,
+        f"--resolution {c.resolution}: must be a multiple of 16 (one latent token covers 16x16 pixels), "
+        f"e.g. {max(16, round(c.resolution / 16) * 16) if isinstance(c.resolution, (int, float)) else 1024}",
+    )
+    for name in (
+        "train_batch_size",
+        "gradient_accumulation_steps",
+        "max_train_steps",
+        "rank",
+        "checkpointing_steps",
+        "validation_inference_steps",
+    ):
         value = getattr(c, name)
         need(isinstance(value, int) and value >= 1, f"--{name} must be a positive integer, got {value!r}")
     for name in ("lr_warmup_steps", "validation_steps"):
         need(isinstance(getattr(c, name), int) and getattr(c, name) >= 0, f"--{name} must be an integer >= 0")
-    need(c.checkpoints_total_limit is None or c.checkpoints_total_limit >= 1, "--checkpoints_total_limit must be >= 1")
+    need(
+        c.checkpoints_total_limit is None or c.checkpoints_total_limit >= 1,
+        "--checkpoints_total_limit must be >= 1",
+    )
     for name in ("caption_dropout", "lora_dropout"):
         need(0 <= getattr(c, name) < 1, f"--{name} must be in [0, 1), got {getattr(c, name)}")
-    need(c.learning_rate > 0 and math.isfinite(c.learning_rate), f"--learning_rate must be > 0, got {c.learning_rate}")
+    need(
+        c.learning_rate > 0 and math.isfinite(c.learning_rate),
+        f"--learning_rate must be > 0, got {c.learning_rate}",
+    )
     need(c.max_grad_norm >= 0, f"--max_grad_norm must be >= 0 (0: no clipping), got {c.max_grad_norm}")
     need(c.lora_alpha > 0, f"--lora_alpha must be > 0, got {c.lora_alpha}")
     need(c.weighting_scheme in WEIGHTING_SCHEMES, f"--weighting_scheme must be one of {WEIGHTING_SCHEMES}")
     need(c.lr_scheduler in LR_SCHEDULERS, f"--lr_scheduler must be one of {LR_SCHEDULERS}")
     need(c.logit_std > 0, f"--logit_std must be > 0, got {c.logit_std}")
     need(c.finetune in ("lora", "full"), f"--finetune must be lora or full, got {c.finetune!r}")
-    need(c.mixed_precision in ("bf16", "no"), f"--mixed_precision must be bf16 or no (fp16 overflows in this "
-                                               f"model's activations), got {c.mixed_precision!r}")
+    need(
+        c.mixed_precision in ("bf16", "no"),
+        f"--mixed_precision must be bf16 or no (fp16 overflows in this "
+        f"model's activations), got {c.mixed_precision!r}",
+    )
     need(len(c.control_dirs) <= 3, f"--control_dirs: at most 3 condition folders, got {len(c.control_dirs)}")
     need(0 <= c.adam_beta1 < 1 and 0 <= c.adam_beta2 < 1, "--adam_beta1 and --adam_beta2 must be in [0, 1)")
-    need(c.adam_epsilon > 0 and c.adam_weight_decay >= 0, "--adam_epsilon must be > 0 and --adam_weight_decay >= 0")
-    need(c.lora_layers in lora.TARGET_PRESETS or all(t.strip() for t in c.lora_layers.split(",")),
-         f"--lora_layers {c.lora_layers!r}: a preset ({', '.join(lora.TARGET_PRESETS)}) or comma-separated "
-         "module suffixes such as to_q,to_k,to_v,to_out.0")
-    need(c.validation_cfg >= 1 and math.isfinite(c.validation_cfg), "--validation_cfg must be >= 1 (1: no CFG)")
+    need(
+        c.adam_epsilon > 0 and c.adam_weight_decay >= 0,
+        "--adam_epsilon must be > 0 and --adam_weight_decay >= 0",
+    )
+    need(
+        c.lora_layers in lora.TARGET_PRESETS or all(t.strip() for t in c.lora_layers.split(",")),
+        f"--lora_layers {c.lora_layers!r}: a preset ({', '.join(lora.TARGET_PRESETS)}) or comma-separated "
+        "module suffixes such as to_q,to_k,to_v,to_out.0",
+    )
+    need(
+        c.validation_cfg >= 1 and math.isfinite(c.validation_cfg), "--validation_cfg must be >= 1 (1: no CFG)"
+    )
     if c.resume_from_checkpoint not in (None, "latest"):
-        need(Path(c.resume_from_checkpoint).is_dir(), f"--resume_from_checkpoint {c.resume_from_checkpoint}: no such "
-             "folder (give a checkpoint-N folder, or 'latest')")
+        need(
+            Path(c.resume_from_checkpoint).is_dir(),
+            f"--resume_from_checkpoint {c.resume_from_checkpoint}: no such "
+            "folder (give a checkpoint-N folder, or 'latest')",
+        )
     if c.with_prior_preservation:
-        need(c.class_data_dir and c.class_prompt, "--with_prior_preservation needs --class_data_dir and --class_prompt")
+        need(
+            c.class_data_dir and c.class_prompt,
+            "--with_prior_preservation needs --class_data_dir and --class_prompt",
+        )
         need(not c.control_dirs, "--with_prior_preservation is for text-to-image (DreamBooth), not Edit")
     if not Path(c.model).is_dir():
         raise ValueError(f"--model {c.model}: no such folder (expected an official Qwen-Image folder)")
@@ -197,9 +280,13 @@ def check_config(c: TrainConfig) -> str:
     root = Path(c.model)
     class_name = pipeline.check_model_folder(root, "Qwen-Image")
     edit = "Edit" in class_name
-    need(edit or not (c.control_dirs or c.validation_image),
-         f"--control_dirs / --validation_image are for Edit models; {root} is a {class_name}")
-    need(not edit or not c.validation_prompt or len(c.validation_image) == len(c.validation_prompt),
-         "--validation_prompt for an Edit model needs one --validation_image per prompt (the picture to edit): "
-         f"got {len(c.validation_prompt)} prompts, {len(c.validation_image)} images")
+    need(
+        edit or not (c.control_dirs or c.validation_image),
+        f"--control_dirs / --validation_image are for Edit models; {root} is a {class_name}",
+    )
+    need(
+        not edit or not c.validation_prompt or len(c.validation_image) == len(c.validation_prompt),
+        "--validation_prompt for an Edit model needs one --validation_image per prompt (the picture to edit): "
+        f"got {len(c.validation_prompt)} prompts, {len(c.validation_image)} images",
+    )
     return class_name

@@ -35,15 +35,19 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 # Examples and their sizes
 # ---------------------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class Example:
     """One training example: a picture, its caption, and (Edit) the pictures it is made from."""
-    image: Path                           # the target image
+
+    image: Path  # the target image
     prompt: str
-    controls: tuple = ()                  # Edit: condition image paths, in order
+    controls: tuple = ()  # Edit: condition image paths, in order
 
 
-def read_examples(data, control_dirs=(), instance_prompt: str | None = None, flag: str = "--data") -> list[Example]:
+def read_examples(
+    data, control_dirs=(), instance_prompt: str | None = None, flag: str = "--data"
+) -> list[Example]:
     """A folder of images + same-stem .txt captions (kohya / ai-toolkit / DreamBooth convention), or a
     .jsonl file of {"image": path, "prompt": str, "control": path or [paths]} (paths relative to the file).
 
@@ -53,8 +57,10 @@ def read_examples(data, control_dirs=(), instance_prompt: str | None = None, fla
         if data.suffix != ".jsonl":
             raise ValueError(f"{flag} {data}: expected a folder of images and captions, or a .jsonl file")
         if control_dirs:
-            raise ValueError("--control_dirs is for a folder of images; in a .jsonl, name each example's "
-                             'condition images in its "control" entry')
+            raise ValueError(
+                "--control_dirs is for a folder of images; in a .jsonl, name each example's "
+                'condition images in its "control" entry'
+            )
         return _read_jsonl(data)
     if not data.is_dir():
         raise ValueError(f"{flag} {data}: no such folder or file")
@@ -73,13 +79,17 @@ def read_examples(data, control_dirs=(), instance_prompt: str | None = None, fla
             try:
                 prompt = caption.read_text(encoding="utf-8").strip()
             except UnicodeDecodeError as e:
-                raise ValueError(f"{flag}: the caption {caption} is not UTF-8 text ({e.reason} at byte {e.start}); "
-                                 "save it as UTF-8") from None
+                raise ValueError(
+                    f"{flag}: the caption {caption} is not UTF-8 text ({e.reason} at byte {e.start}); "
+                    "save it as UTF-8"
+                ) from None
         elif instance_prompt is not None:
             prompt = instance_prompt
         else:
-            raise ValueError(f"{flag}: {path.name} has no caption file {caption.name}; write one, or pass "
-                             "--instance_prompt to use one prompt for every uncaptioned image")
+            raise ValueError(
+                f"{flag}: {path.name} has no caption file {caption.name}; write one, or pass "
+                "--instance_prompt to use one prompt for every uncaptioned image"
+            )
         controls = tuple(_same_stem(Path(d), path.stem, f"--control_dirs {d}") for d in control_dirs)
         examples.append(Example(path, prompt, controls))
     return examples
@@ -99,14 +109,25 @@ def _read_jsonl(path: Path) -> list[Example]:
             continue
         where = f"--data {path}, line {n}"
         row = weights.parse_json(line, where)
-        if not isinstance(row, dict) or not isinstance(row.get("image"), str) or not isinstance(row.get("prompt"), str):
+        if (
+            not isinstance(row, dict)
+            or not isinstance(row.get("image"), str)
+            or not isinstance(row.get("prompt"), str)
+        ):
             raise ValueError(f'{where}: expected {{"image": "file.png", "prompt": "..."}}, got {line[:80]!r}')
         controls = row.get("control", row.get("edit_image", []))
         controls = [controls] if isinstance(controls, str) else controls
-        if not isinstance(controls, list) or not all(isinstance(c, str) for c in controls) or len(controls) > 3:
+        if (
+            not isinstance(controls, list)
+            or not all(isinstance(c, str) for c in controls)
+            or len(controls) > 3
+        ):
             raise ValueError(f'{where}: "control" must be a path or a list of 1 to 3 paths')
-        examples.append(Example(path.parent / row["image"], row["prompt"].strip(),
-                                tuple(path.parent / c for c in controls)))
+        examples.append(
+            Example(
+                path.parent / row["image"], row["prompt"].strip(), tuple(path.parent / c for c in controls)
+            )
+        )
     if not examples:
         raise ValueError(f"--data {path}: no examples in this file")
     if len({len(e.controls) for e in examples}) > 1:
@@ -114,7 +135,23 @@ def _read_jsonl(path: Path) -> list[Example]:
     return examples
 
 
-ASPECT_RATIOS = (1 / 3, 9 / 21, 1 / 2, 9 / 16, 2 / 3, 3 / 4, 4 / 5, 1, 5 / 4, 4 / 3, 3 / 2, 16 / 9, 2, 21 / 9, 3)
+ASPECT_RATIOS = (
+    1 / 3,
+    9 / 21,
+    1 / 2,
+    9 / 16,
+    2 / 3,
+    3 / 4,
+    4 / 5,
+    1,
+    5 / 4,
+    4 / 3,
+    3 / 2,
+    16 / 9,
+    2,
+    21 / 9,
+    3,
+)
 
 
 def bucket_size(width: int, height: int, resolution: int, square: bool = False) -> tuple[int, int]:
@@ -135,7 +172,8 @@ def bucket_size(width: int, height: int, resolution: int, square: bool = False) 
 # The data order: micro-batches as a function of (seed, epoch), draws of (seed, micro-batch)
 # ---------------------------------------------------------------------------------------------
 
-@functools.lru_cache(maxsize=4)                       # micro_batch asks for the same epoch at every step
+
+@functools.lru_cache(maxsize=4)  # micro_batch asks for the same epoch at every step
 def epoch_batches(buckets: tuple, batch_size: int, epoch: int, seed: int) -> list[list[int]]:
     """One epoch's micro-batches (lists of example indices): shuffled within each bucket, cut into
     batches (the last of a bucket may be short), the batches shuffled. A pure function of (seed, epoch):
@@ -148,7 +186,7 @@ def epoch_batches(buckets: tuple, batch_size: int, epoch: int, seed: int) -> lis
     for key in sorted(by_bucket):
         members = by_bucket[key]
         order = [members[j] for j in torch.randperm(len(members), generator=g).tolist()]
-        batches += [order[k:k + batch_size] for k in range(0, len(order), batch_size)]
+        batches += [order[k : k + batch_size] for k in range(0, len(order), batch_size)]
     return [batches[j] for j in torch.randperm(len(batches), generator=g).tolist()]
 
 
@@ -167,6 +205,7 @@ def micro_batch_seed(seed: int, index: int) -> int:
 # ---------------------------------------------------------------------------------------------
 # The cache: what the frozen text encoder and VAE compute, once
 # ---------------------------------------------------------------------------------------------
+
 
 def model_fingerprint(root: Path) -> str:
     """What the cache depends on in the model: the JSON files of the text encoder, VAE, processor and
@@ -191,14 +230,24 @@ def file_digest(path: Path) -> str:
     return h.hexdigest()
 
 
-def cache_key(model_id: str, kind: str, example: Example, size, max_sequence_length: int, with_empty: bool) -> str:
-    parts = [model_id, kind, file_digest(example.image), example.prompt, str(tuple(size)), str(max_sequence_length),
-             str(with_empty)] + [file_digest(c) for c in example.controls]
+def cache_key(
+    model_id: str, kind: str, example: Example, size, max_sequence_length: int, with_empty: bool
+) -> str:
+    parts = [
+        model_id,
+        kind,
+        file_digest(example.image),
+        example.prompt,
+        str(tuple(size)),
+        str(max_sequence_length),
+        str(with_empty),
+    ] + [file_digest(c) for c in example.controls]
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:32]
 
 
-def encode_examples(pipe, examples: list[Example], sizes: list, with_empty: bool, max_sequence_length: int,
-                    batch_size: int) -> list[dict]:
+def encode_examples(
+    pipe, examples: list[Example], sizes: list, with_empty: bool, max_sequence_length: int, batch_size: int
+) -> list[dict]:
     """Examples -> one dict of tensors each (all on the CPU, fp32):
     latent_mean, latent_logvar (C, h, w)      the VAE posterior of the image (unnormalised)
     prompt_embeds (L, D)                      its caption, without padding
@@ -213,10 +262,12 @@ def encode_examples(pipe, examples: list[Example], sizes: list, with_empty: bool
         by_size.setdefault(tuple(s), []).append(i)
     for size, members in by_size.items():
         for k in range(0, len(members), batch_size):
-            chunk = members[k:k + batch_size]
-            pixels = torch.cat([images.load_pixels(examples[i].image, size) for i in chunk])      # (b, 3, H, W)
+            chunk = members[k : k + batch_size]
+            pixels = torch.cat([images.load_pixels(examples[i].image, size) for i in chunk])  # (b, 3, H, W)
             with pipe.active(pipe.vae) as ae, torch.no_grad():
-                posterior = ae.encode(pixels.to(pipe.device, vae_dtype))    # N(mean, exp(logvar)), (b, C, h, w) each
+                posterior = ae.encode(
+                    pixels.to(pipe.device, vae_dtype)
+                )  # N(mean, exp(logvar)), (b, C, h, w) each
             for j, i in enumerate(chunk):
                 out[i]["latent_mean"] = posterior.mean[j].float().cpu()
                 out[i]["latent_logvar"] = posterior.logvar[j].float().cpu()
@@ -231,7 +282,7 @@ def encode_examples(pipe, examples: list[Example], sizes: list, with_empty: bool
             for entry in out:
                 entry["empty_embeds"] = empty[0].float().cpu()
         return out
-    for i, e in enumerate(examples):                       # Edit: each prompt is read with its own images
+    for i, e in enumerate(examples):  # Edit: each prompt is read with its own images
         h, w = sizes[i]
         condition, vae_images = condition_images(pipe, e.controls, (h, w))
         features = pipe.image_features(condition)
@@ -255,8 +306,18 @@ def condition_images(pipe, paths, size):
     return [images.resize_to_area(img, pipe.condition_area) for img in vae_images], vae_images
 
 
-def build_cache(pipe, examples, sizes, cache_dir: Path, kind: str, with_empty: bool, max_sequence_length: int,
-                batch_size: int, model_id: str, progress: bool = True) -> list[Path]:
+def build_cache(
+    pipe,
+    examples,
+    sizes,
+    cache_dir: Path,
+    kind: str,
+    with_empty: bool,
+    max_sequence_length: int,
+    batch_size: int,
+    model_id: str,
+    progress: bool = True,
+) -> list[Path]:
     """The cache file of every example, computing the missing ones (in batches) and writing each
     atomically, so an interrupted run loses nothing it finished and leaves nothing half-written."""
     keys = [cache_key(model_id, kind, e, s, max_sequence_length, with_empty) for e, s in zip(examples, sizes)]
@@ -264,13 +325,23 @@ def build_cache(pipe, examples, sizes, cache_dir: Path, kind: str, with_empty: b
     todo = [i for i, p in enumerate(paths) if not p.is_file()]
     if todo:
         for start in tqdm(range(0, len(todo), 16 * batch_size), desc=f"caching {kind}", disable=not progress):
-            chunk = todo[start:start + 16 * batch_size]
-            entries = encode_examples(pipe, [examples[i] for i in chunk], [sizes[i] for i in chunk], with_empty,
-                                      max_sequence_length, batch_size)
+            chunk = todo[start : start + 16 * batch_size]
+            entries = encode_examples(
+                pipe,
+                [examples[i] for i in chunk],
+                [sizes[i] for i in chunk],
+                with_empty,
+                max_sequence_length,
+                batch_size,
+            )
             for i, entry in zip(chunk, entries):
                 names = sorted(entry)
-                weights.write_safetensors(paths[i], [(n, tuple(entry[n].shape), entry[n].dtype) for n in names],
-                                          [entry[n] for n in names], metadata={"image": str(examples[i].image)})
+                weights.write_safetensors(
+                    paths[i],
+                    [(n, tuple(entry[n].shape), entry[n].dtype) for n in names],
+                    [entry[n] for n in names],
+                    metadata={"image": str(examples[i].image)},
+                )
     return paths
 
 
@@ -294,6 +365,7 @@ def pad_prompts(embeds: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor 
 # What train() calls: the examples paired and sized, then cached
 # ---------------------------------------------------------------------------------------------
 
+
 def prepare_data(c: TrainConfig, pipe, out: Path):
     """Read the examples (and class images), pair them, choose their sizes; -> (examples, class examples,
     sizes as (height, width), the cache folder). `pipe` (None on the other processes) checks Edit vs text."""
@@ -301,10 +373,14 @@ def prepare_data(c: TrainConfig, pipe, out: Path):
     n_controls = len(examples[0].controls)
     edit = isinstance(pipe, pipeline.QwenImageEditPipeline)
     if edit and not 1 <= n_controls <= pipe.max_images:
-        raise ValueError(f"--data: {type(pipe).__name__} trains with 1 to {pipe.max_images} condition image(s) per "
-                         f"example (--control_dirs, or \"control\" in the .jsonl), got {n_controls}")
+        raise ValueError(
+            f"--data: {type(pipe).__name__} trains with 1 to {pipe.max_images} condition image(s) per "
+            f'example (--control_dirs, or "control" in the .jsonl), got {n_controls}'
+        )
     if pipe is not None and not edit and n_controls:
-        raise ValueError("--data has condition images but --model is a text-to-image checkpoint: use an Edit model")
+        raise ValueError(
+            "--data has condition images but --model is a text-to-image checkpoint: use an Edit model"
+        )
     class_examples = []
     if c.with_prior_preservation:
         # As the reference's dataset: max(instances, class images) pairs, instance i % n with class i % m, so
@@ -318,12 +394,44 @@ def prepare_data(c: TrainConfig, pipe, out: Path):
     return examples, class_examples, sizes, cache_dir
 
 
-def build_caches(pipe, examples, class_examples, sizes, cache_dir: Path, c: TrainConfig, model_id: str,
-                 progress: bool = True) -> tuple[list[Path], list[Path]]:
+def build_caches(
+    pipe,
+    examples,
+    class_examples,
+    sizes,
+    cache_dir: Path,
+    c: TrainConfig,
+    model_id: str,
+    progress: bool = True,
+) -> tuple[list[Path], list[Path]]:
     """The cache files of the examples (with the empty prompt's embeddings when --caption_dropout can drop
     a caption) and of the class images (prior preservation; never dropped). pipe=None: the files must exist."""
-    cache = build_cache(pipe, examples, sizes, cache_dir, "instance", c.caption_dropout > 0, c.max_sequence_length,
-                        c.train_batch_size, model_id, progress)
-    class_cache = build_cache(pipe, class_examples, sizes, cache_dir, "class", False, c.max_sequence_length,
-                              c.train_batch_size, model_id, progress) if class_examples else []
+    cache = build_cache(
+        pipe,
+        examples,
+        sizes,
+        cache_dir,
+        "instance",
+        c.caption_dropout > 0,
+        c.max_sequence_length,
+        c.train_batch_size,
+        model_id,
+        progress,
+    )
+    class_cache = (
+        build_cache(
+            pipe,
+            class_examples,
+            sizes,
+            cache_dir,
+            "class",
+            False,
+            c.max_sequence_length,
+            c.train_batch_size,
+            model_id,
+            progress,
+        )
+        if class_examples
+        else []
+    )
     return cache, class_cache

@@ -31,15 +31,48 @@ from torch import nn
 
 from . import weights
 
-LATENTS_MEAN = (-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
-                0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921)
-LATENTS_STD = (2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
-               3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160)
+LATENTS_MEAN = (
+    -0.7571,
+    -0.7089,
+    -0.9113,
+    0.1075,
+    -0.1745,
+    0.9653,
+    -0.1517,
+    1.5508,
+    0.4134,
+    -0.0715,
+    0.5517,
+    -0.3632,
+    -0.1922,
+    -0.9497,
+    0.2503,
+    -0.2921,
+)
+LATENTS_STD = (
+    2.8184,
+    1.4541,
+    2.3275,
+    2.6558,
+    1.2196,
+    1.7708,
+    2.6052,
+    2.0743,
+    3.2687,
+    2.1526,
+    2.8652,
+    1.5579,
+    1.6382,
+    1.1253,
+    2.8251,
+    1.9160,
+)
 
 
 @dataclass
 class VAEConfig:
     """Defaults are the official Qwen-Image vae/config.json."""
+
     base_dim: int = 96
     z_dim: int = 16
     dim_mult: tuple[int, ...] = (1, 2, 4, 4)
@@ -65,14 +98,20 @@ class VAEConfig:
     def to_json(self) -> dict:
         """vae/config.json, as diffusers writes it."""
         fields = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
-        return {"_class_name": "AutoencoderKLQwenImage", "_diffusers_version": "0.42.1", "attn_scales": [],
-                "dropout": 0.0, **fields}
+        return {
+            "_class_name": "AutoencoderKLQwenImage",
+            "_diffusers_version": "0.42.1",
+            "attn_scales": [],
+            "dropout": 0.0,
+            **fields,
+        }
 
 
 # ---------------------------------------------------------------------------------------------
 # Building blocks. Every forward accepts (B, C, H, W) images (the fast path) or (B, C, T, H, W)
 # videos with a `cache` dict (the streaming path).
 # ---------------------------------------------------------------------------------------------
+
 
 class CausalConv3d(nn.Conv3d):
     """A 3-D conv that pads time on the past side only (2 * p frames), space symmetrically.
@@ -86,11 +125,11 @@ class CausalConv3d(nn.Conv3d):
         self.time_pad, self.space_pad = 2 * p[0], (p[1], p[2])
 
     def forward(self, x, cache=None):
-        if x.ndim == 4:   # one frame: past frames are zeros, only the last kernel slice ever sees data
+        if x.ndim == 4:  # one frame: past frames are zeros, only the last kernel slice ever sees data
             return F.conv2d(x, self.weight[:, :, -1], self.bias, self.stride[1:], self.space_pad)
         time_pad = self.time_pad
         if cache is not None and time_pad > 0:
-            past = cache.get(self)                                    # (B, C, <=2, H, W) or None
+            past = cache.get(self)  # (B, C, <=2, H, W) or None
             cache[self] = (x if past is None else torch.cat([past, x], dim=2))[:, :, -2:]
             if past is not None:
                 x = torch.cat([past, x], dim=2)
@@ -105,13 +144,13 @@ class RMSNorm(nn.Module):
 
     def __init__(self, dim: int, images: bool = False):
         super().__init__()
-        self.scale = dim ** 0.5
+        self.scale = dim**0.5
         # The checkpoint stores gamma as (C, 1, 1) in attention blocks and (C, 1, 1, 1) elsewhere.
         self.gamma = nn.Parameter(torch.ones(dim, 1, 1) if images else torch.ones(dim, 1, 1, 1))
 
     def forward(self, x):
-        gamma = self.gamma.reshape(-1, *[1] * (x.ndim - 2))             # (C, 1, 1[, 1]) to match x
-        normalized = F.normalize(x.float(), dim=1).to(x.dtype)          # x / |x| over channels
+        gamma = self.gamma.reshape(-1, *[1] * (x.ndim - 2))  # (C, 1, 1[, 1]) to match x
+        normalized = F.normalize(x.float(), dim=1).to(x.dtype)  # x / |x| over channels
         return normalized * self.scale * gamma
 
 
@@ -140,14 +179,14 @@ class AttentionBlock(nn.Module):
         self.proj = nn.Conv2d(dim, dim, 1)
 
     def forward(self, x, cache=None):
-        if x.ndim == 5:   # frames are independent: fold time into the batch
+        if x.ndim == 5:  # frames are independent: fold time into the batch
             B, C, T, H, W = x.shape
             y = self(x.transpose(1, 2).reshape(B * T, C, H, W))
             return y.reshape(B, T, C, H, W).transpose(1, 2)
         B, C, H, W = x.shape
-        qkv = self.to_qkv(self.norm(x))                                  # (B, 3C, H, W)
+        qkv = self.to_qkv(self.norm(x))  # (B, 3C, H, W)
         qkv = qkv.reshape(B, 1, 3 * C, H * W).transpose(2, 3).contiguous()  # (B, 1, HW, 3C): pixels attend
-        q, k, v = qkv.chunk(3, dim=-1)                                   # (B, 1, HW, C) each
+        q, k, v = qkv.chunk(3, dim=-1)  # (B, 1, HW, C) each
         out = F.scaled_dot_product_attention(q, k, v)
         out = out.squeeze(1).transpose(1, 2).reshape(B, C, H, W)
         return x + self.proj(out)
@@ -165,8 +204,9 @@ class Resample(nn.Module):
         super().__init__()
         self.mode = mode
         if mode.startswith("upsample"):
-            self.resample = nn.Sequential(nn.Upsample(scale_factor=2.0, mode="nearest-exact"),
-                                          nn.Conv2d(dim, dim // 2, 3, padding=1))
+            self.resample = nn.Sequential(
+                nn.Upsample(scale_factor=2.0, mode="nearest-exact"), nn.Conv2d(dim, dim // 2, 3, padding=1)
+            )
         else:
             self.resample = nn.Sequential(nn.ZeroPad2d((0, 1, 0, 1)), nn.Conv2d(dim, dim, 3, stride=2))
         if mode == "upsample3d":
@@ -175,27 +215,27 @@ class Resample(nn.Module):
             self.time_conv = CausalConv3d(dim, dim, (3, 1, 1), stride=(2, 1, 1), padding=(0, 0, 0))
 
     def spatial(self, x):
-        if self.mode.startswith("upsample"):   # upsample in fp32, like the reference
+        if self.mode.startswith("upsample"):  # upsample in fp32, like the reference
             return self.resample[1](self.resample[0](x.float()).to(x.dtype))
         return self.resample(x)
 
     def forward(self, x, cache=None):
-        if x.ndim == 4:                        # one frame: spatial only
+        if x.ndim == 4:  # one frame: spatial only
             return self.spatial(x)
         if self.mode == "upsample3d" and cache is not None:
             if self not in cache:
-                cache[self] = True             # the first frame is not upsampled in time
+                cache[self] = True  # the first frame is not upsampled in time
             else:
                 B, C, T, H, W = x.shape
-                x = self.time_conv(x, cache)                            # (B, 2C, T, H, W)
+                x = self.time_conv(x, cache)  # (B, 2C, T, H, W)
                 x = x.reshape(B, 2, C, T, H, W).permute(0, 2, 3, 1, 4, 5).reshape(B, C, 2 * T, H, W)
         B, C, T, H, W = x.shape
-        x = self.spatial(x.transpose(1, 2).reshape(B * T, C, H, W))     # frames through the 2-D part
+        x = self.spatial(x.transpose(1, 2).reshape(B * T, C, H, W))  # frames through the 2-D part
         x = x.reshape(B, T, *x.shape[1:]).transpose(1, 2)
         if self.mode == "downsample3d" and cache is not None:
             previous = cache.get(self)
             cache[self] = x[:, :, -1:]
-            if previous is not None:           # after the first chunk: halve time
+            if previous is not None:  # after the first chunk: halve time
                 x = self.time_conv(torch.cat([previous, x], dim=2))
         return x
 
@@ -215,7 +255,7 @@ class MidBlock(nn.Module):
 class Encoder(nn.Module):
     def __init__(self, c: VAEConfig):
         super().__init__()
-        dims = [c.base_dim * m for m in (1,) + c.dim_mult]               # 96, 96, 192, 384, 384
+        dims = [c.base_dim * m for m in (1,) + c.dim_mult]  # 96, 96, 192, 384, 384
         self.conv_in = CausalConv3d(c.input_channels, dims[0], 3, padding=1)
         blocks = []
         for i, (in_dim, out_dim) in enumerate(zip(dims[:-1], dims[1:])):
@@ -223,8 +263,10 @@ class Encoder(nn.Module):
                 blocks.append(ResidualBlock(in_dim, out_dim))
                 in_dim = out_dim
             if i < len(c.dim_mult) - 1:
-                blocks.append(Resample(out_dim, "downsample3d" if c.temperal_downsample[i] else "downsample2d"))
-        self.down_blocks = nn.ModuleList(blocks)                         # a flat list, as in the checkpoint
+                blocks.append(
+                    Resample(out_dim, "downsample3d" if c.temperal_downsample[i] else "downsample2d")
+                )
+        self.down_blocks = nn.ModuleList(blocks)  # a flat list, as in the checkpoint
         self.mid_block = MidBlock(dims[-1])
         self.norm_out = RMSNorm(dims[-1])
         self.conv_out = CausalConv3d(dims[-1], 2 * c.z_dim, 3, padding=1)  # mean and logvar
@@ -240,8 +282,9 @@ class Encoder(nn.Module):
 class UpBlock(nn.Module):
     def __init__(self, in_dim: int, out_dim: int, num_res_blocks: int, upsample_mode: str | None):
         super().__init__()
-        self.resnets = nn.ModuleList(ResidualBlock(in_dim if i == 0 else out_dim, out_dim)
-                                     for i in range(num_res_blocks + 1))
+        self.resnets = nn.ModuleList(
+            ResidualBlock(in_dim if i == 0 else out_dim, out_dim) for i in range(num_res_blocks + 1)
+        )
         self.upsamplers = nn.ModuleList([Resample(out_dim, upsample_mode)]) if upsample_mode else None
 
     def forward(self, x, cache=None):
@@ -259,7 +302,7 @@ class Decoder(nn.Module):
         self.mid_block = MidBlock(dims[0])
         blocks = []
         for i, (in_dim, out_dim) in enumerate(zip(dims[:-1], dims[1:])):
-            in_dim = in_dim // 2 if i > 0 else in_dim      # the upsampler before it halved the channels
+            in_dim = in_dim // 2 if i > 0 else in_dim  # the upsampler before it halved the channels
             mode = None
             if i < len(c.dim_mult) - 1:
                 mode = "upsample3d" if temporal_upsample[i] else "upsample2d"
@@ -288,13 +331,16 @@ class DiagonalGaussian:
         return self.mean
 
     def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
-        noise = torch.randn(self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype)
+        noise = torch.randn(
+            self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype
+        )
         return self.mean + self.std * noise
 
 
 # ---------------------------------------------------------------------------------------------
 # The autoencoder
 # ---------------------------------------------------------------------------------------------
+
 
 class QwenImageVAE(nn.Module):
     def __init__(self, config: VAEConfig):
@@ -313,7 +359,7 @@ class QwenImageVAE(nn.Module):
         path with its streaming cache (the same numbers for one frame); no checks, no tiling."""
         if x.ndim == 4:
             return self.quant_conv(self.encoder(x))
-        cache = {}                                      # streaming: first frame, then 4 at a time
+        cache = {}  # streaming: first frame, then 4 at a time
         chunks = [x[:, :, :1]] + (list(x[:, :, 1:].split(4, dim=2)) if x.shape[2] > 1 else [])
         return self.quant_conv(torch.cat([self.encoder(chunk, cache) for chunk in chunks], dim=2))
 
@@ -322,29 +368,34 @@ class QwenImageVAE(nn.Module):
         z = self.post_quant_conv(z)
         if z.ndim == 4:
             return self.decoder(z)
-        cache = {}                                      # streaming: one latent frame at a time
+        cache = {}  # streaming: one latent frame at a time
         return torch.cat([self.decoder(frame, cache) for frame in z.split(1, dim=2)], dim=2)
 
     @torch.no_grad()
-    def encode(self, x: torch.Tensor, tiled: bool = False, tile_size: int = 256,
-               tile_stride: int = 192) -> DiagonalGaussian:
+    def encode(
+        self, x: torch.Tensor, tiled: bool = False, tile_size: int = 256, tile_stride: int = 192
+    ) -> DiagonalGaussian:
         """x in [-1, 1]: (B, 3, H, W) or (B, 3, T, H, W) with T = 1 + 4k; H, W multiples of 8.
 
         Latents keep the input's rank: (B, 16, H/8, W/8) or (B, 16, 1 + k, H/8, W/8), unnormalised.
         A single frame, 4-D or 5-D, takes the 2-D fast path."""
         self._check_input(x, "x", self.config.input_channels, pixels=True)
-        return DiagonalGaussian(self._whole_or_tiled(x, self.encode_moments, tiled, tile_size, tile_stride,
-                                                     decoding=False))
+        return DiagonalGaussian(
+            self._whole_or_tiled(x, self.encode_moments, tiled, tile_size, tile_stride, decoding=False)
+        )
 
     @torch.no_grad()
-    def decode(self, z: torch.Tensor, tiled: bool = False, tile_size: int = 256,
-               tile_stride: int = 192) -> torch.Tensor:
+    def decode(
+        self, z: torch.Tensor, tiled: bool = False, tile_size: int = 256, tile_stride: int = 192
+    ) -> torch.Tensor:
         """Unnormalised latents (B, 16, h, w) or (B, 16, 1 + k, h, w) -> images in [-1, 1].
 
         Tiling: latent tiles of tile_size/8 every tile_stride/8, decoded one by one, overlaps blended
         linearly. diffusers clamps only its untiled output; ours is clamped on both paths."""
         self._check_input(z, "z", self.config.z_dim, pixels=False)
-        return self._whole_or_tiled(z, self.decode_unclamped, tiled, tile_size, tile_stride, decoding=True).clamp(-1, 1)
+        return self._whole_or_tiled(
+            z, self.decode_unclamped, tiled, tile_size, tile_stride, decoding=True
+        ).clamp(-1, 1)
 
     def _whole_or_tiled(self, x, fn, tiled, tile_size, tile_stride, decoding: bool):
         """fn(x) at once or tile by tile; a one-frame video takes the 2-D path and keeps its frame axis."""
@@ -355,7 +406,7 @@ class QwenImageVAE(nn.Module):
             out = fn(x)
         else:
             _check_tiles(tile_size, tile_stride, s)
-            unit = s if decoding else 1            # tile sizes are in pixels; the decoder's input is in latents
+            unit = s if decoding else 1  # tile sizes are in pixels; the decoder's input is in latents
             out = _tiled(x, fn, tile_size // unit, tile_stride // unit, out_scale=s if decoding else 1 / s)
         return out[:, :, None] if one_frame_5d else out
 
@@ -379,14 +430,18 @@ class QwenImageVAE(nn.Module):
     def _check_input(self, x, name, channels, pixels):
         kind = "images in [-1, 1]" if pixels else "latents"
         if not torch.is_tensor(x) or x.ndim not in (4, 5):
-            raise ValueError(f"{name} must be a 4-D (B, C, H, W) or 5-D (B, C, T, H, W) tensor of {kind}, "
-                             f"got {getattr(x, 'shape', type(x).__name__)}")
+            raise ValueError(
+                f"{name} must be a 4-D (B, C, H, W) or 5-D (B, C, T, H, W) tensor of {kind}, "
+                f"got {getattr(x, 'shape', type(x).__name__)}"
+            )
         if x.shape[1] != channels:
             raise ValueError(f"{name} must have {channels} channels in dim 1, got shape {tuple(x.shape)}")
         s = self.config.scale_factor
         if pixels and (x.shape[-1] % s or x.shape[-2] % s):
-            raise ValueError(f"{name}: height and width must be multiples of {s}, got {x.shape[-2]}x{x.shape[-1]}; "
-                             "resize or crop the image")
+            raise ValueError(
+                f"{name}: height and width must be multiples of {s}, got {x.shape[-2]}x{x.shape[-1]}; "
+                "resize or crop the image"
+            )
         if x.ndim == 5 and pixels and (x.shape[2] - 1) % 4:
             raise ValueError(f"{name}: a video must have 1 + 4k frames, got {x.shape[2]}")
 
@@ -399,12 +454,14 @@ def _tiled(x, fn, tile, stride, out_scale):
     top and left neighbours, then every tile is cut to its stride and the mosaic cropped. The
     arithmetic follows diffusers' tiled_encode/tiled_decode, so the results match them."""
     H, W = x.shape[-2:]
-    if H <= tile and W <= tile:                       # fits in one tile: no tiling, as in the reference
+    if H <= tile and W <= tile:  # fits in one tile: no tiling, as in the reference
         return fn(x)
     out_tile = round(tile * out_scale)
     out_stride = round(stride * out_scale)
     blend = out_tile - out_stride
-    rows = [[fn(x[..., i:i + tile, j:j + tile]) for j in range(0, W, stride)] for i in range(0, H, stride)]
+    rows = [
+        [fn(x[..., i : i + tile, j : j + tile]) for j in range(0, W, stride)] for i in range(0, H, stride)
+    ]
     out_rows = []
     for r, row in enumerate(rows):
         pieces = []
@@ -413,10 +470,10 @@ def _tiled(x, fn, tile, stride, out_scale):
                 t = _blend(rows[r - 1][c], t, blend, dim=-2)
             if c > 0:
                 t = _blend(row[c - 1], t, blend, dim=-1)
-            row[c] = t                                # the blended tile is what the next one blends with
+            row[c] = t  # the blended tile is what the next one blends with
             pieces.append(t[..., :out_stride, :out_stride])
         out_rows.append(torch.cat(pieces, dim=-1))
-    return torch.cat(out_rows, dim=-2)[..., :round(H * out_scale), :round(W * out_scale)]
+    return torch.cat(out_rows, dim=-2)[..., : round(H * out_scale), : round(W * out_scale)]
 
 
 def _blend(prev: torch.Tensor, cur: torch.Tensor, extent: int, dim: int) -> torch.Tensor:
@@ -428,41 +485,64 @@ def _blend(prev: torch.Tensor, cur: torch.Tensor, extent: int, dim: int) -> torc
     w = w.view(-1, 1) if dim == -2 else w.view(1, -1)
     head = cur.narrow(dim, 0, extent)
     tail = prev.narrow(dim, prev.shape[dim] - extent, extent)
-    mixed = (tail * (1 - w).to(cur.dtype) + head * w.to(cur.dtype))
+    mixed = tail * (1 - w).to(cur.dtype) + head * w.to(cur.dtype)
     return torch.cat([mixed, cur.narrow(dim, extent, cur.shape[dim] - extent)], dim=dim)
 
 
 def _check_tiles(tile_size: int, tile_stride: int, scale: int):
     if not isinstance(tile_size, int) or not isinstance(tile_stride, int):
-        raise ValueError(f"tile_size and tile_stride must be ints (pixels), got {tile_size!r}, {tile_stride!r}")
+        raise ValueError(
+            f"tile_size and tile_stride must be ints (pixels), got {tile_size!r}, {tile_stride!r}"
+        )
     if tile_size < scale or tile_size % scale or tile_stride < scale or tile_stride % scale:
-        raise ValueError(f"tile_size ({tile_size}) and tile_stride ({tile_stride}) must be positive multiples "
-                         f"of {scale} pixels (one latent pixel)")
+        raise ValueError(
+            f"tile_size ({tile_size}) and tile_stride ({tile_stride}) must be positive multiples "
+            f"of {scale} pixels (one latent pixel)"
+        )
     if tile_stride > tile_size:
-        raise ValueError(f"tile_stride ({tile_stride}) must not exceed tile_size ({tile_size}): "
-                         "tiles would leave gaps")
+        raise ValueError(
+            f"tile_stride ({tile_stride}) must not exceed tile_size ({tile_size}): tiles would leave gaps"
+        )
 
 
 # ---------------------------------------------------------------------------------------------
 # Loading the official vae/ folder
 # ---------------------------------------------------------------------------------------------
 
-REQUIRED_FIELDS = ("base_dim", "z_dim", "dim_mult", "num_res_blocks", "temperal_downsample",
-                   "latents_mean", "latents_std")
+REQUIRED_FIELDS = (
+    "base_dim",
+    "z_dim",
+    "dim_mult",
+    "num_res_blocks",
+    "temperal_downsample",
+    "latents_mean",
+    "latents_std",
+)
 WEIGHTS_STEM = "diffusion_pytorch_model"
 
 
 def config_from_json(raw: dict, folder="<config>") -> VAEConfig:
     if raw.get("attn_scales"):
-        raise weights.CheckpointError(f"{folder}/config.json: attn_scales={raw['attn_scales']} (attention in the "
-                                      "down blocks) is not used by Qwen-Image and not supported")
+        raise weights.CheckpointError(
+            f"{folder}/config.json: attn_scales={raw['attn_scales']} (attention in the "
+            "down blocks) is not used by Qwen-Image and not supported"
+        )
     return weights.config_from_json(VAEConfig, raw, folder, REQUIRED_FIELDS)
 
 
 def load(path, device=None, dtype=None, check_finite: bool = True) -> QwenImageVAE:
     """Load an official `vae/` folder (config.json + diffusion_pytorch_model.safetensors)."""
     config = config_from_json(weights.read_config(path), path)
-    counts = {"decoder.up_blocks": ("len(dim_mult)", len(config.dim_mult)),
-              "decoder.up_blocks.0.resnets": ("num_res_blocks + 1", config.num_res_blocks + 1)}
-    return weights.load_weights(lambda: QwenImageVAE(config), path, WEIGHTS_STEM, device=device, dtype=dtype,
-                                block_counts=counts, check_finite=check_finite)
+    counts = {
+        "decoder.up_blocks": ("len(dim_mult)", len(config.dim_mult)),
+        "decoder.up_blocks.0.resnets": ("num_res_blocks + 1", config.num_res_blocks + 1),
+    }
+    return weights.load_weights(
+        lambda: QwenImageVAE(config),
+        path,
+        WEIGHTS_STEM,
+        device=device,
+        dtype=dtype,
+        block_counts=counts,
+        check_finite=check_finite,
+    )

@@ -29,25 +29,27 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import weights
-from .text_encoder import MLP, RMSNorm, rotate_half   # the same pieces as the language model's
+from .text_encoder import MLP, RMSNorm, rotate_half  # the same pieces as the language model's
 
 # ---------------------------------------------------------------------------------------------
 # The vision transformer
 # ---------------------------------------------------------------------------------------------
 
+
 @dataclass
 class VisionConfig:
     """Defaults are Qwen2.5-VL-7B's vision tower (text_encoder/config.json, `vision_config`)."""
+
     depth: int = 32
     hidden_size: int = 1280
     intermediate_size: int = 3420
     num_heads: int = 16
     in_channels: int = 3
-    out_hidden_size: int = 3584               # the language model's width
+    out_hidden_size: int = 3584  # the language model's width
     patch_size: int = 14
     temporal_patch_size: int = 2
     spatial_merge_size: int = 2
-    window_size: int = 112                    # pixels
+    window_size: int = 112  # pixels
     fullatt_block_indexes: tuple[int, ...] = (7, 15, 23, 31)
     rope_theta: float = 10000.0
 
@@ -62,12 +64,21 @@ class VisionConfig:
 
     def to_json(self) -> dict:
         """The `vision_config` entry of text_encoder/config.json (transformers' field names)."""
-        return {"depth": self.depth, "hidden_size": self.hidden_size, "intermediate_size": self.intermediate_size,
-                "num_heads": self.num_heads, "in_channels": self.in_channels, "out_hidden_size": self.out_hidden_size,
-                "patch_size": self.patch_size, "temporal_patch_size": self.temporal_patch_size,
-                "spatial_merge_size": self.spatial_merge_size, "window_size": self.window_size,
-                "fullatt_block_indexes": list(self.fullatt_block_indexes), "hidden_act": "silu",
-                "tokens_per_second": 2}
+        return {
+            "depth": self.depth,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_heads": self.num_heads,
+            "in_channels": self.in_channels,
+            "out_hidden_size": self.out_hidden_size,
+            "patch_size": self.patch_size,
+            "temporal_patch_size": self.temporal_patch_size,
+            "spatial_merge_size": self.spatial_merge_size,
+            "window_size": self.window_size,
+            "fullatt_block_indexes": list(self.fullatt_block_indexes),
+            "hidden_act": "silu",
+            "tokens_per_second": 2,
+        }
 
 
 def patch_positions(grid_thw, merge_size: int) -> torch.Tensor:
@@ -76,7 +87,9 @@ def patch_positions(grid_thw, merge_size: int) -> torch.Tensor:
     for t, h, w in grid_thw:
         rows = torch.arange(h)[:, None].expand(h, w)
         cols = torch.arange(w)[None, :].expand(h, w)
-        grouped = lambda g: g.reshape(h // merge_size, merge_size, w // merge_size, merge_size).transpose(1, 2).flatten()
+        grouped = lambda g: (
+            g.reshape(h // merge_size, merge_size, w // merge_size, merge_size).transpose(1, 2).flatten()
+        )
         out.append(torch.stack([grouped(rows), grouped(cols)], dim=-1).repeat(t, 1))
     return torch.cat(out)
 
@@ -86,11 +99,11 @@ def rope_cos_sin(positions: torch.Tensor, config: VisionConfig):
 
     head_dim/4 frequencies, each used twice: the first half of the angles follows the row, the
     second half the column, and the whole is repeated for the "rotate half" pairing."""
-    half = config.head_dim // 2                       # per axis: a 1-D RoPE over head_dim/2 channels
+    half = config.head_dim // 2  # per axis: a 1-D RoPE over head_dim/2 channels
     inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, half, 2, dtype=torch.float) / half))
-    angles = positions[..., None].float() * inv_freq           # (N, 2, head_dim/4)
-    angles = angles.flatten(1)                                 # (N, head_dim/2): [rows | cols]
-    emb = torch.cat([angles, angles], dim=-1)                  # (N, head_dim)
+    angles = positions[..., None].float() * inv_freq  # (N, 2, head_dim/4)
+    angles = angles.flatten(1)  # (N, head_dim/2): [rows | cols]
+    emb = torch.cat([angles, angles], dim=-1)  # (N, head_dim)
     return emb.cos(), emb.sin()
 
 
@@ -109,7 +122,7 @@ def window_order(grid_thw, config: VisionConfig) -> tuple[torch.Tensor, list[int
         for frame in index:
             for r in range(0, gh, win):
                 for c in range(0, gw, win):
-                    window = frame[r:r + win, c:c + win].flatten()
+                    window = frame[r : r + win, c : c + win].flatten()
                     order.append(window + offset)
                     lengths.append(len(window) * m * m)
         offset += t * gh * gw
@@ -128,12 +141,13 @@ class PatchEmbed(nn.Module):
         super().__init__()
         c = config
         self.shape = (c.in_channels, c.temporal_patch_size, c.patch_size, c.patch_size)
-        self.proj = nn.Conv3d(c.in_channels, c.hidden_size, kernel_size=self.shape[1:], stride=self.shape[1:],
-                              bias=False)
+        self.proj = nn.Conv3d(
+            c.in_channels, c.hidden_size, kernel_size=self.shape[1:], stride=self.shape[1:], bias=False
+        )
 
     def forward(self, pixel_values):
-        x = pixel_values.view(-1, *self.shape).to(self.proj.weight.dtype)   # (N, 3, 2, 14, 14)
-        return self.proj(x).flatten(1)                                      # (N, hidden)
+        x = pixel_values.view(-1, *self.shape).to(self.proj.weight.dtype)  # (N, 3, 2, 14, 14)
+        return self.proj(x).flatten(1)  # (N, hidden)
 
 
 class VisionAttention(nn.Module):
@@ -145,14 +159,19 @@ class VisionAttention(nn.Module):
 
     def forward(self, x, cos, sin, lengths: list[int]):
         N, D = x.shape
-        q, k, v = self.qkv(x).view(N, 3, self.num_heads, -1).unbind(1)    # (N, heads, head_dim) each
-        cos, sin = cos[:, None], sin[:, None]                              # broadcast over heads
-        q = (q.float() * cos + rotate_half(q.float()) * sin).to(v.dtype)    # rotated in fp32
+        q, k, v = self.qkv(x).view(N, 3, self.num_heads, -1).unbind(1)  # (N, heads, head_dim) each
+        cos, sin = cos[:, None], sin[:, None]  # broadcast over heads
+        q = (q.float() * cos + rotate_half(q.float()) * sin).to(v.dtype)  # rotated in fp32
         k = (k.float() * cos + rotate_half(k.float()) * sin).to(v.dtype)
-        q, k, v = (t.transpose(0, 1)[None] for t in (q, k, v))              # (1, heads, N, head_dim)
+        q, k, v = (t.transpose(0, 1)[None] for t in (q, k, v))  # (1, heads, N, head_dim)
         # Attention only inside each segment (a window, or a whole image): one call per segment.
-        out = torch.cat([F.scaled_dot_product_attention(qs, ks, vs) for qs, ks, vs in
-                         zip(q.split(lengths, 2), k.split(lengths, 2), v.split(lengths, 2))], dim=2)
+        out = torch.cat(
+            [
+                F.scaled_dot_product_attention(qs, ks, vs)
+                for qs, ks, vs in zip(q.split(lengths, 2), k.split(lengths, 2), v.split(lengths, 2))
+            ],
+            dim=2,
+        )
         return self.proj(out[0].transpose(0, 1).reshape(N, D))
 
 
@@ -162,7 +181,7 @@ class VisionBlock(nn.Module):
         self.norm1 = RMSNorm(config.hidden_size, eps=1e-6)
         self.attn = VisionAttention(config)
         self.norm2 = RMSNorm(config.hidden_size, eps=1e-6)
-        self.mlp = MLP(config.hidden_size, config.intermediate_size, bias=True)   # SwiGLU with biases
+        self.mlp = MLP(config.hidden_size, config.intermediate_size, bias=True)  # SwiGLU with biases
 
     def forward(self, x, cos, sin, lengths):
         x = x + self.attn(self.norm1(x), cos, sin, lengths)
@@ -174,13 +193,13 @@ class PatchMerger(nn.Module):
 
     def __init__(self, config: VisionConfig):
         super().__init__()
-        group = config.hidden_size * config.spatial_merge_size ** 2
+        group = config.hidden_size * config.spatial_merge_size**2
         self.ln_q = RMSNorm(config.hidden_size, eps=1e-6)
         self.mlp = nn.Sequential(nn.Linear(group, group), nn.GELU(), nn.Linear(group, config.out_hidden_size))
 
     def forward(self, x):
         group = self.mlp[0].in_features
-        return self.mlp(self.ln_q(x).view(-1, group))            # (N, hidden) -> (N/4, out_hidden)
+        return self.mlp(self.ln_q(x).view(-1, group))  # (N, hidden) -> (N/4, out_hidden)
 
 
 class VisionTower(nn.Module):
@@ -196,42 +215,59 @@ class VisionTower(nn.Module):
 
         Features come out in the processor's order: image after image, 2x2 group after group."""
         c = self.config
-        grid_thw = [tuple(int(v) for v in g) for g in (grid_thw.tolist() if torch.is_tensor(grid_thw) else grid_thw)]
+        grid_thw = [
+            tuple(int(v) for v in g) for g in (grid_thw.tolist() if torch.is_tensor(grid_thw) else grid_thw)
+        ]
         n = sum(t * h * w for t, h, w in grid_thw)
         if pixel_values.ndim != 2 or pixel_values.shape[0] != n:
-            raise ValueError(f"pixel_values must be ({n}, {c.in_channels * c.temporal_patch_size * c.patch_size ** 2})"
-                             f" for grid_thw {grid_thw}, got {tuple(pixel_values.shape)}")
-        unit = c.spatial_merge_size ** 2
+            raise ValueError(
+                f"pixel_values must be ({n}, {c.in_channels * c.temporal_patch_size * c.patch_size**2})"
+                f" for grid_thw {grid_thw}, got {tuple(pixel_values.shape)}"
+            )
+        unit = c.spatial_merge_size**2
         order, window_lengths = window_order(grid_thw, c)
-        regroup = lambda t: t.view(n // unit, unit, -1)[order].view(n, -1)    # windows made contiguous
+        regroup = lambda t: t.view(n // unit, unit, -1)[order].view(n, -1)  # windows made contiguous
 
-        x = regroup(self.patch_embed(pixel_values))                               # (N, hidden)
-        cos, sin = (regroup(t).to(x.device) for t in rope_cos_sin(patch_positions(grid_thw, c.spatial_merge_size), c))
+        x = regroup(self.patch_embed(pixel_values))  # (N, hidden)
+        cos, sin = (
+            regroup(t).to(x.device) for t in rope_cos_sin(patch_positions(grid_thw, c.spatial_merge_size), c)
+        )
         full_lengths = image_lengths(grid_thw)
         for i, block in enumerate(self.blocks):
             x = block(x, cos, sin, full_lengths if i in c.fullatt_block_indexes else window_lengths)
-        merged = self.merger(x)                                                   # (N/4, out_hidden)
-        return merged[torch.argsort(order)]                                       # back to the processor's order
+        merged = self.merger(x)  # (N/4, out_hidden)
+        return merged[torch.argsort(order)]  # back to the processor's order
 
 
 # ---------------------------------------------------------------------------------------------
 # Loading the tower from text_encoder/
 # ---------------------------------------------------------------------------------------------
 
+
 def config_from_json(raw: dict, folder="<config>") -> VisionConfig:
     vision = raw.get("vision_config")
     if not isinstance(vision, dict):
-        raise weights.CheckpointError(f"{folder}/config.json has no vision_config: it is not a Qwen2.5-VL text encoder")
+        raise weights.CheckpointError(
+            f"{folder}/config.json has no vision_config: it is not a Qwen2.5-VL text encoder"
+        )
     vision = dict(vision)
-    if "in_chans" in vision:                             # the official (transformers 4.x) spelling
+    if "in_chans" in vision:  # the official (transformers 4.x) spelling
         vision.setdefault("in_channels", vision.pop("in_chans"))
     theta = (vision.get("rope_parameters") or {}).get("rope_theta")
     if theta is not None:
         vision["rope_theta"] = theta
     if vision.get("hidden_act", "silu") != "silu":
-        raise weights.CheckpointError(f"{folder}/config.json: vision hidden_act {vision['hidden_act']!r}; "
-                                      "Qwen2.5-VL's tower uses silu")
-    required = ("depth", "hidden_size", "intermediate_size", "num_heads", "out_hidden_size", "fullatt_block_indexes")
+        raise weights.CheckpointError(
+            f"{folder}/config.json: vision hidden_act {vision['hidden_act']!r}; Qwen2.5-VL's tower uses silu"
+        )
+    required = (
+        "depth",
+        "hidden_size",
+        "intermediate_size",
+        "num_heads",
+        "out_hidden_size",
+        "fullatt_block_indexes",
+    )
     return weights.config_from_json(VisionConfig, vision, folder, required)
 
 
@@ -239,13 +275,20 @@ def checkpoint_name_to_ours(name: str) -> str | None:
     """visual.blocks.0.attn.qkv.weight (legacy) or model.visual.blocks.0... (5.x) -> blocks.0.attn.qkv.weight."""
     for prefix in ("model.visual.", "visual."):
         if name.startswith(prefix):
-            return name[len(prefix):]
-    return None                                          # the language model: not part of the tower
+            return name[len(prefix) :]
+    return None  # the language model: not part of the tower
 
 
 def load(path, device=None, dtype=None, check_finite: bool = True) -> VisionTower:
     """Load the vision tower from an official `text_encoder/` folder."""
     config = config_from_json(weights.read_config(path), path)
-    return weights.load_weights(lambda: VisionTower(config), path, "model", device=device, dtype=dtype,
-                                rename=checkpoint_name_to_ours, check_finite=check_finite,
-                                block_counts={"blocks": ("depth", config.depth)})
+    return weights.load_weights(
+        lambda: VisionTower(config),
+        path,
+        "model",
+        device=device,
+        dtype=dtype,
+        rename=checkpoint_name_to_ours,
+        check_finite=check_finite,
+        block_counts={"blocks": ("depth", config.depth)},
+    )

@@ -42,15 +42,30 @@ from torch import nn
 
 # The safetensors dtype strings and the torch dtypes they stand for.
 SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
 }
 TORCH_TO_SAFETENSORS = {v: k for k, v in SAFETENSORS_DTYPES.items()}
-FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)   # stored weights, never a compute dtype (see fp8.py)
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)  # stored weights, never a compute dtype (see fp8.py)
 
-DTYPES_BY_NAME = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
-                  "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+DTYPES_BY_NAME = {
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+}
 
 
 # The `_class_name`s of model_index.json that this project runs (sizes.py writes them, pipeline.py reads them).
@@ -70,12 +85,14 @@ class OutputError(OSError):
 
 def parse_json(text: str | bytes, what) -> object:
     """json.loads that refuses duplicate keys (which plain json.loads silently resolves to the last)."""
+
     def no_duplicates(pairs):
         keys = [k for k, _ in pairs]
         if len(set(keys)) < len(keys):
             repeated = sorted(k for k, n in collections.Counter(keys).items() if n > 1)
             raise CheckpointError(f"{what}: {repeated} appear more than once; the file is corrupt.")
         return dict(pairs)
+
     try:
         return json.loads(text, object_pairs_hook=no_duplicates)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -85,6 +102,7 @@ def parse_json(text: str | bytes, what) -> object:
 # ---------------------------------------------------------------------------------------------
 # One safetensors file
 # ---------------------------------------------------------------------------------------------
+
 
 class SafetensorsFile:
     """The parsed header of one .safetensors file; `read(name)` reads one tensor from disk.
@@ -101,43 +119,65 @@ class SafetensorsFile:
         with open(self.path, "rb") as f:
             head = f.read(8)
             if len(head) < 8:
-                raise CheckpointError(f"{self.path} is truncated or not a safetensors file "
-                                      f"({file_size} bytes, no header). Download it again.")
+                raise CheckpointError(
+                    f"{self.path} is truncated or not a safetensors file "
+                    f"({file_size} bytes, no header). Download it again."
+                )
             (header_len,) = struct.unpack("<Q", head)
             if header_len > file_size - 8 or header_len > 100 * 2**20:
-                raise CheckpointError(f"{self.path} is truncated or not a safetensors file: the header "
-                                      f"claims {header_len} bytes but the file has {file_size}. "
-                                      "Download it again.")
+                raise CheckpointError(
+                    f"{self.path} is truncated or not a safetensors file: the header "
+                    f"claims {header_len} bytes but the file has {file_size}. "
+                    "Download it again."
+                )
             header = parse_json(f.read(header_len), f"{self.path} has a corrupt safetensors header")
         if not isinstance(header, dict):
-            raise CheckpointError(f"{self.path}: the safetensors header is not a JSON object; the file is corrupt.")
+            raise CheckpointError(
+                f"{self.path}: the safetensors header is not a JSON object; the file is corrupt."
+            )
         self.data_start = 8 + header_len
         data_size = file_size - self.data_start
         self.metadata = header.pop("__metadata__", None) or {}
         if not isinstance(self.metadata, dict) or not all(isinstance(v, str) for v in self.metadata.values()):
-            raise CheckpointError(f"{self.path}: __metadata__ must map names to strings; the file is corrupt.")
+            raise CheckpointError(
+                f"{self.path}: __metadata__ must map names to strings; the file is corrupt."
+            )
         self.entries: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
         for name, info in header.items():
-            ok = (isinstance(info, dict) and info.get("dtype") in SAFETENSORS_DTYPES
-                  and isinstance(info.get("shape"), list) and isinstance(info.get("data_offsets"), list)
-                  and len(info["data_offsets"]) == 2
-                  and all(type(v) is int and v >= 0 for v in info["shape"] + info["data_offsets"]))
+            ok = (
+                isinstance(info, dict)
+                and info.get("dtype") in SAFETENSORS_DTYPES
+                and isinstance(info.get("shape"), list)
+                and isinstance(info.get("data_offsets"), list)
+                and len(info["data_offsets"]) == 2
+                and all(type(v) is int and v >= 0 for v in info["shape"] + info["data_offsets"])
+            )
             if not ok:
                 raise CheckpointError(f"{self.path}: corrupt header entry for tensor {name!r}: {info}")
-            dtype, shape, (begin, end) = SAFETENSORS_DTYPES[info["dtype"]], tuple(info["shape"]), info["data_offsets"]
+            dtype, shape, (begin, end) = (
+                SAFETENSORS_DTYPES[info["dtype"]],
+                tuple(info["shape"]),
+                info["data_offsets"],
+            )
             nbytes = math.prod(shape) * dtype.itemsize
             if end - begin != nbytes:
-                raise CheckpointError(f"{self.path}: tensor {name!r} has offsets {begin}..{end} that do not "
-                                      f"fit its shape {list(shape)} and dtype {info['dtype']}; the file is corrupt.")
+                raise CheckpointError(
+                    f"{self.path}: tensor {name!r} has offsets {begin}..{end} that do not "
+                    f"fit its shape {list(shape)} and dtype {info['dtype']}; the file is corrupt."
+                )
             if end > data_size:
-                raise CheckpointError(f"{self.path} is truncated: tensor {name!r} ends at byte {end} of the data "
-                                      f"but the file holds only {data_size}. Download it again.")
+                raise CheckpointError(
+                    f"{self.path} is truncated: tensor {name!r} ends at byte {end} of the data "
+                    f"but the file holds only {data_size}. Download it again."
+                )
             self.entries[name] = (dtype, shape, begin, end)
         # Two tensors may not share bytes: each would silently change when the other is read as it.
         spans = sorted((begin, end, name) for name, (_, _, begin, end) in self.entries.items() if end > begin)
         for (_, end_a, a), (begin_b, _, b) in zip(spans, spans[1:]):
             if begin_b < end_a:
-                raise CheckpointError(f"{self.path}: tensors {a!r} and {b!r} overlap in the file; it is corrupt.")
+                raise CheckpointError(
+                    f"{self.path}: tensors {a!r} and {b!r} overlap in the file; it is corrupt."
+                )
 
     def keys(self) -> list[str]:
         return list(self.entries)
@@ -169,8 +209,12 @@ class SafetensorsFile:
         return buffer.view(dtype).reshape(shape)
 
 
-def write_safetensors(path: str | os.PathLike, names_shapes_dtypes: list[tuple[str, tuple, torch.dtype]],
-                      tensors: Iterable[torch.Tensor], metadata: dict | None = None) -> int:
+def write_safetensors(
+    path: str | os.PathLike,
+    names_shapes_dtypes: list[tuple[str, tuple, torch.dtype]],
+    tensors: Iterable[torch.Tensor],
+    metadata: dict | None = None,
+) -> int:
     """Write a safetensors file *streaming*: the header first (from names, shapes and dtypes), then
     each tensor's bytes as the iterable yields them, so only one tensor is in memory at a time.
     Returns the number of bytes of tensor data written."""
@@ -178,17 +222,22 @@ def write_safetensors(path: str | os.PathLike, names_shapes_dtypes: list[tuple[s
     offset = 0
     for name, shape, dtype in names_shapes_dtypes:
         nbytes = math.prod(shape) * dtype.itemsize
-        header[name] = {"dtype": TORCH_TO_SAFETENSORS[dtype], "shape": list(shape),
-                        "data_offsets": [offset, offset + nbytes]}
+        header[name] = {
+            "dtype": TORCH_TO_SAFETENSORS[dtype],
+            "shape": list(shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
         offset += nbytes
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # the format pads the header to a multiple of 8 bytes
-    with atomic_write(path) as f:    # a crash never leaves a half-written file under the final name
+    with atomic_write(path) as f:  # a crash never leaves a half-written file under the final name
         f.write(struct.pack("<Q", len(blob)))
         f.write(blob)
         for (name, shape, dtype), t in zip(names_shapes_dtypes, tensors, strict=True):
             if tuple(t.shape) != tuple(shape) or t.dtype != dtype:
-                raise ValueError(f"tensor {name!r}: got {tuple(t.shape)} {t.dtype}, header says {shape} {dtype}")
+                raise ValueError(
+                    f"tensor {name!r}: got {tuple(t.shape)} {t.dtype}, header says {shape} {dtype}"
+                )
             f.write(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return offset
 
@@ -207,8 +256,13 @@ def plan_shards(header: list[tuple[str, tuple, torch.dtype]], max_shard_bytes: i
     return shards + [current]
 
 
-def write_folder(folder, stem: str, shards: list[list[tuple[str, tuple, torch.dtype]]],
-                 tensors: Iterable[torch.Tensor], config: dict | None = None) -> list[Path]:
+def write_folder(
+    folder,
+    stem: str,
+    shards: list[list[tuple[str, tuple, torch.dtype]]],
+    tensors: Iterable[torch.Tensor],
+    config: dict | None = None,
+) -> list[Path]:
     """A component folder in the official layout, streaming: one shard -> `<stem>.safetensors`; several ->
     `<stem>-0000i-of-0000n.safetensors` + `<stem>.safetensors.index.json`; then config.json (if given).
 
@@ -259,7 +313,7 @@ def atomic_write(path, mode: str = "wb"):
     with output_errors(path):
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
     try:
-        os.chmod(tmp, 0o666 & ~current_umask())           # the permissions a plain open() would give
+        os.chmod(tmp, 0o666 & ~current_umask())  # the permissions a plain open() would give
         with output_errors(path), os.fdopen(fd, mode) as f:
             yield f
             f.flush()
@@ -291,14 +345,20 @@ def output_errors(path):
     """Turn the OS errors of writing `path` into one OutputError sentence."""
     try:
         yield
-    except OSError as e:          # an inner OutputError is named again after the outer (final) path
-        reason = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
-                  errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied"}.get(e.errno)
+    except OSError as e:  # an inner OutputError is named again after the outer (final) path
+        reason = {
+            errno.ENOSPC: "the disk is full",
+            errno.EDQUOT: "the disk quota is exceeded",
+            errno.EROFS: "the file system is read-only",
+            errno.EACCES: "permission denied",
+        }.get(e.errno)
         if reason is None:
             if isinstance(e, OutputError):
                 raise
             reason = e.strerror or str(e)
-        raise OutputError(e.errno, f"cannot write {path}: {reason}; the previous output (if any) is unchanged") from None
+        raise OutputError(
+            e.errno, f"cannot write {path}: {reason}; the previous output (if any) is unchanged"
+        ) from None
 
 
 def current_umask() -> int:
@@ -321,14 +381,17 @@ def _fsync_folder(folder: Path) -> None:
 # A component folder: config.json + weights
 # ---------------------------------------------------------------------------------------------
 
+
 def file_in_folder(folder, name: str, what: str = "file") -> Path:
     """folder / name, refused unless it stays inside `folder`: no absolute path, no '..', no symlink
     that leads out. One exception, the Hugging Face cache: there every file of a snapshot is a
     symlink into the `blobs/` folder of the same cached repository (models--org--name/), and that
     is where the official folders are when downloaded with huggingface_hub."""
     if not isinstance(name, str) or not name or Path(name).is_absolute() or ".." in Path(name).parts:
-        raise CheckpointError(f"{folder}: the {what} {name!r} is not a plain file name inside the folder; "
-                              "refusing to read outside the checkpoint")
+        raise CheckpointError(
+            f"{folder}: the {what} {name!r} is not a plain file name inside the folder; "
+            "refusing to read outside the checkpoint"
+        )
     folder = Path(folder)
     path = folder / name
     inside = folder.resolve()
@@ -338,8 +401,10 @@ def file_in_folder(folder, name: str, what: str = "file") -> Path:
     cache_repo = next((p for p in inside.parents if p.name.startswith("models--")), None)
     if cache_repo is not None and target.is_relative_to(cache_repo / "blobs"):
         return path
-    raise CheckpointError(f"{folder}: the {what} {name!r} is a link to {target}, outside the checkpoint folder; "
-                          "refusing to read it (copy the file into the folder if it is meant to be there)")
+    raise CheckpointError(
+        f"{folder}: the {what} {name!r} is a link to {target}, outside the checkpoint folder; "
+        "refusing to read it (copy the file into the folder if it is meant to be there)"
+    )
 
 
 def read_config(folder: str | os.PathLike, filename: str = "config.json") -> dict:
@@ -349,8 +414,10 @@ def read_config(folder: str | os.PathLike, filename: str = "config.json") -> dic
         if Path(folder).is_dir() and any(Path(folder).glob("*/" + filename)):
             subs = sorted(p.parent.name for p in Path(folder).glob("*/" + filename))
             hint = f" It looks like a model root: pass one of its component folders ({', '.join(subs)})."
-        raise CheckpointError(f"{path} not found: expected an official component folder "
-                              f"({filename} next to the component's files).{hint}")
+        raise CheckpointError(
+            f"{path} not found: expected an official component folder "
+            f"({filename} next to the component's files).{hint}"
+        )
     file_in_folder(folder, filename, "config file")
     raw = parse_json(path.read_bytes(), path)
     if not isinstance(raw, dict):
@@ -358,8 +425,14 @@ def read_config(folder: str | os.PathLike, filename: str = "config.json") -> dic
     return raw
 
 
-def config_from_json(config_cls, raw: dict, folder, required: Iterable[str], must_be_false: Iterable[str] = (),
-                     filename: str = "config.json"):
+def config_from_json(
+    config_cls,
+    raw: dict,
+    folder,
+    required: Iterable[str],
+    must_be_false: Iterable[str] = (),
+    filename: str = "config.json",
+):
     """Build a config dataclass from a config.json dict.
 
     Fields listed in `required` must be present (they define tensor shapes; a silent default would
@@ -374,8 +447,10 @@ def config_from_json(config_cls, raw: dict, folder, required: Iterable[str], mus
         raise CheckpointError(f"{where} is missing required field(s) {missing}.")
     for flag in must_be_false:
         if raw.get(flag):
-            raise CheckpointError(f"{where} sets {flag}={raw[flag]!r}: that model variant "
-                                  "is not supported by qwenimage-minimal.")
+            raise CheckpointError(
+                f"{where} sets {flag}={raw[flag]!r}: that model variant "
+                "is not supported by qwenimage-minimal."
+            )
     types = typing.get_type_hints(config_cls)
     kwargs = {}
     for key, value in raw.items():
@@ -395,16 +470,21 @@ def check_config_value(where, key: str, value, annotation) -> None:
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
     if origin is tuple:
         fixed_length = Ellipsis not in args
-        ok = (isinstance(value, (list, tuple)) and (not fixed_length or len(value) == len(args))
-              and all(_plain(v, args[0], minimum=0) for v in value))
-    elif args:                                                          # X | None
+        ok = (
+            isinstance(value, (list, tuple))
+            and (not fixed_length or len(value) == len(args))
+            and all(_plain(v, args[0], minimum=0) for v in value)
+        )
+    elif args:  # X | None
         ok = value is None or any(_plain(value, a) for a in args if a is not type(None))
     else:
         ok = _plain(value, annotation)
     if not ok:
         expected = getattr(annotation, "__name__", None) or str(annotation)
-        raise CheckpointError(f"{where}: {key}={value!r} is not a valid {expected} "
-                              "(sizes are positive integers, factors finite numbers)")
+        raise CheckpointError(
+            f"{where}: {key}={value!r} is not a valid {expected} "
+            "(sizes are positive integers, factors finite numbers)"
+        )
 
 
 def _plain(value, kind, minimum: int = 1) -> bool:
@@ -425,23 +505,30 @@ def weight_files(folder: str | os.PathLike, stem: str) -> dict[str, Path]:
     if index.is_file():
         weight_map = parse_json(file_in_folder(folder, index.name, "index").read_bytes(), index)
         weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
-        if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str)
-                                                       for k, v in weight_map.items()):
-            raise CheckpointError(f"{index} is corrupt: it needs a 'weight_map' from tensor names to shard files.")
+        if not isinstance(weight_map, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
+        ):
+            raise CheckpointError(
+                f"{index} is corrupt: it needs a 'weight_map' from tensor names to shard files."
+            )
         shards = {shard: file_in_folder(folder, shard, "shard") for shard in sorted(set(weight_map.values()))}
         missing = [s for s, path in shards.items() if not path.is_file()]
         if missing:
-            raise CheckpointError(f"{folder}: shard file(s) {missing} listed in {index.name} are missing. "
-                                  "Download them (the whole folder) again.")
+            raise CheckpointError(
+                f"{folder}: shard file(s) {missing} listed in {index.name} are missing. "
+                "Download them (the whole folder) again."
+            )
         return {name: shards[shard] for name, shard in weight_map.items()}
     if single.is_file():
         file_in_folder(folder, single.name, "weights file")
         return {name: single for name in SafetensorsFile(single).keys()}
     found = sorted(p.name for p in folder.glob("*.safetensors")) if folder.is_dir() else []
-    raise CheckpointError(f"{folder}: no {single.name} and no {index.name}"
-                          + (f" (found {found})" if found else "")
-                          + ". Point at an official component folder, or convert a single-file "
-                            "checkpoint with weights_convert.py.")
+    raise CheckpointError(
+        f"{folder}: no {single.name} and no {index.name}"
+        + (f" (found {found})" if found else "")
+        + ". Point at an official component folder, or convert a single-file "
+        "checkpoint with weights_convert.py."
+    )
 
 
 def count_blocks(names: Iterable[str], prefix: str) -> int:
@@ -456,10 +543,17 @@ def build_on_meta(factory: Callable[[], nn.Module]) -> nn.Module:
         return factory()
 
 
-def load_weights(build: Callable[[], nn.Module], folder: str | os.PathLike, stem: str, device=None, dtype=None,
-                 rename: Callable[[str], str | None] = lambda name: name, block_counts: dict | None = None,
-                 check_finite: bool = True,
-                 convert: Callable[[str, torch.Tensor], torch.Tensor] | None = None) -> nn.Module:
+def load_weights(
+    build: Callable[[], nn.Module],
+    folder: str | os.PathLike,
+    stem: str,
+    device=None,
+    dtype=None,
+    rename: Callable[[str], str | None] = lambda name: name,
+    block_counts: dict | None = None,
+    check_finite: bool = True,
+    convert: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
+) -> nn.Module:
     """Build the model on meta with `build()` and fill it from the weights in `folder`, strictly,
     one tensor at a time.
 
@@ -478,21 +572,27 @@ def load_weights(build: Callable[[], nn.Module], folder: str | os.PathLike, stem
     headers = {path: SafetensorsFile(path) for path in sorted(set(files.values()))}
     for ckpt_name, path in files.items():
         if ckpt_name not in headers[path].entries:
-            raise CheckpointError(f"{path.name} does not hold tensor {ckpt_name!r} although the index says so; "
-                                  "the index and shards disagree (mixed downloads?).")
+            raise CheckpointError(
+                f"{path.name} does not hold tensor {ckpt_name!r} although the index says so; "
+                "the index and shards disagree (mixed downloads?)."
+            )
     renamed = {name: rename(name) for name in files}
     if not any(renamed.values()):
-        raise CheckpointError(f"the weights in {folder} hold none of this model's tensors (all missing from the "
-                              f"checkpoint; its {len(files)} tensors belong to something else): is it the right folder?")
+        raise CheckpointError(
+            f"the weights in {folder} hold none of this model's tensors (all missing from the "
+            f"checkpoint; its {len(files)} tensors belong to something else): is it the right folder?"
+        )
     for prefix, (field, count) in (block_counts or {}).items():
         held = count_blocks([n for n in renamed.values() if n is not None], prefix)
         if held != count:
-            raise CheckpointError(f"{Path(folder) / 'config.json'} says {field}={count} but the weights hold "
-                                  f"{held} {prefix} blocks: the config does not belong to these weights")
+            raise CheckpointError(
+                f"{Path(folder) / 'config.json'} says {field}={count} but the weights hold "
+                f"{held} {prefix} blocks: the config does not belong to these weights"
+            )
     model = build_on_meta(build)
 
     expected = dict(model.state_dict(keep_vars=True))  # parameter and buffer names -> meta tensors
-    found: dict[str, tuple[str, Path]] = {}              # model name -> (checkpoint name, file)
+    found: dict[str, tuple[str, Path]] = {}  # model name -> (checkpoint name, file)
     unexpected, mismatched = [], []
     for ckpt_name, path in files.items():
         name = renamed[ckpt_name]
@@ -502,19 +602,27 @@ def load_weights(build: Callable[[], nn.Module], folder: str | os.PathLike, stem
             unexpected.append(ckpt_name)
             continue
         if name in found:
-            raise CheckpointError(f"{folder}: tensors {found[name][0]!r} and {ckpt_name!r} both map to {name!r}.")
+            raise CheckpointError(
+                f"{folder}: tensors {found[name][0]!r} and {ckpt_name!r} both map to {name!r}."
+            )
         shape, kind = headers[path].shape(ckpt_name), headers[path].dtype(ckpt_name)
         if tuple(expected[name].shape) != shape:
             mismatched.append(f"{ckpt_name}: checkpoint {list(shape)} vs model {list(expected[name].shape)}")
         elif expected[name].is_floating_point() and not kind.is_floating_point:
-            mismatched.append(f"{ckpt_name}: checkpoint holds {str(kind).replace('torch.', '')} numbers where the "
-                              "model needs floating-point weights")
+            mismatched.append(
+                f"{ckpt_name}: checkpoint holds {str(kind).replace('torch.', '')} numbers where the "
+                "model needs floating-point weights"
+            )
         found[name] = (ckpt_name, path)
     missing = [name for name in expected if name not in found]
     if missing or unexpected or mismatched:
         scaled = any(n.endswith(".scale_weight") for n in unexpected)
-        hint = ("\nIts `scale_weight` tensors make it a scaled-fp8 checkpoint: load it with "
-                "qwenimage_minimal.fp8.load_transformer." if scaled else "")
+        hint = (
+            "\nIts `scale_weight` tensors make it a scaled-fp8 checkpoint: load it with "
+            "qwenimage_minimal.fp8.load_transformer."
+            if scaled
+            else ""
+        )
         raise CheckpointError(describe_mismatch(folder, missing, unexpected, mismatched) + hint)
 
     handles = {path: open(path, "rb") for path in headers}
@@ -525,20 +633,26 @@ def load_weights(build: Callable[[], nn.Module], folder: str | os.PathLike, stem
                 t = convert(name, stored)
             else:
                 if dtype is None and stored.dtype in FP8_DTYPES:
-                    raise CheckpointError(f"{path}: tensor {ckpt_name!r} is stored in {str(stored.dtype)[6:]}, which "
-                                          "nothing computes in: pass dtype=torch.bfloat16 (an exact upcast), or for "
-                                          "the transformer use qwenimage_minimal.fp8.load_transformer, which keeps "
-                                          "the weights in fp8")
+                    raise CheckpointError(
+                        f"{path}: tensor {ckpt_name!r} is stored in {str(stored.dtype)[6:]}, which "
+                        "nothing computes in: pass dtype=torch.bfloat16 (an exact upcast), or for "
+                        "the transformer use qwenimage_minimal.fp8.load_transformer, which keeps "
+                        "the weights in fp8"
+                    )
                 target = dtype if (dtype is not None and stored.is_floating_point()) else stored.dtype
                 t = stored.to(device=device, dtype=target)
             if check_finite and t.is_floating_point() and not all_finite(t):
-                if all_finite(stored):                       # finite on disk: the cast overflowed
+                if all_finite(stored):  # finite on disk: the cast overflowed
                     largest = _upcast_fp8(stored).abs().max().item()
-                    raise CheckpointError(f"{path}: tensor {ckpt_name!r} has values beyond the range of {t.dtype} "
-                                          f"(largest |value| {largest:.3g}); load it in bf16 or fp32")
+                    raise CheckpointError(
+                        f"{path}: tensor {ckpt_name!r} has values beyond the range of {t.dtype} "
+                        f"(largest |value| {largest:.3g}); load it in bf16 or fp32"
+                    )
                 bad = int((~torch.isfinite(_upcast_fp8(stored))).sum())
-                raise CheckpointError(f"{path}: tensor {ckpt_name!r} holds {bad} NaN or Inf value(s); the "
-                                      "checkpoint is damaged (pass check_finite=False to load it anyway)")
+                raise CheckpointError(
+                    f"{path}: tensor {ckpt_name!r} holds {bad} NaN or Inf value(s); the "
+                    "checkpoint is damaged (pass check_finite=False to load it anyway)"
+                )
             _assign(model, name, t)
     finally:
         for f in handles.values():
@@ -567,8 +681,14 @@ def _assign(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
         module._buffers[leaf] = tensor
 
 
-def describe_mismatch(folder, missing, unexpected, mismatched, limit: int = 12,
-                      problem: str = "do not match the model built from its config.json") -> str:
+def describe_mismatch(
+    folder,
+    missing,
+    unexpected,
+    mismatched,
+    limit: int = 12,
+    problem: str = "do not match the model built from its config.json",
+) -> str:
     def block(title, names):
         if not names:
             return ""
@@ -576,13 +696,15 @@ def describe_mismatch(folder, missing, unexpected, mismatched, limit: int = 12,
         more = f"\n    ... and {len(names) - limit} more" if len(names) > limit else ""
         return f"\n  {title} ({len(names)}):\n    {shown}{more}"
 
-    return (f"the weights in {folder} {problem}:"
-            + block("missing from the checkpoint", missing)
-            + block("unexpected in the checkpoint", unexpected)
-            + block("shape mismatch", mismatched)
-            + "\nIf config.json was edited, it contradicts the weights; if tensors are missing, the "
-              "download is incomplete; unexpected names usually mean a non-diffusers layout "
-              "(convert it with weights_convert.py).")
+    return (
+        f"the weights in {folder} {problem}:"
+        + block("missing from the checkpoint", missing)
+        + block("unexpected in the checkpoint", unexpected)
+        + block("shape mismatch", mismatched)
+        + "\nIf config.json was edited, it contradicts the weights; if tensors are missing, the "
+        "download is incomplete; unexpected names usually mean a non-diffusers layout "
+        "(convert it with weights_convert.py)."
+    )
 
 
 def iter_tensors(files: dict[str, Path]) -> Iterator[tuple[str, torch.Tensor]]:

@@ -20,12 +20,12 @@ def randomize_(module: torch.nn.Module, seed: int = 0, scale: float = 0.1) -> to
         for name, p in module.named_parameters():
             noise = torch.randn(p.shape, generator=g, dtype=torch.float32)
             if p.ndim == 1 and ("norm" in name or "gamma" in name):
-                p.copy_(1.0 + 0.2 * noise)             # norm weight: around 1, never exactly 1
+                p.copy_(1.0 + 0.2 * noise)  # norm weight: around 1, never exactly 1
             elif p.ndim == 1:
-                p.copy_(scale * noise)                 # biases
+                p.copy_(scale * noise)  # biases
             else:
                 fan_in = p[0].numel()
-                p.copy_(noise / fan_in ** 0.5)         # keeps activations O(1) through the depth
+                p.copy_(noise / fan_in**0.5)  # keeps activations O(1) through the depth
     return module
 
 

@@ -25,11 +25,18 @@ def test_demo_writes_an_image(demo_run, capsys):
 
 def test_demo_checkpoint_loads_in_diffusers_with_the_same_result(demo_run):
     root = demo_run.parent / "tiny-qwen-image"
-    ref = QwenImagePipeline.from_pretrained(root)          # lm_head / visual are absent: initialised, unused
+    ref = QwenImagePipeline.from_pretrained(root)  # lm_head / visual are absent: initialised, unused
     ref.set_progress_bar_config(disable=True)
     ours = pipeline.QwenImagePipeline.from_pretrained(root)
-    kwargs = dict(prompt="a cat", negative_prompt=" ", true_cfg_scale=4.0, height=64, width=96,
-                  num_inference_steps=3, output_type="np")
+    kwargs = dict(
+        prompt="a cat",
+        negative_prompt=" ",
+        true_cfg_scale=4.0,
+        height=64,
+        width=96,
+        num_inference_steps=3,
+        output_type="np",
+    )
     expected = ref(generator=torch.Generator().manual_seed(0), **kwargs).images
     got = ours(generator=torch.Generator().manual_seed(0), progress=False, **kwargs).images
     assert np.abs(got - expected).max() <= 1e-5
@@ -51,8 +58,26 @@ def test_generate_errors(tmp_path, demo_run):
 def test_generate_writes_png(tmp_path, demo_run):
     root = str(demo_run.parent / "tiny-qwen-image")
     out = tmp_path / "x.png"
-    cli.main(["generate", "--model", root, "--prompt", "a lighthouse", "--height", "48", "--width", "64",
-              "--steps", "2", "--device", "cpu", "--out", str(out), "--tiled-vae"])
+    cli.main(
+        [
+            "generate",
+            "--model",
+            root,
+            "--prompt",
+            "a lighthouse",
+            "--height",
+            "48",
+            "--width",
+            "64",
+            "--steps",
+            "2",
+            "--device",
+            "cpu",
+            "--out",
+            str(out),
+            "--tiled-vae",
+        ]
+    )
     assert Image.open(out).size == (64, 48)
 
 
@@ -72,7 +97,9 @@ def test_edit_demo_checkpoint_text_encoder_loads_in_transformers(edit_demo_run):
     """The tiny Edit checkpoint's text_encoder/ (language model + vision tower, index + 2 shards) is a valid
     official folder: transformers loads it, and its vision tower gives what ours gives."""
     from transformers import Qwen2_5_VLForConditionalGeneration
+
     from qwenimage_minimal import vision
+
     folder = edit_demo_run.parent / "tiny-qwen-image-edit" / "text_encoder"
     ref = Qwen2_5_VLForConditionalGeneration.from_pretrained(folder).eval()
     tower = vision.load(folder)
@@ -90,8 +117,28 @@ def test_edit_command(edit_demo_run, tmp_path):
     sizes.test_picture(64, 48).save(a)
     sizes.test_picture(40, 60).convert("RGB").save(b)
     out = tmp_path / "edited.png"
-    cli.main(["edit", "--model", root, "--image", str(a), str(b), "--prompt", "swap the colours", "--steps", "1",
-              "--height", "32", "--width", "48", "--device", "cpu", "--out", str(out)])
+    cli.main(
+        [
+            "edit",
+            "--model",
+            root,
+            "--image",
+            str(a),
+            str(b),
+            "--prompt",
+            "swap the colours",
+            "--steps",
+            "1",
+            "--height",
+            "32",
+            "--width",
+            "48",
+            "--device",
+            "cpu",
+            "--out",
+            str(out),
+        ]
+    )
     assert Image.open(out).size == (48, 32)
 
 
@@ -106,7 +153,16 @@ def test_edit_command_errors(edit_demo_run, demo_run, tmp_path):
     sizes.test_picture(32, 32).save(tmp_path / "p.png")
     with pytest.raises(SystemExit, match=r"at most 3 image\(s\), got 4"):
         cli.main(base + ["--image"] + [str(tmp_path / "p.png")] * 4)
-    t2i = ["edit", "--model", str(demo_run.parent / "tiny-qwen-image"), "--prompt", "x", "--device", "cpu",
-           "--image", str(tmp_path / "p.png")]
+    t2i = [
+        "edit",
+        "--model",
+        str(demo_run.parent / "tiny-qwen-image"),
+        "--prompt",
+        "x",
+        "--device",
+        "cpu",
+        "--image",
+        str(tmp_path / "p.png"),
+    ]
     with pytest.raises(SystemExit, match="not an Edit pipeline"):
         cli.main(t2i)

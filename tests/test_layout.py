@@ -11,7 +11,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "qwenimage_minimal"
 MODEL_FILES = ["text_encoder.py", "vision.py", "vae.py", "mmdit.py"]
-OUR_MODULES = r"(?:weights|tokenizer|text_encoder|vision|vae|mmdit|scheduler|prompts|images|sampling|pipeline|sizes)"
+OUR_MODULES = (
+    r"(?:weights|tokenizer|text_encoder|vision|vae|mmdit|scheduler|prompts|images|sampling|pipeline|sizes)"
+)
 
 
 def code_of_notebook(path: Path) -> str:
@@ -23,28 +25,53 @@ def code_of_notebook(path: Path) -> str:
 def test_model_files_hold_no_prompt_or_image_input_code(name):
     """No special-token text (templates), no PIL or numpy (pictures) in a model file's code."""
     tree = ast.parse((PACKAGE / name).read_text())
-    imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, (ast.Import, ast.ImportFrom))
-                for alias in (node.names if isinstance(node, ast.Import) else [ast.alias(node.module or "")])}
-    assert not imported & {"PIL", "numpy"}, f"{name} imports {imported & {'PIL', 'numpy'}}: pictures go to images.py"
-    docstrings = {id(node.body[0].value) for node in ast.walk(tree)
-                  if isinstance(node, (ast.Module, ast.FunctionDef, ast.ClassDef)) and node.body
-                  and isinstance(node.body[0], ast.Expr)}
-    texts = [node.value for node in ast.walk(tree) if isinstance(node, ast.Constant) and isinstance(node.value, str)
-             and id(node) not in docstrings]
+    imported = {
+        alias.name.split(".")[0]
+        for node in ast.walk(tree)
+        if isinstance(node, (ast.Import, ast.ImportFrom))
+        for alias in (node.names if isinstance(node, ast.Import) else [ast.alias(node.module or "")])
+    }
+    assert not imported & {"PIL", "numpy"}, (
+        f"{name} imports {imported & {'PIL', 'numpy'}}: pictures go to images.py"
+    )
+    docstrings = {
+        id(node.body[0].value)
+        for node in ast.walk(tree)
+        if isinstance(node, (ast.Module, ast.FunctionDef, ast.ClassDef))
+        and node.body
+        and isinstance(node.body[0], ast.Expr)
+    }
+    texts = [
+        node.value
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings
+    ]
     assert not [t for t in texts if "<|" in t], f"{name} carries chat-template text: prompts go to prompts.py"
 
 
 def test_the_command_line_holds_only_the_command_line():
     """No checkpoint writing, no drawing, no model building in __main__.py: fixtures live in sizes.py."""
     source = (PACKAGE / "__main__.py").read_text()
-    for fixture in ("write_safetensors", "state_dict", "ImageDraw", "manual_seed(0)", "def write_", "def test_picture"):
+    for fixture in (
+        "write_safetensors",
+        "state_dict",
+        "ImageDraw",
+        "manual_seed(0)",
+        "def write_",
+        "def test_picture",
+    ):
         assert fixture not in source, f"__main__.py carries {fixture!r}"
 
 
 def test_nothing_imports_fixtures_from_the_command_line():
     """Benchmarks, tests, notebooks and the converter take fixtures from sizes.py; the command line's
     tests run it only through its main()."""
-    users = [*ROOT.glob("benchmarks/*.py"), *ROOT.glob("tests/*.py"), *ROOT.glob("notebooks/*.ipynb"), ROOT / "weights_convert.py"]
+    users = [
+        *ROOT.glob("benchmarks/*.py"),
+        *ROOT.glob("tests/*.py"),
+        *ROOT.glob("notebooks/*.ipynb"),
+        ROOT / "weights_convert.py",
+    ]
     for path in users:
         text = code_of_notebook(path) if path.suffix == ".ipynb" else path.read_text()
         if path.name == "test_layout.py":
@@ -61,29 +88,28 @@ def test_notebooks_use_no_private_names(path):
     assert not private, f"{path.name} uses private names {private}"
 
 
-
 def package_imports() -> dict[str, set[str]]:
     """module -> the package's modules it imports, anywhere in the file (inside functions too), read from
     the source: `from . import x`, `from .x import y`, `from .. import x` in a subpackage. Dotted names
     relative to the package (`nano.scenes`); a subpackage's __init__ is the subpackage's name."""
     files = {".".join(p.relative_to(PACKAGE).with_suffix("").parts): p for p in PACKAGE.rglob("*.py")}
-    files.pop("__init__", None)                              # the package's own (empty) __init__
+    files.pop("__init__", None)  # the package's own (empty) __init__
     names = {f.removesuffix(".__init__") for f in files}
     graph = {}
     for file, path in files.items():
         name = file.removesuffix(".__init__")
-        here = file.split(".")[:-1]                          # the package the file is in, as parts
+        here = file.split(".")[:-1]  # the package the file is in, as parts
         found = set()
         for node in ast.walk(ast.parse(path.read_text())):
             if not isinstance(node, ast.ImportFrom):
                 continue
-            if node.level:                                   # from . import x / from .x import y / from .. import x
+            if node.level:  # from . import x / from .x import y / from .. import x
                 base = here[: len(here) - node.level + 1] + (node.module.split(".") if node.module else [])
             elif (node.module or "").split(".")[0] == "qwenimage_minimal":
                 base = node.module.split(".")[1:]
             else:
                 continue
-            for alias in node.names:                         # a module imported by name, else the one named
+            for alias in node.names:  # a module imported by name, else the one named
                 whole, prefix = ".".join(base + [alias.name]), ".".join(base)
                 target = whole if whole in names else prefix
                 if target in names and target != name:
@@ -113,14 +139,20 @@ def test_the_module_map_matches_the_imports():
     column names exactly the package modules that the file imports (read from the source), so the map
     cannot drift from the code."""
     graph = package_imports()
-    section = (ROOT / "docs" / "architecture.md").read_text().split("## The module map", 1)[1].split("\n## ", 1)[0]
+    section = (
+        (ROOT / "docs" / "architecture.md").read_text().split("## The module map", 1)[1].split("\n## ", 1)[0]
+    )
     table = {}
     for row in section.splitlines():
         cells = [c.strip() for c in row.strip().strip("|").split("|")]
         if len(cells) == 3 and re.fullmatch(r"`[\w/]+\.py`", cells[0]) and cells[0] != "`weights_convert.py`":
             name = cells[0].strip("`").removesuffix(".py").replace("/", ".").removesuffix(".__init__")
             table[name] = set(re.findall(r"`([\w.]+)`", cells[2]))
-    assert set(table) == set(graph), (f"module map rows missing: {sorted(set(graph) - set(table))}; "
-                                      f"rows of no module: {sorted(set(table) - set(graph))}")
+    assert set(table) == set(graph), (
+        f"module map rows missing: {sorted(set(graph) - set(table))}; "
+        f"rows of no module: {sorted(set(table) - set(graph))}"
+    )
     for name, imported in graph.items():
-        assert table[name] == imported, f"{name}: the map says {sorted(table[name])}, the source imports {sorted(imported)}"
+        assert table[name] == imported, (
+            f"{name}: the map says {sorted(table[name])}, the source imports {sorted(imported)}"
+        )

@@ -11,8 +11,16 @@ from conftest import max_rel_err, randomize_
 from qwenimage_minimal import mmdit
 
 # Small but not degenerate: 3 heads of 32 channels, text width != model width, 3 blocks.
-TINY = dict(patch_size=2, in_channels=64, out_channels=16, num_layers=3, attention_head_dim=32,
-            num_attention_heads=3, joint_attention_dim=48, axes_dims_rope=(8, 12, 12))
+TINY = dict(
+    patch_size=2,
+    in_channels=64,
+    out_channels=16,
+    num_layers=3,
+    attention_head_dim=32,
+    num_attention_heads=3,
+    joint_attention_dim=48,
+    axes_dims_rope=(8, 12, 12),
+)
 TOL = 1e-5
 
 
@@ -51,12 +59,15 @@ def run_both(ref, ours, img_shapes, text_lens, seed=1):
     return got, expected
 
 
-@pytest.mark.parametrize("img_shapes, text_lens", [
-    ([(1, 6, 10)], [9]),                 # non-square grid (96x160 px image)
-    ([(1, 9, 9)], [5]),                  # odd grid: rows -5..3, like 83x83 tokens at 1328 px
-    ([(1, 7, 4)], [12, 5]),              # batch 2, different prompt lengths, key-padding mask
-    ([(1, 4, 6), (1, 5, 3)], [7]),       # edit layout: noise latent + one reference image
-])
+@pytest.mark.parametrize(
+    "img_shapes, text_lens",
+    [
+        ([(1, 6, 10)], [9]),  # non-square grid (96x160 px image)
+        ([(1, 9, 9)], [5]),  # odd grid: rows -5..3, like 83x83 tokens at 1328 px
+        ([(1, 7, 4)], [12, 5]),  # batch 2, different prompt lengths, key-padding mask
+        ([(1, 4, 6), (1, 5, 3)], [7]),  # edit layout: noise latent + one reference image
+    ],
+)
 def test_forward_matches_diffusers(pair, img_shapes, text_lens):
     ref, ours = pair
     got, expected = run_both(ref, ours, img_shapes, text_lens)
@@ -89,12 +100,15 @@ def test_zero_cond_t_matches_diffusers(tmp_path):
     assert max_rel_err(plain, expected) > 1e-3
 
 
-@pytest.mark.parametrize("img_shapes, text_len", [
-    ([(1, 83, 83)], 20),                 # the real 1328x1328 grid
-    ([(1, 64, 96)], 7),                  # 1024x1536
-    ([(1, 5, 8), (1, 9, 3), (1, 2, 2)], 11),
-    ([(2, 4, 5)], 3),                    # several frames of one image
-])
+@pytest.mark.parametrize(
+    "img_shapes, text_len",
+    [
+        ([(1, 83, 83)], 20),  # the real 1328x1328 grid
+        ([(1, 64, 96)], 7),  # 1024x1536
+        ([(1, 5, 8), (1, 9, 3), (1, 2, 2)], 11),
+        ([(2, 4, 5)], 3),  # several frames of one image
+    ],
+)
 def test_rope_tables_match_diffusers(img_shapes, text_len):
     config = mmdit.MMDiTConfig()  # official axes (16, 56, 56)
     ref = QwenEmbedRope(theta=10000, axes_dim=list(config.axes_dims_rope), scale_rope=True)
@@ -108,7 +122,7 @@ def test_rope_tables_match_diffusers(img_shapes, text_len):
 def test_rope_positions_are_centred_and_text_follows():
     pos = mmdit.image_positions(1, 5, 4, frame_index=2)
     assert pos[:, 0].unique().tolist() == [2.0]
-    assert pos[:, 1].unique().tolist() == [-3.0, -2.0, -1.0, 0.0, 1.0]   # 5 rows: -(5 - 2) .. 1
+    assert pos[:, 1].unique().tolist() == [-3.0, -2.0, -1.0, 0.0, 1.0]  # 5 rows: -(5 - 2) .. 1
     assert pos[:, 2].unique().tolist() == [-2.0, -1.0, 0.0, 1.0]
     txt = mmdit.text_positions(3, start=max(5 // 2, 4 // 2))
     assert txt.tolist() == [[2.0] * 3, [3.0] * 3, [4.0] * 3]
@@ -219,14 +233,16 @@ def test_full_width_bf16_on_cuda_matches_diffusers(tmp_path):
     mask[1, 40:] = 0
     sigma = torch.tensor([0.9, 0.35], device="cuda")
     with torch.no_grad():
-        truth = ref(img, txt, mask, sigma, [shapes] * B).sample          # fp32
+        truth = ref(img, txt, mask, sigma, [shapes] * B).sample  # fp32
         ref.to(torch.bfloat16).save_pretrained(tmp_path / "t", max_shard_size="1GB")
         ref_bf16 = ref(img.bfloat16(), txt.bfloat16(), mask, sigma.bfloat16(), [shapes] * B).sample
         ours = mmdit.load(tmp_path / "t", device="cuda", dtype=torch.bfloat16)
         got = ours(img.bfloat16(), txt.bfloat16(), mask, sigma.bfloat16(), shapes)
     err_vs_ref = max_rel_err(got, ref_bf16)
     err_ours, err_ref = max_rel_err(got, truth), max_rel_err(ref_bf16, truth)
-    print(f"\nbf16 cuda, 4 full-width blocks: ours vs diffusers-bf16 {err_vs_ref:.2e}; "
-          f"vs fp32: ours {err_ours:.2e}, diffusers {err_ref:.2e}")
+    print(
+        f"\nbf16 cuda, 4 full-width blocks: ours vs diffusers-bf16 {err_vs_ref:.2e}; "
+        f"vs fp32: ours {err_ours:.2e}, diffusers {err_ref:.2e}"
+    )
     assert err_vs_ref <= 2e-2
     assert err_ours <= 1.25 * err_ref + 1e-3

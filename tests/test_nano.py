@@ -8,7 +8,9 @@ from qwenimage_minimal.vae import QwenImageVAE
 
 
 def pictures(n, seed, split="train", size=64):
-    return torch.cat([images.to_tensor(scenes.render(s, size)) for s in scenes.make_scenes(n, seed=seed, split=split)])
+    return torch.cat(
+        [images.to_tensor(scenes.render(s, size)) for s in scenes.make_scenes(n, seed=seed, split=split)]
+    )
 
 
 def test_vae_training_lowers_the_loss_and_raises_held_out_psnr():
@@ -17,8 +19,9 @@ def test_vae_training_lowers_the_loss_and_raises_held_out_psnr():
     train, held_out = pictures(200, 0), pictures(16, 1, "held_out")
     background = torch.tensor(scenes.BACKGROUND, dtype=torch.float32) / 127.5 - 1
     before = vae_training.psnr(vae.decode(vae.encode(held_out).mean).detach(), held_out)
-    rows = vae_training.train_vae(vae, train, held_out, background, steps=300, batch=16, crop=32, lr=1e-3, eval_every=300,
-                          log=print)
+    rows = vae_training.train_vae(
+        vae, train, held_out, background, steps=300, batch=16, crop=32, lr=1e-3, eval_every=300, log=print
+    )
     first = sum(r["reconstruction"] for r in rows[:10]) / 10
     last = sum(r["reconstruction"] for r in rows[-10:]) / 10
     after = rows[-1]["held_out_psnr"]
@@ -30,7 +33,7 @@ def test_object_crops_centre_on_objects_and_latent_statistics_normalise():
     x = pictures(20, 0)
     background = torch.tensor(scenes.BACKGROUND, dtype=torch.float32) / 127.5 - 1
     mask = vae_training.object_mask(x, background)
-    assert 0.02 < mask.float().mean() < 0.5                       # objects are a minority of the pixels
+    assert 0.02 < mask.float().mean() < 0.5  # objects are a minority of the pixels
     crops, crop_mask = vae_training.object_crops(x, mask, 32, 64, torch.Generator().manual_seed(0))
     assert crops.shape == (64, 3, 32, 32) and crop_mask.float().mean() > 2 * mask.float().mean()
     vae = QwenImageVAE(sizes.SIZES["nano"].vae)
@@ -38,19 +41,33 @@ def test_object_crops_centre_on_objects_and_latent_statistics_normalise():
     assert len(mean) == len(std) == vae.config.z_dim
     z = vae.encode(x).mean
     normalised = (z - torch.tensor(mean).view(1, -1, 1, 1)) / torch.tensor(std).view(1, -1, 1, 1)
-    assert normalised.mean((0, 2, 3)).abs().max() < 1e-4 and (normalised.std((0, 2, 3)) - 1).abs().max() < 1e-4
+    assert (
+        normalised.mean((0, 2, 3)).abs().max() < 1e-4 and (normalised.std((0, 2, 3)) - 1).abs().max() < 1e-4
+    )
 
 
 def test_the_quick_recipe_lowers_both_losses_and_writes_a_loadable_model(tmp_path):
     """`train-nano --quick`: data, VAE, latent statistics, the MMDiT through train.py, scoring; about a minute."""
     from qwenimage_minimal import pipeline
+
     report = recipe.build(nano.NanoConfig(out=str(tmp_path / "nano"), **nano.QUICK))
     vae, dit = report["vae"], report["mmdit"]
-    print(f"VAE reconstruction {vae['loss_first']:.3f} -> {vae['loss_last']:.3f}; MMDiT flow-matching loss "
-          f"{dit['loss_first']:.3f} -> {dit['loss_last']:.3f}; {report['minutes']} min")
+    print(
+        f"VAE reconstruction {vae['loss_first']:.3f} -> {vae['loss_last']:.3f}; MMDiT flow-matching loss "
+        f"{dit['loss_first']:.3f} -> {dit['loss_last']:.3f}; {report['minutes']} min"
+    )
     assert dit["loss_last"] < 0.5 * dit["loss_first"] and vae["loss_last"] < 0.8 * vae["loss_first"]
-    assert set(report["scores"]) == {"single_object", "single_colour", "single_shape", "single_position", "two_objects",
-                                     "colour", "shape", "position", "binding"}
+    assert set(report["scores"]) == {
+        "single_object",
+        "single_colour",
+        "single_shape",
+        "single_position",
+        "two_objects",
+        "colour",
+        "shape",
+        "position",
+        "binding",
+    }
     pipe = pipeline.QwenImagePipeline.from_pretrained(tmp_path / "nano" / "model")
     assert pipe.transformer.config == sizes.SIZES["nano"].transformer
     stats = pipe.vae.config.latents_std

@@ -9,18 +9,19 @@ from conftest import max_rel_err
 from qwenimage_minimal import nano, pipeline, weights
 from qwenimage_minimal.nano import measure, scenes
 
-pytestmark = pytest.mark.skipif(not (nano.COMMITTED / "model_index.json").is_file(),
-                                reason="checkpoints/nano is not in this checkout")
+pytestmark = pytest.mark.skipif(
+    not (nano.COMMITTED / "model_index.json").is_file(), reason="checkpoints/nano is not in this checkout"
+)
 
 
 @pytest.fixture(scope="module")
 def pipe():
-    return pipeline.QwenImagePipeline.from_pretrained(nano.COMMITTED, dtype=torch.float32)     # stored in bf16
+    return pipeline.QwenImagePipeline.from_pretrained(nano.COMMITTED, dtype=torch.float32)  # stored in bf16
 
 
 def test_the_folder_is_the_official_layout_in_bf16_and_small():
     files = [p for p in nano.COMMITTED.rglob("*") if p.is_file()]
-    assert sum(p.stat().st_size for p in files) < 26e6                       # the budget: about 25 MB in all
+    assert sum(p.stat().st_size for p in files) < 26e6  # the budget: about 25 MB in all
     for path in nano.COMMITTED.rglob("*.safetensors"):
         header = weights.SafetensorsFile(path)
         assert {header.dtype(n) for n in header.keys()} == {torch.bfloat16}, path
@@ -30,13 +31,21 @@ def test_the_folder_is_the_official_layout_in_bf16_and_small():
 
 def test_diffusers_loads_the_folder_and_draws_the_same_latents(pipe):
     from diffusers import QwenImagePipeline
+
     reference = QwenImagePipeline.from_pretrained(nano.COMMITTED, dtype=torch.float32)
     reference.set_progress_bar_config(disable=True)
-    common = dict(prompt=list(nano.DEMO_PROMPTS[3:5]), negative_prompt=" ", true_cfg_scale=4.0, height=128,
-                  width=128, num_inference_steps=8, output_type="latent")
+    common = dict(
+        prompt=list(nano.DEMO_PROMPTS[3:5]),
+        negative_prompt=" ",
+        true_cfg_scale=4.0,
+        height=128,
+        width=128,
+        num_inference_steps=8,
+        output_type="latent",
+    )
     expected = reference(generator=torch.Generator().manual_seed(0), **common).images
     got = pipe(generator=torch.Generator().manual_seed(0), progress=False, **common).images
-    assert got.shape == expected.shape == (2, 64, 16)                      # 8 x 8 tokens of 4 channels x 2 x 2
+    assert got.shape == expected.shape == (2, 64, 16)  # 8 x 8 tokens of 4 channels x 2 x 2
     assert max_rel_err(got, expected) <= 1e-5
 
 
@@ -47,7 +56,9 @@ def test_held_out_prompts_are_drawn_right(pipe):
     held_out = scenes.make_scenes(48, seed=100, split="held_out")
     got = measure.evaluate(pipe, held_out, steps=20, cfg=nano.NanoConfig.eval_cfg)
     print({k: round(v, 3) for k, v in got.items()})
-    assert got["single_colour"] >= 0.95 and got["single_position"] >= 0.95 and got["single_shape"] >= 0.85, got
+    assert got["single_colour"] >= 0.95 and got["single_position"] >= 0.95 and got["single_shape"] >= 0.85, (
+        got
+    )
     assert got["two_objects"] >= 0.80, got
 
 
@@ -55,8 +66,9 @@ def test_the_demo_draws_a_labelled_grid_with_the_nano_model(tmp_path, capsys):
     from PIL import Image
 
     from qwenimage_minimal import __main__ as cli
+
     out = tmp_path / "demo.png"
     cli.main(["demo", "--out", str(out), "--steps", "8"])
     printed = capsys.readouterr().out
     assert "NANO model" in printed and "(held out of training)" in printed
-    assert Image.open(out).size[0] == 4 * 2 * 128                           # 4 columns of 128 px tiles, enlarged 2x
+    assert Image.open(out).size[0] == 4 * 2 * 128  # 4 columns of 128 px tiles, enlarged 2x

@@ -21,12 +21,16 @@ def test_there_are_notebooks():
 def test_notebook_runs_top_to_bottom(path, tmp_path):
     nb = nbformat.read(path, as_version=4)
     code_cells = [c for c in nb.cells if c.cell_type == "code"]
-    assert code_cells and all(c.execution_count for c in code_cells), \
+    assert code_cells and all(c.execution_count for c in code_cells), (
         f"{path.name} must be committed executed (make notebooks)"
-    assert not any(o.get("output_type") == "error" for c in code_cells for o in c.outputs), \
+    )
+    assert not any(o.get("output_type") == "error" for c in code_cells for o in c.outputs), (
         f"{path.name} was committed with an error in its outputs"
+    )
     # Execute a fresh copy (the committed file is left alone), from the notebooks folder.
-    NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}).execute()
+    NotebookClient(
+        nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}
+    ).execute()
     assert all(c.execution_count for c in nb.cells if c.cell_type == "code")
 
 
@@ -41,7 +45,9 @@ def test_notebook_is_a_lesson(path):
     nb = nbformat.read(path, as_version=4)
     assert nb.metadata.get("kernelspec", {}).get("name") == "python3", f"{path.name}: no python3 kernelspec"
     text = markdown_of(nb)
-    assert re.search(r"^#+ .*What you will learn", text, re.M | re.I), f"{path.name}: no 'What you will learn'"
+    assert re.search(r"^#+ .*What you will learn", text, re.M | re.I), (
+        f"{path.name}: no 'What you will learn'"
+    )
     references = re.split(r"^#+ .*References\s*$", text, flags=re.M)
     assert len(references) == 2, f"{path.name}: needs one References section"
     assert len(re.findall(r"^\s*\d+\.\s", references[1], re.M)) >= 3, f"{path.name}: fewer than 3 references"
@@ -50,7 +56,9 @@ def test_notebook_is_a_lesson(path):
     solutions = [c for c in nb.cells if c.cell_type == "code" and "solution" in c.metadata.get("tags", [])]
     assert solutions, f"{path.name}: no solution cell"
     for cell in solutions:
-        assert cell.metadata.get("jupyter", {}).get("source_hidden"), f"{path.name}: a solution cell is not collapsed"
+        assert cell.metadata.get("jupyter", {}).get("source_hidden"), (
+            f"{path.name}: a solution cell is not collapsed"
+        )
         assert "course.check(" in cell.source, f"{path.name}: a solution cell checks nothing"
 
 

@@ -16,10 +16,13 @@ def test_generation_is_deterministic_and_captions_round_trip():
     assert scenes.render(a[0]).tobytes() == scenes.render(b[0]).tobytes()
     for s in a + scenes.make_scenes(50, seed=7, split="held_out"):
         assert scenes.parse_caption(scenes.caption(s)) == s
-    assert scenes.caption(scenes.Scene((scenes.Thing("red", "circle", "center", "small"),))) == \
-        "a small red circle in the center"
-    assert scenes.parse_caption("A red triangle at the top left") == \
-        scenes.Scene((scenes.Thing("red", "triangle", "top left", "large"),))
+    assert (
+        scenes.caption(scenes.Scene((scenes.Thing("red", "circle", "center", "small"),)))
+        == "a small red circle in the center"
+    )
+    assert scenes.parse_caption("A red triangle at the top left") == scenes.Scene(
+        (scenes.Thing("red", "triangle", "top left", "large"),)
+    )
     with pytest.raises(ValueError, match="not a scene caption: 'a red dog at the top'"):
         scenes.parse_caption("a red dog at the top")
 
@@ -31,7 +34,7 @@ def test_held_out_combinations_never_appear_in_training_but_their_parts_do():
     seen_colour_shape = {(t.colour, t.shape) for s in train for t in s.things}
     seen_shape_position = {(t.shape, t.position) for s in train for t in s.things}
     seen_colour_position = {(t.colour, t.position) for s in train for t in s.things}
-    for colour, shape, position in scenes.HELD_OUT_OBJECTS:        # each pair of its parts was seen
+    for colour, shape, position in scenes.HELD_OUT_OBJECTS:  # each pair of its parts was seen
         assert (colour, shape) in seen_colour_shape and (shape, position) in seen_shape_position
         assert (colour, position) in seen_colour_position
     pairs_in_training = {frozenset(t.colour for t in s.things) for s in train if len(s.things) == 2}
@@ -53,7 +56,7 @@ def noisy(image, blur, noise, rng):
 def test_the_scorer_reads_ground_truth_right_even_blurred_and_noisy():
     sc = scenes.make_scenes(150, seed=3) + scenes.make_scenes(60, seed=4, split="held_out")
     clean = scenes.evaluate([scenes.render(s, 128) for s in sc], sc)
-    assert all(v >= 0.98 for v in clean.values()), clean              # the scorer is not the bottleneck
+    assert all(v >= 0.98 for v in clean.values()), clean  # the scorer is not the bottleneck
     rng = np.random.default_rng(0)
     rough = scenes.evaluate([noisy(scenes.render(s, 128), 1.0, 8, rng) for s in sc], sc)
     assert all(v >= 0.93 for v in rough.values()), rough
@@ -67,27 +70,43 @@ def test_the_scorer_says_no_to_wrong_captions():
     def change(s, **field):
         t = s.things[0]
         return scenes.Scene((scenes.Thing(**{**t.__dict__, **field}),) + s.things[1:])
-    other_shape = [change(s, shape=rng.choice([x for x in scenes.SHAPES if x != s.things[0].shape])) for s in sc]
-    other_place = [change(s, position=rng.choice([p for p in scenes.POSITIONS
-                                                  if p not in {t.position for t in s.things}])) for s in sc]
-    absent = [change(s, colour=next(c for c in scenes.COLOURS if c not in {t.colour for t in s.things}))
-              for s in sc]
+
+    other_shape = [
+        change(s, shape=rng.choice([x for x in scenes.SHAPES if x != s.things[0].shape])) for s in sc
+    ]
+    other_place = [
+        change(
+            s, position=rng.choice([p for p in scenes.POSITIONS if p not in {t.position for t in s.things}])
+        )
+        for s in sc
+    ]
+    absent = [
+        change(s, colour=next(c for c in scenes.COLOURS if c not in {t.colour for t in s.things})) for s in sc
+    ]
     assert scenes.evaluate(pictures, other_shape)["two_objects"] == 0.0
     assert scenes.evaluate(pictures, other_place)["two_objects"] == 0.0
-    assert scenes.evaluate(pictures, absent)["colour"] == 0.5                 # one object of the two is missing
+    assert scenes.evaluate(pictures, absent)["colour"] == 0.5  # one object of the two is missing
     # Colours swapped between the two objects: both colours are there, but on the wrong shapes and places.
-    swapped = [scenes.Scene((scenes.Thing(b.colour, a.shape, a.position, a.size),
-                             scenes.Thing(a.colour, b.shape, b.position, b.size))) for a, b in (s.things for s in sc)]
+    swapped = [
+        scenes.Scene(
+            (
+                scenes.Thing(b.colour, a.shape, a.position, a.size),
+                scenes.Thing(a.colour, b.shape, b.position, b.size),
+            )
+        )
+        for a, b in (s.things for s in sc)
+    ]
     result = scenes.evaluate(pictures, swapped)
     assert result["colour"] == 1.0 and result["position"] == 0.0 and result["two_objects"] == 0.0
     same_shapes = sum(a.shape == b.shape for a, b in (s.things for s in sc)) / len(sc)
-    assert result["binding"] == pytest.approx(same_shapes)                  # binding is only right by chance
+    assert result["binding"] == pytest.approx(same_shapes)  # binding is only right by chance
     blank = Image.new("RGB", (128, 128), scenes.BACKGROUND)
     assert scenes.evaluate([blank] * 3, sc[:3])["colour"] == 0.0
 
 
 def test_a_written_dataset_is_what_the_training_loop_reads(tmp_path):
     from qwenimage_minimal import train_data
+
     made = scenes.write_dataset(tmp_path / "data", 6, seed=2)
     examples = train_data.read_examples(tmp_path / "data")
     assert [scenes.parse_caption(e.prompt) for e in examples] == made

@@ -14,16 +14,40 @@ from qwenimage_minimal.weights import CheckpointError
 
 # The official Qwen/Qwen-Image scheduler/scheduler_config.json.
 OFFICIAL = {
-    "_class_name": "FlowMatchEulerDiscreteScheduler", "_diffusers_version": "0.34.0.dev0",
-    "base_image_seq_len": 256, "base_shift": math.log(3), "invert_sigmas": False, "max_image_seq_len": 8192,
-    "max_shift": math.log(3), "num_train_timesteps": 1000, "shift": 1.0, "shift_terminal": None,
-    "stochastic_sampling": False, "time_shift_type": "exponential", "use_beta_sigmas": False,
-    "use_dynamic_shifting": True, "use_exponential_sigmas": False, "use_karras_sigmas": False,
+    "_class_name": "FlowMatchEulerDiscreteScheduler",
+    "_diffusers_version": "0.34.0.dev0",
+    "base_image_seq_len": 256,
+    "base_shift": math.log(3),
+    "invert_sigmas": False,
+    "max_image_seq_len": 8192,
+    "max_shift": math.log(3),
+    "num_train_timesteps": 1000,
+    "shift": 1.0,
+    "shift_terminal": None,
+    "stochastic_sampling": False,
+    "time_shift_type": "exponential",
+    "use_beta_sigmas": False,
+    "use_dynamic_shifting": True,
+    "use_exponential_sigmas": False,
+    "use_karras_sigmas": False,
 }
 OFFICIAL.update(base_shift=0.5, max_shift=0.9, shift_terminal=0.02)
-OFFICIAL_FIELDS = {k: v for k, v in OFFICIAL.items()
-                   if k in ("num_train_timesteps", "base_image_seq_len", "max_image_seq_len", "base_shift",
-                            "max_shift", "shift_terminal", "use_dynamic_shifting", "shift", "time_shift_type")}
+OFFICIAL_FIELDS = {
+    k: v
+    for k, v in OFFICIAL.items()
+    if k
+    in (
+        "num_train_timesteps",
+        "base_image_seq_len",
+        "max_image_seq_len",
+        "base_shift",
+        "max_shift",
+        "shift_terminal",
+        "use_dynamic_shifting",
+        "shift",
+        "time_shift_type",
+    )
+}
 # Qwen-Image-Lightning's scheduler: constant shift 3 (base = max = ln 3), no terminal stretch.
 LIGHTNING = {**OFFICIAL, "base_shift": math.log(3), "max_shift": math.log(3), "shift_terminal": None}
 
@@ -31,15 +55,22 @@ LIGHTNING = {**OFFICIAL, "base_shift": math.log(3), "max_shift": math.log(3), "s
 def reference_schedule(config: dict, steps: int, image_seq_len: int):
     """What diffusers' QwenImagePipeline.__call__ computes (sigmas linspace -> calculate_shift -> set_timesteps)."""
     ref = FlowMatchEulerDiscreteScheduler.from_config(config)
-    mu = calculate_shift(image_seq_len, ref.config.base_image_seq_len, ref.config.max_image_seq_len,
-                         ref.config.base_shift, ref.config.max_shift)
+    mu = calculate_shift(
+        image_seq_len,
+        ref.config.base_image_seq_len,
+        ref.config.max_image_seq_len,
+        ref.config.base_shift,
+        ref.config.max_shift,
+    )
     ref.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu)
     return ref
 
 
 @pytest.fixture(params=["official", "lightning"])
 def scheduler_folder(request, tmp_path):
-    (tmp_path / "scheduler_config.json").write_text(json.dumps(OFFICIAL if request.param == "official" else LIGHTNING))
+    (tmp_path / "scheduler_config.json").write_text(
+        json.dumps(OFFICIAL if request.param == "official" else LIGHTNING)
+    )
     return request.param, tmp_path
 
 
@@ -114,10 +145,11 @@ def test_training_schedule_is_the_reference_schedule_unshifted():
     fixed = {**OFFICIAL, "use_dynamic_shifting": False}
     ref = FlowMatchEulerDiscreteScheduler.from_config(fixed, shift=3.0)
     timesteps, sigmas = scheduler.training_schedule(
-        scheduler.SchedulerConfig(**{**OFFICIAL_FIELDS, "use_dynamic_shifting": False}), shift=3.0)
+        scheduler.SchedulerConfig(**{**OFFICIAL_FIELDS, "use_dynamic_shifting": False}), shift=3.0
+    )
     torch.testing.assert_close(sigmas, ref.sigmas, rtol=0, atol=1e-7)
     torch.testing.assert_close(timesteps, ref.timesteps, rtol=0, atol=1e-4)
-    assert sigmas[500] > 0.74   # shift 3 at the middle: 1.5 / 2 = 0.75
+    assert sigmas[500] > 0.74  # shift 3 at the middle: 1.5 / 2 = 0.75
 
 
 def test_bad_arguments():

@@ -6,25 +6,45 @@ import pytest
 import torch
 from diffusers import QwenImagePipeline
 from safetensors.torch import save_file
+from test_tokenizer import write_official_tokenizer_folder
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer
 
 from conftest import max_rel_err, randomize_
 from qwenimage_minimal import prompts, text_encoder, tokenizer
 from qwenimage_minimal.weights import CheckpointError
-from test_tokenizer import write_official_tokenizer_folder
 
 TOL = 1e-5
 # Tiny, but with the real vocabulary size so real token ids work, and head_dim 16 = 2 * (2 + 3 + 3).
-TEXT = dict(vocab_size=151680, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
-            num_key_value_heads=2, rms_norm_eps=1e-6, max_position_embeddings=4096,
-            rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]})
-VISION = dict(depth=2, hidden_size=32, intermediate_size=48, num_heads=2, out_hidden_size=64,
-              fullatt_block_indexes=[1], window_size=112, patch_size=14, spatial_merge_size=2, temporal_patch_size=2)
+TEXT = dict(
+    vocab_size=151680,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    rms_norm_eps=1e-6,
+    max_position_embeddings=4096,
+    rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]},
+)
+VISION = dict(
+    depth=2,
+    hidden_size=32,
+    intermediate_size=48,
+    num_heads=2,
+    out_hidden_size=64,
+    fullatt_block_indexes=[1],
+    window_size=112,
+    patch_size=14,
+    spatial_merge_size=2,
+    temporal_patch_size=2,
+)
 
 
 def make_reference(seed=0):
     torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(text_config=TEXT, vision_config=VISION)).eval()
+    model = Qwen2_5_VLForConditionalGeneration(
+        Qwen2_5_VLConfig(text_config=TEXT, vision_config=VISION)
+    ).eval()
     randomize_(model, seed=seed)
     with torch.no_grad():  # sharpen q and k so that positions (RoPE) visibly matter
         for name, p in model.named_parameters():
@@ -37,7 +57,7 @@ def make_reference(seed=0):
 def reference(tmp_path_factory):
     root = tmp_path_factory.mktemp("te")
     model = make_reference()
-    model.save_pretrained(root / "text_encoder", max_shard_size="5MB")   # legacy key layout, sharded
+    model.save_pretrained(root / "text_encoder", max_shard_size="5MB")  # legacy key layout, sharded
     assert len(list((root / "text_encoder").glob("*.safetensors"))) > 1
     write_official_tokenizer_folder(root / "tokenizer")
     return model, root
@@ -54,7 +74,9 @@ def reference_hidden(model, ids, mask):
 
 
 def test_official_files_use_the_legacy_layout(reference):
-    keys = json.loads((reference[1] / "text_encoder" / "model.safetensors.index.json").read_text())["weight_map"]
+    keys = json.loads((reference[1] / "text_encoder" / "model.safetensors.index.json").read_text())[
+        "weight_map"
+    ]
     assert "model.layers.0.self_attn.q_proj.weight" in keys and "model.embed_tokens.weight" in keys
     assert any(k.startswith("visual.") for k in keys) and "lm_head.weight" in keys
 
@@ -64,7 +86,7 @@ def test_last_hidden_state_matches_transformers(reference, ours):
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, 151664, (3, 23), generator=g)
     mask = torch.ones(3, 23, dtype=torch.long)
-    mask[1, 15:] = 0                      # right padding, as the tokenizer produces
+    mask[1, 15:] = 0  # right padding, as the tokenizer produces
     mask[2, 4:] = 0
     expected = reference_hidden(model, ids, mask)
     with torch.no_grad():
@@ -74,7 +96,7 @@ def test_last_hidden_state_matches_transformers(reference, ours):
     # implementations give those rows different (equally meaningless) positions.
     real = mask.bool()
     assert max_rel_err(got[real], expected[real]) <= TOL
-    with torch.no_grad():                 # no mask at all: the causal fast path
+    with torch.no_grad():  # no mask at all: the causal fast path
         assert max_rel_err(ours(ids[:1]), reference_hidden(model, ids[:1], None)) <= TOL
 
 
@@ -90,7 +112,9 @@ def test_transformers5_layout_loads(reference, tmp_path):
     model, root = reference
     folder = tmp_path / "text_encoder"
     folder.mkdir()
-    state = {k: v.contiguous() for k, v in model.state_dict().items()}   # model.language_model.*, model.visual.*
+    state = {
+        k: v.contiguous() for k, v in model.state_dict().items()
+    }  # model.language_model.*, model.visual.*
     assert any(k.startswith("model.language_model.") for k in state)
     save_file(state, folder / "model.safetensors")
     (folder / "config.json").write_text((root / "text_encoder" / "config.json").read_text())
@@ -109,11 +133,19 @@ def test_lm_head_and_vision_are_not_loaded(reference):
 
 def test_official_legacy_config_form(reference, tmp_path):
     """The official config.json has the text fields at the top (transformers 4.x) with rope_scaling."""
-    raw = {"architectures": ["Qwen2_5_VLForConditionalGeneration"], "hidden_size": 3584, "intermediate_size": 18944,
-           "num_hidden_layers": 28, "num_attention_heads": 28, "num_key_value_heads": 4, "rms_norm_eps": 1e-06,
-           "rope_theta": 1000000.0, "vocab_size": 152064,
-           "rope_scaling": {"mrope_section": [16, 24, 24], "rope_type": "default", "type": "default"},
-           "vision_config": {"depth": 32, "hidden_size": 1280}}
+    raw = {
+        "architectures": ["Qwen2_5_VLForConditionalGeneration"],
+        "hidden_size": 3584,
+        "intermediate_size": 18944,
+        "num_hidden_layers": 28,
+        "num_attention_heads": 28,
+        "num_key_value_heads": 4,
+        "rms_norm_eps": 1e-06,
+        "rope_theta": 1000000.0,
+        "vocab_size": 152064,
+        "rope_scaling": {"mrope_section": [16, 24, 24], "rope_type": "default", "type": "default"},
+        "vision_config": {"depth": 32, "hidden_size": 1280},
+    }
     assert text_encoder.config_from_json(raw) == text_encoder.TextEncoderConfig()
     with pytest.raises(CheckpointError, match=r"missing required field\(s\) \['rope_theta'\]"):
         text_encoder.config_from_json({k: v for k, v in raw.items() if k != "rope_theta"})
@@ -126,10 +158,13 @@ def diffusers_pipe(reference):
     return QwenImagePipeline(scheduler=None, vae=None, text_encoder=model, tokenizer=hf_tok, transformer=None)
 
 
-@pytest.mark.parametrize("texts", [
-    ["A red fox in the snow, studio light"],
-    ["a cat", "一只戴着帽子的狗在滑板上，旁边写着“通义千问”", "text: 'Hello, World!' on a neon sign, 4k"],
-])
+@pytest.mark.parametrize(
+    "texts",
+    [
+        ["A red fox in the snow, studio light"],
+        ["a cat", "一只戴着帽子的狗在滑板上，旁边写着“通义千问”", "text: 'Hello, World!' on a neon sign, 4k"],
+    ],
+)
 def test_encode_prompt_matches_diffusers(reference, ours, diffusers_pipe, texts):
     tok = tokenizer.load(reference[1] / "tokenizer")
     embeds, mask = prompts.encode_prompts(tok, ours, texts)
@@ -137,25 +172,27 @@ def test_encode_prompt_matches_diffusers(reference, ours, diffusers_pipe, texts)
         ref_embeds, ref_mask = diffusers_pipe.encode_prompt(texts, device=torch.device("cpu"))
     assert embeds.shape == ref_embeds.shape
     assert max_rel_err(embeds, ref_embeds) <= TOL
-    if ref_mask is None:                   # diffusers drops an all-ones mask; ours always returns it
+    if ref_mask is None:  # diffusers drops an all-ones mask; ours always returns it
         assert bool(mask.all())
     else:
         assert torch.equal(mask, ref_mask)
     if len(texts) > 1:
-        assert not bool(mask.all())        # the batch really exercised padding
+        assert not bool(mask.all())  # the batch really exercised padding
         assert embeds[mask == 0].abs().max() == 0
 
 
 def test_long_prompt_is_truncated_with_a_warning(reference, ours, diffusers_pipe):
     tok = tokenizer.load(reference[1] / "tokenizer")
-    prompt = "a very long description of a scene " * 160             # ~1100 tokens
-    with pytest.warns(UserWarning, match=r"prompt 0 is \d+ tokens long with the template; only the first 1024"):
+    prompt = "a very long description of a scene " * 160  # ~1100 tokens
+    with pytest.warns(
+        UserWarning, match=r"prompt 0 is \d+ tokens long with the template; only the first 1024"
+    ):
         embeds, mask = prompts.encode_prompts(tok, ours, [prompt, "short"])
     with torch.no_grad():
         ref_embeds, ref_mask = diffusers_pipe.encode_prompt([prompt, "short"], device=torch.device("cpu"))
     assert embeds.shape[1] == 1024 and max_rel_err(embeds, ref_embeds) <= TOL
     assert torch.equal(mask, ref_mask)
-    with pytest.warns(UserWarning, match="only the first 100 are used"):      # the number really kept
+    with pytest.warns(UserWarning, match="only the first 100 are used"):  # the number really kept
         short, _ = prompts.encode_prompts(tok, ours, [prompt], max_sequence_length=100)
     assert short.shape[1] == 100
 
@@ -172,29 +209,52 @@ def test_bad_prompts(reference, ours):
 
 def test_config_that_contradicts_the_weights(reference, tmp_path):
     import shutil
+
     folder = tmp_path / "te"
     shutil.copytree(reference[1] / "text_encoder", folder)
     cfg = json.loads((folder / "config.json").read_text())
     cfg["text_config"]["intermediate_size"] = 128
     (folder / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(CheckpointError, match=r"shape mismatch \(9\):\n    model.layers.0.mlp.down_proj.weight"):
+    with pytest.raises(
+        CheckpointError, match=r"shape mismatch \(9\):\n    model.layers.0.mlp.down_proj.weight"
+    ):
         text_encoder.load(folder)
 
 
 def test_full_config_names_and_shapes_equal_the_official_legacy_keys():
     """Qwen2.5-VL-7B on the meta device: our expected names/shapes == the official file's keys (renamed)."""
-    full_text = dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
-                     num_attention_heads=28, num_key_value_heads=4, rms_norm_eps=1e-6,
-                     rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]})
-    full_vision = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584,
-                       fullatt_block_indexes=[7, 15, 23, 31], window_size=112, patch_size=14,
-                       spatial_merge_size=2, temporal_patch_size=2)
+    full_text = dict(
+        vocab_size=152064,
+        hidden_size=3584,
+        intermediate_size=18944,
+        num_hidden_layers=28,
+        num_attention_heads=28,
+        num_key_value_heads=4,
+        rms_norm_eps=1e-6,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]},
+    )
+    full_vision = dict(
+        depth=32,
+        hidden_size=1280,
+        intermediate_size=3420,
+        num_heads=16,
+        out_hidden_size=3584,
+        fullatt_block_indexes=[7, 15, 23, 31],
+        window_size=112,
+        patch_size=14,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+    )
     with torch.device("meta"):
-        ref = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(text_config=full_text, vision_config=full_vision))
+        ref = Qwen2_5_VLForConditionalGeneration(
+            Qwen2_5_VLConfig(text_config=full_text, vision_config=full_vision)
+        )
         ours = text_encoder.TextEncoder(text_encoder.TextEncoderConfig())
     # transformers 5 names -> the legacy names the official files use
-    legacy = {k.replace("model.language_model.", "model.").replace("model.visual.", "visual."): tuple(v.shape)
-              for k, v in ref.state_dict().items()}
+    legacy = {
+        k.replace("model.language_model.", "model.").replace("model.visual.", "visual."): tuple(v.shape)
+        for k, v in ref.state_dict().items()
+    }
     loaded = {text_encoder.checkpoint_name_to_ours(k): s for k, s in legacy.items()}
     skipped = [k for k in legacy if text_encoder.checkpoint_name_to_ours(k) is None]
     loaded.pop(None)
@@ -210,7 +270,9 @@ def test_bf16_matches_transformers_in_bf16(reference):
     RoPE frequencies in fp32 (a model cast with .to(bf16) would round them too)."""
     _, root = reference
     ours = text_encoder.load(root / "text_encoder", dtype=torch.bfloat16)
-    ref = Qwen2_5_VLForConditionalGeneration.from_pretrained(root / "text_encoder", dtype=torch.bfloat16).eval()
+    ref = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+        root / "text_encoder", dtype=torch.bfloat16
+    ).eval()
     g = torch.Generator().manual_seed(2)
     ids = torch.randint(0, 151664, (2, 17), generator=g)
     mask = torch.ones(2, 17, dtype=torch.long)
@@ -229,12 +291,21 @@ def test_full_width_bf16_on_cuda_matches_transformers(tmp_path):
     """Two decoder layers at the official size (3584 wide, 28/4 heads, SwiGLU 18944, full vocabulary),
     a padded batch of 2 x 300 tokens, loaded from a bf16 folder onto the GPU, against transformers
     loaded the way diffusers loads it. Ours must agree with it and be as close to fp32 as it is."""
-    full = dict(TEXT, vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=2,
-                num_attention_heads=28, num_key_value_heads=4,
-                rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]})
+    full = dict(
+        TEXT,
+        vocab_size=152064,
+        hidden_size=3584,
+        intermediate_size=18944,
+        num_hidden_layers=2,
+        num_attention_heads=28,
+        num_key_value_heads=4,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]},
+    )
     torch.manual_seed(0)
     with torch.device("cuda"):
-        ref = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(text_config=full, vision_config=VISION)).eval()
+        ref = Qwen2_5_VLForConditionalGeneration(
+            Qwen2_5_VLConfig(text_config=full, vision_config=VISION)
+        ).eval()
     randomize_(ref, seed=0)
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, 151643, (2, 300), generator=g).cuda()
@@ -244,7 +315,11 @@ def test_full_width_bf16_on_cuda_matches_transformers(tmp_path):
     truth = reference_hidden(ref, ids, mask)[real]
     ref.save_pretrained(tmp_path / "te", max_shard_size="2GB")
     del ref
-    ref16 = Qwen2_5_VLForConditionalGeneration.from_pretrained(tmp_path / "te", dtype=torch.bfloat16).cuda().eval()
+    ref16 = (
+        Qwen2_5_VLForConditionalGeneration.from_pretrained(tmp_path / "te", dtype=torch.bfloat16)
+        .cuda()
+        .eval()
+    )
     expected = reference_hidden(ref16, ids, mask)[real]
     del ref16
     ours = text_encoder.load(tmp_path / "te", device="cuda", dtype=torch.bfloat16)
@@ -252,7 +327,9 @@ def test_full_width_bf16_on_cuda_matches_transformers(tmp_path):
         got = ours(ids, mask)[real]
     err_vs_ref = max_rel_err(got, expected)
     err_ours, err_ref = max_rel_err(got, truth), max_rel_err(expected, truth)
-    print(f"\nbf16 cuda, 2 full-width Qwen2.5-VL layers: ours vs transformers-bf16 {err_vs_ref:.2e}; "
-          f"vs fp32: ours {err_ours:.2e}, transformers {err_ref:.2e}")
+    print(
+        f"\nbf16 cuda, 2 full-width Qwen2.5-VL layers: ours vs transformers-bf16 {err_vs_ref:.2e}; "
+        f"vs fp32: ours {err_ours:.2e}, transformers {err_ref:.2e}"
+    )
     assert err_vs_ref <= 2e-2
     assert err_ours <= 1.25 * err_ref + 1e-3

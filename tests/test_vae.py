@@ -11,7 +11,9 @@ from qwenimage_minimal import vae
 from qwenimage_minimal.weights import CheckpointError
 
 TOL = 1e-5
-TINY = dict(base_dim=16, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, temperal_downsample=[False, True, True])
+TINY = dict(
+    base_dim=16, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, temperal_downsample=[False, True, True]
+)
 
 
 def make_pair(tmp_path, **config):
@@ -42,7 +44,7 @@ def latents(*shape, seed=1):
 
 def test_full_config_encode_matches(full):
     ref, ours = full
-    x = pixels(2, 3, 1, 64, 96)                                   # batch 2, non-square
+    x = pixels(2, 3, 1, 64, 96)  # batch 2, non-square
     with torch.no_grad():
         expected = ref.encode(x).latent_dist
     got = ours.encode(x)
@@ -108,17 +110,17 @@ def test_single_image_fast_path_equals_the_general_path(full):
     _, ours = full
     x = pixels(1, 3, 48, 72, seed=5)
     with torch.no_grad():
-        fast = ours.encode_moments(x)                      # 4-D: conv2d with weight[:, :, -1]
-        general = ours.encode_moments(x[:, :, None])       # 5-D: causal conv3d with the cache
+        fast = ours.encode_moments(x)  # 4-D: conv2d with weight[:, :, -1]
+        general = ours.encode_moments(x[:, :, None])  # 5-D: causal conv3d with the cache
         assert max_rel_err(fast, general[:, :, 0]) <= TOL
         z = fast[:, :16]
         assert max_rel_err(ours.decode_unclamped(z), ours.decode_unclamped(z[:, :, None])[:, :, 0]) <= TOL
 
 
-@pytest.mark.parametrize("height, width", [(456, 600), (264, 520)])   # several tiles, not multiples of 192
+@pytest.mark.parametrize("height, width", [(456, 600), (264, 520)])  # several tiles, not multiples of 192
 def test_tiled_encode_and_decode_match_diffusers(tiny, height, width):
     ref, ours = tiny
-    ref.enable_tiling()                              # 256 px tiles, 192 px stride: diffusers' defaults
+    ref.enable_tiling()  # 256 px tiles, 192 px stride: diffusers' defaults
     try:
         x = pixels(1, 3, 1, height, width, seed=6)
         z = latents(1, 16, 1, height // 8, width // 8, seed=7)
@@ -136,8 +138,12 @@ def test_tiled_encode_and_decode_match_diffusers(tiny, height, width):
 
 def test_tiled_video_matches_diffusers(tiny):
     ref, ours = tiny
-    ref.enable_tiling(tile_sample_min_height=64, tile_sample_min_width=64,
-                      tile_sample_stride_height=48, tile_sample_stride_width=48)
+    ref.enable_tiling(
+        tile_sample_min_height=64,
+        tile_sample_min_width=64,
+        tile_sample_stride_height=48,
+        tile_sample_stride_width=48,
+    )
     try:
         x = pixels(1, 3, 5, 96, 120, seed=8)
         with torch.no_grad():
@@ -156,8 +162,10 @@ def test_posterior_sample_and_latent_normalisation(full):
     assert max_rel_err(got, expected) <= TOL
     mean = torch.tensor(ref.config.latents_mean).view(1, 16, 1, 1, 1)
     std = torch.tensor(ref.config.latents_std).view(1, 16, 1, 1, 1)
-    torch.testing.assert_close(ours.normalize_latents(got), (got - mean) / std)       # what Edit feeds the DiT
-    torch.testing.assert_close(ours.denormalize_latents(got), got / (1.0 / std) + mean)  # what the pipeline decodes
+    torch.testing.assert_close(ours.normalize_latents(got), (got - mean) / std)  # what Edit feeds the DiT
+    torch.testing.assert_close(
+        ours.denormalize_latents(got), got / (1.0 / std) + mean
+    )  # what the pipeline decodes
     torch.testing.assert_close(ours.denormalize_latents(ours.normalize_latents(got)), got)
 
 
@@ -186,12 +194,15 @@ def test_official_config_names_and_shapes_match_diffusers():
     assert round(sum(p.numel() for p in ours.parameters()) / 1e6) == 127
 
 
-@pytest.mark.parametrize("bad, message", [
-    (torch.zeros(3, 64, 64), "must be a 4-D .* or 5-D"),
-    (torch.zeros(1, 4, 64, 64), "must have 3 channels"),
-    (torch.zeros(1, 3, 60, 64), "multiples of 8, got 60x64"),
-    (torch.zeros(1, 3, 3, 64, 64), "1 \\+ 4k frames, got 3"),
-])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (torch.zeros(3, 64, 64), "must be a 4-D .* or 5-D"),
+        (torch.zeros(1, 4, 64, 64), "must have 3 channels"),
+        (torch.zeros(1, 3, 60, 64), "multiples of 8, got 60x64"),
+        (torch.zeros(1, 3, 3, 64, 64), "1 \\+ 4k frames, got 3"),
+    ],
+)
 def test_bad_encoder_input(tiny, bad, message):
     with pytest.raises(ValueError, match=message):
         tiny[1].encode(bad)
@@ -240,17 +251,25 @@ def test_full_config_1024px_on_cuda_fp32_and_bf16(tmp_path):
         ref_d = AutoencoderKLQwenImage.from_pretrained(tmp_path, torch_dtype=dtype).cuda().eval()
         ours = vae.load(tmp_path, device="cuda", dtype=dtype)
         with torch.no_grad():
-            results[dtype] = {"ref_enc": ref_d.encode(x.to(dtype)).latent_dist.mean, "ref_dec": ref_d.decode(z.to(dtype)).sample,
-                              "enc": ours.encode(x.to(dtype)).mean, "dec": ours.decode(z.to(dtype))}
+            results[dtype] = {
+                "ref_enc": ref_d.encode(x.to(dtype)).latent_dist.mean,
+                "ref_dec": ref_d.decode(z.to(dtype)).sample,
+                "enc": ours.encode(x.to(dtype)).mean,
+                "dec": ours.decode(z.to(dtype)),
+            }
         del ref_d, ours
         torch.cuda.empty_cache()
     f32, b16 = results[torch.float32], results[torch.bfloat16]
-    errs = {"fp32 enc": max_rel_err(f32["enc"], f32["ref_enc"]), "fp32 dec": max_rel_err(f32["dec"], f32["ref_dec"]),
-            "bf16 enc vs ref": max_rel_err(b16["enc"], b16["ref_enc"]), "bf16 dec vs ref": max_rel_err(b16["dec"], b16["ref_dec"]),
-            "bf16 enc vs fp32: ours": max_rel_err(b16["enc"], f32["ref_enc"]),
-            "bf16 enc vs fp32: diffusers": max_rel_err(b16["ref_enc"], f32["ref_enc"]),
-            "bf16 dec vs fp32: ours": max_rel_err(b16["dec"], f32["ref_dec"]),
-            "bf16 dec vs fp32: diffusers": max_rel_err(b16["ref_dec"], f32["ref_dec"])}
+    errs = {
+        "fp32 enc": max_rel_err(f32["enc"], f32["ref_enc"]),
+        "fp32 dec": max_rel_err(f32["dec"], f32["ref_dec"]),
+        "bf16 enc vs ref": max_rel_err(b16["enc"], b16["ref_enc"]),
+        "bf16 dec vs ref": max_rel_err(b16["dec"], b16["ref_dec"]),
+        "bf16 enc vs fp32: ours": max_rel_err(b16["enc"], f32["ref_enc"]),
+        "bf16 enc vs fp32: diffusers": max_rel_err(b16["ref_enc"], f32["ref_enc"]),
+        "bf16 dec vs fp32: ours": max_rel_err(b16["dec"], f32["ref_dec"]),
+        "bf16 dec vs fp32: diffusers": max_rel_err(b16["ref_dec"], f32["ref_dec"]),
+    }
     print("\nVAE 1024px cuda: " + ", ".join(f"{k} {v:.2e}" for k, v in errs.items()))
     assert errs["fp32 enc"] <= TOL and errs["fp32 dec"] <= TOL
     assert errs["bf16 enc vs ref"] <= 5e-2 and errs["bf16 dec vs ref"] <= 5e-2

@@ -12,8 +12,13 @@ from safetensors.torch import save_file
 from conftest import randomize_
 from qwenimage_minimal import mmdit, weights
 
-TINY = dict(num_layers=2, attention_head_dim=16, num_attention_heads=2, joint_attention_dim=24,
-            axes_dims_rope=(4, 6, 6))
+TINY = dict(
+    num_layers=2,
+    attention_head_dim=16,
+    num_attention_heads=2,
+    joint_attention_dim=24,
+    axes_dims_rope=(4, 6, 6),
+)
 
 
 @pytest.fixture(scope="module")
@@ -62,10 +67,17 @@ def test_our_reader_agrees_with_the_safetensors_library(reference, tmp_path):
         for k in f.keys():
             assert torch.equal(f.get_tensor(k), header.read(k)), k
     # and files we write are read back by the library, for every dtype we use
-    tensors = {"a": torch.randn(3, 4).bfloat16(), "b": torch.arange(5), "c": torch.randn(2, 2, 2).half(),
-               "d": torch.tensor(1.5), "e": torch.zeros(0, 3)}
+    tensors = {
+        "a": torch.randn(3, 4).bfloat16(),
+        "b": torch.arange(5),
+        "c": torch.randn(2, 2, 2).half(),
+        "d": torch.tensor(1.5),
+        "e": torch.zeros(0, 3),
+    }
     out = tmp_path / "x.safetensors"
-    weights.write_safetensors(out, [(k, tuple(v.shape), v.dtype) for k, v in tensors.items()], tensors.values())
+    weights.write_safetensors(
+        out, [(k, tuple(v.shape), v.dtype) for k, v in tensors.items()], tensors.values()
+    )
     with safe_open(out, framework="pt") as f:
         for k, v in tensors.items():
             assert torch.equal(f.get_tensor(k), v), k
@@ -75,7 +87,9 @@ def test_missing_shard_names_the_file(folder):
     shard = sorted(folder.glob("*.safetensors"))[1]
     assert shard.name.startswith("diffusion_pytorch_model-00002-of-")
     shard.unlink()
-    with pytest.raises(weights.CheckpointError, match=r"shard file\(s\) \['diffusion_pytorch_model-00002-of-"):
+    with pytest.raises(
+        weights.CheckpointError, match=r"shard file\(s\) \['diffusion_pytorch_model-00002-of-"
+    ):
         mmdit.load(folder)
 
 
@@ -83,10 +97,14 @@ def test_truncated_file_is_caught_before_use(folder):
     shard = sorted(folder.glob("*.safetensors"))[-1]
     data = shard.read_bytes()
     shard.write_bytes(data[: len(data) - 100])
-    with pytest.raises(weights.CheckpointError, match=rf"{shard.name} is truncated: tensor '.*' ends at byte"):
+    with pytest.raises(
+        weights.CheckpointError, match=rf"{shard.name} is truncated: tensor '.*' ends at byte"
+    ):
         mmdit.load(folder)
     shard.write_bytes(data[:5])
-    with pytest.raises(weights.CheckpointError, match=rf"{shard.name} is truncated or not a safetensors file"):
+    with pytest.raises(
+        weights.CheckpointError, match=rf"{shard.name} is truncated or not a safetensors file"
+    ):
         mmdit.load(folder)
 
 
@@ -103,17 +121,24 @@ def test_missing_config_field_is_named(folder):
     cfg = json.loads((folder / "config.json").read_text())
     del cfg["joint_attention_dim"]
     (folder / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(weights.CheckpointError, match=r"missing required field\(s\) \['joint_attention_dim'\]"):
+    with pytest.raises(
+        weights.CheckpointError, match=r"missing required field\(s\) \['joint_attention_dim'\]"
+    ):
         mmdit.load(folder)
 
 
 def test_config_that_contradicts_the_weights(folder):
     cfg = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps({**cfg, "num_layers": 3}))
-    with pytest.raises(weights.CheckpointError, match=r"says num_layers=3 but the weights hold 2 transformer_blocks"):
+    with pytest.raises(
+        weights.CheckpointError, match=r"says num_layers=3 but the weights hold 2 transformer_blocks"
+    ):
         mmdit.load(folder)
     (folder / "config.json").write_text(json.dumps({**cfg, "joint_attention_dim": 32}))
-    with pytest.raises(weights.CheckpointError, match=r"shape mismatch \(2\):\n    txt_in.weight: checkpoint \[32, 24\] vs model \[32, 32\]"):
+    with pytest.raises(
+        weights.CheckpointError,
+        match=r"shape mismatch \(2\):\n    txt_in.weight: checkpoint \[32, 24\] vs model \[32, 32\]",
+    ):
         mmdit.load(folder)
 
 
@@ -127,13 +152,17 @@ def test_unexpected_and_missing_keys_are_listed(reference, tmp_path):
     with pytest.raises(weights.CheckpointError) as e:
         mmdit.load(tmp_path)
     assert "missing from the checkpoint (1):\n    proj_out.bias" in str(e.value)
-    assert "unexpected in the checkpoint (1):\n    transformer_blocks.0.attn.to_q.lora_A.weight" in str(e.value)
+    assert "unexpected in the checkpoint (1):\n    transformer_blocks.0.attn.to_q.lora_A.weight" in str(
+        e.value
+    )
 
 
 def test_no_weights_or_only_pickles(tmp_path, reference):
     shutil.copy(reference[1] / "single" / "config.json", tmp_path / "config.json")
     (tmp_path / "diffusion_pytorch_model.bin").write_bytes(b"not loaded")
-    with pytest.raises(weights.CheckpointError, match="no diffusion_pytorch_model.safetensors and no .*index.json"):
+    with pytest.raises(
+        weights.CheckpointError, match="no diffusion_pytorch_model.safetensors and no .*index.json"
+    ):
         mmdit.load(tmp_path)
 
 

@@ -43,7 +43,10 @@ def test_folder_to_single_file_and_back_is_bit_exact(official, tmp_path):
     assert s1["tensors_read"] == s1["tensors_written"] == s2["tensors_written"] == len(original)
     assert len(s2["files"]) > 1 and (back / "diffusion_pytorch_model.safetensors.index.json").is_file()
     # the inferred config equals the original (what defines the architecture)
-    inferred, orig = json.loads((back / "config.json").read_text()), json.loads((folder / "config.json").read_text())
+    inferred, orig = (
+        json.loads((back / "config.json").read_text()),
+        json.loads((folder / "config.json").read_text()),
+    )
     for key in mmdit.REQUIRED_FIELDS:
         assert inferred[key] == orig[key], key
 
@@ -73,8 +76,10 @@ def test_unknown_key_fails_loudly(official, tmp_path):
     state["transformer_blocks.0.attn.to_q.lora_A.weight"] = torch.ones(1)
     bad = tmp_path / "bad.safetensors"
     save_file(state, bad)
-    with pytest.raises(weights.CheckpointError,
-                       match=r"unexpected in the checkpoint \(1\):\n    transformer_blocks.0.attn.to_q.lora_A.weight"):
+    with pytest.raises(
+        weights.CheckpointError,
+        match=r"unexpected in the checkpoint \(1\):\n    transformer_blocks.0.attn.to_q.lora_A.weight",
+    ):
         weights_convert.convert(bad, tmp_path / "out")
     assert not (tmp_path / "out").exists()
     assert weights_convert.main([str(bad), str(tmp_path / "out2")]) == 2
@@ -92,7 +97,9 @@ def test_missing_tensor_fails_loudly(official, tmp_path):
     state = {k: v.contiguous() for k, v in ref.state_dict().items() if k != "norm_out.linear.bias"}
     bad = tmp_path / "bad.safetensors"
     save_file(state, bad)
-    with pytest.raises(weights.CheckpointError, match=r"missing from the checkpoint \(1\):\n    norm_out.linear.bias"):
+    with pytest.raises(
+        weights.CheckpointError, match=r"missing from the checkpoint \(1\):\n    norm_out.linear.bias"
+    ):
         weights_convert.convert(bad, tmp_path / "out")
 
 
@@ -107,7 +114,9 @@ def test_refuses_to_overwrite_without_flag(official, tmp_path):
 
 def test_cast_and_reshard_folder(official, tmp_path, capsys):
     ref, folder = official
-    code = weights_convert.main([str(folder), str(tmp_path / "bf16"), "--dtype", "bf16", "--max-shard-size", "10GB"])
+    code = weights_convert.main(
+        [str(folder), str(tmp_path / "bf16"), "--dtype", "bf16", "--max-shard-size", "10GB"]
+    )
     assert code == 0
     printed = capsys.readouterr().out
     assert f"{len(ref.state_dict())} tensors read" in printed and "dtype bfloat16" in printed
@@ -119,8 +128,10 @@ def test_cast_and_reshard_folder(official, tmp_path, capsys):
 
 def test_mixed_prefixes_are_rejected(official, tmp_path):
     ref, _ = official
-    state = {("model.diffusion_model." if i % 2 else "") + k: v.contiguous()
-             for i, (k, v) in enumerate(ref.state_dict().items())}
+    state = {
+        ("model.diffusion_model." if i % 2 else "") + k: v.contiguous()
+        for i, (k, v) in enumerate(ref.state_dict().items())
+    }
     save_file(state, tmp_path / "mixed.safetensors")
     with pytest.raises(weights.CheckpointError, match="lacks the prefix 'model.diffusion_model.'"):
         weights_convert.convert(tmp_path / "mixed.safetensors", tmp_path / "out")
@@ -135,11 +146,28 @@ def test_not_a_transformer(tmp_path):
 # --- text encoder ---------------------------------------------------------------------------
 
 # head_dim 128 and vision width 160 (= 2 heads of 80) like the real model, so configs can be inferred.
-TE_TEXT = dict(vocab_size=1000, hidden_size=256, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-               num_key_value_heads=1, rms_norm_eps=1e-6,
-               rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]})
-TE_VISION = dict(depth=2, hidden_size=160, intermediate_size=48, num_heads=2, out_hidden_size=256,
-                 fullatt_block_indexes=[1], window_size=112, patch_size=14, spatial_merge_size=2, temporal_patch_size=2)
+TE_TEXT = dict(
+    vocab_size=1000,
+    hidden_size=256,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    rms_norm_eps=1e-6,
+    rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]},
+)
+TE_VISION = dict(
+    depth=2,
+    hidden_size=160,
+    intermediate_size=48,
+    num_heads=2,
+    out_hidden_size=256,
+    fullatt_block_indexes=[1],
+    window_size=112,
+    patch_size=14,
+    spatial_merge_size=2,
+    temporal_patch_size=2,
+)
 
 
 @pytest.fixture(scope="module")
@@ -147,9 +175,13 @@ def te_official(tmp_path_factory):
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     root = tmp_path_factory.mktemp("te_convert")
-    ref = randomize_(Qwen2_5_VLForConditionalGeneration(
-        Qwen2_5_VLConfig(text_config=TE_TEXT, vision_config=TE_VISION)).eval(), seed=3)
-    ref.save_pretrained(root / "text_encoder", max_shard_size="300KB")     # official legacy layout
+    ref = randomize_(
+        Qwen2_5_VLForConditionalGeneration(
+            Qwen2_5_VLConfig(text_config=TE_TEXT, vision_config=TE_VISION)
+        ).eval(),
+        seed=3,
+    )
+    ref.save_pretrained(root / "text_encoder", max_shard_size="300KB")  # official legacy layout
     return ref, root / "text_encoder"
 
 
@@ -172,11 +204,13 @@ def test_text_encoder_layouts_round_trip_bit_exact(te_official, tmp_path):
     t5 = tmp_path / "te_t5"
     weights_convert.convert(folder, t5, component="text_encoder", layout="transformers5")
     assert all(k.startswith(("model.language_model.", "model.visual.", "lm_head.")) for k in te_tensors(t5))
-    assert te_tensors(t5).keys() == ref.state_dict().keys()                 # transformers 5.x's own names
+    assert te_tensors(t5).keys() == ref.state_dict().keys()  # transformers 5.x's own names
     single = tmp_path / "qwen_2.5_vl_7b.safetensors"
-    weights_convert.convert(t5, single, component="text_encoder")           # either layout is read
+    weights_convert.convert(t5, single, component="text_encoder")  # either layout is read
     back = tmp_path / "te_back"
-    weights_convert.convert(single, back, component="text_encoder", max_shard_size=weights_convert.parse_size("200KB"))
+    weights_convert.convert(
+        single, back, component="text_encoder", max_shard_size=weights_convert.parse_size("200KB")
+    )
     original, restored = te_tensors(folder), te_tensors(back)
     assert original.keys() == restored.keys()
     assert all(torch.equal(original[k], restored[k]) for k in original)
@@ -204,15 +238,27 @@ def test_text_encoder_partial_vision_tower_and_unknown_keys_fail(te_official, tm
     state = te_tensors(folder)
     partial = {k: v for k, v in state.items() if not k.startswith("visual.blocks.1.")}
     save_file(partial, tmp_path / "partial.safetensors")
-    with pytest.raises(weights.CheckpointError, match=r"missing from the checkpoint \(12\):\n    visual.blocks.1"):
-        weights_convert.convert(tmp_path / "partial.safetensors", tmp_path / "out", component="text_encoder",
-                                config_path=folder / "config.json")
-    save_file({**state, "model.layers.0.self_attn.q_proj.scale_weight": torch.ones(1)}, tmp_path / "fp8.safetensors")
-    with pytest.raises(weights.CheckpointError, match="unexpected in the checkpoint \\(1\\):\n    model.layers.0.self_attn.q_proj.scale_weight"):
+    with pytest.raises(
+        weights.CheckpointError, match=r"missing from the checkpoint \(12\):\n    visual.blocks.1"
+    ):
+        weights_convert.convert(
+            tmp_path / "partial.safetensors",
+            tmp_path / "out",
+            component="text_encoder",
+            config_path=folder / "config.json",
+        )
+    save_file(
+        {**state, "model.layers.0.self_attn.q_proj.scale_weight": torch.ones(1)}, tmp_path / "fp8.safetensors"
+    )
+    with pytest.raises(
+        weights.CheckpointError,
+        match="unexpected in the checkpoint \\(1\\):\n    model.layers.0.self_attn.q_proj.scale_weight",
+    ):
         weights_convert.convert(tmp_path / "fp8.safetensors", tmp_path / "out", component="text_encoder")
 
 
 # --- VAE --------------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def vae_official(tmp_path_factory):
@@ -251,10 +297,14 @@ def test_vae_wan_file_to_folder_round_trip_and_load(vae_official, tmp_path):
     original = dict(weights.iter_tensors(weights.weight_files(folder, "diffusion_pytorch_model")))
     restored = dict(weights.iter_tensors(weights.weight_files(back, "diffusion_pytorch_model")))
     assert original.keys() == restored.keys() and all(torch.equal(original[k], restored[k]) for k in original)
-    inferred, orig = json.loads((back / "config.json").read_text()), json.loads((folder / "config.json").read_text())
+    inferred, orig = (
+        json.loads((back / "config.json").read_text()),
+        json.loads((folder / "config.json").read_text()),
+    )
     for key in ("base_dim", "z_dim", "dim_mult", "num_res_blocks", "temperal_downsample", "latents_mean"):
         assert inferred[key] == orig[key], key
     from qwenimage_minimal import vae
+
     model = vae.load(back)
     z = torch.randn(1, 16, 4, 5)
     with torch.no_grad():
@@ -268,5 +318,8 @@ def test_vae_unknown_key_fails(vae_official, tmp_path):
     state = load_file(wan_file)
     state["decoder.upsamples.3.resample.9.weight"] = torch.zeros(1)
     save_file(state, tmp_path / "bad.safetensors")
-    with pytest.raises(weights.CheckpointError, match=r"unexpected in the checkpoint \(1\):\n    decoder.upsamples.3.resample.9.weight"):
+    with pytest.raises(
+        weights.CheckpointError,
+        match=r"unexpected in the checkpoint \(1\):\n    decoder.upsamples.3.resample.9.weight",
+    ):
         weights_convert.convert(tmp_path / "bad.safetensors", tmp_path / "out", component="vae")

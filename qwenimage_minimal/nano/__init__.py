@@ -25,7 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-COMMITTED = Path(__file__).resolve().parents[2] / "checkpoints" / "nano"   # the trained model, in git
+COMMITTED = Path(__file__).resolve().parents[2] / "checkpoints" / "nano"  # the trained model, in git
 
 # `demo`'s prompts: the first four are combinations the training split allows, the last four never appear in it
 # (scenes.HELD_OUT_OBJECTS: a red triangle at the top left, a blue circle at the bottom right; HELD_OUT_PAIRS:
@@ -42,34 +42,48 @@ DEMO_PROMPTS = (
 )
 
 
-
 @dataclass
 class NanoConfig:
     """Every setting of the recipe; QUICK (below) is the CI-sized run, the defaults the committed model's."""
-    out: str = "out/nano"               # data/, vae/ log, run/ (train.py's output), model/ (the checkpoint)
+
+    out: str = "out/nano"  # data/, vae/ log, run/ (train.py's output), model/ (the checkpoint)
     seed: int = 0
-    size: int = 128                     # pixels: 4 x 16 x 16 latents, 64 image tokens
+    size: int = 128  # pixels: 4 x 16 x 16 latents, 64 image tokens
     train_scenes: int = 4000
-    vae_steps: int = 3000               # 16 CPU minutes: held-out PSNR 28.9 dB
+    vae_steps: int = 3000  # 16 CPU minutes: held-out PSNR 28.9 dB
     vae_batch: int = 16
     vae_crop: int = 64
     vae_lr: float = 1e-3
-    dit_steps: int = 10000              # 30 CPU minutes (scores against minutes: checkpoints/nano/README.md)
+    dit_steps: int = 10000  # 30 CPU minutes (scores against minutes: checkpoints/nano/README.md)
     dit_batch: int = 16
-    dit_lr: float = 1e-3                # warmup, then a cosine to 0
+    dit_lr: float = 1e-3  # warmup, then a cosine to 0
     dit_weighting: str = "logit_normal"  # timesteps mostly at middle noise levels (SD3, Esser et al. 2024)
-    dit_checkpoint_every: int = 2000    # run/checkpoint-N/transformer: scores against minutes
-    caption_dropout: float = 0.1        # the empty prompt's share: what CFG's unconditional branch learns from
-    vae_eval_every: int = 200           # steps between held-out PSNR measurements
-    held_out_pictures: int = 32         # held-out scenes for the VAE's PSNR
-    eval_scenes: int = 200              # held-out scenes drawn and scored at the end (as many training-like ones)
-    table_scenes: int = 96              # held-out scenes for the CFG scale / step count table
-    progress_scenes: int = 48           # held-out scenes drawn with every checkpoint of the MMDiT run
+    dit_checkpoint_every: int = 2000  # run/checkpoint-N/transformer: scores against minutes
+    caption_dropout: float = 0.1  # the empty prompt's share: what CFG's unconditional branch learns from
+    vae_eval_every: int = 200  # steps between held-out PSNR measurements
+    held_out_pictures: int = 32  # held-out scenes for the VAE's PSNR
+    eval_scenes: int = 200  # held-out scenes drawn and scored at the end (as many training-like ones)
+    table_scenes: int = 96  # held-out scenes for the CFG scale / step count table
+    progress_scenes: int = 48  # held-out scenes drawn with every checkpoint of the MMDiT run
     eval_steps: int = 20
-    eval_cfg: float = 2.0               # measured best (checkpoints/nano/README.md: CFG x steps table)
-    eval_negative: str = ""             # CFG's negative prompt: the empty one that caption dropout trained
+    eval_cfg: float = 2.0  # measured best (checkpoints/nano/README.md: CFG x steps table)
+    eval_negative: str = ""  # CFG's negative prompt: the empty one that caption dropout trained
 
 
-QUICK = dict(size=64, train_scenes=64, vae_steps=150, vae_batch=16, vae_crop=32, vae_lr=1e-3, vae_eval_every=150,
-             held_out_pictures=8, dit_steps=100, dit_batch=8, dit_checkpoint_every=100, eval_scenes=4, table_scenes=4,
-             progress_scenes=4, eval_steps=4)
+QUICK = dict(
+    size=64,
+    train_scenes=64,
+    vae_steps=150,
+    vae_batch=16,
+    vae_crop=32,
+    vae_lr=1e-3,
+    vae_eval_every=150,
+    held_out_pictures=8,
+    dit_steps=100,
+    dit_batch=8,
+    dit_checkpoint_every=100,
+    eval_scenes=4,
+    table_scenes=4,
+    progress_scenes=4,
+    eval_steps=4,
+)

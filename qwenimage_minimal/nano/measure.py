@@ -15,6 +15,7 @@ from .. import vae as vae_file
 from . import NanoConfig, scenes
 from .vae_training import psnr
 
+
 def measure(c: NanoConfig, log=print) -> dict:
     """The recipe's last stage, on <out> as build left it: the model stored in bf16 (half the bytes: what is
     committed), then measured as stored. Writes <out>/model/report.json (what the notebook and README show)
@@ -29,38 +30,52 @@ def measure(c: NanoConfig, log=print) -> dict:
     out = Path(c.out)
     model = out / "model"
     report = weights.read_config(out, "report.json")
-    report["config"] = dataclasses.asdict(c)                 # the measuring settings may differ from the build's
+    report["config"] = dataclasses.asdict(c)  # the measuring settings may differ from the build's
     store_in_bf16(model)
     report["vae"]["held_out_psnr_bf16"] = vae_psnr(model, c.held_out_pictures, seed=c.seed + 1, size=c.size)
     log(f"stored in bf16; the VAE's held-out PSNR {report['vae']['held_out_psnr_bf16']:.2f} dB")
 
     probe = scenes.make_scenes(c.progress_scenes, seed=c.seed + 4, split="held_out")
-    report["progress"], pictures = scores_over_training(out, probe, steps=c.eval_steps, cfg=c.eval_cfg, size=c.size,
-                                                        log=log)
+    report["progress"], pictures = scores_over_training(
+        out, probe, steps=c.eval_steps, cfg=c.eval_cfg, size=c.size, log=log
+    )
     (model / "training").mkdir(exist_ok=True)
-    grid = images.picture_grid([p for row in pictures for p in row[:4]],
-                                [f"step {r['step']}" for r in report["progress"] for _ in range(4)], columns=4)
+    grid = images.picture_grid(
+        [p for row in pictures for p in row[:4]],
+        [f"step {r['step']}" for r in report["progress"] for _ in range(4)],
+        columns=4,
+    )
     images.save_image(grid, model / "training" / "samples_over_training.png")
 
-    pipe = pipeline.QwenImagePipeline.from_pretrained(model, dtype=torch.float32)   # stored in bf16, computed in fp32
+    pipe = pipeline.QwenImagePipeline.from_pretrained(
+        model, dtype=torch.float32
+    )  # stored in bf16, computed in fp32
     quality = {}
     for split, seed in (("held_out", c.seed + 3), ("train", c.seed + 5)):
         quality[split if split == "held_out" else "train_like"] = evaluate(
-            pipe, scenes.make_scenes(c.eval_scenes, seed=seed, split=split), steps=c.eval_steps, cfg=c.eval_cfg,
-            size=c.size)
-        log(f"{split}: " + ", ".join(f"{k} {v:.3f}" for k, v in quality[split if split == 'held_out'
-                                                                        else 'train_like'].items()))
-    quality["table"] = quality_table(pipe, scenes.make_scenes(c.table_scenes, seed=c.seed + 3, split="held_out"),
-                                     size=c.size, log=log)
+            pipe,
+            scenes.make_scenes(c.eval_scenes, seed=seed, split=split),
+            steps=c.eval_steps,
+            cfg=c.eval_cfg,
+            size=c.size,
+        )
+        log(
+            f"{split}: "
+            + ", ".join(
+                f"{k} {v:.3f}" for k, v in quality[split if split == "held_out" else "train_like"].items()
+            )
+        )
+    quality["table"] = quality_table(
+        pipe, scenes.make_scenes(c.table_scenes, seed=c.seed + 3, split="held_out"), size=c.size, log=log
+    )
     report["quality"] = quality
     report["scores"] = quality["held_out"]
     rows = checkpoints.read_log(out / "run" / "log.jsonl")
-    report["mmdit"]["log"] = [r for r in rows if r["step"] % 10 == 0]      # every 10th step: the curve, small
+    report["mmdit"]["log"] = [r for r in rows if r["step"] % 10 == 0]  # every 10th step: the curve, small
     report["measure_minutes"] = round((time.time() - start) / 60, 2)
     weights.write_json(out / "report.json", report)
     weights.write_json(model / "report.json", report)
     return report
-
 
 
 def store_in_bf16(folder) -> None:
@@ -70,8 +85,9 @@ def store_in_bf16(folder) -> None:
     for path in sorted(Path(folder).rglob("*.safetensors")):
         tensors = load_file(path)
         tensors = {n: t.to(torch.bfloat16) if t.is_floating_point() else t for n, t in tensors.items()}
-        weights.write_safetensors(path, [(n, tuple(t.shape), t.dtype) for n, t in tensors.items()], tensors.values())
-
+        weights.write_safetensors(
+            path, [(n, tuple(t.shape), t.dtype) for n, t in tensors.items()], tensors.values()
+        )
 
 
 @torch.no_grad()
@@ -82,27 +98,51 @@ def vae_psnr(model_folder, n: int, seed: int, size: int = 128) -> float:
     return psnr(autoencoder.decode(autoencoder.encode(pictures).mean), pictures)
 
 
-
-def evaluate(pipe, scene_list, steps: int = 20, cfg: float = NanoConfig.eval_cfg, size: int = 128, seed: int = 0,
-             batch: int = 16, pictures: list | None = None, negative_prompt: str = NanoConfig.eval_negative) -> dict:
+def evaluate(
+    pipe,
+    scene_list,
+    steps: int = 20,
+    cfg: float = NanoConfig.eval_cfg,
+    size: int = 128,
+    seed: int = 0,
+    batch: int = 16,
+    pictures: list | None = None,
+    negative_prompt: str = NanoConfig.eval_negative,
+) -> dict:
     """Draw the scenes' captions with the pipeline (`steps` Euler steps, CFG scale `cfg` against
     `negative_prompt`; 1 = no guidance) and score the pictures from their pixels (scenes.evaluate). Batch i's
     noise comes from seed + i. The pictures are appended to `pictures` if given."""
     drawn = []
     for i in range(0, len(scene_list), batch):
-        part = scene_list[i:i + batch]
-        drawn += pipe(prompt=[scenes.caption(s) for s in part], negative_prompt=negative_prompt if cfg > 1 else None,
-                      true_cfg_scale=cfg, height=size, width=size, num_inference_steps=steps,
-                      generator=torch.Generator().manual_seed(seed + i), progress=False).images
+        part = scene_list[i : i + batch]
+        drawn += pipe(
+            prompt=[scenes.caption(s) for s in part],
+            negative_prompt=negative_prompt if cfg > 1 else None,
+            true_cfg_scale=cfg,
+            height=size,
+            width=size,
+            num_inference_steps=steps,
+            generator=torch.Generator().manual_seed(seed + i),
+            progress=False,
+        ).images
     if pictures is not None:
         pictures += drawn
     return scenes.evaluate(drawn, scene_list)
 
 
-
-TABLE_SETTINGS = ((1.0, 20, ""), (1.5, 20, ""), (2.0, 20, ""), (3.0, 20, ""), (4.0, 20, ""), (6.0, 20, ""),
-                  (2.0, 5, ""), (2.0, 10, ""), (2.0, 40, ""), (2.0, 20, " "), (4.0, 20, " "))   # (CFG, steps, negative)
-
+TABLE_SETTINGS = (
+    (1.0, 20, ""),
+    (1.5, 20, ""),
+    (2.0, 20, ""),
+    (3.0, 20, ""),
+    (4.0, 20, ""),
+    (6.0, 20, ""),
+    (2.0, 5, ""),
+    (2.0, 10, ""),
+    (2.0, 40, ""),
+    (2.0, 20, " "),
+    (4.0, 20, " "),
+)  # (CFG, steps, negative)
 
 
 def quality_table(pipe, scene_list, settings=TABLE_SETTINGS, size: int = 128, log=print) -> list[dict]:
@@ -110,30 +150,46 @@ def quality_table(pipe, scene_list, settings=TABLE_SETTINGS, size: int = 128, lo
     guidance, the step count and the negative prompt do. -> [{"cfg", "steps", "negative", **scores}]"""
     rows = []
     for cfg, steps, negative in settings:
-        rows.append({"cfg": cfg, "steps": steps, "negative": negative,
-                     **evaluate(pipe, scene_list, steps=steps, cfg=cfg, size=size, negative_prompt=negative)})
-        log(", ".join(f"{k} {v:.3f}" if isinstance(v, float) and k not in ("cfg",) else f"{k} {v}"
-                      for k, v in rows[-1].items()))
+        rows.append(
+            {
+                "cfg": cfg,
+                "steps": steps,
+                "negative": negative,
+                **evaluate(pipe, scene_list, steps=steps, cfg=cfg, size=size, negative_prompt=negative),
+            }
+        )
+        log(
+            ", ".join(
+                f"{k} {v:.3f}" if isinstance(v, float) and k not in ("cfg",) else f"{k} {v}"
+                for k, v in rows[-1].items()
+            )
+        )
     return rows
 
 
-
-def scores_over_training(work, scene_list, steps: int = 20, cfg: float = NanoConfig.eval_cfg, size: int = 128,
-                         log=print) -> tuple[list[dict], list]:
+def scores_over_training(
+    work, scene_list, steps: int = 20, cfg: float = NanoConfig.eval_cfg, size: int = 128, log=print
+) -> tuple[list[dict], list]:
     """The scores of every checkpoint that train.py kept in <work>/run (the MMDiT after 1500, 3000, ... steps,
     fp32 as trained), drawn on the same scenes and noise: how quality grows with training time.
     -> ([{"step", "minutes" (MMDiT training only), **scores}], [the pictures of each checkpoint])"""
     work = Path(work)
     pipe = pipeline.QwenImagePipeline.from_pretrained(work / "model", dtype=torch.float32)
-    seconds = {r["step"]: r["seconds"] for r in checkpoints.read_log(work / "run" / "log.jsonl") if "seconds" in r}
+    seconds = {
+        r["step"]: r["seconds"] for r in checkpoints.read_log(work / "run" / "log.jsonl") if "seconds" in r
+    }
     rows, pictures = [], []
     for folder in checkpoints.checkpoints_in(work / "run"):
         step = checkpoints.checkpoint_step(folder)
         pipe.transformer = mmdit.load(folder / "transformer", dtype=torch.float32).eval()
         drawn = []
-        rows.append({"step": step, "minutes": round(seconds.get(step, float("nan")) / 60, 2),
-                     **evaluate(pipe, scene_list, steps=steps, cfg=cfg, size=size, pictures=drawn)})
+        rows.append(
+            {
+                "step": step,
+                "minutes": round(seconds.get(step, float("nan")) / 60, 2),
+                **evaluate(pipe, scene_list, steps=steps, cfg=cfg, size=size, pictures=drawn),
+            }
+        )
         pictures.append(drawn)
         log(f"step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in rows[-1].items() if k != "step"))
     return rows, pictures
-

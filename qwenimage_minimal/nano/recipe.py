@@ -21,11 +21,11 @@ from . import QUICK, NanoConfig, scenes
 from .measure import measure
 from .vae_training import latent_statistics, train_vae
 
+
 def first_and_last(losses: list) -> dict:
     """The mean loss of the first and of the last tenth of a run (single steps are too noisy to compare)."""
     tenth = max(1, len(losses) // 10)
     return {"loss_first": sum(losses[:tenth]) / tenth, "loss_last": sum(losses[-tenth:]) / tenth}
-
 
 
 def build(c: NanoConfig, log=print) -> dict:
@@ -34,13 +34,15 @@ def build(c: NanoConfig, log=print) -> dict:
     minutes = lambda: round((time.time() - start) / 60, 2)
     out = Path(c.out)
     weights.check_writable_folder(out, f"--out {out}")
-    for leftover in ("data", "run", "model"):            # a fresh run: nothing of an earlier one is mixed in
+    for leftover in ("data", "run", "model"):  # a fresh run: nothing of an earlier one is mixed in
         shutil.rmtree(out / leftover, ignore_errors=True)
     report = {"config": dataclasses.asdict(c)}
 
     # 0. data: the training scenes as a captioned folder (what train.py reads), a held-out set for the VAE
     train_scenes = scenes.write_dataset(out / "data", c.train_scenes, seed=c.seed, split="train", size=c.size)
-    held_out = scenes.pictures_of(scenes.make_scenes(c.held_out_pictures, seed=c.seed + 1, split="held_out"), c.size)
+    held_out = scenes.pictures_of(
+        scenes.make_scenes(c.held_out_pictures, seed=c.seed + 1, split="held_out"), c.size
+    )
     log(f"[{minutes()} min] {len(train_scenes)} training scenes in {out / 'data'}")
 
     # 1. a random nano Qwen-Image in the official layout; 2. its VAE trained, its latent statistics measured
@@ -50,30 +52,62 @@ def build(c: NanoConfig, log=print) -> dict:
     background = torch.tensor(scenes.BACKGROUND, dtype=torch.float32) / 127.5 - 1
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(c.seed)
-        rows = train_vae(autoencoder, pictures, held_out, background, c.vae_steps, batch=c.vae_batch, crop=c.vae_crop,
-                         lr=c.vae_lr, seed=c.seed, eval_every=c.vae_eval_every,
-                         log=lambda m: log(f"[{minutes()} min] {m}"))
+        rows = train_vae(
+            autoencoder,
+            pictures,
+            held_out,
+            background,
+            c.vae_steps,
+            batch=c.vae_batch,
+            crop=c.vae_crop,
+            lr=c.vae_lr,
+            seed=c.seed,
+            eval_every=c.vae_eval_every,
+            log=lambda m: log(f"[{minutes()} min] {m}"),
+        )
     mean, std = latent_statistics(autoencoder.eval(), pictures[:1000])
     config = dataclasses.replace(autoencoder.config, latents_mean=mean, latents_std=std)
     sizes.save_tensors(autoencoder, model / "vae" / f"{vae_file.WEIGHTS_STEM}.safetensors")
     weights.write_json(model / "vae" / "config.json", config.to_json())
-    report["vae"] = {**first_and_last([r["reconstruction"] for r in rows]), "held_out_psnr": rows[-1]["held_out_psnr"],
-                     "minutes": minutes(), "log": rows}
+    report["vae"] = {
+        **first_and_last([r["reconstruction"] for r in rows]),
+        "held_out_psnr": rows[-1]["held_out_psnr"],
+        "minutes": minutes(),
+        "log": rows,
+    }
 
     # 3. the MMDiT, from its random init, by the project's training loop
     settings = train_config.TrainConfig(
-        model=str(model), data=str(out / "data"), out=str(out / "run"), resolution=c.size, square=True,
-        finetune="full", mixed_precision="no", learning_rate=c.dit_lr, lr_scheduler="cosine",
-        weighting_scheme=c.dit_weighting, lr_warmup_steps=min(100, c.dit_steps // 4), train_batch_size=c.dit_batch,
-        max_train_steps=c.dit_steps, caption_dropout=c.caption_dropout, adam_weight_decay=0.0, seed=c.seed,
+        model=str(model),
+        data=str(out / "data"),
+        out=str(out / "run"),
+        resolution=c.size,
+        square=True,
+        finetune="full",
+        mixed_precision="no",
+        learning_rate=c.dit_lr,
+        lr_scheduler="cosine",
+        weighting_scheme=c.dit_weighting,
+        lr_warmup_steps=min(100, c.dit_steps // 4),
+        train_batch_size=c.dit_batch,
+        max_train_steps=c.dit_steps,
+        caption_dropout=c.caption_dropout,
+        adam_weight_decay=0.0,
+        seed=c.seed,
         checkpointing_steps=min(c.dit_checkpoint_every, c.dit_steps),
-        validation_prompt=tuple(scenes.caption(s) for s in scenes.make_scenes(4, seed=c.seed + 2, split="held_out")),
-        validation_steps=max(1, c.dit_steps // 4), validation_inference_steps=c.eval_steps,
-        validation_cfg=c.eval_cfg)
+        validation_prompt=tuple(
+            scenes.caption(s) for s in scenes.make_scenes(4, seed=c.seed + 2, split="held_out")
+        ),
+        validation_steps=max(1, c.dit_steps // 4),
+        validation_inference_steps=c.eval_steps,
+        validation_cfg=c.eval_cfg,
+    )
     log(f"[{minutes()} min] training the MMDiT: {c.dit_steps} steps of {c.dit_batch}")
     train.train(settings)
-    report["mmdit"] = {**first_and_last([r["loss"] for r in checkpoints.read_log(out / "run" / "log.jsonl")]),
-                       "minutes": minutes()}
+    report["mmdit"] = {
+        **first_and_last([r["loss"] for r in checkpoints.read_log(out / "run" / "log.jsonl")]),
+        "minutes": minutes(),
+    }
     shutil.rmtree(model / "transformer")
     shutil.copytree(out / "run" / "transformer", model / "transformer")
 
@@ -82,12 +116,14 @@ def build(c: NanoConfig, log=print) -> dict:
     return measure(c, log=lambda m: log(f"[{minutes()} min] {m}"))
 
 
-
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(prog="python -m qwenimage_minimal train-nano", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m qwenimage_minimal train-nano", description=__doc__.split("\n\n")[0]
+    )
     p.add_argument("--out", default=NanoConfig.out, help="work folder; the model is written to OUT/model")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quick", action="store_true", help="a CI-sized run (about a minute): losses fall, nothing more")
+    p.add_argument(
+        "--quick", action="store_true", help="a CI-sized run (about a minute): losses fall, nothing more"
+    )
     a = p.parse_args(argv)
     return build(NanoConfig(out=a.out, seed=a.seed, **(QUICK if a.quick else {})))
-

@@ -42,19 +42,42 @@ from PIL import Image, ImageDraw
 
 from .. import images, weights
 
-COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 205, 40),
-           "purple": (140, 60, 180), "orange": (240, 130, 30), "cyan": (40, 200, 210), "pink": (240, 130, 180)}
+COLOURS = {
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 80, 220),
+    "yellow": (235, 205, 40),
+    "purple": (140, 60, 180),
+    "orange": (240, 130, 30),
+    "cyan": (40, 200, 210),
+    "pink": (240, 130, 180),
+}
 SHAPES = ("circle", "square", "triangle", "diamond")
-POSITIONS = {"top left": (0, 0), "top": (0, 1), "top right": (0, 2), "left": (1, 0), "center": (1, 1),
-             "right": (1, 2), "bottom left": (2, 0), "bottom": (2, 1), "bottom right": (2, 2)}   # (row, column)
-SIZES = {"small": 0.45, "large": 0.8}                     # the object's side, as a fraction of a grid cell
+POSITIONS = {
+    "top left": (0, 0),
+    "top": (0, 1),
+    "top right": (0, 2),
+    "left": (1, 0),
+    "center": (1, 1),
+    "right": (1, 2),
+    "bottom left": (2, 0),
+    "bottom": (2, 1),
+    "bottom right": (2, 2),
+}  # (row, column)
+SIZES = {"small": 0.45, "large": 0.8}  # the object's side, as a fraction of a grid cell
 BACKGROUND = (245, 245, 240)
 
-HELD_OUT_OBJECTS = {("red", "triangle", "top left"), ("blue", "circle", "bottom right"),
-                    ("green", "square", "center"), ("yellow", "diamond", "top right"),
-                    ("purple", "circle", "left"), ("orange", "triangle", "bottom")}
-HELD_OUT_PAIRS = {frozenset(p) for p in (("red", "blue"), ("green", "yellow"), ("purple", "orange"),
-                                         ("cyan", "pink"))}
+HELD_OUT_OBJECTS = {
+    ("red", "triangle", "top left"),
+    ("blue", "circle", "bottom right"),
+    ("green", "square", "center"),
+    ("yellow", "diamond", "top right"),
+    ("purple", "circle", "left"),
+    ("orange", "triangle", "bottom"),
+}
+HELD_OUT_PAIRS = {
+    frozenset(p) for p in (("red", "blue"), ("green", "yellow"), ("purple", "orange"), ("cyan", "pink"))
+}
 
 
 @dataclass(frozen=True)
@@ -67,23 +90,26 @@ class Thing:
 
 @dataclass(frozen=True)
 class Scene:
-    things: tuple                                          # one or two Things, in caption order
+    things: tuple  # one or two Things, in caption order
 
 
 # ---------------------------------------------------------------------------------------------
 # Scenes <-> captions <-> pixels
 # ---------------------------------------------------------------------------------------------
 
+
 def caption(scene: Scene) -> str:
     def words(t: Thing) -> str:
         where = "in the center" if t.position == "center" else f"at the {t.position}"
         return f"a {t.size} {t.colour} {t.shape} {where}"
+
     return " and ".join(words(t) for t in scene.things)
 
 
 CAPTION_PATTERN = re.compile(
     rf"an? (?:(?P<size>{'|'.join(SIZES)}) )?(?P<colour>{'|'.join(COLOURS)}) (?P<shape>{'|'.join(SHAPES)}) "
-    rf"(?:in the center|at the (?P<position>{'|'.join(sorted(POSITIONS, key=len, reverse=True))}))")
+    rf"(?:in the center|at the (?P<position>{'|'.join(sorted(POSITIONS, key=len, reverse=True))}))"
+)
 
 
 def parse_caption(text: str) -> Scene:
@@ -93,7 +119,9 @@ def parse_caption(text: str) -> Scene:
     for part in parts:
         m = CAPTION_PATTERN.fullmatch(part)
         if m is None:
-            raise ValueError(f"not a scene caption: {part!r} (expected e.g. 'a small red circle at the top left')")
+            raise ValueError(
+                f"not a scene caption: {part!r} (expected e.g. 'a small red circle at the top left')"
+            )
         things.append(Thing(m["colour"], m["shape"], m["position"] or "center", m["size"] or "large"))
     return Scene(tuple(things))
 
@@ -121,7 +149,7 @@ def render(scene: Scene, size: int = 128):
 
 def pictures_of(scene_list: list[Scene], size: int) -> torch.Tensor:
     """The scenes rendered, as one (N, 3, size, size) tensor in [-1, 1]: what the VAE trains on."""
-    return torch.cat([images.to_tensor(render(s, size)) for s in scene_list])       # (N, 3, H, W)
+    return torch.cat([images.to_tensor(render(s, size)) for s in scene_list])  # (N, 3, H, W)
 
 
 def is_held_out(scene: Scene) -> bool:
@@ -135,7 +163,9 @@ def random_scene(rng: random.Random, objects: int) -> Scene:
     """One or two objects, in different cells and of different colours."""
     colours = rng.sample(sorted(COLOURS), objects)
     cells = rng.sample(sorted(POSITIONS), objects)
-    return Scene(tuple(Thing(c, rng.choice(SHAPES), p, rng.choice(sorted(SIZES))) for c, p in zip(colours, cells)))
+    return Scene(
+        tuple(Thing(c, rng.choice(SHAPES), p, rng.choice(sorted(SIZES))) for c, p in zip(colours, cells))
+    )
 
 
 def make_scenes(n: int, seed: int = 0, split: str = "train", two_object_fraction: float = 0.5) -> list[Scene]:
@@ -157,7 +187,7 @@ def make_scenes(n: int, seed: int = 0, split: str = "train", two_object_fraction
             rng.shuffle(pair)
             scene = Scene(tuple(Thing(c, t.shape, t.position, t.size) for c, t in zip(pair, scene.things)))
             if any((t.colour, t.shape, t.position) in HELD_OUT_OBJECTS for t in scene.things):
-                continue                                   # keep each held-out test about one thing
+                continue  # keep each held-out test about one thing
         if is_held_out(scene) == (split == "held_out"):
             out.append(scene)
     return out
@@ -179,11 +209,12 @@ def write_dataset(folder, n: int, seed: int = 0, split: str = "train", size: int
 # Reading a scene back from pixels
 # ---------------------------------------------------------------------------------------------
 
+
 def colour_map(image) -> np.ndarray:
     """(H, W) index of the nearest palette colour per pixel: 0 = background, i + 1 = COLOURS' i-th; -1 =
     far from every one (more than 120 in RGB distance)."""
-    pixels = np.asarray(image.convert("RGB"), dtype=np.float32)                    # (H, W, 3)
-    palette = np.array([BACKGROUND, *COLOURS.values()], dtype=np.float32)         # (1 + colours, 3)
+    pixels = np.asarray(image.convert("RGB"), dtype=np.float32)  # (H, W, 3)
+    palette = np.array([BACKGROUND, *COLOURS.values()], dtype=np.float32)  # (1 + colours, 3)
     distance = np.linalg.norm(pixels[:, :, None] - palette[None, None], axis=-1)  # (H, W, 1 + colours)
     nearest = distance.argmin(-1)
     nearest[distance.min(-1) > 120] = -1
@@ -218,16 +249,18 @@ def blobs(mask: np.ndarray, min_pixels: int) -> list[np.ndarray]:
 def blob_shape(blob: np.ndarray) -> str:
     """circle / square / triangle / diamond from the fill of the bounding box and where the widest row is."""
     ys, xs = np.nonzero(blob)
-    box = blob[ys.min():ys.max() + 1, xs.min():xs.max() + 1]                  # (h, w)
+    box = blob[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1]  # (h, w)
     rows = [np.nonzero(r)[0] for r in box]
-    widths = np.array([r[-1] - r[0] + 1 if len(r) else 0 for r in rows], dtype=np.float64)   # spans: holes don't count
+    widths = np.array(
+        [r[-1] - r[0] + 1 if len(r) else 0 for r in rows], dtype=np.float64
+    )  # spans: holes don't count
     fill = widths.sum() / box.size
     if fill > 0.88:
         return "square"
     if fill > 0.66:
         return "circle"
     smooth = np.convolve(widths, np.ones(3) / 3, mode="same")
-    widest = (np.argmax(smooth) + 0.5) / len(widths)            # 0 = top row, 1 = bottom row
+    widest = (np.argmax(smooth) + 0.5) / len(widths)  # 0 = top row, 1 = bottom row
     return "triangle" if widest > 0.68 else "diamond"
 
 
@@ -244,7 +277,7 @@ def score(image, scene: Scene) -> list[dict]:
     pixels. "colour" means a blob of the stated colour exists; the largest such blob is then judged for
     shape and position (so a right shape in the wrong colour counts as wrong: attribute binding)."""
     labels = colour_map(image)
-    min_pixels = max(4, labels.size // 400)                   # ignore specks (0.25% of the image)
+    min_pixels = max(4, labels.size // 400)  # ignore specks (0.25% of the image)
     verdicts = []
     for t in scene.things:
         found = blobs(labels == list(COLOURS).index(t.colour) + 1, min_pixels)
@@ -264,13 +297,23 @@ def evaluate(images, scenes) -> dict:
     two_objects    two-object scenes with both objects entirely right
     colour, shape, position   over every object: that attribute right (shape/position of its colour's blob)
     binding        two-object scenes: both objects' colour *and* shape right (the colours on the right shapes)"""
-    keys = ("single_object", "single_colour", "single_shape", "single_position", "two_objects", "colour", "shape",
-            "position", "binding")
+    keys = (
+        "single_object",
+        "single_colour",
+        "single_shape",
+        "single_position",
+        "two_objects",
+        "colour",
+        "shape",
+        "position",
+        "binding",
+    )
     counts = {k: [0, 0] for k in keys}
 
     def add(key, ok):
         counts[key][0] += bool(ok)
         counts[key][1] += 1
+
     for image, scene in zip(images, scenes, strict=True):
         verdicts = score(image, scene)
         for v in verdicts:
