@@ -68,7 +68,7 @@ DTYPES_BY_NAME = {
 }
 
 
-# The `_class_name`s of model_index.json that this project runs (sizes.py writes them, pipeline.py reads them).
+# The `_class_name`s of model_index.json that this project runs (sizes.py writes them, pipeline/ reads them).
 PIPELINE_CLASSES = ("QwenImagePipeline", "QwenImageEditPipeline", "QwenImageEditPlusPipeline")
 
 

@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 
 import weights_convert
 from qwenimage_minimal import __main__ as cli
-from qwenimage_minimal import images, mmdit, pipeline, sizes, text_encoder, tokenizer, weights
+from qwenimage_minimal import images, mmdit, pipeline, sizes, text_encoder, tokenizer, vae, weights
 
 ROOT = Path(__file__).resolve().parents[1]
 STEM = mmdit.WEIGHTS_STEM
@@ -386,7 +386,7 @@ def test_a_vae_config_with_non_finite_statistics(tiny, tmp_path):
     config["latents_std"][3] = float("nan")  # Python's json writes and reads NaN
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(weights.CheckpointError, match="latents_std=.* is not a valid"):
-        pipeline.vae.load(folder)
+        vae.load(folder)
 
 
 def test_model_index_naming_another_pipeline_is_refused(tiny, tmp_path):

@@ -1,0 +1,29 @@
+"""The components joined: the Qwen-Image pipelines, with diffusers' class names.
+
+loading.py        an official folder -> its components (the transformer in fp8 or not: load_transformer)
+text_to_image.py  QwenImagePipeline: encode, schedule, denoise, decode, and the checks every pipeline shares
+edit.py           QwenImageEditPipeline, QwenImageEditPlusPipeline: the input image(s) read by the vision
+                  tower into the prompt, and their latents beside the noise
+
+from qwenimage_minimal import pipeline
+pipe = pipeline.QwenImagePipeline.from_pretrained("Qwen-Image", device="cuda", dtype=torch.bfloat16)
+"""
+
+from .edit import ImageFeatures, QwenImageEditPipeline, QwenImageEditPlusPipeline, edit_pipeline_class
+from .loading import COMPONENTS, check_model_folder, load_components, load_transformer
+from .text_to_image import MAX_SIDE, OUTPUT_TYPES, PipelineOutput, QwenImagePipeline
+
+__all__ = [
+    "COMPONENTS",
+    "MAX_SIDE",
+    "OUTPUT_TYPES",
+    "ImageFeatures",
+    "PipelineOutput",
+    "QwenImageEditPipeline",
+    "QwenImageEditPlusPipeline",
+    "QwenImagePipeline",
+    "check_model_folder",
+    "edit_pipeline_class",
+    "load_components",
+    "load_transformer",
+]

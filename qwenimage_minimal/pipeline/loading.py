@@ -1,0 +1,70 @@
+"""Loading an official pipeline folder: model_index.json names the class, each component folder loads
+with its own file's `load`. The transformer's weight format is chosen here (fp8 or not), above both
+mmdit.py and fp8.py, as gpt-fast's generate.py chooses and its model.py never imports quantize.py."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .. import fp8, mmdit, scheduler, text_encoder, tokenizer, vae, weights
+
+COMPONENTS = ("tokenizer", "text_encoder", "transformer", "vae", "scheduler")
+
+
+def check_model_folder(root: Path, what: str) -> str:
+    """An official pipeline folder: model_index.json and the component folders. -> its _class_name."""
+    if not root.is_dir():
+        raise weights.CheckpointError(f"model folder {root} does not exist")
+    index = root / "model_index.json"
+    if not index.is_file():
+        raise weights.CheckpointError(
+            f"{root} is not a {what} checkpoint: no model_index.json "
+            f"(expected {', '.join(COMPONENTS)} folders beside it)"
+        )
+    missing = [c for c in COMPONENTS if not (root / c).is_dir()]
+    if missing:
+        raise weights.CheckpointError(f"{root}: component folder(s) {missing} missing")
+    class_name = weights.parse_json(index.read_bytes(), index)
+    class_name = class_name.get("_class_name") if isinstance(class_name, dict) else None
+    if class_name not in weights.PIPELINE_CLASSES:
+        raise weights.CheckpointError(
+            f"{index} names the pipeline class {class_name!r}: not a Qwen-Image checkpoint "
+            f"this project runs ({', '.join(weights.PIPELINE_CLASSES)})"
+        )
+    return class_name
+
+
+def load_transformer(path, device=None, dtype=None, check_finite: bool = True) -> torch.nn.Module:
+    """A transformer/ folder as it is stored: fp8 weights (weights_convert.py --dtype fp8, or a ComfyUI fp8
+    file converted) stay in fp8 and compute in `dtype` (bf16 by default), see fp8.py; any other folder loads
+    with mmdit.load. The choice is made here, above both files, as gpt-fast's generate.py chooses and its
+    model.py never imports quantize.py."""
+    if fp8.is_fp8_folder(path):
+        return fp8.load_transformer(
+            path, device=device, dtype=dtype or torch.bfloat16, check_finite=check_finite
+        )
+    return mmdit.load(path, device=device, dtype=dtype, check_finite=check_finite)
+
+
+def load_components(
+    root: Path, device, dtype, offload: bool, check_finite: bool = True, transformer_weights: bool = True
+) -> dict:
+    """The five components every Qwen-Image pipeline has, on `device` (on the CPU with offload).
+    transformer_weights=False builds the transformer on the meta device (its config, no weights): a
+    pipeline that only encodes prompts and images, as the training loop's cache needs."""
+    place = torch.device("cpu") if offload else device
+    options = dict(device=place, dtype=dtype, check_finite=check_finite)
+    config = mmdit.config_from_folder(root / "transformer")
+    return dict(
+        tokenizer=tokenizer.load(root / "tokenizer"),
+        text_encoder=text_encoder.load(root / "text_encoder", **options),
+        transformer=(
+            load_transformer(root / "transformer", **options)
+            if transformer_weights
+            else weights.build_on_meta(lambda: mmdit.MMDiT(config))
+        ),
+        vae=vae.load(root / "vae", **options),
+        scheduler=scheduler.load(root / "scheduler"),
+    )
