@@ -30,15 +30,15 @@ format: $(VENV)/.installed
 	$(VENV)/bin/ruff format .
 
 # The main job: text-to-image, stage by stage. Without MODEL: the nano model committed in checkpoints/nano
-# (trained from scratch by `make nano`) draws a grid of scene prompts on the CPU -> out/demo.png;
+# (trained from scratch by `make nano`) draws a grid of scene prompts on the CPU -> out/demo.png (replaced);
 # MODEL=/path/to/Qwen-Image runs the real weights.
 demo: $(VENV)/.installed
-	$(PY) -m qwenimage_minimal demo $(if $(MODEL),--model "$(MODEL)")
+	$(PY) -m qwenimage_minimal demo --overwrite $(if $(MODEL),--model "$(MODEL)")
 
-# The nano model from scratch on this machine (nano.py): scenes, the VAE, the MMDiT, held-out scores -> out/nano
-# (~50 CPU minutes). out/nano/model is what checkpoints/nano holds.
+# The nano model from scratch on this machine (nano/recipe.py): scenes, the VAE, the MMDiT, held-out scores -> out/nano
+# (~50 CPU minutes). out/nano/model is what checkpoints/nano holds; a finished one is kept unless OVERWRITE=1.
 nano: $(VENV)/.installed
-	$(PY) -m qwenimage_minimal train-nano --out out/nano
+	$(PY) -m qwenimage_minimal train-nano --out out/nano $(if $(OVERWRITE),--overwrite)
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/bench_mmdit.py

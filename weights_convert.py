@@ -162,6 +162,11 @@ def _text_encoder_infer_config(shapes: dict[str, tuple[int, ...]]) -> dict:
         raise weights.CheckpointError(f"not a Qwen2.5-VL text encoder checkpoint: no {absent}")
     vocab, hidden = shapes["model.embed_tokens.weight"]
     head_dim = 128
+    if hidden % head_dim:
+        raise weights.CheckpointError(
+            f"hidden_size {hidden} is not a multiple of Qwen2.5-VL's head_dim 128, so the heads cannot be "
+            "inferred: pass --config with a config.json"
+        )
     config = text_encoder.TextEncoderConfig(
         vocab_size=vocab,
         hidden_size=hidden,
@@ -350,6 +355,86 @@ COMPONENTS = {
 }
 
 
+# --- which component a source holds -----------------------------------------------------------
+
+# Told by what is cheap to read: a folder's config.json (diffusers' _class_name, transformers' model_type)
+# or a file's tensor names (prefixes stripped). Checked first, so that a transformer given as
+# --component vae is named as such, not reported as a config without base_dim or a folder without
+# model.safetensors.
+CLASS_NAMES = {"QwenImageTransformer2DModel": "transformer", "AutoencoderKLQwenImage": "vae"}
+NAME_STARTS = {
+    "transformer": ("transformer_blocks.", "img_in.", "txt_in."),
+    "vae": (
+        "encoder.conv",
+        "decoder.conv",
+        "post_quant_conv.",
+        "encoder.down_blocks.",
+        "encoder.downsamples.",
+    ),
+    "text_encoder": ("model.layers.", "model.embed_tokens.", "model.language_model."),
+}
+LORA_MARKS = (".lora_A.", ".lora_B.", ".lora_down.", ".lora_up.")
+SAID = {"transformer": "transformer", "vae": "VAE", "text_encoder": "text encoder", "lora": "LoRA"}
+EXPECTED = {  # as the shape checks say it
+    "transformer": "a Qwen-Image transformer checkpoint",
+    "vae": "a Qwen-Image / Wan VAE checkpoint",
+    "text_encoder": "a Qwen2.5-VL text encoder checkpoint",
+    "lora": "a LoRA",
+}
+
+
+def _component_of(src: Path) -> tuple[str | None, str]:
+    """(the component src holds: transformer, vae, text_encoder, lora or root; the evidence), or
+    (None, "") when it cannot be told cheaply (the full checks then decide)."""
+    if src.is_dir():
+        if (src / "model_index.json").is_file():
+            return "root", "model_index.json"
+        try:
+            config = weights.parse_json((src / "config.json").read_bytes(), src / "config.json")
+        except (OSError, weights.CheckpointError):
+            return None, ""
+        if not isinstance(config, dict):
+            return None, ""
+        if config.get("_class_name") in CLASS_NAMES:
+            return CLASS_NAMES[config["_class_name"]], f"config.json: _class_name {config['_class_name']!r}"
+        if str(config.get("model_type", "")).startswith("qwen2"):
+            return "text_encoder", f"config.json: model_type {config['model_type']!r}"
+        return None, ""
+    if src.suffix != ".safetensors" or not src.is_file():
+        return None, ""
+    names = weights.SafetensorsFile(src).keys()  # a corrupt file is named here
+    lora_names = [n for n in names if any(m in n for m in LORA_MARKS)]
+    if lora_names and all(n in lora_names or n.endswith(".alpha") for n in names):  # a LoRA holds only these
+        return "lora", f"tensor {lora_names[0]!r}"
+    prefixes = sorted({p for c in COMPONENTS.values() for p in c.prefixes}, key=len, reverse=True)
+    for name in names:
+        bare = next((name[len(p) :] for p in prefixes if name.startswith(p)), name)
+        for component, starts in NAME_STARTS.items():
+            if bare.startswith(starts):
+                return component, f"tensor {name!r}"
+    return None, ""
+
+
+def _check_component(src: Path, component: str) -> None:
+    """Refuse a source that holds another component than --component says, naming the right one."""
+    kind, evidence = _component_of(src)
+    if kind is None or kind == component:
+        return
+    if kind == "root":
+        raise weights.CheckpointError(
+            f"{src} is a model root ({evidence}), not one component: pass its component folder, "
+            f"e.g. {src / (component if component != 'lora' else 'transformer')}"
+        )
+    fix = (
+        f"pass --component lora to convert it, or --merge-lora {src} to add it into a transformer"
+        if kind == "lora"
+        else f"pass --component {kind}"
+    )
+    raise weights.CheckpointError(
+        f"{src} is not {EXPECTED[component]}: it holds a {SAID[kind]} ({evidence}); {fix}"
+    )
+
+
 # --- fp8 (transformer only; see qwenimage_minimal/fp8.py for the format) ---------------------
 
 MARKER = "scaled_fp8"  # ComfyUI's marker tensor of a scaled-fp8 file, at the model's key prefix
@@ -515,6 +600,7 @@ def convert(
         raise ValueError(f"--layout {layout!r}: the {component} has layouts {sorted(comp.layouts)}")
     if not src.exists():
         raise FileNotFoundError(f"source {src} does not exist")
+    _check_component(src, component)
     if dst.exists() and not overwrite:
         raise FileExistsError(f"{dst} already exists; pass --overwrite to replace it")
     if src.resolve() == dst.resolve():
@@ -705,7 +791,12 @@ def _lora_deltas(merge_lora, config_json: dict) -> dict:
     deltas: dict[str, list] = {}
     for path, scale in merge_lora:
         lora.check_scale(scale, "--merge-lora scale")
-        adapters, _ = lora.read_lora(path, model)
+        kind, evidence = _component_of(Path(path))
+        if kind not in (None, "lora"):
+            raise weights.CheckpointError(
+                f"--merge-lora {path}: it holds a {SAID.get(kind, 'model root')} ({evidence}), not a LoRA"
+            )
+        adapters, _ = lora.read_lora(path, model)  # every value checked there (finite, alpha > 0)
         lora.check_fits(model, adapters)
         for module, (A, B, alpha) in adapters.items():
             deltas.setdefault(module, []).append(
@@ -722,6 +813,9 @@ def convert_lora(src: Path, dst: Path, layout: str, overwrite: bool, log=print) 
         raise FileExistsError(f"{dst} already exists; pass --overwrite to replace it")
     if src.resolve() == dst.resolve():
         raise ValueError("source and destination are the same path")
+    _check_component(src, "lora")
+    if src.is_dir():
+        raise ValueError(f"{src} is a folder: a LoRA is one .safetensors file")
     model = weights.build_on_meta(lambda: mmdit.MMDiT(mmdit.MMDiTConfig()))  # the official module names
     adapters, fmt = lora.read_lora(src, model)
     lora.write_lora(dst, adapters, format=layout)

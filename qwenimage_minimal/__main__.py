@@ -27,11 +27,12 @@ import argparse
 import math
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
 
-from . import images, lora, mmdit, nano, pipeline, prompts, scheduler, sizes, weights
+from . import fp8, images, lora, mmdit, nano, pipeline, prompts, scheduler, sizes, weights
 from .nano import scenes
 
 # ---------------------------------------------------------------------------------------------
@@ -78,7 +79,14 @@ def check_loras(args) -> None:
     model loads: a LoRA for another model fails in seconds, not after minutes of loading."""
     if not args.lora:
         return
-    config = mmdit.config_from_folder(Path(args.model) / "transformer")
+    transformer = Path(args.model) / "transformer"
+    if fp8.is_fp8_folder(transformer):  # its headers only: the LoRA would be refused after minutes of loading
+        raise SystemExit(
+            f"error: --model {args.model} holds fp8 weights, and LoRA adapters need the bf16 ones: "
+            "load a bf16 folder (weights_convert.py SRC DST --dtype bf16 makes one), or merge the "
+            "LoRA into the fp8 weights once with weights_convert.py SRC DST --merge-lora FILE[:SCALE]"
+        )
+    config = mmdit.config_from_folder(transformer)
     model = weights.build_on_meta(lambda: mmdit.MMDiT(config))
     for path, _ in args.lora:
         adapters, _ = lora.read_lora(path, model)
@@ -94,6 +102,29 @@ def apply_lora_and_scheduler(pipe, args) -> None:
         pipe.scheduler = scheduler.FlowMatchEulerScheduler(scheduler.lightning_config())
 
 
+# The official model's sampling settings (diffusers' examples): what `generate` and `edit` use for a folder
+# without a pipeline_defaults.json of its own.
+OFFICIAL_DEFAULTS = dict(
+    height=1328, width=1328, num_inference_steps=50, true_cfg_scale=4.0, negative_prompt=" "
+)
+FLAGS = dict(
+    height="height",
+    width="width",
+    num_inference_steps="steps",
+    true_cfg_scale="cfg",
+    negative_prompt="negative_prompt",
+)
+
+
+def fill_sampling_defaults(args, defaults: dict, sizes_too: bool = True) -> None:
+    """Every sampling flag the user left out takes the model's value (pipeline_defaults.json, or `defaults`)."""
+    for key, flag in FLAGS.items():
+        if key in ("height", "width") and not sizes_too:
+            continue
+        if getattr(args, flag) is None and key in defaults:
+            setattr(args, flag, defaults[key])
+
+
 def check_sampling_options(args, overwrite: bool) -> None:
     """Everything `generate`, `edit` and `demo` can check before a model is loaded."""
     for name in ("width", "height"):
@@ -104,8 +135,23 @@ def check_sampling_options(args, overwrite: bool) -> None:
         raise SystemExit(f"--steps {args.steps}: must be between 1 and {scheduler.MAX_STEPS}")
     if not math.isfinite(args.cfg) or args.cfg < 0:
         raise SystemExit(f"--cfg {args.cfg}: must be a finite number >= 0 (1 turns guidance off)")
+    if not 0 <= args.seed < 2**64:
+        raise SystemExit(f"--seed {args.seed}: must be between 0 and 2**64 - 1 (a torch.Generator's seed)")
     if args.device is not None:
         resolve_device(args.device)
+    lightning = getattr(args, "scheduler", "default") == "lightning"  # generate and edit have --scheduler
+    if lightning and not args.lora:
+        warnings.warn(
+            "--scheduler lightning is the schedule of Qwen-Image-Lightning's distilled LoRAs: without "
+            "one (--lora FILE) the base model samples badly on it",
+            stacklevel=2,
+        )
+    if lightning and (args.steps > 8 or args.cfg > 1):
+        warnings.warn(
+            f"--scheduler lightning with --steps {args.steps} --cfg {args.cfg}: the Lightning LoRAs are "
+            "distilled for 4 or 8 steps without guidance (--steps 8 --cfg 1)",
+            stacklevel=2,
+        )
     images.check_output_path(args.out, overwrite)
 
 
@@ -156,19 +202,11 @@ def step_printer(stage, sigmas, note: str = ""):
 
 def demo(args):
     nano_model = not (args.model or args.random or args.edit)
-    if nano_model:  # trained at 128 x 128; its best CFG, against the empty prompt it learnt (nano.NanoConfig)
-        defaults = dict(
-            height=128,
-            width=128,
-            steps=20,
-            cfg=nano.NanoConfig.eval_cfg,
-            negative_prompt=nano.NanoConfig.eval_negative,
-        )
-    else:
-        defaults = dict(height=256, width=384, steps=8, cfg=4.0, negative_prompt=" ")
-    for name, value in defaults.items():
-        setattr(args, name, value if getattr(args, name) is None else getattr(args, name))
-    check_sampling_options(args, overwrite=True)  # a demo replaces its own picture
+    # The nano model's own settings (trained at 128 x 128; its best CFG, against the empty prompt it learnt),
+    # from its folder; a toy size for the random models and --model.
+    toy = dict(height=256, width=384, num_inference_steps=8, true_cfg_scale=4.0, negative_prompt=" ")
+    fill_sampling_defaults(args, pipeline.read_pipeline_defaults(nano.COMMITTED) if nano_model else toy)
+    check_sampling_options(args, args.overwrite)
     t0 = time.perf_counter()
     stage = lambda text: print(f"[{time.perf_counter() - t0:7.2f}s] {text}", flush=True)
     if args.edit:
@@ -321,6 +359,7 @@ def memory_options(args, device) -> dict:
 
 
 def generate(args):
+    fill_sampling_defaults(args, pipeline.read_pipeline_defaults(args.model) or OFFICIAL_DEFAULTS)
     check_sampling_options(args, args.overwrite)
     pipeline.check_model_folder(Path(args.model), "Qwen-Image")
     check_loras(args)
@@ -346,6 +385,10 @@ def generate(args):
 
 
 def edit(args):
+    # the output size follows the (last) input image unless --width / --height say otherwise
+    fill_sampling_defaults(
+        args, pipeline.read_pipeline_defaults(args.model) or OFFICIAL_DEFAULTS, sizes_too=False
+    )
     check_sampling_options(args, args.overwrite)
     if args.max_image_pixels < 1:
         raise SystemExit(f"--max-image-pixels {args.max_image_pixels}: must be a positive number of pixels")
@@ -376,9 +419,12 @@ def edit(args):
 
 def add_sampling_options(parser):
     """The options `generate` and `edit` share."""
-    parser.add_argument("--negative-prompt", default=" ")
-    parser.add_argument("--steps", type=int, default=50)
-    parser.add_argument("--cfg", type=float, default=4.0, help="true CFG scale (1 turns guidance off)")
+    # None: the model folder's own value (its pipeline_defaults.json: the nano model has one), else the official
+    parser.add_argument("--negative-prompt", help="default: the model's, else \" \" (the official examples')")
+    parser.add_argument("--steps", type=int, help="default: the model's, else 50")
+    parser.add_argument(
+        "--cfg", type=float, help="true CFG scale (1 turns guidance off); default: the model's, else 4"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--dtype", choices=["bf16", "fp32"], help="default: bf16 on cuda, fp32 on cpu")
@@ -435,11 +481,18 @@ def main(argv=None):
     sub.add_parser(
         "train", help="fine-tune (LoRA or full) on a folder of captioned images: train --help", add_help=False
     )
+    sub.add_parser(
+        "train-nano",
+        help="train the nano model from scratch on generated scenes: train-nano --help",
+        add_help=False,
+    )
     g = sub.add_parser("generate", help="text-to-image with an official Qwen-Image folder")
     g.add_argument("--model", required=True, help="the official Qwen-Image folder (model_index.json, ...)")
     g.add_argument("--prompt", required=True)
-    g.add_argument("--width", type=int, default=1328)
-    g.add_argument("--height", type=int, default=1328)
+    g.add_argument(
+        "--width", type=int, help="default: the model folder's (pipeline_defaults.json), else 1328"
+    )
+    g.add_argument("--height", type=int, help="default: the model folder's, else 1328")
     g.add_argument("--out", type=Path, default=Path("out/image.png"))
     add_sampling_options(g)
     e = sub.add_parser("edit", help="edit image(s) with an official Qwen-Image-Edit / -2509 / -2511 folder")
@@ -488,6 +541,9 @@ def main(argv=None):
     d.add_argument("--device")
     d.add_argument("--out", type=Path, default=Path("out/demo.png"))
     d.add_argument(
+        "--overwrite", action="store_true", help="replace --out if it exists (make demo passes it)"
+    )
+    d.add_argument(
         "--edit", action="store_true", help="the Edit-2509 pipeline instead (--model: an Edit folder)"
     )
     a = p.parse_args(argv)
@@ -504,7 +560,7 @@ def main(argv=None):
         raise SystemExit(
             "error: out of memory: try --offload, --tiled-vae, a smaller size or --dtype bf16"
         ) from None
-    except (weights.CheckpointError, ValueError, OSError) as e:  # expected failures: one line, no traceback
+    except (weights.CheckpointError, ValueError, OSError, FloatingPointError) as e:  # one line, no traceback
         raise SystemExit(f"error: {e}") from None
 
 

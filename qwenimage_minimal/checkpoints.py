@@ -2,7 +2,8 @@
 
     every --checkpointing_steps   checkpoint: full_states (every process takes part) -> save_checkpoint
                                   (checkpoint-<step>/, its files listed there); the oldest beyond the limit removed
-    --resume_from_checkpoint      resume_from_flag -> read_checkpoint (is it this run's?) -> resume
+    --resume_from_checkpoint      resume_target (before any work: which checkpoint, any steps left?), then
+                                  resume_from_flag -> resume -> read_checkpoint (is it this run's? whole?)
     at the end                    finish: lora.safetensors or transformer/ beside the checkpoints
     every step                    a row of log.jsonl: step, loss, lr, grad_norm, seconds
 
@@ -22,6 +23,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
@@ -38,7 +40,6 @@ from .train_config import TrainConfig
 
 RUN_FIELDS = (
     "model",
-    "data",
     "finetune",
     "rank",
     "lora_alpha",
@@ -53,30 +54,45 @@ RUN_FIELDS = (
     "weighting_scheme",
     "mixed_precision",
 )
+FINAL_RESULTS = ("lora.safetensors", "transformer")  # what finish writes beside the checkpoints
 
 
 def prepare_out(out: Path, resuming: bool, main_process: bool) -> None:
     """--out before a run: a folder that can be written, cleared of an interrupted save's staging folders, and
-    refused when it holds an earlier run's checkpoints that this run would mix with its own."""
+    refused when it holds an earlier run's checkpoints that this run would mix with its own, or the final
+    result of a finished run that this one would overwrite."""
     weights.check_writable_folder(out, f"--out {out}")
-    for leftover in out.glob(".checkpoint-*"):  # debris of an interrupted save
-        if main_process:
+    # Debris of an interrupted save (a staging folder), or of a process killed while it wrote a file (the
+    # temporary files of weights.atomic_write and finish: .NAME.*.partial)
+    for leftover in [*out.glob(".checkpoint-*"), *out.glob(".*.partial")]:
+        if main_process and leftover.is_dir():
             shutil.rmtree(leftover, ignore_errors=True)
-    if checkpoints_in(out) and not resuming:
+        elif main_process:
+            leftover.unlink(missing_ok=True)
+    found = checkpoints_in(out)
+    if found and not resuming:
         raise ValueError(
             f"--out {out} holds checkpoints of an earlier run: pass --resume_from_checkpoint latest "
             "to continue it, or choose another --out"
+        )
+    # A result with its checkpoints is continued by --resume_from_checkpoint (and written again at the end);
+    # one without them (deleted to save space) is all that is left of that run.
+    finished = [name for name in FINAL_RESULTS if (out / name).exists()]
+    if finished and not found:
+        raise ValueError(
+            f"--out {out} holds a finished run's {' and '.join(finished)} (and no checkpoint to continue it "
+            f"from), which this run would overwrite: choose another --out, or remove {out / finished[0]}"
         )
 
 
 def run_identity(c: TrainConfig, world: int, cache: list[Path]) -> dict:
     """What a checkpoint must share with the run that resumes it: the settings that change what a step
-    computes, the number of processes, and the examples (a digest of their cache keys: content and captions)."""
+    computes, the number of processes, and the examples by content, not by path (a digest of their cache
+    keys: pictures, captions and sizes), so that a data folder moved or copied elsewhere still resumes."""
     identity = {k: getattr(c, k) for k in RUN_FIELDS}
     examples_digest = hashlib.sha256("".join(p.name for p in cache).encode()).hexdigest()[:16]
     identity.update(
         model=str(Path(c.model).resolve()),
-        data=str(Path(c.data).resolve()),
         world_size=world,
         examples=examples_digest,
     )
@@ -204,13 +220,12 @@ def finish(out: Path, last: Path, c: TrainConfig) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def resume_from_flag(
-    c: TrainConfig, out: Path, identity: dict, model, optimizer, trainable: dict, main_process: bool
-) -> tuple[int, Path | None]:
-    """--resume_from_checkpoint: a checkpoint folder, or 'latest' (the last complete one in --out; a new run
-    when there is none). -> (the step the run continues from, the checkpoint it resumed or None)."""
+def resume_target(c: TrainConfig, out: Path, main_process: bool) -> Path | None:
+    """--resume_from_checkpoint, before any work: the checkpoint folder to continue from ('latest': the last
+    complete one in --out; None: a new run), refused when --out holds later checkpoints this run would mix
+    with its own, or when it already reached --max_train_steps (nothing would train)."""
     if not c.resume_from_checkpoint:
-        return 0, None
+        return None
     found = checkpoints_in(out)
     if c.resume_from_checkpoint == "latest":
         saved = found[-1] if found else None
@@ -231,19 +246,52 @@ def resume_from_flag(
     if saved is None:
         if main_process:
             print(f"--resume_from_checkpoint latest: no checkpoint in {out}; starting a new run")
-        return 0, None
-    return resume(saved, identity, model, optimizer, trainable, c), saved
+        return None
+    step = read_trainer_state(saved)["step"]
+    if step >= c.max_train_steps:
+        raise ValueError(
+            f"--resume_from_checkpoint {c.resume_from_checkpoint}: {saved.name} is at step {step}, and "
+            f"--max_train_steps is {c.max_train_steps}: nothing is left to train; pass --max_train_steps "
+            f"above {step} to train further (its weights are in {saved})"
+        )
+    return saved
 
 
-def read_checkpoint(path: Path, identity: dict) -> tuple[int, dict, dict]:
-    """-> (step, trainer_state, tensors), after checking the checkpoint belongs to this run."""
+def resume_from_flag(
+    saved: Path | None, identity: dict, model, optimizer, trainable: dict, c: TrainConfig
+) -> int:
+    """The checkpoint resume_target chose (None: a new run) loaded into the model and optimizer; -> the step
+    the run continues from."""
+    return 0 if saved is None else resume(saved, identity, model, optimizer, trainable, c)
+
+
+def read_trainer_state(path: Path) -> dict:
+    """A checkpoint's trainer_state.json, its types checked: {"step": int, "run": {...}, ...}."""
     state_file = path / "trainer_state.json"
     if not state_file.is_file() or not (path / "training_state.safetensors").is_file():
         raise ValueError(
             f"--resume_from_checkpoint {path}: not a checkpoint of this trainer "
             "(trainer_state.json and training_state.safetensors are missing)"
         )
-    state = weights.parse_json(state_file.read_text(), state_file)
+    state = weights.parse_json(state_file.read_bytes(), state_file)
+    ok = (
+        isinstance(state, dict)
+        and type(state.get("step")) is int
+        and state["step"] >= 0
+        and isinstance(state.get("run", {}), dict)
+    )
+    if not ok:
+        raise weights.CheckpointError(
+            f"--resume_from_checkpoint {path}: {state_file.name} is damaged (expected an object with an "
+            f'integer "step" and a "run" object, got {json.dumps(state)[:120]}); resume from another '
+            "checkpoint"
+        )
+    return state
+
+
+def read_checkpoint(path: Path, identity: dict) -> tuple[int, dict, dict]:
+    """-> (step, trainer_state, tensors), after checking the checkpoint belongs to this run and is whole."""
+    state = read_trainer_state(path)
     saved = state.get("run", {})
     differ = {k: (saved.get(k), v) for k, v in identity.items() if saved.get(k) != v}
     if differ:
@@ -252,7 +300,16 @@ def read_checkpoint(path: Path, identity: dict) -> tuple[int, dict, dict]:
             f"--resume_from_checkpoint {path}: the checkpoint is from another run ({lines}); "
             "resume with the settings it was trained with, or start a new --out"
         )
-    return int(state["step"]), state, load_file(str(path / "training_state.safetensors"))
+    tensors_file = path / "training_state.safetensors"
+    try:
+        weights.SafetensorsFile(tensors_file)  # checks every offset against the file's size
+        tensors = load_file(str(tensors_file))
+    except (weights.CheckpointError, SafetensorError, OSError):
+        raise weights.CheckpointError(
+            f"--resume_from_checkpoint {path}: {tensors_file.name} is truncated or corrupt (a copy cut "
+            "short, or a disk error); resume from an earlier checkpoint, or start a new --out"
+        ) from None
+    return state["step"], state, tensors
 
 
 def resume(path: Path, identity: dict, model, optimizer, trainable: dict, c: TrainConfig) -> int:
@@ -263,6 +320,12 @@ def resume(path: Path, identity: dict, model, optimizer, trainable: dict, c: Tra
         full_state_dict=True, strict=False
     )  # a weight that never had a gradient has no state
     if c.finetune == "lora":
+        missing = [n for n in trainable if f"param.{n}" not in tensors]
+        if missing:
+            raise weights.CheckpointError(
+                f"--resume_from_checkpoint {path}: training_state.safetensors lacks {len(missing)} of the "
+                f"adapter's weights (e.g. {missing[0]}); resume from another checkpoint"
+            )
         with torch.no_grad():
             for n, p in trainable.items():
                 p.copy_(tensors[f"param.{n}"])

@@ -21,7 +21,9 @@ does not fit is an error that names it, and nothing is applied):
     DiffSynth-Studio     <module>.lora_A.default.weight, .lora_B.default.weight
     Qwen-Image-Lightning <module>.lora_down.weight, .lora_up.weight, .alpha
 
-Without an alpha, alpha = r (scale 1), as every trainer above assumes.
+Without an alpha, alpha = r (scale 1), as every trainer above assumes. The values are checked where they
+are read: A and B floating point and finite, alpha finite and > 0, the user's scale finite and at most
+MAX_SCALE in size; any of these wrong would otherwise give a black (NaN) or burnt picture and no error.
 """
 
 from __future__ import annotations
@@ -162,6 +164,8 @@ def add_adapter(
     B = 0, so the model starts unchanged. Returns the names of the layers it was added to."""
     if not isinstance(rank, int) or rank < 1:
         raise ValueError(f"rank must be a positive integer, got {rank!r}")
+    if alpha is not None:
+        check_alpha(alpha, "alpha")
     check_not_fp8(model)
     check_adapter_name(model, name)
     names = target_names(model, targets)
@@ -238,22 +242,50 @@ def check_adapter_name(model: nn.Module, name) -> None:
 
 
 def parse_file_and_scale(text: str) -> tuple[Path, float]:
-    """The command lines' FILE or FILE:SCALE (a finite SCALE; a ':' inside the path is kept)."""
+    """The command lines' FILE or FILE:SCALE (SCALE as check_scale allows; a ':' inside the path is kept)."""
     path, _, scale = text.rpartition(":")
     try:
         value = float(scale)
     except ValueError:
         path, value = text, 1.0
-    if not path or not math.isfinite(value):
+    if not path:
         raise ValueError(f"{text!r}: expected FILE or FILE:SCALE with a finite SCALE")
+    check_scale(value, f"{text!r}: the SCALE of FILE:SCALE")
     if not Path(path).is_file():
         raise ValueError(f"{path}: no such LoRA file")
     return Path(path), value
 
 
+# A user's LoRA weight (scale) multiplies the adapter's update. Trainers and UIs use about -2..2, and a
+# weight of 10 already burns the picture; |scale| <= 100 leaves room for any experiment and still catches
+# a typo such as 1e30 or a lost decimal point, which would give a black (NaN) picture and exit code 0.
+MAX_SCALE = 100.0
+
+
 def check_scale(scale, what: str) -> None:
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
-        raise ValueError(f"{what} must be a finite number, got {scale!r}")
+    if (
+        isinstance(scale, bool)
+        or not isinstance(scale, (int, float))
+        or not math.isfinite(scale)
+        or abs(scale) > MAX_SCALE
+    ):
+        raise ValueError(
+            f"{what} must be a finite number between -{MAX_SCALE:g} and {MAX_SCALE:g} (1 applies the LoRA "
+            f"as trained, 0 switches it off), got {scale!r}"
+        )
+
+
+def check_alpha(alpha, where: str) -> float:
+    """An alpha (file or header) as a float: a finite number > 0. alpha / r scales the update, so a NaN,
+    Inf or 0 would blank the picture and a negative one would invert the LoRA, with no error."""
+    if (
+        isinstance(alpha, bool)
+        or not isinstance(alpha, (int, float))
+        or not math.isfinite(alpha)
+        or alpha <= 0
+    ):
+        raise weights.CheckpointError(f"{where} is {alpha!r}; an alpha is a finite number > 0")
+    return float(alpha)
 
 
 def set_adapters(model: nn.Module, names, scales=None) -> None:
@@ -344,14 +376,22 @@ def read_lora(path, model: nn.Module) -> tuple[dict, str]:
     """A LoRA file -> ({module: (A (r, in), B (out, r), alpha)}, the format's name), checked against
     the model's Linear layers. Safetensors only."""
     path = Path(path)
+    check_not_fp8(model)  # before reading: its layers are not nn.Linear, the file would seem foreign
     header = weights.SafetensorsFile(path)  # a truncated or corrupt file fails here
+    text = header.metadata.get("lora_adapter_metadata")
+    metadata = weights.parse_json(text, f"{path}: lora_adapter_metadata in the header") if text else {}
+    if not isinstance(metadata, dict):
+        raise weights.CheckpointError(
+            f"{path}: lora_adapter_metadata in the header is a JSON {type(metadata).__name__}, not the "
+            'object of PEFT settings ({"transformer.r": ..., ...}) it should be; the file is damaged'
+        )
     with open(path, "rb") as f:
         tensors = {k: header.read(k, f) for k in header.keys()}
-    metadata = header.metadata.get("lora_adapter_metadata")
-    return parse_lora(tensors, json.loads(metadata) if metadata else {}, model, str(path))
+    return parse_lora(tensors, metadata, model, str(path))
 
 
 def parse_lora(tensors: dict, metadata: dict, model: nn.Module, source: str = "the LoRA") -> tuple[dict, str]:
+    check_not_fp8(model)
     keys = list(tensors)
     if not keys:
         raise weights.CheckpointError(f"{source} holds no tensors")
@@ -400,26 +440,56 @@ def parse_lora(tensors: dict, metadata: dict, model: nn.Module, source: str = "t
                 f"{source}: {module} has no {'down (A)' if 'A' not in p else 'up (B)'} "
                 "matrix; the file is incomplete"
             )
+        for role in ("A", "B"):  # an integer or NaN matrix would be applied as numbers: a black picture
+            t = p[role]
+            if not t.is_floating_point():
+                raise weights.CheckpointError(
+                    f"{source}: the {role} matrix of {module} is {str(t.dtype)[6:]}; LoRA matrices are "
+                    "floating point (the file is damaged or not a LoRA)"
+                )
+            if not torch.isfinite(t).all():
+                raise weights.CheckpointError(
+                    f"{source}: the {role} matrix of {module} holds NaN or Inf (a diverged training?); "
+                    "nothing was applied"
+                )
         A, B = p["A"].float(), p["B"].float()
         if A.ndim != 2 or B.ndim != 2:
             raise weights.CheckpointError(
                 f"{source}: {module} holds {A.ndim}-D/{B.ndim}-D matrices; only plain "
                 "(Linear) LoRA is supported, not LoCon/LoKr"
             )
-        adapters[module] = (A, B, _alpha(module, A.shape[0], p.get("alpha"), metadata))
+        adapters[module] = (A, B, _alpha(module, A.shape[0], p.get("alpha"), metadata, source))
     return adapters, fmt
 
 
-def _alpha(module: str, rank: int, tensor, metadata: dict) -> float:
+def _alpha(module: str, rank: int, tensor, metadata: dict, source: str = "the LoRA") -> float:
     """The file's .alpha, else PEFT's alpha_pattern / lora_alpha from the header, else the rank.
     rsLoRA (use_rslora in the header) scales by alpha / sqrt(r): returned as the alpha that gives that
-    scale in alpha / r."""
+    scale in alpha / r. Each checked with check_alpha."""
     if tensor is not None:
-        return float(tensor.float().reshape(-1)[0])
-    alpha = float(metadata.get("transformer.lora_alpha", rank))
-    for pattern, value in (metadata.get("transformer.alpha_pattern") or {}).items():
-        if re.fullmatch(rf"(.*\.)?({pattern})", module):  # PEFT's rule for its patterns
-            alpha = float(value)
+        if tensor.numel() != 1 or tensor.dtype == torch.bool:
+            raise weights.CheckpointError(
+                f"{source}: {module}.alpha is a {str(tensor.dtype)[6:]} tensor of shape "
+                f"{list(tensor.shape)}; an alpha is one number"
+            )
+        return check_alpha(tensor.double().item(), f"{source}: {module}.alpha")
+    header = f"{source}: the header's transformer.lora_alpha"
+    alpha = check_alpha(metadata.get("transformer.lora_alpha", rank), header)
+    patterns = metadata.get("transformer.alpha_pattern") or {}
+    if not isinstance(patterns, dict):
+        raise weights.CheckpointError(
+            f"{source}: the header's transformer.alpha_pattern is {patterns!r}; PEFT writes an object "
+            "{module pattern: alpha}"
+        )
+    for pattern, value in patterns.items():
+        try:
+            hit = re.fullmatch(rf"(.*\.)?({pattern})", module)  # PEFT's rule for its patterns
+        except re.error as e:
+            raise weights.CheckpointError(
+                f"{source}: the header's transformer.alpha_pattern {pattern!r} is not a regular expression ({e})"
+            ) from None
+        if hit:
+            alpha = check_alpha(value, f"{source}: the header's transformer.alpha_pattern {pattern!r}")
             break
     return alpha * math.sqrt(rank) if metadata.get("transformer.use_rslora") else alpha
 

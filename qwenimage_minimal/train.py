@@ -25,7 +25,8 @@ them, in the order the loop uses it, one job per file:
     save        checkpoints.py: every N steps, all or nothing: the LoRA (diffusers format) or the transformer
                 (official layout), plus what resuming needs, bit for bit: trainable weights, optimizer, step
     validate    here: fixed prompts and seed through the pipeline's own steps (prepare_latents, schedule,
-                denoise, decode), as diffusers' log_validation calls its pipeline; one grid per validation
+                denoise, decode), as diffusers' log_validation calls its pipeline; one grid per validation;
+                CFG, steps and negative prompt the model folder's own (pipeline_defaults.json) unless given
 
 Randomness that decides what a step sees (caption dropout, u, noise, the posterior sample, LoRA dropout)
 is seeded by (seed, micro-batch number), and the data order by (seed, epoch), so the same micro-batch
@@ -43,6 +44,7 @@ Facts the reference hides (each checked against diffusers in tests/test_train.py
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import math
@@ -58,7 +60,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import checkpoints, distributed, images, lora, mmdit, pipeline, scheduler, train_data, weights
-from .train_config import TrainConfig, check_config, parse_args
+from .train_config import TrainConfig, check_config, parse_args, with_model_defaults
 from .vae import LATENTS_MEAN, LATENTS_STD
 
 # ---------------------------------------------------------------------------------------------
@@ -312,10 +314,15 @@ def optimizer_step(
             (loss / c.gradient_accumulation_steps).backward()
         loss_sum += loss.item() / c.gradient_accumulation_steps
     if not math.isfinite(loss_sum):
+        found = checkpoints.checkpoints_in(Path(c.out))
         raise FloatingPointError(
             f"the loss is {loss_sum} at step {step + 1}: training diverged (lower "
-            "--learning_rate, keep --max_grad_norm, or use --mixed_precision no to "
-            f"find the cause); the last good checkpoint is in {Path(c.out)}"
+            "--learning_rate, keep --max_grad_norm, or use --mixed_precision no to find the cause); "
+            + (
+                f"the last good checkpoint is {found[-1]}"
+                if found
+                else f"no checkpoint was saved before it (--checkpointing_steps {c.checkpointing_steps})"
+            )
         )
     trained = [p for group in optimizer.param_groups for p in group["params"]]
     grad_norm = torch.nn.utils.clip_grad_norm_(trained, c.max_grad_norm if c.max_grad_norm > 0 else math.inf)
@@ -329,14 +336,17 @@ def optimizer_step(
 
 
 def validation_entries(c: TrainConfig, pipe, edit: bool) -> list[dict]:
-    """The validation prompts' embeddings (and Edit's condition latents), computed while the text
-    encoder is loaded, at --resolution (Edit: the condition image's bucket)."""
+    """The validation prompts' embeddings and the negative prompt's (--validation_negative_prompt), and Edit's
+    condition latents, computed while the text encoder is loaded, at --resolution (Edit: the condition
+    image's bucket)."""
     entries = []
     controls = [Path(p) for p in c.validation_image]  # check_config: one per prompt
     for i, prompt in enumerate(c.validation_prompt):
         if not edit:
             embeds, mask = pipe.encode_prompt(prompt, max_sequence_length=c.max_sequence_length)
-            negative, _ = pipe.encode_prompt(" ", max_sequence_length=c.max_sequence_length)
+            negative, _ = pipe.encode_prompt(
+                c.validation_negative_prompt, max_sequence_length=c.max_sequence_length
+            )
             entries.append(
                 {
                     "prompt_embeds": embeds[0].float().cpu(),
@@ -352,7 +362,9 @@ def validation_entries(c: TrainConfig, pipe, edit: bool) -> list[dict]:
         entries.append(
             {
                 "prompt_embeds": pipe.encode_prompt(prompt, features)[0][0].float().cpu(),
-                "negative_embeds": pipe.encode_prompt(" ", features)[0][0].float().cpu(),
+                "negative_embeds": pipe.encode_prompt(c.validation_negative_prompt, features)[0][0]
+                .float()
+                .cpu(),
                 "size": size,
                 "control_tokens": tokens[0].float().cpu(),
                 "control_shapes": torch.tensor(shapes),
@@ -498,14 +510,45 @@ def prepare_model(c: TrainConfig, root: Path, world: int, device, weight_dtype):
     return model, trainable, optimizer
 
 
+def startup_summary(
+    c: TrainConfig, data: TrainingData, trainable: dict, device, world: int, step: int
+) -> str:
+    """What the run is about to do, before its first step: the data, what is trained, where, how long."""
+    n = lambda count, word: f"{count:,} {word}{'' if count == 1 else 'es' if word.endswith('s') else 's'}"
+    distinct = dict(zip(data.cache, data.buckets))  # prior preservation repeats instance pictures
+    counts = collections.Counter(distinct.values())
+    buckets = ", ".join(f"{w}x{h} ({k})" for (h, w), k in sorted(counts.items(), key=lambda kv: -kv[1]))
+    classes = f" and {n(len(set(data.class_cache)), 'class picture')}" if data.class_cache else ""
+    if c.finetune == "lora":
+        what = f"a LoRA (rank {c.rank}, alpha {c.lora_alpha:g}, layers {c.lora_layers})"
+        precision = "bf16 weights, fp32 adapters" if c.mixed_precision == "bf16" else "fp32"
+    else:
+        what = "every transformer weight"
+        precision = "fp32 weights, bf16 compute" if c.mixed_precision == "bf16" else "fp32"
+    per_step = c.train_batch_size * c.gradient_accumulation_steps * world
+    start = f", from step {step}" if step else ""
+    parameters = sum(p.numel() for p in trainable.values())
+    return (
+        f"training {what} of {c.model}: {n(parameters, 'trainable parameter')}\n"
+        f"  data: {n(len(distinct), 'picture')}{classes} in {n(len(counts), 'bucket')} (width x height): "
+        f"{buckets}\n"
+        f"  {device}, {precision} (--mixed_precision {c.mixed_precision}), {n(world, 'process')}; "
+        f"{n(c.max_train_steps, 'step')} of {n(per_step, 'picture')}{start}, learning rate "
+        f"{c.learning_rate:g} ({c.lr_scheduler}); a checkpoint every {n(c.checkpointing_steps, 'step')} in "
+        f"{c.out}"
+    )
+
+
 def train(c: TrainConfig, progress: bool = True) -> Path:
     """Run a training; -> the output folder. The steps are numbered below (docs/architecture.md follows them)."""
     class_name = check_config(c)
+    c = with_model_defaults(c)  # the validation settings not given: the model folder's own, if it says
     rank, world, device = distributed.setup_distributed(c.device)
     main_process = rank == 0
     progress = progress and main_process
     out, root = Path(c.out), Path(c.model)
     checkpoints.prepare_out(out, bool(c.resume_from_checkpoint), main_process)
+    resumed = checkpoints.resume_target(c, out, main_process)  # before any work: is there a step left?
     weight_dtype = torch.bfloat16 if c.mixed_precision == "bf16" else torch.float32
     if c.validation_prompt and c.finetune == "full" and world > 1:
         # Sampling on one process would wait forever on the others' shards: sample from a checkpoint instead.
@@ -524,9 +567,11 @@ def train(c: TrainConfig, progress: bool = True) -> Path:
     model, trainable, optimizer = prepare_model(c, root, world, device, weight_dtype)
     # 3. Resume: weights and optimizer moments; the data order and every draw follow from the step.
     identity = checkpoints.run_identity(c, world, data.cache)
-    step, saved = checkpoints.resume_from_flag(c, out, identity, model, optimizer, trainable, main_process)
+    step = checkpoints.resume_from_flag(resumed, identity, model, optimizer, trainable, c)
+    saved = resumed
     if main_process:
         weights.write_json(out / "train_config.json", c.to_json())
+        print(startup_summary(c, data, trainable, device, world, step), flush=True)
 
     # 4. The loop.
     schedule = scheduler.training_schedule(
@@ -535,7 +580,7 @@ def train(c: TrainConfig, progress: bool = True) -> Path:
     log_path = out / "log.jsonl"
     if main_process:
         checkpoints.trim_log(log_path, step)  # keep the log of the steps this run continues from
-    bar = tqdm(total=c.max_train_steps, initial=step, desc="training", disable=not progress)
+    bar = tqdm(total=c.max_train_steps, initial=step, desc="training", unit="step", disable=not progress)
     started = time.perf_counter()
     while step < c.max_train_steps:
         loss, grad_norm = optimizer_step(
@@ -566,12 +611,26 @@ def train(c: TrainConfig, progress: bool = True) -> Path:
             and validation
             and ((c.validation_steps and step % c.validation_steps == 0) or step == c.max_train_steps)
         ):
-            save_samples(pipe, model, validation, c, out / "samples" / f"step-{step:06d}.png")
+            png = out / "samples" / f"step-{step:06d}.png"
+            if step == c.max_train_steps:  # the bar is done; what follows takes a while, and is said
+                bar.close()
+                prompts = (
+                    "validation prompt" if len(validation) == 1 else f"{len(validation)} validation prompts"
+                )
+                print(
+                    f"sampling the {prompts} with the final weights "
+                    f"({c.validation_inference_steps} steps, CFG {c.validation_cfg:g}) -> {png}",
+                    flush=True,
+                )
+            bar.set_description("validating")
+            save_samples(pipe, model, validation, c, png)
+            bar.set_description("training")
     bar.close()
     if main_process:
         images.plot_loss(checkpoints.read_log(log_path), out / "loss.png")
-        if saved is not None:
-            checkpoints.finish(out, saved, c)
+        checkpoints.finish(out, saved, c)
+        result = out / ("lora.safetensors" if c.finetune == "lora" else "transformer")
+        print(f"done: {result} (checkpoints, log.jsonl and loss.png in {out})", flush=True)
     if world > 1:
         dist.barrier()
     return out
@@ -579,14 +638,12 @@ def train(c: TrainConfig, progress: bool = True) -> Path:
 
 def main(argv=None) -> int:
     try:
-        config = parse_args(argv)
-        out = train(config)
+        train(parse_args(argv))  # its last line says where the result is
     except (ValueError, weights.CheckpointError, OSError, FloatingPointError) as e:
         raise SystemExit(f"error: {e}") from None
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-    print(f"done: {out}")
     return 0
 
 

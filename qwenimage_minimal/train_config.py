@@ -9,14 +9,28 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import lora, pipeline, weights
+import torch
+
+from . import fp8, lora, pipeline, prompts, weights
 
 WEIGHTING_SCHEMES = ("none", "logit_normal", "mode", "sigma_sqrt", "cosmap")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
+MAX_RESOLUTION = 8192  # 8192² = 67 M pixels, 262,144 image tokens: far past Qwen-Image's ~1328² training size
+# "mode" maps u to 1 - u - s (cos²(pi u / 2) - 1 + u): increasing in u, so inside [0, 1], only for
+# -1 <= s <= 1 / (pi / 2 - 1) = 1.75 (its derivative is -1 - s (1 - pi/2 sin(pi u)))
+MODE_SCALE_RANGE = (-1.0, 1 / (math.pi / 2 - 1))
+# What validation samples with when neither a flag nor the model folder's pipeline_defaults.json says:
+# the official pipelines' defaults
+VALIDATION_DEFAULTS = {
+    "validation_inference_steps": 20,
+    "validation_cfg": 4.0,
+    "validation_negative_prompt": " ",
+}
 DESCRIPTION = (
     "Fine-tuning Qwen-Image and Qwen-Image-Edit with flow matching: LoRA (default) or the full transformer."
 )
@@ -122,8 +136,21 @@ class TrainConfig:
     validation_prompt: tuple = option((), "prompt(s) sampled every --validation_steps", nargs="*")
     validation_image: tuple = option((), "Edit: condition image(s) for the validation prompts", nargs="*")
     validation_steps: int = option(0, "sample the validation prompts every N steps (0: only at the end)")
-    validation_inference_steps: int = option(20, "sampling steps for validation")
-    validation_cfg: float = option(4.0, "true CFG scale for validation (1: off)")
+    validation_inference_steps: int = option(
+        None,
+        "sampling steps for validation (default: the model folder's pipeline_defaults.json "
+        "num_inference_steps, else 20)",
+    )
+    validation_cfg: float = option(
+        None,
+        "true CFG scale for validation, 1: off (default: the model folder's pipeline_defaults.json "
+        "true_cfg_scale, else 4.0)",
+    )
+    validation_negative_prompt: str = option(
+        None,
+        "CFG's negative prompt for validation (default: the model folder's pipeline_defaults.json "
+        "negative_prompt, else \" \" as the official pipelines): the prompt the model learnt as 'no prompt'",
+    )
     embeddings_cache: str = option(
         None,
         "folder of the cached latents and prompt embeddings (default: <out>/cache; "
@@ -143,16 +170,20 @@ def parse_args(argv=None) -> TrainConfig:
         meta = dict(f.metadata)
         help_text, required = meta.pop("help"), meta.pop("required", False)
         names = (f"--{f.name}", *meta.pop("aliases", ()))
+        help_text = help_text.replace("%", "%%")  # argparse formats help with %: a plain % is not text
         if f.type == "bool":
             p.add_argument(*names, dest=f.name, action="store_true", default=None, help=help_text)
         else:
             kind = {"int": int, "float": float}.get(f.type, str)
+            # The default is shown unless there is none, or the help says it (a default that depends on
+            # --out or on the model folder)
+            shown = not required and f.default not in (None, ()) and "(default:" not in help_text
             p.add_argument(
                 *names,
                 dest=f.name,
                 type=kind,
                 default=None,
-                help=help_text + ("" if required else f" (default: {f.default})"),
+                help=help_text + (f" (default: {f.default})" if shown else ""),
                 **meta,
             )
     args = p.parse_args(argv)
@@ -171,6 +202,7 @@ def read_config_file(path) -> dict:
     one string, for the flags that take several)."""
     raw = weights.parse_json(Path(path).read_text(), path)
     fields = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
+    optional = {f.name for f in dataclasses.fields(TrainConfig) if f.default is None}  # null: "not given"
     if not isinstance(raw, dict):
         raise ValueError(f"--config {path}: expected a JSON object of settings, got {type(raw).__name__}")
     unknown = sorted(set(raw) - set(fields))
@@ -190,11 +222,11 @@ def read_config_file(path) -> dict:
             "tuple": isinstance(value, list)
             and all(isinstance(v, str) for v in value)
             or isinstance(value, tuple),
-        }.get(kind, isinstance(value, str)) or value is None
+        }.get(kind, isinstance(value, str)) or (value is None and key in optional)
         if not ok:
             raise ValueError(
                 f"--config {path}: {key!r} must be {'a list of strings' if kind == 'tuple' else kind}, "
-                f"got {value!r}"
+                f"got {json.dumps(value)} (leave the key out for the default)"
             )
         out[key] = tuple(value) if kind == "tuple" else value
     return out
@@ -208,10 +240,18 @@ def check_config(c: TrainConfig) -> str:
         if not ok:
             raise ValueError(message)
 
+    def is_int(value):
+        return isinstance(value, int) and not isinstance(value, bool)
+
     need(
-        isinstance(c.resolution, int) and c.resolution >= 16 and c.resolution % 16 == 0,
-        f"--resolution {c.resolution}: must be a multiple of 16 (one latent token covers 16x16 pixels), "
-        f"e.g. {max(16, round(c.resolution / 16) * 16) if isinstance(c.resolution, (int, float)) else 1024}",
+        is_int(c.resolution) and 16 <= c.resolution <= MAX_RESOLUTION and c.resolution % 16 == 0,
+        f"--resolution {c.resolution}: must be a multiple of 16 (one latent token covers 16x16 pixels) "
+        f"from 16 to {MAX_RESOLUTION}, e.g. "
+        + str(
+            min(MAX_RESOLUTION, max(16, round(c.resolution / 16) * 16))
+            if isinstance(c.resolution, (int, float)) and math.isfinite(c.resolution)
+            else 1024
+        ),
     )
     for name in (
         "train_batch_size",
@@ -219,27 +259,56 @@ def check_config(c: TrainConfig) -> str:
         "max_train_steps",
         "rank",
         "checkpointing_steps",
-        "validation_inference_steps",
     ):
         value = getattr(c, name)
-        need(isinstance(value, int) and value >= 1, f"--{name} must be a positive integer, got {value!r}")
+        need(is_int(value) and value >= 1, f"--{name} must be a positive integer, got {value!r}")
     for name in ("lr_warmup_steps", "validation_steps"):
-        need(isinstance(getattr(c, name), int) and getattr(c, name) >= 0, f"--{name} must be an integer >= 0")
+        value = getattr(c, name)
+        need(is_int(value) and value >= 0, f"--{name} must be an integer >= 0, got {value!r}")
+    for name in ("checkpoints_total_limit", "validation_inference_steps"):  # None: not given
+        value = getattr(c, name)
+        need(
+            value is None or is_int(value) and value >= 1,
+            f"--{name} must be a positive integer, got {value!r}",
+        )
     need(
-        c.checkpoints_total_limit is None or c.checkpoints_total_limit >= 1,
-        "--checkpoints_total_limit must be >= 1",
+        is_int(c.max_sequence_length) and 1 <= c.max_sequence_length <= prompts.MAX_PROMPT_TOKENS,
+        f"--max_sequence_length must be in 1..{prompts.MAX_PROMPT_TOKENS}, got {c.max_sequence_length!r}",
     )
-    for name in ("caption_dropout", "lora_dropout"):
-        need(0 <= getattr(c, name) < 1, f"--{name} must be in [0, 1), got {getattr(c, name)}")
-    need(
-        c.learning_rate > 0 and math.isfinite(c.learning_rate),
-        f"--learning_rate must be > 0, got {c.learning_rate}",
-    )
-    need(c.max_grad_norm >= 0, f"--max_grad_norm must be >= 0 (0: no clipping), got {c.max_grad_norm}")
-    need(c.lora_alpha > 0, f"--lora_alpha must be > 0, got {c.lora_alpha}")
+    # The seed seeds torch.Generator (below 2**64) and, multiplied, every micro-batch's seed (mod 2**63)
+    need(is_int(c.seed) and 0 <= c.seed < 2**63, f"--seed must be an integer in [0, 2**63), got {c.seed!r}")
+    # Every float: finite (NaN passes every comparison as False, inf most), then its range
+    low, high = MODE_SCALE_RANGE
+    for name, ok, rule in (
+        ("caption_dropout", lambda v: 0 <= v < 1, " in [0, 1)"),
+        ("lora_dropout", lambda v: 0 <= v < 1, " in [0, 1)"),
+        ("prior_loss_weight", lambda v: v >= 0, " >= 0 (a negative weight would maximise the prior loss)"),
+        ("lora_alpha", lambda v: v > 0, " > 0 (the update is scaled by alpha / rank)"),
+        ("learning_rate", lambda v: v > 0, " > 0"),
+        ("adam_beta1", lambda v: 0 <= v < 1, " in [0, 1)"),
+        ("adam_beta2", lambda v: 0 <= v < 1, " in [0, 1)"),
+        ("adam_weight_decay", lambda v: v >= 0, " >= 0"),
+        ("adam_epsilon", lambda v: v > 0, " > 0"),
+        ("max_grad_norm", lambda v: v >= 0, " >= 0 (0: no clipping)"),
+        ("logit_mean", lambda v: True, ""),
+        ("logit_std", lambda v: v > 0, " > 0"),
+        (
+            "mode_scale",
+            lambda v: low <= v <= high,
+            f" in [{low:g}, {high:.3g}] (beyond, the 'mode' density leaves [0, 1])",
+        ),
+        ("validation_cfg", lambda v: v >= 1, " >= 1 (1: no CFG)"),
+    ):
+        value = getattr(c, name)
+        if value is None and name == "validation_cfg":
+            continue
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        need(
+            number and math.isfinite(value) and ok(value),
+            f"--{name} must be a finite number{rule}, got {value!r}",
+        )
     need(c.weighting_scheme in WEIGHTING_SCHEMES, f"--weighting_scheme must be one of {WEIGHTING_SCHEMES}")
     need(c.lr_scheduler in LR_SCHEDULERS, f"--lr_scheduler must be one of {LR_SCHEDULERS}")
-    need(c.logit_std > 0, f"--logit_std must be > 0, got {c.logit_std}")
     need(c.finetune in ("lora", "full"), f"--finetune must be lora or full, got {c.finetune!r}")
     need(
         c.mixed_precision in ("bf16", "no"),
@@ -247,19 +316,12 @@ def check_config(c: TrainConfig) -> str:
         f"model's activations), got {c.mixed_precision!r}",
     )
     need(len(c.control_dirs) <= 3, f"--control_dirs: at most 3 condition folders, got {len(c.control_dirs)}")
-    need(0 <= c.adam_beta1 < 1 and 0 <= c.adam_beta2 < 1, "--adam_beta1 and --adam_beta2 must be in [0, 1)")
-    need(
-        c.adam_epsilon > 0 and c.adam_weight_decay >= 0,
-        "--adam_epsilon must be > 0 and --adam_weight_decay >= 0",
-    )
     need(
         c.lora_layers in lora.TARGET_PRESETS or all(t.strip() for t in c.lora_layers.split(",")),
         f"--lora_layers {c.lora_layers!r}: a preset ({', '.join(lora.TARGET_PRESETS)}) or comma-separated "
         "module suffixes such as to_q,to_k,to_v,to_out.0",
     )
-    need(
-        c.validation_cfg >= 1 and math.isfinite(c.validation_cfg), "--validation_cfg must be >= 1 (1: no CFG)"
-    )
+    check_device(c.device)
     if c.resume_from_checkpoint not in (None, "latest"):
         need(
             Path(c.resume_from_checkpoint).is_dir(),
@@ -276,6 +338,15 @@ def check_config(c: TrainConfig) -> str:
         raise ValueError(f"--model {c.model}: no such folder (expected an official Qwen-Image folder)")
     if not Path(c.data).exists():
         raise ValueError(f"--data {c.data}: no such folder or file")
+    # A run writes pictures (samples/, loss.png) into --out: inside a data folder, the next run trains on them
+    out = Path(c.out).resolve()
+    for flag, folder in (("--data", c.data), ("--class_data_dir", c.class_data_dir)):
+        if folder and Path(folder).is_dir():
+            need(
+                not out.is_relative_to(Path(folder).resolve()),
+                f"--out {c.out} is inside {flag} {folder}: the run's pictures (samples, loss.png) would be "
+                "read as training pictures by the next run; choose an --out outside it",
+            )
     # The settings that depend on the kind of model: text-to-image or Edit.
     root = Path(c.model)
     class_name = pipeline.check_model_folder(root, "Qwen-Image")
@@ -289,4 +360,56 @@ def check_config(c: TrainConfig) -> str:
         "--validation_prompt for an Edit model needs one --validation_image per prompt (the picture to edit): "
         f"got {len(c.validation_prompt)} prompts, {len(c.validation_image)} images",
     )
+    # fp8 weights are for sampling: LoRA would train on top of rounded weights with kernels that have no
+    # backward for them, and full fine-tuning cannot update them (fp8.py)
+    need(
+        not fp8.is_fp8_folder(root / "transformer"),
+        f"--model {root}: its transformer is stored in fp8, which training cannot use (--finetune lora or "
+        f"full): convert it to bf16 first (python weights_convert.py {root / 'transformer'} "
+        "COPY/transformer --dtype bf16, in a copy of the model folder) and train on that",
+    )
+    pipeline.read_pipeline_defaults(
+        root
+    )  # a damaged pipeline_defaults.json is an error now, not after caching
     return class_name
+
+
+def check_device(name: str | None) -> None:
+    """--device: a name torch knows, and CUDA only where there is a GPU (checked before anything loads)."""
+    if name is None:
+        return
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"--device {name!r}: not a device name (cuda, cuda:1 or cpu)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(
+                f"--device {name}: CUDA is not available here (no GPU, or a PyTorch built without CUDA: "
+                f"{torch.__version__}); use --device cpu"
+            )
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s), cuda:0 to "
+                f"cuda:{torch.cuda.device_count() - 1}"
+            )
+
+
+def with_model_defaults(c: TrainConfig) -> TrainConfig:
+    """The validation settings not given, from the model folder's pipeline_defaults.json (what its model was
+    made to sample with, e.g. the nano model's CFG 2 against the empty prompt), else the official pipelines'
+    defaults (VALIDATION_DEFAULTS)."""
+    folder = pipeline.read_pipeline_defaults(Path(c.model))
+    found = {
+        "validation_inference_steps": folder.get("num_inference_steps"),
+        # the pipelines guide only above 1: a smaller scale is no guidance, which 1 says here
+        "validation_cfg": None
+        if "true_cfg_scale" not in folder
+        else max(1.0, float(folder["true_cfg_scale"])),
+        "validation_negative_prompt": folder.get("negative_prompt"),
+    }
+    settings = {}
+    for name, default in VALIDATION_DEFAULTS.items():
+        if getattr(c, name) is None:
+            settings[name] = default if found[name] is None else found[name]
+    return dataclasses.replace(c, **settings)

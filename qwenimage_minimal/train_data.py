@@ -14,14 +14,17 @@ one on one process would.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import math
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
@@ -83,6 +86,11 @@ def read_examples(
                     f"{flag}: the caption {caption} is not UTF-8 text ({e.reason} at byte {e.start}); "
                     "save it as UTF-8"
                 ) from None
+            if not prompt:  # an empty file would train its picture on the empty prompt, unsaid
+                raise ValueError(
+                    f"{flag}: the caption {caption} is empty; write the picture's caption in it (or delete "
+                    "it and pass --instance_prompt to caption it with that prompt)"
+                )
         elif instance_prompt is not None:
             prompt = instance_prompt
         else:
@@ -115,6 +123,10 @@ def _read_jsonl(path: Path) -> list[Example]:
             or not isinstance(row.get("prompt"), str)
         ):
             raise ValueError(f'{where}: expected {{"image": "file.png", "prompt": "..."}}, got {line[:80]!r}')
+        if not row["prompt"].strip():
+            raise ValueError(
+                f'{where}: the "prompt" of {row["image"]} is empty; write the picture\'s caption'
+            )
         controls = row.get("control", row.get("edit_image", []))
         controls = [controls] if isinstance(controls, str) else controls
         if (
@@ -158,7 +170,8 @@ def bucket_size(width: int, height: int, resolution: int, square: bool = False) 
     """(height, width) to train an image at: the nearest aspect ratio of a fixed ladder (width / height,
     ASPECT_RATIOS) at about side² pixels, sides multiples of 16, so that images share buckets and batches
     stay full. side = resolution, or less for a smaller image (rounded down to a multiple of 64): small
-    images are not upscaled (as in diffusers and ai-toolkit). square=True: resolution x resolution."""
+    images are not upscaled (as in diffusers and ai-toolkit; one smaller than the smallest bucket in both sides
+    is refused, check_not_too_small). square=True: resolution x resolution."""
     if square:
         return resolution, resolution
     side = min(resolution, max(64, int(math.sqrt(width * height)) // 64 * 64))
@@ -166,6 +179,20 @@ def bucket_size(width: int, height: int, resolution: int, square: bool = False) 
     w = max(16, round(side * math.sqrt(ratio) / 16) * 16)
     h = max(16, round(side / math.sqrt(ratio) / 16) * 16)
     return h, w
+
+
+def check_not_too_small(path: Path, resolution: int, flag: str = "--data") -> tuple[int, int]:
+    """An image's (width, height), refused when it is smaller in both sides than its smallest bucket (about
+    64² pixels, or resolution² below that): training would enlarge the whole picture, blur included. Larger
+    images are never enlarged but for rounding to the ladder (a side to the next multiple of 16)."""
+    width, height = images.image_size(path)
+    h, w = bucket_size(width, height, min(resolution, 64))
+    if width < w and height < h:
+        raise ValueError(
+            f"{flag}: {path} is {width}x{height} pixels, smaller than the smallest training size of its "
+            f"shape ({w}x{h}): training would enlarge it; use a larger picture, or remove it"
+        )
+    return width, height
 
 
 # ---------------------------------------------------------------------------------------------
@@ -178,7 +205,7 @@ def epoch_batches(buckets: tuple, batch_size: int, epoch: int, seed: int) -> lis
     """One epoch's micro-batches (lists of example indices): shuffled within each bucket, cut into
     batches (the last of a bucket may be short), the batches shuffled. A pure function of (seed, epoch):
     the data order is never state to save."""
-    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    g = torch.Generator().manual_seed((seed * 1_000_003 + epoch) % 2**63)  # any --seed below 2**63
     by_bucket = {}
     for i, b in enumerate(buckets):
         by_bucket.setdefault(b, []).append(i)
@@ -319,12 +346,16 @@ def build_cache(
     progress: bool = True,
 ) -> list[Path]:
     """The cache file of every example, computing the missing ones (in batches) and writing each
-    atomically, so an interrupted run loses nothing it finished and leaves nothing half-written."""
+    atomically, so an interrupted run loses nothing it finished and leaves nothing half-written. A file
+    that is there but damaged (truncated by a copy, a full disk) is computed again."""
     keys = [cache_key(model_id, kind, e, s, max_sequence_length, with_empty) for e, s in zip(examples, sizes)]
     paths = [cache_dir / f"{k}.safetensors" for k in keys]
-    todo = [i for i, p in enumerate(paths) if not p.is_file()]
+    if pipe is not None:  # the process that writes
+        remove_stale_temporary_files(cache_dir)
+    todo = [i for i, p in enumerate(paths) if not whole_cache_file(p)]
     if todo:
-        for start in tqdm(range(0, len(todo), 16 * batch_size), desc=f"caching {kind}", disable=not progress):
+        bar = tqdm(total=len(todo), desc=f"caching {kind} images", unit="image", disable=not progress)
+        for start in range(0, len(todo), 16 * batch_size):
             chunk = todo[start : start + 16 * batch_size]
             entries = encode_examples(
                 pipe,
@@ -342,12 +373,44 @@ def build_cache(
                     [entry[n] for n in names],
                     metadata={"image": str(examples[i].image)},
                 )
+            bar.update(len(chunk))
+        bar.close()
     return paths
+
+
+STALE_AFTER_S = 600  # a cache file is written in well under a second: a temporary file this old is debris
+
+
+def remove_stale_temporary_files(folder: Path) -> None:
+    """The temporary files weights.atomic_write leaves when its process is killed (SIGKILL, power cut: no
+    clean-up runs), .<key>.safetensors.<random>.partial. Only the stale ones: another run sharing the cache
+    may be writing its own right now."""
+    now = time.time()
+    for tmp in folder.glob(".*.safetensors.*.partial"):
+        with contextlib.suppress(OSError):  # gone already, or not ours to remove: the cache still works
+            if tmp.is_file() and now - tmp.stat().st_mtime > STALE_AFTER_S:
+                tmp.unlink()
+
+
+def whole_cache_file(path: Path) -> bool:
+    """Is the cache file there, with every tensor inside it (the header checked against the file's size)?"""
+    if not path.is_file():
+        return False
+    try:
+        weights.SafetensorsFile(path)
+    except weights.CheckpointError:
+        return False
+    return True
 
 
 def read_cached(path: Path) -> dict:
     """One cache file -> its tensors (encode_examples lists them), on the CPU."""
-    return load_file(str(path))
+    try:
+        return load_file(str(path))
+    except SafetensorError:
+        raise ValueError(
+            f"the cache file {path} is truncated or corrupt; delete it, and the next run computes it again"
+        ) from None
 
 
 def pad_prompts(embeds: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -389,7 +452,11 @@ def prepare_data(c: TrainConfig, pipe, out: Path):
         n = max(len(examples), len(class_files))
         examples = [examples[i % len(examples)] for i in range(n)]
         class_examples = [Example(class_files[i % len(class_files)].image, c.class_prompt) for i in range(n)]
-    sizes = [bucket_size(*images.image_size(e.image), c.resolution, c.square) for e in examples]
+    sizes = [
+        bucket_size(*check_not_too_small(e.image, c.resolution), c.resolution, c.square) for e in examples
+    ]
+    for e in {e.image: e for e in class_examples}.values():
+        check_not_too_small(e.image, c.resolution, "--class_data_dir")
     cache_dir = Path(c.embeddings_cache) if c.embeddings_cache else out / "cache"
     return examples, class_examples, sizes, cache_dir
 

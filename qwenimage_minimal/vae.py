@@ -23,6 +23,7 @@ strictly (194 tensors).
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -89,6 +90,14 @@ class VAEConfig:
             raise ValueError("temperal_downsample needs one entry per downsampling stage (len(dim_mult) - 1)")
         if len(self.latents_mean) != self.z_dim or len(self.latents_std) != self.z_dim:
             raise ValueError(f"latents_mean/latents_std need z_dim={self.z_dim} values")
+        # Each latent channel is divided by its std (normalize_latents): a 0 gives Inf, a negative one
+        # flips the channel, and both pass unnoticed into a ruined picture.
+        bad = [(i, s) for i, s in enumerate(self.latents_std) if not (math.isfinite(s) and s > 0)]
+        if bad:
+            raise ValueError(
+                f"latents_std[{bad[0][0]}]={bad[0][1]!r}: every latents_std value must be a finite number > 0 "
+                "(the latents are divided by it); restore the value from the official vae/config.json"
+            )
 
     @property
     def scale_factor(self) -> int:

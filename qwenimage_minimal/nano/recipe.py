@@ -1,8 +1,8 @@
 """The nano recipe, start to end: scenes -> the VAE trained (vae_training.py) -> its latent statistics -> the MMDiT
 trained from random init by the project's own training loop (train.py) -> measured (measure.py).
 
-    python -m qwenimage_minimal train-nano [--out out/nano] [--quick]      (make nano, about 50 CPU minutes;
-                                                                             out/nano/model is checkpoints/nano)
+    python -m qwenimage_minimal train-nano [--out out/nano] [--quick] [--overwrite]
+        (make nano, about 50 CPU minutes; out/nano/model is checkpoints/nano)
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import torch
 
 from .. import checkpoints, sizes, train, train_config, weights
 from .. import vae as vae_file
+from ..pipeline import loading as pipeline_loading
 from . import QUICK, NanoConfig, scenes
 from .measure import measure
 from .vae_training import latent_statistics, train_vae
@@ -28,14 +29,55 @@ def first_and_last(losses: list) -> dict:
     return {"loss_first": sum(losses[:tenth]) / tenth, "loss_last": sum(losses[-tenth:]) / tenth}
 
 
-def build(c: NanoConfig, log=print) -> dict:
-    """Run the recipe; -> a report (losses, PSNR, scores, minutes). The model is written to <out>/model."""
+# The work folder's marker, written first: a folder without it was not made by this recipe, and nothing in it
+# is removed. Beside it, the recipe writes only ENTRIES.
+MARKER = ".train-nano"
+ENTRIES = (MARKER, "data", "run", "model", "report.json")
+
+
+def prepare_out(out: Path, overwrite: bool = False) -> None:
+    """--out before a build: a new or empty folder, or the work folder of an earlier build (its MARKER, and
+    nothing the recipe does not write), whose data/, run/ and model/ are then removed; a finished model
+    (model/report.json, written last) only with `overwrite`. Checked before any work."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(
+            f"--out {out} is a file: give a folder (the recipe writes data/, run/ and model/ in it)"
+        )
+    weights.check_writable_folder(out, f"--out {out}")
+    entries = sorted(p.name for p in out.iterdir())
+    if entries and MARKER not in entries:
+        raise ValueError(
+            f"--out {out} is not empty ({', '.join(entries[:4])}{', ...' if len(entries) > 4 else ''}) and "
+            f"was not made by train-nano (no {MARKER} file): choose a new or empty folder"
+        )
+    foreign = [e for e in entries if e not in ENTRIES]
+    if foreign:
+        raise ValueError(
+            f"--out {out} holds {', '.join(foreign)}, which train-nano did not write and would not keep "
+            "apart from its own: move them away, or choose another --out"
+        )
+    if (out / "model" / "report.json").is_file() and not overwrite:
+        raise ValueError(
+            f"--out {out} holds a finished nano model ({out / 'model'}): pass --overwrite to train a new one "
+            "in its place, or choose another --out"
+        )
+    with weights.atomic_write(out / MARKER, "w") as f:
+        f.write("the work folder of `python -m qwenimage_minimal train-nano` (nano/recipe.py)\n")
+    for leftover in ENTRIES[1:]:  # a fresh run: nothing of an earlier one is mixed in
+        path = out / leftover
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+
+def build(c: NanoConfig, log=print, overwrite: bool = False) -> dict:
+    """Run the recipe; -> a report (losses, PSNR, scores, minutes). The model is written to <out>/model, in a
+    folder that is new, empty or an earlier build's (prepare_out; a finished model only with `overwrite`)."""
     start = time.time()
     minutes = lambda: round((time.time() - start) / 60, 2)
     out = Path(c.out)
-    weights.check_writable_folder(out, f"--out {out}")
-    for leftover in ("data", "run", "model"):  # a fresh run: nothing of an earlier one is mixed in
-        shutil.rmtree(out / leftover, ignore_errors=True)
+    prepare_out(out, overwrite)
     report = {"config": dataclasses.asdict(c)}
 
     # 0. data: the training scenes as a captioned folder (what train.py reads), a held-out set for the VAE
@@ -47,6 +89,17 @@ def build(c: NanoConfig, log=print) -> dict:
 
     # 1. a random nano Qwen-Image in the official layout; 2. its VAE trained, its latent statistics measured
     model = sizes.write_checkpoint(out / "model", "nano", seed=c.seed)
+    # what the model is made to sample with, read by the pipelines and by train.py's validation
+    weights.write_json(
+        model / pipeline_loading.DEFAULTS_FILE,
+        {
+            "height": c.size,
+            "width": c.size,
+            "num_inference_steps": c.eval_steps,
+            "true_cfg_scale": c.eval_cfg,
+            "negative_prompt": c.eval_negative,
+        },
+    )
     autoencoder = vae_file.load(model / "vae")
     pictures = scenes.pictures_of(train_scenes, c.size)
     background = torch.tensor(scenes.BACKGROUND, dtype=torch.float32) / 127.5 - 1
@@ -101,6 +154,7 @@ def build(c: NanoConfig, log=print) -> dict:
         validation_steps=max(1, c.dit_steps // 4),
         validation_inference_steps=c.eval_steps,
         validation_cfg=c.eval_cfg,
+        validation_negative_prompt=c.eval_negative,  # the empty prompt that caption dropout trains
     )
     log(f"[{minutes()} min] training the MMDiT: {c.dit_steps} steps of {c.dit_batch}")
     train.train(settings)
@@ -120,10 +174,18 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(
         prog="python -m qwenimage_minimal train-nano", description=__doc__.split("\n\n")[0]
     )
-    p.add_argument("--out", default=NanoConfig.out, help="work folder; the model is written to OUT/model")
+    p.add_argument(
+        "--out",
+        default=NanoConfig.out,
+        help="work folder (new, empty, or an earlier build's); the model is written to OUT/model",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--quick", action="store_true", help="a CI-sized run (about a minute): losses fall, nothing more"
     )
+    p.add_argument("--overwrite", action="store_true", help="replace a finished model in OUT/model")
     a = p.parse_args(argv)
-    return build(NanoConfig(out=a.out, seed=a.seed, **(QUICK if a.quick else {})))
+    try:
+        return build(NanoConfig(out=a.out, seed=a.seed, **(QUICK if a.quick else {})), overwrite=a.overwrite)
+    except (ValueError, OSError, FloatingPointError) as e:  # CheckpointError is a ValueError
+        raise SystemExit(f"error: {e}") from None

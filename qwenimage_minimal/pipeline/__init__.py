@@ -10,7 +10,7 @@ pipe = pipeline.QwenImagePipeline.from_pretrained("Qwen-Image", device="cuda", d
 """
 
 from .edit import ImageFeatures, QwenImageEditPipeline, QwenImageEditPlusPipeline, edit_pipeline_class
-from .loading import COMPONENTS, check_model_folder, load_components, load_transformer
+from .loading import COMPONENTS, check_model_folder, load_components, load_transformer, read_pipeline_defaults
 from .text_to_image import MAX_SIDE, OUTPUT_TYPES, PipelineOutput, QwenImagePipeline
 
 __all__ = [
@@ -26,4 +26,5 @@ __all__ = [
     "edit_pipeline_class",
     "load_components",
     "load_transformer",
+    "read_pipeline_defaults",
 ]

@@ -11,6 +11,17 @@ import torch
 from .. import fp8, mmdit, scheduler, text_encoder, tokenizer, vae, weights
 
 COMPONENTS = ("tokenizer", "text_encoder", "transformer", "vae", "scheduler")
+# pipeline_defaults.json (this project's, optional): the sampling settings a folder's model was made for, named
+# as the pipelines' arguments. The official folders have none (the official defaults apply); the nano model,
+# trained at 128 px and guided against the empty prompt, carries its own.
+DEFAULTS_FILE = "pipeline_defaults.json"
+DEFAULT_TYPES = {
+    "height": int,
+    "width": int,
+    "num_inference_steps": int,
+    "true_cfg_scale": float,
+    "negative_prompt": str,
+}
 
 
 def check_model_folder(root: Path, what: str) -> str:
@@ -34,6 +45,25 @@ def check_model_folder(root: Path, what: str) -> str:
             f"this project runs ({', '.join(weights.PIPELINE_CLASSES)})"
         )
     return class_name
+
+
+def read_pipeline_defaults(root) -> dict:
+    """The folder's pipeline_defaults.json as a dict of checked values ({} when the folder has none)."""
+    path = Path(root) / DEFAULTS_FILE
+    if not path.is_file():
+        return {}
+    raw = weights.parse_json(path.read_bytes(), path)
+    if not isinstance(raw, dict):
+        raise weights.CheckpointError(f"{path}: expected a JSON object of pipeline arguments, got {raw!r}")
+    for key, value in raw.items():
+        kind = DEFAULT_TYPES.get(key)
+        if kind is None:
+            raise weights.CheckpointError(f"{path}: unknown key {key!r} (known: {', '.join(DEFAULT_TYPES)})")
+        numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+        ok = isinstance(value, str) if kind is str else numeric and (kind is float or isinstance(value, int))
+        if not ok or (numeric and not (value >= 1 if kind is int else 0 <= value < float("inf"))):
+            raise weights.CheckpointError(f"{path}: {key} must be a {kind.__name__}, got {value!r}")
+    return raw
 
 
 def load_transformer(path, device=None, dtype=None, check_finite: bool = True) -> torch.nn.Module:

@@ -136,6 +136,7 @@ class QwenImagePipeline:
 
     def load_lora_weights(self, path, adapter_name: str | None = None, scale: float = 1.0) -> str:
         """Add the transformer LoRA in `path` (any format lora.py reads) as `adapter_name`. -> its name."""
+        lora.check_scale(scale, "scale")  # before the file is read
         adapters, _ = lora.read_lora(path, self.transformer)
         name = adapter_name or f"default_{len(lora.adapter_names(self.transformer))}"
         lora.load_adapter(self.transformer, adapters, name, scale)
@@ -451,7 +452,15 @@ class QwenImagePipeline:
             )
 
     def decode(self, latents, height, width, output_type, tiled_vae=False) -> PipelineOutput:
-        """Packed latents -> unpack, undo the latent normalisation, VAE decode -> output_type."""
+        """Packed latents -> unpack, undo the latent normalisation, VAE decode -> output_type.
+        Latents that are not finite stop here with an error, whatever the output type: one check after the
+        last step (not a scan per step), so that no run ends with a black picture and success."""
+        if not bool(torch.isfinite(latents).all()):
+            raise FloatingPointError(
+                "the sampled latents hold NaN or Inf after the last step, so the picture would be black: "
+                "a LoRA with extreme values or scale, fp16 compute (use bf16 or fp32), or weights loaded with "
+                "check_finite=False are the usual causes"
+            )
         if output_type == "latent":
             return PipelineOutput(latents)
         s, p = self.vae_scale_factor, self.transformer.config.patch_size
