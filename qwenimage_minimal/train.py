@@ -52,7 +52,6 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -61,7 +60,6 @@ from tqdm.auto import tqdm
 
 from . import checkpoints, distributed, images, lora, mmdit, pipeline, scheduler, train_data, weights
 from .train_config import TrainConfig, check_config, parse_args, with_model_defaults
-from .vae import LATENTS_MEAN, LATENTS_STD
 
 # ---------------------------------------------------------------------------------------------
 # The step
@@ -155,12 +153,6 @@ def flow_matching_loss(
 # ---------------------------------------------------------------------------------------------
 
 
-def vae_stats(root: Path):
-    """The per-channel mean and std that normalise the VAE's latents: its config's, else the official ones."""
-    raw = weights.read_config(root / "vae")
-    return raw.get("latents_mean", LATENTS_MEAN), raw.get("latents_std", LATENTS_STD)
-
-
 def make_inputs(
     batch: list[int],
     cache: list,
@@ -208,17 +200,7 @@ def make_inputs(
     return inputs
 
 
-class TrainingData(NamedTuple):
-    """What the loop draws its micro-batches from."""
-
-    cache: list  # the cache file of every example (train_data.build_cache)
-    class_cache: list  # and of its class image (prior preservation), or []
-    buckets: tuple  # every example's (height, width)
-    latents_mean: torch.Tensor  # (1, C, 1, 1): normalise the cached latents (vae_stats)
-    latents_std: torch.Tensor  # (1, C, 1, 1)
-
-
-def micro_batch_inputs(data: TrainingData, index: int, c: TrainConfig, device, dtype) -> dict:
+def micro_batch_inputs(data: train_data.TrainingData, index: int, c: TrainConfig, device, dtype) -> dict:
     """Micro-batch `index` of the run (numbered over every step and process): its examples, from the data
     order, and its draws, from its own seed."""
     batch = train_data.micro_batch(data.buckets, c.train_batch_size, c.seed, index)
@@ -270,7 +252,7 @@ def make_optimizer(params: list, c: TrainConfig, device: torch.device) -> torch.
 def optimizer_step(
     model,
     optimizer,
-    data: TrainingData,
+    data: train_data.TrainingData,
     schedule,
     c: TrainConfig,
     step: int,
@@ -335,44 +317,6 @@ def optimizer_step(
 # ---------------------------------------------------------------------------------------------
 
 
-def validation_entries(c: TrainConfig, pipe, edit: bool) -> list[dict]:
-    """The validation prompts' embeddings and the negative prompt's (--validation_negative_prompt), and Edit's
-    condition latents, computed while the text encoder is loaded, at --resolution (Edit: the condition
-    image's bucket)."""
-    entries = []
-    controls = [Path(p) for p in c.validation_image]  # check_config: one per prompt
-    for i, prompt in enumerate(c.validation_prompt):
-        if not edit:
-            embeds, mask = pipe.encode_prompt(prompt, max_sequence_length=c.max_sequence_length)
-            negative, _ = pipe.encode_prompt(
-                c.validation_negative_prompt, max_sequence_length=c.max_sequence_length
-            )
-            entries.append(
-                {
-                    "prompt_embeds": embeds[0].float().cpu(),
-                    "negative_embeds": negative[0].float().cpu(),
-                    "size": (c.resolution, c.resolution),
-                }
-            )
-            continue
-        size = train_data.bucket_size(*images.image_size(controls[i]), c.resolution, c.square)
-        condition, vae_images = train_data.condition_images(pipe, [controls[i]], size)
-        features = pipe.image_features(condition)
-        tokens, shapes = pipe.encode_image_latents(vae_images)
-        entries.append(
-            {
-                "prompt_embeds": pipe.encode_prompt(prompt, features)[0][0].float().cpu(),
-                "negative_embeds": pipe.encode_prompt(c.validation_negative_prompt, features)[0][0]
-                .float()
-                .cpu(),
-                "size": size,
-                "control_tokens": tokens[0].float().cpu(),
-                "control_shapes": torch.tensor(shapes),
-            }
-        )
-    return entries
-
-
 @torch.no_grad()
 def sample_validation(pipe, model, validation: list, steps: int, cfg: float, seed: int) -> list:
     """Each validation entry {prompt_embeds, negative_embeds, size, control_tokens?, control_shapes?} -> a PIL
@@ -422,53 +366,33 @@ def save_samples(pipe, model, validation: list, c: TrainConfig, png: Path) -> No
 # ---------------------------------------------------------------------------------------------
 
 
-def prepare_cache(
-    c: TrainConfig,
-    root: Path,
-    edit: bool,
-    device,
-    weight_dtype,
-    main_process: bool,
-    world: int,
-    progress: bool,
-):
-    """Read and size the examples, fill the cache: the main process encodes while the others wait, then they
-    read the same files. -> (the pipeline without its text encoder, kept for validation (None on the other
-    processes or without validation prompts), the TrainingData, the validation entries)."""
-    pipe = None
-    if main_process:
-        cls = pipeline.QwenImageEditPipeline if edit else pipeline.QwenImagePipeline
-        pipe = cls.from_pretrained(
-            root, device=device, dtype=weight_dtype, offload=device.type == "cuda", load_transformer=False
-        )  # loaded in prepare_model, where it is trained
-    examples, class_examples, sizes, cache_dir = train_data.prepare_data(c, pipe, Path(c.out))
-    if len(examples) < c.train_batch_size:
-        warnings.warn(
-            f"--train_batch_size {c.train_batch_size} is more than the {len(examples)} examples: "
-            "every micro-batch is the whole data set",
-            stacklevel=3,
-        )
-    model_id = f"{train_data.model_fingerprint(root)}:{weight_dtype}"  # a bf16 cache is not an fp32 one
-    validation = []
-    if main_process:
-        cache, class_cache = train_data.build_caches(
-            pipe, examples, class_examples, sizes, cache_dir, c, model_id, progress
-        )
-        validation = validation_entries(c, pipe, edit)
-        pipe.text_encoder = None  # the text encoder leaves memory here
-        if edit:
-            pipe.vision_tower = None
-        if not validation:
-            pipe = None  # and without validation, the VAE too
-    if world > 1:
-        dist.barrier()
-    if not main_process:
-        cache, class_cache = train_data.build_caches(
-            None, examples, class_examples, sizes, cache_dir, c, model_id, progress=False
-        )
-    latents_mean, latents_std = (torch.tensor(v).view(1, -1, 1, 1) for v in vae_stats(root))  # (1, 16, 1, 1)
-    data = TrainingData(cache, class_cache, tuple(tuple(s) for s in sizes), latents_mean, latents_std)
-    return pipe, data, validation
+def startup_summary(
+    c: TrainConfig, data: train_data.TrainingData, trainable: dict, device, world: int, step: int
+) -> str:
+    """What the run is about to do, before its first step: the data, what is trained, where, how long."""
+    n = lambda count, word: f"{count:,} {word}{'' if count == 1 else 'es' if word.endswith('s') else 's'}"
+    distinct = dict(zip(data.cache, data.buckets))  # prior preservation repeats instance pictures
+    counts = collections.Counter(distinct.values())
+    buckets = ", ".join(f"{w}x{h} ({k})" for (h, w), k in sorted(counts.items(), key=lambda kv: -kv[1]))
+    classes = f" and {n(len(set(data.class_cache)), 'class picture')}" if data.class_cache else ""
+    if c.finetune == "lora":
+        what = f"a LoRA (rank {c.rank}, alpha {c.lora_alpha:g}, layers {c.lora_layers})"
+        precision = "bf16 weights, fp32 adapters" if c.mixed_precision == "bf16" else "fp32"
+    else:
+        what = "every transformer weight"
+        precision = "fp32 weights, bf16 compute" if c.mixed_precision == "bf16" else "fp32"
+    per_step = c.train_batch_size * c.gradient_accumulation_steps * world
+    start = f", from step {step}" if step else ""
+    parameters = sum(p.numel() for p in trainable.values())
+    return (
+        f"training {what} of {c.model}: {n(parameters, 'trainable parameter')}\n"
+        f"  data: {n(len(distinct), 'picture')}{classes} in {n(len(counts), 'bucket')} (width x height): "
+        f"{buckets}\n"
+        f"  {device}, {precision} (--mixed_precision {c.mixed_precision}), {n(world, 'process')}; "
+        f"{n(c.max_train_steps, 'step')} of {n(per_step, 'picture')}{start}, learning rate "
+        f"{c.learning_rate:g} ({c.lr_scheduler}); a checkpoint every {n(c.checkpointing_steps, 'step')} in "
+        f"{c.out}"
+    )
 
 
 def prepare_model(c: TrainConfig, root: Path, world: int, device, weight_dtype):
@@ -510,35 +434,6 @@ def prepare_model(c: TrainConfig, root: Path, world: int, device, weight_dtype):
     return model, trainable, optimizer
 
 
-def startup_summary(
-    c: TrainConfig, data: TrainingData, trainable: dict, device, world: int, step: int
-) -> str:
-    """What the run is about to do, before its first step: the data, what is trained, where, how long."""
-    n = lambda count, word: f"{count:,} {word}{'' if count == 1 else 'es' if word.endswith('s') else 's'}"
-    distinct = dict(zip(data.cache, data.buckets))  # prior preservation repeats instance pictures
-    counts = collections.Counter(distinct.values())
-    buckets = ", ".join(f"{w}x{h} ({k})" for (h, w), k in sorted(counts.items(), key=lambda kv: -kv[1]))
-    classes = f" and {n(len(set(data.class_cache)), 'class picture')}" if data.class_cache else ""
-    if c.finetune == "lora":
-        what = f"a LoRA (rank {c.rank}, alpha {c.lora_alpha:g}, layers {c.lora_layers})"
-        precision = "bf16 weights, fp32 adapters" if c.mixed_precision == "bf16" else "fp32"
-    else:
-        what = "every transformer weight"
-        precision = "fp32 weights, bf16 compute" if c.mixed_precision == "bf16" else "fp32"
-    per_step = c.train_batch_size * c.gradient_accumulation_steps * world
-    start = f", from step {step}" if step else ""
-    parameters = sum(p.numel() for p in trainable.values())
-    return (
-        f"training {what} of {c.model}: {n(parameters, 'trainable parameter')}\n"
-        f"  data: {n(len(distinct), 'picture')}{classes} in {n(len(counts), 'bucket')} (width x height): "
-        f"{buckets}\n"
-        f"  {device}, {precision} (--mixed_precision {c.mixed_precision}), {n(world, 'process')}; "
-        f"{n(c.max_train_steps, 'step')} of {n(per_step, 'picture')}{start}, learning rate "
-        f"{c.learning_rate:g} ({c.lr_scheduler}); a checkpoint every {n(c.checkpointing_steps, 'step')} in "
-        f"{c.out}"
-    )
-
-
 def train(c: TrainConfig, progress: bool = True) -> Path:
     """Run a training; -> the output folder. The steps are numbered below (docs/architecture.md follows them)."""
     class_name = check_config(c)
@@ -560,7 +455,7 @@ def train(c: TrainConfig, progress: bool = True) -> Path:
         c = dataclasses.replace(c, validation_prompt=())
 
     # 1. Data and cache (train_data.py); the pipeline stays, without its text encoder, for validation.
-    pipe, data, validation = prepare_cache(
+    pipe, data, validation = train_data.prepare_cache(
         c, root, "Edit" in class_name, device, weight_dtype, main_process, world, progress
     )
     # 2. The model: the transformer, with what is trained in fp32.

@@ -232,17 +232,27 @@ def read_config_file(path) -> dict:
     return out
 
 
+def need(ok, message: str) -> None:
+    """A setting's check: its error names the flag and what it must be."""
+    if not ok:
+        raise ValueError(message)
+
+
+def is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def check_config(c: TrainConfig) -> str:
     """Every setting, once, before anything loads: a clear error that names the flag. -> the pipeline class
     that --model's model_index.json names (QwenImagePipeline, or an Edit class)."""
+    check_numbers(c)
+    check_choices(c)
+    check_folders(c)
+    return check_model(c)
 
-    def need(ok, message):
-        if not ok:
-            raise ValueError(message)
 
-    def is_int(value):
-        return isinstance(value, int) and not isinstance(value, bool)
-
+def check_numbers(c: TrainConfig) -> None:
+    """Every number: its type, finite, in its range."""
     need(
         is_int(c.resolution) and 16 <= c.resolution <= MAX_RESOLUTION and c.resolution % 16 == 0,
         f"--resolution {c.resolution}: must be a multiple of 16 (one latent token covers 16x16 pixels) "
@@ -307,6 +317,10 @@ def check_config(c: TrainConfig) -> str:
             number and math.isfinite(value) and ok(value),
             f"--{name} must be a finite number{rule}, got {value!r}",
         )
+
+
+def check_choices(c: TrainConfig) -> None:
+    """Every setting that is one of a list (and the device)."""
     need(c.weighting_scheme in WEIGHTING_SCHEMES, f"--weighting_scheme must be one of {WEIGHTING_SCHEMES}")
     need(c.lr_scheduler in LR_SCHEDULERS, f"--lr_scheduler must be one of {LR_SCHEDULERS}")
     need(c.finetune in ("lora", "full"), f"--finetune must be lora or full, got {c.finetune!r}")
@@ -322,6 +336,10 @@ def check_config(c: TrainConfig) -> str:
         "module suffixes such as to_q,to_k,to_v,to_out.0",
     )
     check_device(c.device)
+
+
+def check_folders(c: TrainConfig) -> None:
+    """The folders named: they exist, and --out is not where the data is."""
     if c.resume_from_checkpoint not in (None, "latest"):
         need(
             Path(c.resume_from_checkpoint).is_dir(),
@@ -347,7 +365,10 @@ def check_config(c: TrainConfig) -> str:
                 f"--out {c.out} is inside {flag} {folder}: the run's pictures (samples, loss.png) would be "
                 "read as training pictures by the next run; choose an --out outside it",
             )
-    # The settings that depend on the kind of model: text-to-image or Edit.
+
+
+def check_model(c: TrainConfig) -> str:
+    """The settings that depend on the model folder: text-to-image or Edit, fp8 or not. -> its class name."""
     root = Path(c.model)
     class_name = pipeline.check_model_folder(root, "Qwen-Image")
     edit = "Edit" in class_name
@@ -368,9 +389,7 @@ def check_config(c: TrainConfig) -> str:
         f"full): convert it to bf16 first (python weights_convert.py {root / 'transformer'} "
         "COPY/transformer --dtype bf16, in a copy of the model folder) and train on that",
     )
-    pipeline.read_pipeline_defaults(
-        root
-    )  # a damaged pipeline_defaults.json is an error now, not after caching
+    pipeline.read_pipeline_defaults(root)  # a damaged pipeline_defaults.json: an error now, not after caching
     return class_name
 
 

@@ -20,16 +20,20 @@ import hashlib
 import math
 import os
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
+import torch.distributed as dist
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from . import images, pipeline, weights
 from .train_config import TrainConfig
+from .vae import LATENTS_MEAN, LATENTS_STD
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -502,3 +506,116 @@ def build_caches(
         else []
     )
     return cache, class_cache
+
+
+# ---------------------------------------------------------------------------------------------
+# Before the loop: the examples sized and cached, the validation prompts encoded
+# ---------------------------------------------------------------------------------------------
+
+
+def vae_stats(root: Path):
+    """The per-channel mean and std that normalise the VAE's latents: its config's, else the official ones."""
+    raw = weights.read_config(root / "vae")
+    return raw.get("latents_mean", LATENTS_MEAN), raw.get("latents_std", LATENTS_STD)
+
+
+def validation_entries(c: TrainConfig, pipe, edit: bool) -> list[dict]:
+    """The validation prompts' embeddings and the negative prompt's (--validation_negative_prompt), and Edit's
+    condition latents, computed while the text encoder is loaded, at --resolution (Edit: the condition
+    image's bucket)."""
+    entries = []
+    controls = [Path(p) for p in c.validation_image]  # check_config: one per prompt
+    for i, prompt in enumerate(c.validation_prompt):
+        if not edit:
+            embeds, mask = pipe.encode_prompt(prompt, max_sequence_length=c.max_sequence_length)
+            negative, _ = pipe.encode_prompt(
+                c.validation_negative_prompt, max_sequence_length=c.max_sequence_length
+            )
+            entries.append(
+                {
+                    "prompt_embeds": embeds[0].float().cpu(),
+                    "negative_embeds": negative[0].float().cpu(),
+                    "size": (c.resolution, c.resolution),
+                }
+            )
+            continue
+        size = bucket_size(*images.image_size(controls[i]), c.resolution, c.square)
+        condition, vae_images = condition_images(pipe, [controls[i]], size)
+        features = pipe.image_features(condition)
+        tokens, shapes = pipe.encode_image_latents(vae_images)
+        entries.append(
+            {
+                "prompt_embeds": pipe.encode_prompt(prompt, features)[0][0].float().cpu(),
+                "negative_embeds": pipe.encode_prompt(c.validation_negative_prompt, features)[0][0]
+                .float()
+                .cpu(),
+                "size": size,
+                "control_tokens": tokens[0].float().cpu(),
+                "control_shapes": torch.tensor(shapes),
+            }
+        )
+    return entries
+
+
+def prepare_cache(
+    c: TrainConfig,
+    root: Path,
+    edit: bool,
+    device,
+    weight_dtype,
+    main_process: bool,
+    world: int,
+    progress: bool,
+):
+    """Read and size the examples, fill the cache: the main process encodes while the others wait, then they
+    read the same files. -> (the pipeline without its text encoder, kept for validation (None on the other
+    processes or without validation prompts), the TrainingData, the validation entries)."""
+    pipe = None
+    if main_process:
+        cls = pipeline.QwenImageEditPipeline if edit else pipeline.QwenImagePipeline
+        pipe = cls.from_pretrained(
+            root, device=device, dtype=weight_dtype, offload=device.type == "cuda", load_transformer=False
+        )  # loaded in prepare_model, where it is trained
+    examples, class_examples, sizes, cache_dir = prepare_data(c, pipe, Path(c.out))
+    if len(examples) < c.train_batch_size:
+        warnings.warn(
+            f"--train_batch_size {c.train_batch_size} is more than the {len(examples)} examples: "
+            "every micro-batch is the whole data set",
+            stacklevel=3,
+        )
+    model_id = f"{model_fingerprint(root)}:{weight_dtype}"  # a bf16 cache is not an fp32 one
+    validation = []
+    if main_process:
+        cache, class_cache = build_caches(
+            pipe, examples, class_examples, sizes, cache_dir, c, model_id, progress
+        )
+        validation = validation_entries(c, pipe, edit)
+        pipe.text_encoder = None  # the text encoder leaves memory here
+        if edit:
+            pipe.vision_tower = None
+        if not validation:
+            pipe = None  # and without validation, the VAE too
+    if world > 1:
+        dist.barrier()
+    if not main_process:
+        cache, class_cache = build_caches(
+            None, examples, class_examples, sizes, cache_dir, c, model_id, progress=False
+        )
+    latents_mean, latents_std = (torch.tensor(v).view(1, -1, 1, 1) for v in vae_stats(root))  # (1, 16, 1, 1)
+    data = TrainingData(cache, class_cache, tuple(tuple(s) for s in sizes), latents_mean, latents_std)
+    return pipe, data, validation
+
+
+# ---------------------------------------------------------------------------------------------
+# What the loop draws from
+# ---------------------------------------------------------------------------------------------
+
+
+class TrainingData(NamedTuple):
+    """What the loop draws its micro-batches from."""
+
+    cache: list  # the cache file of every example (train_data.build_cache)
+    class_cache: list  # and of its class image (prior preservation), or []
+    buckets: tuple  # every example's (height, width)
+    latents_mean: torch.Tensor  # (1, C, 1, 1): normalise the cached latents (vae_stats)
+    latents_std: torch.Tensor  # (1, C, 1, 1)

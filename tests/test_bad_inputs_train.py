@@ -279,7 +279,7 @@ def test_validation_uses_the_model_folders_negative_prompt_cfg_and_steps(model, 
     )
     assert (c.validation_cfg, c.validation_inference_steps, c.validation_negative_prompt) == (2.0, 7, "")
     pipe = PromptRecorder()
-    train.validation_entries(c, pipe, edit=False)
+    train_data.validation_entries(c, pipe, edit=False)
     assert pipe.prompts == ["a red square", ""]  # before: " ", hard-coded
     flags = train_config.parse_args(
         ["--model", str(own), "--data", "d", "--out", "o", "--validation_negative_prompt", "blurry"]
