@@ -67,7 +67,7 @@ from typing import Callable
 
 import torch
 
-from qwenimage_minimal import fp8, lora, mmdit, text_encoder, vae, vision, weights
+from qwenimage_minimal import fp8, lora, mmdit, text_encoder, vae, vision, weights, writing
 
 
 @dataclass
@@ -616,7 +616,7 @@ def convert(
             f"the source {src} is one of the files that converting into {dst} replaces: write the "
             "output to another folder (and move it afterwards)"
         )
-    weights.check_writable_folder(dst.parent, f"cannot write {dst}")
+    writing.check_writable_folder(dst.parent, f"cannot write {dst}")
 
     sources, stripped = _source_tensors(src, comp, None if src.is_dir() else prefix)
     headers = {path: weights.SafetensorsFile(path) for path in {p for p, _ in sources.values()}}
@@ -705,7 +705,7 @@ def convert(
     needed = sum(sizes.values())
     free = shutil.disk_usage(dst.parent).free
     if needed > free:
-        raise weights.OutputError(
+        raise writing.OutputError(
             28,
             f"cannot write {dst}: it needs {needed / 2**30:.2f} GiB and the disk has "
             f"{free / 2**30:.2f} GiB free; nothing was changed",
@@ -713,23 +713,23 @@ def convert(
 
     # Write everything under a temporary name beside dst, check it, then put it in place.
     staging = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".partial", dir=dst.parent))
-    os.chmod(staging, 0o777 & ~weights.current_umask())  # it may become dst: a plain folder's permissions
+    os.chmod(staging, 0o777 & ~writing.current_umask())  # it may become dst: a plain folder's permissions
     try:
-        with weights.output_errors(dst):
+        with writing.output_errors(dst):
             header = [(out_name[n], out_shape[n], out_dtype[n]) for n in names]
             if to_file:
                 written = [staging / dst.name]
-                weights.write_safetensors(written[0], header, tensors(names))
+                writing.write_safetensors(written[0], header, tensors(names))
             else:  # the official layout: one file or shards + index, config.json
-                written = weights.write_folder(
+                written = writing.write_folder(
                     staging,
                     comp.stem,
-                    weights.plan_shards(header, max_shard_size),
+                    writing.plan_shards(header, max_shard_size),
                     tensors(names),
                     config_json,
                 )
         _verify(written, {out_name[n]: (out_shape[n], sizes[n]) for n in names})
-        with weights.output_errors(dst):
+        with writing.output_errors(dst):
             files = _put_in_place(staging, written, dst, replaced, to_file)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -845,12 +845,12 @@ def _verify(files: list[Path], planned: dict) -> None:
         h = weights.SafetensorsFile(f)
         for k in h.keys():
             if k in written:
-                raise weights.OutputError(
+                raise writing.OutputError(
                     errno.EIO, f"tensor {k} was written twice; nothing was put in place"
                 )
             written[k] = (h.shape(k), h.nbytes(k))
     if written != planned:
-        raise weights.OutputError(
+        raise writing.OutputError(
             errno.EIO,
             "the written files do not hold exactly the planned tensors (a faulty "
             "disk?); nothing was put in place",

@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from timing import median_seconds_alternating  # noqa: E402
 
-from qwenimage_minimal import mmdit, weights  # noqa: E402
+from qwenimage_minimal import mmdit, weights, writing  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -83,7 +83,7 @@ def write_checkpoint(folder: Path, num_layers: int, shard_bytes: int) -> int:
     single = folder.parent / "single.safetensors"
     entries = [(k, tuple(v.shape), torch.float32) for k, v in model.state_dict().items()]
     g = torch.Generator().manual_seed(0)
-    weights.write_safetensors(single, entries, (torch.randn(s, generator=g) * 0.02 for _, s, _ in entries))
+    writing.write_safetensors(single, entries, (torch.randn(s, generator=g) * 0.02 for _, s, _ in entries))
     weights_convert.convert(single, folder, max_shard_size=shard_bytes, log=lambda *a: None)
     single.unlink()
     return sum(torch.Size(s).numel() * 4 for _, s, _ in entries)

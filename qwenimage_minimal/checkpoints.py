@@ -34,7 +34,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from . import lora, mmdit, weights
+from . import lora, mmdit, weights, writing
 from .distributed import unwrap
 from .train_config import TrainConfig
 
@@ -61,9 +61,9 @@ def prepare_out(out: Path, resuming: bool, main_process: bool) -> None:
     """--out before a run: a folder that can be written, cleared of an interrupted save's staging folders, and
     refused when it holds an earlier run's checkpoints that this run would mix with its own, or the final
     result of a finished run that this one would overwrite."""
-    weights.check_writable_folder(out, f"--out {out}")
+    writing.check_writable_folder(out, f"--out {out}")
     # Debris of an interrupted save (a staging folder), or of a process killed while it wrote a file (the
-    # temporary files of weights.atomic_write and finish: .NAME.*.partial)
+    # temporary files of writing.atomic_write and finish: .NAME.*.partial)
     for leftover in [*out.glob(".checkpoint-*"), *out.glob(".*.partial")]:
         if main_process and leftover.is_dir():
             shutil.rmtree(leftover, ignore_errors=True)
@@ -145,10 +145,10 @@ def save_checkpoint(
             tensors.update({f"param.{n}": p.detach().float().cpu() for n, p in trainable.items()})
         else:
             header = [(name, tuple(t.shape), t.dtype) for name, t in full_state.items()]
-            weights.write_folder(
+            writing.write_folder(
                 staging / "transformer",
                 mmdit.WEIGHTS_STEM,
-                weights.plan_shards(header),
+                writing.plan_shards(header),
                 full_state.values(),
                 unwrap(model).config.to_json(),
             )
@@ -156,13 +156,13 @@ def save_checkpoint(
             for key, value in entry.items():
                 tensors[f"optim.{name}.{key}"] = torch.as_tensor(value).detach().cpu()
         names = sorted(tensors)
-        weights.write_safetensors(
+        writing.write_safetensors(
             staging / "training_state.safetensors",
             [(n, tuple(tensors[n].shape), tensors[n].dtype) for n in names],
             [tensors[n] for n in names],
         )
         groups = [{k: v for k, v in g.items() if k != "params"} for g in optim_state["param_groups"]]
-        weights.write_json(
+        writing.write_json(
             staging / "trainer_state.json", {"step": step, "param_groups": groups, "run": identity}
         )
         old = out / f".checkpoint-{step}.old-{os.getpid()}"
@@ -365,7 +365,7 @@ def trim_log(path: Path, step: int) -> None:
     """Keep the rows of log.jsonl up to `step`: a resumed run continues the log of the steps it continues from."""
     if path.exists():
         kept = [row for row in read_log(path) if row["step"] <= step]
-        with weights.atomic_write(path, "w") as f:
+        with writing.atomic_write(path, "w") as f:
             f.write("".join(json.dumps(row) + "\n" for row in kept))
 
 

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
 
-from . import weights
+from . import weights, writing
 
 # ---------------------------------------------------------------------------------------------
 # A file -> PIL image, any image -> PIL RGB
@@ -266,7 +266,7 @@ def plot_loss(rows: list[dict], png) -> None:
     d.text((m, 12), f"training loss (running mean in dark blue), steps {steps[0]}-{steps[-1]}", fill="black")
     d.text((4, m - 6), f"{hi:.3g}", fill="black")
     d.text((4, H - m - 6), f"{lo:.3g}", fill="black")
-    with weights.atomic_write(png) as f:
+    with writing.atomic_write(png) as f:
         image.save(f, format="PNG")
 
 
@@ -291,14 +291,14 @@ def check_output_path(path, overwrite: bool = False, name: str = "--out") -> Pat
         )
     if path.exists() and not overwrite:
         raise ValueError(f"{name} {path} already exists: pass --overwrite to replace it")
-    weights.check_writable_folder(path.parent, f"{name} {path}", create=False)
+    writing.check_writable_folder(path.parent, f"{name} {path}", create=False)
     return path
 
 
 def save_image(image, path) -> None:
-    """Save a PIL image all or nothing (weights.atomic_write): a failed write leaves the old file as it was."""
+    """Save a PIL image all or nothing (writing.atomic_write): a failed write leaves the old file as it was."""
     path = Path(path)
-    with weights.atomic_write(path) as f:
+    with writing.atomic_write(path) as f:
         image.save(f, format=Image.registered_extensions()[path.suffix.lower()])
 
 

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import weights
+from . import weights, writing
 
 # Which Linear layers of the blocks get adapters (module-name suffixes, as PEFT's target_modules).
 ATTENTION_IMAGE = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0")
@@ -547,6 +547,6 @@ def write_lora(path, adapters: dict, format: str = "diffusers") -> None:
             )
         }
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    weights.write_safetensors(
+    writing.write_safetensors(
         path, [(k, tuple(v.shape), v.dtype) for k, v in tensors.items()], tensors.values(), metadata=metadata
     )

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
-from . import weights
+from . import weights, writing
 from .images import ImageProcessorConfig
 from .mmdit import WEIGHTS_STEM as TRANSFORMER_STEM
 from .mmdit import MMDiT, MMDiTConfig
@@ -157,7 +157,7 @@ def write_checkpoint(
     )
     if edit:
         (root / "processor").mkdir(exist_ok=True)
-        weights.write_json(root / "processor" / "preprocessor_config.json", ImageProcessorConfig().to_json())
+        writing.write_json(root / "processor" / "preprocessor_config.json", ImageProcessorConfig().to_json())
 
     for folder, model, stem, config in (
         ("transformer", transformer, TRANSFORMER_STEM, size.transformer),
@@ -165,9 +165,9 @@ def write_checkpoint(
     ):
         write_component(root / folder, stem, [named_tensors(model)], config.to_json())
     (root / "scheduler").mkdir(exist_ok=True)
-    weights.write_json(root / "scheduler" / "scheduler_config.json", size.scheduler.to_json())
+    writing.write_json(root / "scheduler" / "scheduler_config.json", size.scheduler.to_json())
 
-    weights.write_json(
+    writing.write_json(
         root / "model_index.json",
         {
             "_class_name": pipeline_class,
@@ -186,9 +186,9 @@ def write_checkpoint(
 def write_component(
     folder: Path, stem: str, parts: list[list[tuple[str, torch.Tensor]]], config: dict
 ) -> None:
-    """A component folder through weights.write_folder: each part [(name, tensor)] in a file of its own
+    """A component folder through writing.write_folder: each part [(name, tensor)] in a file of its own
     (one part: `<stem>.safetensors`), then config.json."""
-    weights.write_folder(
+    writing.write_folder(
         folder,
         stem,
         [[(n, tuple(t.shape), t.dtype) for n, t in part] for part in parts],
@@ -205,7 +205,7 @@ def named_tensors(model: torch.nn.Module, prefix: str = "") -> list[tuple[str, t
 def save_tensors(model: torch.nn.Module, path: Path, prefix: str = "") -> list[str]:
     """Write a module's state dict to one safetensors file, names behind `prefix`. -> the names written."""
     named = named_tensors(model, prefix)
-    weights.write_safetensors(path, [(n, tuple(v.shape), v.dtype) for n, v in named], [v for _, v in named])
+    writing.write_safetensors(path, [(n, tuple(v.shape), v.dtype) for n, v in named], [v for _, v in named])
     return [n for n, _ in named]
 
 
@@ -252,8 +252,8 @@ def write_tokenizer_folder(folder, vocab_json=None, merges_txt=None) -> Path:
         "tokenizer_class": "Qwen2Tokenizer",
         "unk_token": None,
     }
-    weights.write_json(folder / "tokenizer_config.json", config)
-    weights.write_json(
+    writing.write_json(folder / "tokenizer_config.json", config)
+    writing.write_json(
         folder / "added_tokens.json", {t: FIRST_ADDED_ID + i for i, t in enumerate(QWEN25_ADDED_TOKENS)}
     )
     return folder

@@ -58,7 +58,7 @@ import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import checkpoints, distributed, images, lora, mmdit, pipeline, scheduler, train_data, weights
+from . import checkpoints, distributed, images, lora, mmdit, pipeline, scheduler, train_data, weights, writing
 from .train_config import TrainConfig, check_config, parse_args, with_model_defaults
 
 # ---------------------------------------------------------------------------------------------
@@ -465,7 +465,7 @@ def train(c: TrainConfig, progress: bool = True) -> Path:
     step = checkpoints.resume_from_flag(resumed, identity, model, optimizer, trainable, c)
     saved = resumed
     if main_process:
-        weights.write_json(out / "train_config.json", c.to_json())
+        writing.write_json(out / "train_config.json", c.to_json())
         print(startup_summary(c, data, trainable, device, world, step), flush=True)
 
     # 4. The loop.

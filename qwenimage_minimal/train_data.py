@@ -31,7 +31,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from . import images, pipeline, weights
+from . import images, pipeline, weights, writing
 from .train_config import TrainConfig
 from .vae import LATENTS_MEAN, LATENTS_STD
 
@@ -371,7 +371,7 @@ def build_cache(
             )
             for i, entry in zip(chunk, entries):
                 names = sorted(entry)
-                weights.write_safetensors(
+                writing.write_safetensors(
                     paths[i],
                     [(n, tuple(entry[n].shape), entry[n].dtype) for n in names],
                     [entry[n] for n in names],
@@ -386,7 +386,7 @@ STALE_AFTER_S = 600  # a cache file is written in well under a second: a tempora
 
 
 def remove_stale_temporary_files(folder: Path) -> None:
-    """The temporary files weights.atomic_write leaves when its process is killed (SIGKILL, power cut: no
+    """The temporary files writing.atomic_write leaves when its process is killed (SIGKILL, power cut: no
     clean-up runs), .<key>.safetensors.<random>.partial. Only the stale ones: another run sharing the cache
     may be writing its own right now."""
     now = time.time()

@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 
 import weights_convert
 from qwenimage_minimal import __main__ as cli
-from qwenimage_minimal import images, mmdit, pipeline, sizes, text_encoder, tokenizer, vae, weights
+from qwenimage_minimal import images, mmdit, pipeline, sizes, text_encoder, tokenizer, vae, weights, writing
 
 ROOT = Path(__file__).resolve().parents[1]
 STEM = mmdit.WEIGHTS_STEM
@@ -121,7 +121,7 @@ def test_a_full_disk_mid_write_keeps_the_previous_output(tiny, tmp_path, monkeyp
     before = snapshot(tmp_path)
     fill_the_disk_after(monkeypatch, 200_000)
     with pytest.raises(
-        weights.OutputError, match=rf"cannot write {out}: the disk is full; the previous output"
+        writing.OutputError, match=rf"cannot write {out}: the disk is full; the previous output"
     ):
         weights_convert.convert(
             tiny / "transformer",
@@ -139,7 +139,7 @@ def test_not_enough_free_space_is_said_before_writing(tiny, tmp_path, monkeypatc
         weights_convert.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10, 10, 1000)
     )
     with pytest.raises(
-        weights.OutputError, match=r"needs 0.00 GiB and the disk has 0.00 GiB free; nothing was changed"
+        writing.OutputError, match=r"needs 0.00 GiB and the disk has 0.00 GiB free; nothing was changed"
     ):
         weights_convert.convert(tiny / "transformer", tmp_path / "t", log=lambda *a: None)
     assert not (tmp_path / "t").exists() and leftovers(tmp_path) == []
@@ -179,7 +179,7 @@ weights_convert.convert({str(tiny / "transformer")!r}, {str(out)!r}, overwrite=T
 
 def test_converter_destination_errors(tiny, tmp_path):
     (tmp_path / "a_file").write_text("x")
-    with pytest.raises(weights.OutputError, match="a_file is a file, not a folder"):
+    with pytest.raises(writing.OutputError, match="a_file is a file, not a folder"):
         weights_convert.convert(tiny / "transformer", tmp_path / "a_file" / "t", log=lambda *a: None)
     with pytest.raises(FileExistsError, match="exists and is a file, but the output is a folder"):
         weights_convert.convert(
@@ -200,7 +200,7 @@ def test_a_failed_image_write_keeps_the_previous_image(tmp_path, monkeypatch):
     images.save_image(Image.new("RGB", (32, 16), (200, 10, 10)), path)
     before = path.read_bytes()
     fill_the_disk_after(monkeypatch, 100)
-    with pytest.raises(weights.OutputError, match="out.png: the disk is full"):
+    with pytest.raises(writing.OutputError, match="out.png: the disk is full"):
         images.save_image(Image.effect_noise((64, 64), 50).convert("RGB"), path)
     assert path.read_bytes() == before and os.listdir(tmp_path) == ["out.png"]
 
@@ -374,7 +374,7 @@ def test_weights_that_overflow_the_requested_dtype_are_told_apart_from_damage(ti
 
 def test_converted_folders_get_ordinary_permissions(tiny, tmp_path):
     weights_convert.convert(tiny / "transformer", tmp_path / "t", log=lambda *a: None)
-    expected = 0o777 & ~weights.current_umask()
+    expected = 0o777 & ~writing.current_umask()
     assert (tmp_path / "t").stat().st_mode & 0o777 == expected
     assert (tmp_path / "t" / "config.json").stat().st_mode & 0o777 == expected & 0o666
 

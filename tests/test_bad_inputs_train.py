@@ -137,7 +137,7 @@ def test_the_cache_removes_stale_temporary_files_and_recomputes_damaged_entries(
     data = squares(tmp_path / "data")
     cache = tmp_path / "out" / "cache"
     cache.mkdir(parents=True)
-    # what weights.atomic_write leaves when SIGKILL stops it: .<name>.<random>.partial
+    # what writing.atomic_write leaves when SIGKILL stops it: .<name>.<random>.partial
     stale, fresh = cache / ".0123abcd.safetensors.k1ll3d.partial", cache / ".4567.safetensors.wr1t1ng.partial"
     stale.write_bytes(b"\0" * 100)
     fresh.write_bytes(b"\0" * 100)  # another run sharing the cache may be writing it now: kept

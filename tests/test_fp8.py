@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 
 import weights_convert
 from conftest import max_rel_err, randomize_
-from qwenimage_minimal import fp8, lora, mmdit, pipeline, weights
+from qwenimage_minimal import fp8, lora, mmdit, pipeline, weights, writing
 
 CONFIG = mmdit.MMDiTConfig(
     num_layers=2, num_attention_heads=2, attention_head_dim=128, joint_attention_dim=64
@@ -76,12 +76,12 @@ def nbytes(model):
 
 def write_folder(folder, state, config=CONFIG):
     folder.mkdir(parents=True, exist_ok=True)
-    weights.write_safetensors(
+    writing.write_safetensors(
         folder / "diffusion_pytorch_model.safetensors",
         [(k, tuple(v.shape), v.dtype) for k, v in state.items()],
         state.values(),
     )
-    weights.write_json(folder / "config.json", config.to_json())
+    writing.write_json(folder / "config.json", config.to_json())
     return folder
 
 

@@ -24,7 +24,7 @@ from qwenimage_minimal import (
     train,
     train_config,
     train_data,
-    weights,
+    writing,
 )
 
 COLOURS = {"red": (220, 30, 30), "blue": (30, 60, 220), "green": (30, 180, 60), "yellow": (230, 210, 40)}
@@ -587,14 +587,14 @@ def test_a_crash_mid_save_leaves_the_previous_checkpoints_whole(model, tmp_path,
     data = squares(tmp_path / "data")
     out = tmp_path / "out"
     train.train(config(model, data, out, max_train_steps=2, checkpointing_steps=2), progress=False)
-    real = weights.write_safetensors
+    real = writing.write_safetensors
 
     def full_disk(path, *args, **kwargs):
         if Path(path).name == "training_state.safetensors":
-            raise weights.OutputError(28, f"cannot write {path}: the disk is full")
+            raise writing.OutputError(28, f"cannot write {path}: the disk is full")
         return real(path, *args, **kwargs)
 
-    monkeypatch.setattr(weights, "write_safetensors", full_disk)
+    monkeypatch.setattr(writing, "write_safetensors", full_disk)
     with pytest.raises(OSError, match="the disk is full"):
         train.train(
             config(

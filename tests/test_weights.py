@@ -10,7 +10,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from conftest import randomize_
-from qwenimage_minimal import mmdit, weights
+from qwenimage_minimal import mmdit, weights, writing
 
 TINY = dict(
     num_layers=2,
@@ -75,7 +75,7 @@ def test_our_reader_agrees_with_the_safetensors_library(reference, tmp_path):
         "e": torch.zeros(0, 3),
     }
     out = tmp_path / "x.safetensors"
-    weights.write_safetensors(
+    writing.write_safetensors(
         out, [(k, tuple(v.shape), v.dtype) for k, v in tensors.items()], tensors.values()
     )
     with safe_open(out, framework="pt") as f:

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from .. import checkpoints, images, mmdit, pipeline, weights
+from .. import checkpoints, images, mmdit, pipeline, weights, writing
 from .. import vae as vae_file
 from . import NanoConfig, scenes
 from .vae_training import psnr
@@ -73,8 +73,8 @@ def measure(c: NanoConfig, log=print) -> dict:
     rows = checkpoints.read_log(out / "run" / "log.jsonl")
     report["mmdit"]["log"] = [r for r in rows if r["step"] % 10 == 0]  # every 10th step: the curve, small
     report["measure_minutes"] = round((time.time() - start) / 60, 2)
-    weights.write_json(out / "report.json", report)
-    weights.write_json(model / "report.json", report)
+    writing.write_json(out / "report.json", report)
+    writing.write_json(model / "report.json", report)
     return report
 
 
@@ -85,7 +85,7 @@ def store_in_bf16(folder) -> None:
     for path in sorted(Path(folder).rglob("*.safetensors")):
         tensors = load_file(path)
         tensors = {n: t.to(torch.bfloat16) if t.is_floating_point() else t for n, t in tensors.items()}
-        weights.write_safetensors(
+        writing.write_safetensors(
             path, [(n, tuple(t.shape), t.dtype) for n, t in tensors.items()], tensors.values()
         )
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .. import checkpoints, sizes, train, train_config, weights
+from .. import checkpoints, sizes, train, train_config, writing
 from .. import vae as vae_file
 from ..pipeline import loading as pipeline_loading
 from . import QUICK, NanoConfig, scenes
@@ -43,7 +43,7 @@ def prepare_out(out: Path, overwrite: bool = False) -> None:
         raise ValueError(
             f"--out {out} is a file: give a folder (the recipe writes data/, run/ and model/ in it)"
         )
-    weights.check_writable_folder(out, f"--out {out}")
+    writing.check_writable_folder(out, f"--out {out}")
     entries = sorted(p.name for p in out.iterdir())
     if entries and MARKER not in entries:
         raise ValueError(
@@ -61,7 +61,7 @@ def prepare_out(out: Path, overwrite: bool = False) -> None:
             f"--out {out} holds a finished nano model ({out / 'model'}): pass --overwrite to train a new one "
             "in its place, or choose another --out"
         )
-    with weights.atomic_write(out / MARKER, "w") as f:
+    with writing.atomic_write(out / MARKER, "w") as f:
         f.write("the work folder of `python -m qwenimage_minimal train-nano` (nano/recipe.py)\n")
     for leftover in ENTRIES[1:]:  # a fresh run: nothing of an earlier one is mixed in
         path = out / leftover
@@ -90,7 +90,7 @@ def build(c: NanoConfig, log=print, overwrite: bool = False) -> dict:
     # 1. a random nano Qwen-Image in the official layout; 2. its VAE trained, its latent statistics measured
     model = sizes.write_checkpoint(out / "model", "nano", seed=c.seed)
     # what the model is made to sample with, read by the pipelines and by train.py's validation
-    weights.write_json(
+    writing.write_json(
         model / pipeline_loading.DEFAULTS_FILE,
         {
             "height": c.size,
@@ -121,7 +121,7 @@ def build(c: NanoConfig, log=print, overwrite: bool = False) -> dict:
     mean, std = latent_statistics(autoencoder.eval(), pictures[:1000])
     config = dataclasses.replace(autoencoder.config, latents_mean=mean, latents_std=std)
     sizes.save_tensors(autoencoder, model / "vae" / f"{vae_file.WEIGHTS_STEM}.safetensors")
-    weights.write_json(model / "vae" / "config.json", config.to_json())
+    writing.write_json(model / "vae" / "config.json", config.to_json())
     report["vae"] = {
         **first_and_last([r["reconstruction"] for r in rows]),
         "held_out_psnr": rows[-1]["held_out_psnr"],
@@ -166,7 +166,7 @@ def build(c: NanoConfig, log=print, overwrite: bool = False) -> dict:
     shutil.copytree(out / "run" / "transformer", model / "transformer")
 
     report["minutes"] = minutes()
-    weights.write_json(out / "report.json", report)
+    writing.write_json(out / "report.json", report)
     return measure(c, log=lambda m: log(f"[{minutes()} min] {m}"))
 
 

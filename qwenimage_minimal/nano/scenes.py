@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from .. import images, weights
+from .. import images, writing
 
 COLOURS = {
     "red": (220, 40, 40),
@@ -196,11 +196,11 @@ def make_scenes(n: int, seed: int = 0, split: str = "train", two_object_fraction
 def write_dataset(folder, n: int, seed: int = 0, split: str = "train", size: int = 128) -> list[Scene]:
     """n scenes as a training folder (scene-00000.png + scene-00000.txt, ...), the layout `train.py` reads."""
     folder = Path(folder)
-    weights.check_writable_folder(folder, f"cannot write the scenes to {folder}")
+    writing.check_writable_folder(folder, f"cannot write the scenes to {folder}")
     made = make_scenes(n, seed, split)
     for i, scene in enumerate(made):
         images.save_image(render(scene, size), folder / f"scene-{i:05d}.png")
-        with weights.atomic_write(folder / f"scene-{i:05d}.txt", "w") as f:
+        with writing.atomic_write(folder / f"scene-{i:05d}.txt", "w") as f:
             f.write(caption(scene) + "\n")
     return made
 
