@@ -6,9 +6,11 @@ tensors (norm weights and biases too, so a forgotten one changes the output), sa
 """
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image, ImageDraw
 
 torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
 
@@ -38,3 +40,20 @@ def max_rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
 @pytest.fixture(scope="session")
 def tmp_root(tmp_path_factory):
     return tmp_path_factory.mktemp("ckpt")
+
+
+COLOURS = {"red": (220, 30, 30), "blue": (30, 60, 220), "green": (30, 180, 60), "yellow": (230, 210, 40)}
+
+
+def squares(folder: Path, size=(64, 64), captions=True) -> Path:
+    """Four pictures: a coloured square on a light background, captioned with its colour."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, rgb in COLOURS.items():
+        im = Image.new("RGB", size, (240, 240, 240))
+        ImageDraw.Draw(im).rectangle(
+            [size[0] // 4, size[1] // 4, 3 * size[0] // 4, 3 * size[1] // 4], fill=rgb
+        )
+        im.save(folder / f"{name}.png")
+        if captions:
+            (folder / f"{name}.txt").write_text(f"a {name} square\n")
+    return folder

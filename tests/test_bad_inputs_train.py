@@ -7,35 +7,20 @@ import math
 import os
 import shutil
 import time
-from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 
 import weights_convert
+from conftest import squares
 from qwenimage_minimal import checkpoints, sizes, train, train_config, train_data, weights
 from qwenimage_minimal.nano import NanoConfig, recipe
-
-COLOURS = {"red": (220, 30, 30), "blue": (30, 60, 220), "green": (30, 180, 60), "yellow": (230, 210, 40)}
 
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
     return sizes.write_checkpoint(tmp_path_factory.mktemp("train") / "tiny", "tiny")
-
-
-def squares(folder: Path, size=(64, 64)) -> Path:
-    """Four captioned pictures: a coloured square on a light background."""
-    folder.mkdir(parents=True, exist_ok=True)
-    for name, rgb in COLOURS.items():
-        im = Image.new("RGB", size, (240, 240, 240))
-        ImageDraw.Draw(im).rectangle(
-            [size[0] // 4, size[1] // 4, 3 * size[0] // 4, 3 * size[1] // 4], fill=rgb
-        )
-        im.save(folder / f"{name}.png")
-        (folder / f"{name}.txt").write_text(f"a {name} square\n")
-    return folder
 
 
 def config(model, data, out, **overrides):

@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 from safetensors.torch import load_file
 
+from conftest import COLOURS, squares
 from qwenimage_minimal import __main__ as cli
 from qwenimage_minimal import (
     checkpoints,
@@ -27,8 +28,6 @@ from qwenimage_minimal import (
     writing,
 )
 
-COLOURS = {"red": (220, 30, 30), "blue": (30, 60, 220), "green": (30, 180, 60), "yellow": (230, 210, 40)}
-
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
@@ -40,20 +39,6 @@ def edit_model(tmp_path_factory):
     return sizes.write_checkpoint(
         tmp_path_factory.mktemp("train") / "edit", "tiny", "QwenImageEditPlusPipeline"
     )
-
-
-def squares(folder: Path, size=(64, 64), captions=True) -> Path:
-    """Four pictures: a coloured square on a light background, captioned with its colour."""
-    folder.mkdir(parents=True, exist_ok=True)
-    for name, rgb in COLOURS.items():
-        im = Image.new("RGB", size, (240, 240, 240))
-        ImageDraw.Draw(im).rectangle(
-            [size[0] // 4, size[1] // 4, 3 * size[0] // 4, 3 * size[1] // 4], fill=rgb
-        )
-        im.save(folder / f"{name}.png")
-        if captions:
-            (folder / f"{name}.txt").write_text(f"a {name} square\n")
-    return folder
 
 
 def config(model, data, out, **overrides):
