@@ -34,6 +34,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from . import ema as ema_file
 from . import lora, mmdit, weights, writing
 from .distributed import unwrap
 from .train_config import TrainConfig
@@ -90,6 +91,8 @@ def run_identity(c: TrainConfig, world: int, cache: list[Path]) -> dict:
     computes, the number of processes, and the examples by content, not by path (a digest of their cache
     keys: pictures, captions and sizes), so that a data folder moved or copied elsewhere still resumes."""
     identity = {k: getattr(c, k) for k in RUN_FIELDS}
+    if c.use_ema:  # only then: checkpoints from before --use_ema existed stay this run's
+        identity.update(use_ema=True, ema_decay=c.ema_decay)
     examples_digest = hashlib.sha256("".join(p.name for p in cache).encode()).hexdigest()[:16]
     identity.update(
         model=str(Path(c.model).resolve()),
@@ -125,14 +128,17 @@ def save_checkpoint(
     trainable: dict,
     full_state: dict | None,
     optim_state: dict,
+    ema: dict | None = None,
 ) -> Path:
     """out/checkpoint-<step>/, written in a hidden staging folder and renamed into place: a crash leaves
     either the previous checkpoints or the new one complete, never a half-written one.
 
     lora.safetensors          the adapter, diffusers format (loads in the pipelines, --lora, diffusers)
     transformer/              full fine-tuning: the transformer, official layout (fp32 master weights)
-    training_state.safetensors  trainable weights as trained (LoRA), AdamW moments (no RNG state: every
-                              draw is seeded by (seed, micro-batch), see train_data.micro_batch_seed)
+    training_state.safetensors  trainable weights as trained (LoRA; with --use_ema both kinds), AdamW
+                              moments, the average (--use_ema); no RNG state: every draw is seeded by (seed,
+                              micro-batch), see train_data.micro_batch_seed
+    With --use_ema the adapter or transformer/ holds the average: what validation sampled, what a user loads.
     trainer_state.json        step, optimizer hyperparameters, the run's identity"""
     final = out / f"checkpoint-{step}"
     staging = out / f".checkpoint-{step}.partial-{os.getpid()}"
@@ -140,16 +146,21 @@ def save_checkpoint(
     staging.mkdir(parents=True)
     try:
         tensors = {}
+        if c.finetune == "lora" or ema:
+            tensors.update({f"param.{n}": p.detach().float().cpu().clone() for n, p in trainable.items()})
+        if ema:
+            tensors.update({f"ema.{n}": t.cpu() for n, t in ema.items()})
         if c.finetune == "lora":
-            lora.write_lora(staging / "lora.safetensors", lora.adapter_state(unwrap(model), "default"))
-            tensors.update({f"param.{n}": p.detach().float().cpu() for n, p in trainable.items()})
+            with ema_file.swapped_in(trainable, ema):
+                lora.write_lora(staging / "lora.safetensors", lora.adapter_state(unwrap(model), "default"))
         else:
-            header = [(name, tuple(t.shape), t.dtype) for name, t in full_state.items()]
+            state = {k: ema[k] if ema and k in ema else v for k, v in full_state.items()}
+            header = [(name, tuple(t.shape), t.dtype) for name, t in state.items()]
             writing.write_folder(
                 staging / "transformer",
                 mmdit.WEIGHTS_STEM,
                 writing.plan_shards(header),
-                full_state.values(),
+                state.values(),
                 unwrap(model).config.to_json(),
             )
         for name, entry in optim_state["state"].items():
@@ -176,11 +187,11 @@ def save_checkpoint(
     return final
 
 
-def checkpoint(out, step, model, optimizer, trainable, c, identity, main_process, world) -> Path:
+def checkpoint(out, step, model, optimizer, trainable, c, identity, main_process, world, ema=None) -> Path:
     """Gather the states (every process takes part), save on the main process; -> the checkpoint's path."""
     model_state, optim = full_states(model, optimizer, c, world)
     if main_process:
-        save_checkpoint(out, step, model, c, identity, trainable, model_state, optim)
+        save_checkpoint(out, step, model, c, identity, trainable, model_state, optim, ema)
         if c.checkpoints_total_limit:
             for old in checkpoints_in(out)[: -c.checkpoints_total_limit]:
                 shutil.rmtree(old, ignore_errors=True)
@@ -258,11 +269,11 @@ def resume_target(c: TrainConfig, out: Path, main_process: bool) -> Path | None:
 
 
 def resume_from_flag(
-    saved: Path | None, identity: dict, model, optimizer, trainable: dict, c: TrainConfig
+    saved: Path | None, identity: dict, model, optimizer, trainable: dict, c: TrainConfig, ema=None
 ) -> int:
-    """The checkpoint resume_target chose (None: a new run) loaded into the model and optimizer; -> the step
-    the run continues from."""
-    return 0 if saved is None else resume(saved, identity, model, optimizer, trainable, c)
+    """The checkpoint resume_target chose (None: a new run) loaded into the model, optimizer and average;
+    -> the step the run continues from."""
+    return 0 if saved is None else resume(saved, identity, model, optimizer, trainable, c, ema)
 
 
 def read_trainer_state(path: Path) -> dict:
@@ -293,7 +304,9 @@ def read_checkpoint(path: Path, identity: dict) -> tuple[int, dict, dict]:
     """-> (step, trainer_state, tensors), after checking the checkpoint belongs to this run and is whole."""
     state = read_trainer_state(path)
     saved = state.get("run", {})
-    differ = {k: (saved.get(k), v) for k, v in identity.items() if saved.get(k) != v}
+    differ = {
+        k: (saved.get(k), identity.get(k)) for k in {*identity, *saved} if saved.get(k) != identity.get(k)
+    }
     if differ:
         lines = "; ".join(f"{k}: checkpoint {a!r}, now {b!r}" for k, (a, b) in sorted(differ.items()))
         raise ValueError(
@@ -312,20 +325,26 @@ def read_checkpoint(path: Path, identity: dict) -> tuple[int, dict, dict]:
     return state["step"], state, tensors
 
 
-def resume(path: Path, identity: dict, model, optimizer, trainable: dict, c: TrainConfig) -> int:
-    """Load a checkpoint into the model and optimizer; -> its step."""
+def resume(
+    path: Path, identity: dict, model, optimizer, trainable: dict, c: TrainConfig, ema: dict | None = None
+) -> int:
+    """Load a checkpoint into the model, the optimizer and the average (--use_ema); -> its step."""
     step, state, tensors = read_checkpoint(path, identity)
     inner = unwrap(model)
     options = StateDictOptions(
         full_state_dict=True, strict=False
     )  # a weight that never had a gradient has no state
-    if c.finetune == "lora":
-        missing = [n for n in trainable if f"param.{n}" not in tensors]
+    if c.finetune == "lora" or ema is not None:  # the weights as trained (with --use_ema, not transformer/)
+        missing = [f"{kind}.{n}" for n in trainable for kind in ("param", "ema")[: 1 + (ema is not None)]]
+        missing = [n for n in missing if n not in tensors]
         if missing:
             raise weights.CheckpointError(
                 f"--resume_from_checkpoint {path}: training_state.safetensors lacks {len(missing)} of the "
-                f"adapter's weights (e.g. {missing[0]}); resume from another checkpoint"
+                f"trained weights (e.g. {missing[0]}); resume from another checkpoint"
             )
+        with torch.no_grad():
+            for n, average in (ema or {}).items():
+                average.copy_(tensors[f"ema.{n}"])
         with torch.no_grad():
             for n, p in trainable.items():
                 p.copy_(tensors[f"param.{n}"])

@@ -58,7 +58,19 @@ import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import checkpoints, distributed, images, lora, mmdit, pipeline, scheduler, train_data, weights, writing
+from . import (
+    checkpoints,
+    distributed,
+    ema,
+    images,
+    lora,
+    mmdit,
+    pipeline,
+    scheduler,
+    train_data,
+    weights,
+    writing,
+)
 from .train_config import TrainConfig, check_config, parse_args, with_model_defaults
 
 # ---------------------------------------------------------------------------------------------
@@ -453,6 +465,11 @@ def train(c: TrainConfig, progress: bool = True) -> Path:
             stacklevel=2,
         )
         c = dataclasses.replace(c, validation_prompt=())
+    if c.use_ema and c.finetune == "full" and world > 1:
+        raise ValueError(
+            "--use_ema keeps the average beside whole weights, and FSDP2 shards them across processes: "
+            "use --use_ema with one process, with DDP (--finetune lora), or leave it out"
+        )
 
     # 1. Data and cache (train_data.py); the pipeline stays, without its text encoder, for validation.
     pipe, data, validation = train_data.prepare_cache(
@@ -460,9 +477,10 @@ def train(c: TrainConfig, progress: bool = True) -> Path:
     )
     # 2. The model: the transformer, with what is trained in fp32.
     model, trainable, optimizer = prepare_model(c, root, world, device, weight_dtype)
-    # 3. Resume: weights and optimizer moments; the data order and every draw follow from the step.
+    # 3. Resume: weights, optimizer moments and the average; the data order and every draw follow from the step.
+    average = ema.start(trainable) if c.use_ema else None  # --use_ema: what checkpoints and samples hold
     identity = checkpoints.run_identity(c, world, data.cache)
-    step = checkpoints.resume_from_flag(resumed, identity, model, optimizer, trainable, c)
+    step = checkpoints.resume_from_flag(resumed, identity, model, optimizer, trainable, c, average)
     saved = resumed
     if main_process:
         writing.write_json(out / "train_config.json", c.to_json())
@@ -482,6 +500,8 @@ def train(c: TrainConfig, progress: bool = True) -> Path:
             model, optimizer, data, schedule, c, step, rank, world, device, weight_dtype
         )
         step += 1
+        if average is not None:
+            ema.update(average, trainable, step, c.ema_decay)
         if world > 1:
             reduced = torch.tensor([loss], device=device)  # NCCL reduces only GPU tensors
             dist.all_reduce(reduced)
@@ -499,7 +519,7 @@ def train(c: TrainConfig, progress: bool = True) -> Path:
             bar.update(1)
         if step % c.checkpointing_steps == 0 or step == c.max_train_steps:
             saved = checkpoints.checkpoint(
-                out, step, model, optimizer, trainable, c, identity, main_process, world
+                out, step, model, optimizer, trainable, c, identity, main_process, world, average
             )
         if (
             main_process
@@ -518,7 +538,8 @@ def train(c: TrainConfig, progress: bool = True) -> Path:
                     flush=True,
                 )
             bar.set_description("validating")
-            save_samples(pipe, model, validation, c, png)
+            with ema.swapped_in(trainable, average):
+                save_samples(pipe, model, validation, c, png)
             bar.set_description("training")
     bar.close()
     if main_process:

@@ -115,6 +115,12 @@ class TrainConfig:
     adam_weight_decay: float = option(1e-4, "AdamW weight decay")
     adam_epsilon: float = option(1e-8, "AdamW epsilon")
     max_grad_norm: float = option(1.0, "clip the gradient norm to this (0: no clipping)")
+    use_ema: bool = option(
+        False,
+        "keep an exponential moving average of the trained weights: checkpoints, samples and the "
+        "result are the average (ema.py)",
+    )
+    ema_decay: float = option(0.9999, "--use_ema: the average's decay (with a warmup: ema.py)")
     train_batch_size: int = option(1, "images per micro-batch per process")
     gradient_accumulation_steps: int = option(1, "micro-batches per optimizer step")
     max_train_steps: int = option(1000, "optimizer steps")
@@ -300,6 +306,7 @@ def check_numbers(c: TrainConfig) -> None:
         ("adam_weight_decay", lambda v: v >= 0, " >= 0"),
         ("adam_epsilon", lambda v: v > 0, " > 0"),
         ("max_grad_norm", lambda v: v >= 0, " >= 0 (0: no clipping)"),
+        ("ema_decay", lambda v: 0 < v < 1, " in (0, 1), e.g. 0.999"),
         ("logit_mean", lambda v: True, ""),
         ("logit_std", lambda v: v > 0, " > 0"),
         (

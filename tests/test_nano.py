@@ -17,10 +17,9 @@ def test_vae_training_lowers_the_loss_and_raises_held_out_psnr():
     torch.manual_seed(0)
     vae = QwenImageVAE(sizes.SIZES["nano"].vae)
     train, held_out = pictures(200, 0), pictures(16, 1, "held_out")
-    background = torch.tensor(scenes.BACKGROUND, dtype=torch.float32) / 127.5 - 1
     before = vae_training.psnr(vae.decode(vae.encode(held_out).mean).detach(), held_out)
     rows = vae_training.train_vae(
-        vae, train, held_out, background, steps=300, batch=16, crop=32, lr=1e-3, eval_every=300, log=print
+        vae, train, {"held_out": held_out}, steps=300, batch=16, crop=32, lr=1e-3, eval_every=300, log=print
     )
     first = sum(r["reconstruction"] for r in rows[:10]) / 10
     last = sum(r["reconstruction"] for r in rows[-10:]) / 10
@@ -31,8 +30,7 @@ def test_vae_training_lowers_the_loss_and_raises_held_out_psnr():
 
 def test_object_crops_centre_on_objects_and_latent_statistics_normalise():
     x = pictures(20, 0)
-    background = torch.tensor(scenes.BACKGROUND, dtype=torch.float32) / 127.5 - 1
-    mask = vae_training.object_mask(x, background)
+    mask = vae_training.object_mask(x)
     assert 0.02 < mask.float().mean() < 0.5  # objects are a minority of the pixels
     crops, crop_mask = vae_training.object_crops(x, mask, 32, 64, torch.Generator().manual_seed(0))
     assert crops.shape == (64, 3, 32, 32) and crop_mask.float().mean() > 2 * mask.float().mean()
@@ -46,6 +44,21 @@ def test_object_crops_centre_on_objects_and_latent_statistics_normalise():
     )
 
 
+def test_other_pictures_are_unlike_the_scenes_and_outside_scenes_hold_new_colours_and_stars():
+    others = vae_training.other_pictures(24, 64, seed=0)
+    assert others.shape == (24, 3, 64, 64) and others.min() >= -1 and others.max() <= 1
+    assert torch.equal(others, vae_training.other_pictures(24, 64, seed=0))
+    # their colours are everywhere in RGB, not the palette's nine (background included)
+    rgb = ((others + 1) * 127.5).round().permute(0, 2, 3, 1).reshape(-1, 3).unique(dim=0)
+    assert len(rgb) > 1000
+    outside = scenes.outside_scenes(30, seed=0)
+    assert all(
+        any(t.colour in scenes.NEW_COLOURS or t.shape in scenes.NEW_SHAPES for t in s.things) for s in outside
+    )
+    assert {t.colour for s in outside for t in s.things} >= set(scenes.NEW_COLOURS)
+    assert "star" in {t.shape for s in outside for t in s.things}
+
+
 def test_the_quick_recipe_lowers_both_losses_and_writes_a_loadable_model(tmp_path):
     """`train-nano --quick`: data, VAE, latent statistics, the MMDiT through train.py, scoring; about a minute."""
     from qwenimage_minimal import pipeline
@@ -57,6 +70,8 @@ def test_the_quick_recipe_lowers_both_losses_and_writes_a_loadable_model(tmp_pat
         f"{dit['loss_first']:.3f} -> {dit['loss_last']:.3f}; {report['minutes']} min"
     )
     assert dit["loss_last"] < 0.5 * dit["loss_first"] and vae["loss_last"] < 0.8 * vae["loss_first"]
+    assert set(report["vae"]["stored"]) == {"held_out_psnr", "outside_psnr", "outside_colour"}
+    assert [r["cfg"] for r in report["diversity"]] == [1.0, 1.5, 2.0, 3.0, 4.0]
     assert set(report["scores"]) == {
         "single_object",
         "single_colour",

@@ -7,7 +7,7 @@ import torch
 
 from conftest import max_rel_err
 from qwenimage_minimal import nano, pipeline, weights
-from qwenimage_minimal.nano import measure, scenes
+from qwenimage_minimal.nano import brown, measure, scenes
 
 pytestmark = pytest.mark.skipif(
     not (nano.COMMITTED / "model_index.json").is_file(), reason="checkpoints/nano is not in this checkout"
@@ -72,3 +72,42 @@ def test_the_demo_draws_a_labelled_grid_with_the_nano_model(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "NANO model" in printed and "(held out of training)" in printed
     assert Image.open(out).size[0] == 4 * 2 * 128  # 4 columns of 128 px tiles, enlarged 2x
+
+
+needs_lora = pytest.mark.skipif(not brown.COMMITTED_LORA.is_file(), reason="no committed brown LoRA")
+
+
+@needs_lora
+def test_the_brown_lora_is_small_diffusers_format_and_loads_in_diffusers_with_equal_latents(pipe):
+    from diffusers import QwenImagePipeline
+
+    assert brown.COMMITTED_LORA.stat().st_size <= 1_000_000
+    reference = QwenImagePipeline.from_pretrained(nano.COMMITTED, dtype=torch.float32)
+    reference.set_progress_bar_config(disable=True)
+    reference.load_lora_weights(str(brown.COMMITTED_LORA), adapter_name="brown")
+    pipe.load_lora_weights(brown.COMMITTED_LORA, adapter_name="brown")
+    try:
+        common = dict(
+            prompt=["a large brown triangle at the bottom right", "a small brown diamond at the top"],
+            negative_prompt="",
+            true_cfg_scale=2.0,
+            height=128,
+            width=128,
+            num_inference_steps=6,
+            output_type="latent",
+        )
+        expected = reference(generator=torch.Generator().manual_seed(0), **common).images
+        got = pipe(generator=torch.Generator().manual_seed(0), progress=False, **common).images
+        assert max_rel_err(got, expected) <= 1e-5
+    finally:
+        pipe.unload_lora_weights()
+
+
+@needs_lora
+def test_the_brown_lora_teaches_brown_in_shapes_and_cells_it_never_saw_and_forgets_nothing():
+    """The issue's thresholds on a reduced set (16 prompts each; the full measurement, 32 each, is in
+    checkpoints/nano/README.md): brown in the right cell >= 80% with the LoRA, <= 10% without; the eight base
+    colours on held-out single objects >= 95% with it loaded."""
+    got = brown.measure_lora(nano.COMMITTED, brown.COMMITTED_LORA, n=16)
+    assert got["new_brown"] >= 0.8 and got["new_brown_without"] <= 0.1, got
+    assert got["base_colours"] >= 0.95, got

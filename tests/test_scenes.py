@@ -15,7 +15,8 @@ def test_generation_is_deterministic_and_captions_round_trip():
     assert a == b and a != scenes.make_scenes(50, seed=8)
     assert scenes.render(a[0]).tobytes() == scenes.render(b[0]).tobytes()
     for s in a + scenes.make_scenes(50, seed=7, split="held_out"):
-        assert scenes.parse_caption(scenes.caption(s)) == s
+        assert scenes.parse_caption(scenes.caption(s)) == s.named()
+    assert [s.named() for s in a] == scenes.make_scenes(50, seed=7, varied=False)
     assert (
         scenes.caption(scenes.Scene((scenes.Thing("red", "circle", "center", "small"),)))
         == "a small red circle in the center"
@@ -25,6 +26,36 @@ def test_generation_is_deterministic_and_captions_round_trip():
     )
     with pytest.raises(ValueError, match="not a scene caption: 'a red dog at the top'"):
         scenes.parse_caption("a red dog at the top")
+
+
+def test_each_caption_has_many_pictures_all_inside_the_named_cell():
+    """vary: the same caption drawn 64 times differs in place, size, colour and background, and every object
+    stays whole inside its grid cell, with its named colour the nearest palette colour."""
+    import math
+
+    cell = 128 / 3
+    for text in ("a small red circle at the top left", "a large blue square in the center"):
+        scene = scenes.parse_caption(text)
+        drawn = [scenes.vary(scene, random.Random(k)) for k in range(64)]
+        assert len({d.things[0].offset for d in drawn}) == 64 and len({d.background for d in drawn}) > 1
+        t0 = scene.things[0]
+        row, col = scenes.POSITIONS[t0.position]
+        for d in drawn:
+            t = d.things[0]
+            low, high = scenes.SIZE_RANGES[t.size]
+            assert low <= t.side <= high
+            r = t.side / 2
+            for centre, index in ((t.offset[0], col), (t.offset[1], row)):  # inside the cell, in cell units
+                assert index <= index + 0.5 + centre - r and index + 0.5 + centre + r <= index + 1
+            named = scenes.COLOURS[t.colour]
+            assert max(abs(a - b) for a, b in zip(t.rgb, named)) <= scenes.COLOUR_JITTER
+            nearest = min(scenes.ALL_COLOURS, key=lambda c: math.dist(scenes.ALL_COLOURS[c], t.rgb))
+            assert nearest == t.colour
+        offsets = np.array([d.things[0].offset for d in drawn]) * cell
+        small = "small" in text
+        assert (offsets.max() - offsets.min() > 15) if small else (offsets.max() - offsets.min() > 4)
+    canonical = scenes.render(scenes.parse_caption("a small red circle at the top left"))
+    assert canonical.getpixel((21, 21)) == scenes.COLOURS["red"]  # a hand-made scene: centred, named RGB
 
 
 def test_held_out_combinations_never_appear_in_training_but_their_parts_do():
@@ -109,6 +140,6 @@ def test_a_written_dataset_is_what_the_training_loop_reads(tmp_path):
 
     made = scenes.write_dataset(tmp_path / "data", 6, seed=2)
     examples = train_data.read_examples(tmp_path / "data")
-    assert [scenes.parse_caption(e.prompt) for e in examples] == made
+    assert [scenes.parse_caption(e.prompt) for e in examples] == [s.named() for s in made]
     picture = Image.open(examples[0].image)
     assert picture.size == (128, 128) and scenes.evaluate([picture], made[:1])["colour"] == 1.0

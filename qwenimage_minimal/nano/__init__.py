@@ -50,21 +50,28 @@ class NanoConfig:
     seed: int = 0
     size: int = 128  # pixels: 4 x 16 x 16 latents, 64 image tokens
     train_scenes: int = 4000
-    vae_steps: int = 3000  # 16 CPU minutes: held-out PSNR 28.9 dB
+    vae_steps: int = 6000
     vae_batch: int = 16
     vae_crop: int = 64
     vae_lr: float = 1e-3
-    dit_steps: int = 10000  # 30 CPU minutes (scores against minutes: checkpoints/nano/README.md)
+    dit_steps: int = 12000  # scores against minutes: checkpoints/nano/README.md
     dit_batch: int = 16
     dit_lr: float = 1e-3  # warmup, then a cosine to 0
     dit_weighting: str = "logit_normal"  # timesteps mostly at middle noise levels (SD3, Esser et al. 2024)
-    dit_checkpoint_every: int = 2000  # run/checkpoint-N/transformer: scores against minutes
+    dit_checkpoint_every: int = 3000  # run/checkpoint-N/transformer: scores against minutes
     caption_dropout: float = 0.1  # the empty prompt's share: what CFG's unconditional branch learns from
-    vae_eval_every: int = 200  # steps between held-out PSNR measurements
+    dit_ema_decay: float = (
+        0.999  # train.py --use_ema: the MMDiT saved is the average of its last ~1000 steps (0: off)
+    )
+    vae_other_pictures: int = (
+        2000  # pictures unlike the scenes the VAE also learns (vae_training.other_pictures)
+    )
+    vae_eval_every: int = 500  # steps between held-out PSNR measurements
     held_out_pictures: int = 32  # held-out scenes for the VAE's PSNR
     eval_scenes: int = 200  # held-out scenes drawn and scored at the end (as many training-like ones)
-    table_scenes: int = 96  # held-out scenes for the CFG scale / step count table
+    table_scenes: int = 64  # held-out scenes for the CFG scale / step count table
     progress_scenes: int = 48  # held-out scenes drawn with every checkpoint of the MMDiT run
+    diversity_captions: int = 4  # single-object held-out captions drawn with 16 seeds at several CFG scales
     eval_steps: int = 20
     eval_cfg: float = 2.0  # measured best (checkpoints/nano/README.md: CFG x steps table)
     eval_negative: str = ""  # CFG's negative prompt: the empty one that caption dropout trained
@@ -73,6 +80,7 @@ class NanoConfig:
 QUICK = dict(
     size=64,
     train_scenes=64,
+    vae_other_pictures=32,
     vae_steps=150,
     vae_batch=16,
     vae_crop=32,
@@ -85,5 +93,6 @@ QUICK = dict(
     eval_scenes=4,
     table_scenes=4,
     progress_scenes=4,
+    diversity_captions=1,
     eval_steps=4,
 )

@@ -4,9 +4,11 @@ GenEval) on held-out prompts, per checkpoint of the MMDiT run, and at several CF
 from __future__ import annotations
 
 import dataclasses
+import random
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import load_file
 
@@ -32,8 +34,8 @@ def measure(c: NanoConfig, log=print) -> dict:
     report = weights.read_config(out, "report.json")
     report["config"] = dataclasses.asdict(c)  # the measuring settings may differ from the build's
     store_in_bf16(model)
-    report["vae"]["held_out_psnr_bf16"] = vae_psnr(model, c.held_out_pictures, seed=c.seed + 1, size=c.size)
-    log(f"stored in bf16; the VAE's held-out PSNR {report['vae']['held_out_psnr_bf16']:.2f} dB")
+    report["vae"].update(vae_scores(model, c.held_out_pictures, seed=c.seed + 1, size=c.size))
+    log(f"stored in bf16; the VAE: {report['vae']['stored']}")
 
     probe = scenes.make_scenes(c.progress_scenes, seed=c.seed + 4, split="held_out")
     report["progress"], pictures = scores_over_training(
@@ -69,6 +71,13 @@ def measure(c: NanoConfig, log=print) -> dict:
         pipe, scenes.make_scenes(c.table_scenes, seed=c.seed + 3, split="held_out"), size=c.size, log=log
     )
     report["quality"] = quality
+    report["diversity"] = diversity(
+        pipe,
+        scenes.make_scenes(c.diversity_captions, seed=c.seed + 7, split="held_out", two_object_fraction=0),
+        steps=c.eval_steps,
+        size=c.size,
+        log=log,
+    )
     report["scores"] = quality["held_out"]
     rows = checkpoints.read_log(out / "run" / "log.jsonl")
     report["mmdit"]["log"] = [r for r in rows if r["step"] % 10 == 0]  # every 10th step: the curve, small
@@ -91,11 +100,23 @@ def store_in_bf16(folder) -> None:
 
 
 @torch.no_grad()
-def vae_psnr(model_folder, n: int, seed: int, size: int = 128) -> float:
-    """The held-out reconstruction PSNR (dB) of a model folder's VAE, from the posterior mean."""
+def vae_scores(model_folder, n: int, seed: int, size: int = 128) -> dict:
+    """A model folder's VAE as stored, from the posterior mean: {"stored": {"held_out_psnr" (dB, held-out
+    scenes), "outside_psnr" (scenes with colours and shapes the training split never has: brown, black, grey,
+    stars), "outside_colour" (the share of those objects whose colour the scorer reads back right from the
+    reconstruction: brown must come back brown)}}."""
     autoencoder = vae_file.load(Path(model_folder) / "vae", dtype=torch.float32).eval()
-    pictures = scenes.pictures_of(scenes.make_scenes(n, seed=seed, split="held_out"), size)
-    return psnr(autoencoder.decode(autoencoder.encode(pictures).mean), pictures)
+    held_out = scenes.pictures_of(scenes.make_scenes(n, seed=seed, split="held_out"), size)
+    outside = scenes.outside_scenes(n, seed=seed)
+    pictures = scenes.pictures_of(outside, size)
+    rebuilt = autoencoder.decode(autoencoder.encode(pictures).mean)
+    return {
+        "stored": {
+            "held_out_psnr": psnr(autoencoder.decode(autoencoder.encode(held_out).mean), held_out),
+            "outside_psnr": psnr(rebuilt, pictures),
+            "outside_colour": scenes.evaluate(images.postprocess(rebuilt, "pil"), outside)["colour"],
+        }
+    }
 
 
 def evaluate(
@@ -193,3 +214,73 @@ def scores_over_training(
         pictures.append(drawn)
         log(f"step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in rows[-1].items() if k != "step"))
     return rows, pictures
+
+
+def placement(picture, thing) -> tuple[float, float, float] | None:
+    """(x, y, side) in pixels of the largest blob of the object's colour: its centre and the square root of its
+    area; None if there is none."""
+    labels = scenes.colour_map(picture)
+    found = scenes.blobs(labels == list(scenes.ALL_COLOURS).index(thing.colour) + 1, min_pixels=4)
+    if not found:
+        return None
+    ys, xs = found[0].nonzero()
+    return float(xs.mean()), float(ys.mean()), float(len(xs)) ** 0.5
+
+
+def spread(pictures, thing) -> dict:
+    """The standard deviations (pixels) of the object's centre (x and y averaged) and side over pictures of one
+    caption, read back from the pixels as `placement` reads them."""
+    found = np.array([p for p in (placement(x, thing) for x in pictures) if p is not None])
+    if len(found) < 2:
+        return {"centre": 0.0, "side": 0.0}
+    std = found.std(0)
+    return {"centre": float((std[0] + std[1]) / 2), "side": float(std[2])}
+
+
+def diversity(
+    pipe,
+    scene_list,
+    seeds: int = 16,
+    cfgs=(1.0, 1.5, 2.0, 3.0, 4.0),
+    steps: int = 20,
+    size: int = 128,
+    log=print,
+) -> list[dict]:
+    """How much the model's pictures of one caption differ between seeds, against how much the data's do: for
+    each single-object scene, `seeds` pictures drawn at each CFG scale and `seeds` pictures `vary` draws of the
+    same caption, their spreads (`spread`) compared. -> [{"cfg", "centre_ratio", "side_ratio", "accuracy"}]:
+    the model's spread over the data's, averaged over the scenes (1 = as varied as the data), and the share of
+    the drawn pictures the scorer finds right."""
+    single = [s.named() for s in scene_list if len(s.things) == 1]
+    data = [
+        spread([scenes.render(scenes.vary(s, random.Random(k)), size) for k in range(seeds)], s.things[0])
+        for s in single
+    ]
+    rows = []
+    for cfg in cfgs:
+        ratios, right = {"centre": [], "side": []}, []
+        for s, truth in zip(single, data):
+            drawn = pipe(
+                prompt=[scenes.caption(s)] * seeds,
+                negative_prompt=NanoConfig.eval_negative if cfg > 1 else None,
+                true_cfg_scale=cfg,
+                height=size,
+                width=size,
+                num_inference_steps=steps,
+                generator=torch.Generator().manual_seed(0),
+                progress=False,
+            ).images
+            model = spread(drawn, s.things[0])
+            for key in ratios:
+                ratios[key].append(model[key] / max(truth[key], 1e-6))
+            right.append(scenes.evaluate(drawn, [s] * seeds)["single_object"])
+        rows.append(
+            {
+                "cfg": cfg,
+                "centre_ratio": float(np.mean(ratios["centre"])),
+                "side_ratio": float(np.mean(ratios["side"])),
+                "accuracy": float(np.mean(right)),
+            }
+        )
+        log(", ".join(f"{k} {v:.3f}" for k, v in rows[-1].items()))
+    return rows

@@ -20,7 +20,7 @@ from .. import vae as vae_file
 from ..pipeline import loading as pipeline_loading
 from . import QUICK, NanoConfig, scenes
 from .measure import measure
-from .vae_training import latent_statistics, train_vae
+from .vae_training import latent_statistics, other_pictures, train_vae
 
 
 def first_and_last(losses: list) -> dict:
@@ -82,9 +82,12 @@ def build(c: NanoConfig, log=print, overwrite: bool = False) -> dict:
 
     # 0. data: the training scenes as a captioned folder (what train.py reads), a held-out set for the VAE
     train_scenes = scenes.write_dataset(out / "data", c.train_scenes, seed=c.seed, split="train", size=c.size)
-    held_out = scenes.pictures_of(
-        scenes.make_scenes(c.held_out_pictures, seed=c.seed + 1, split="held_out"), c.size
-    )
+    held_out = {  # the VAE's two tests: scenes it never saw, and colours and shapes the scenes never have
+        "held_out": scenes.pictures_of(
+            scenes.make_scenes(c.held_out_pictures, seed=c.seed + 1, split="held_out"), c.size
+        ),
+        "outside": scenes.pictures_of(scenes.outside_scenes(c.held_out_pictures, seed=c.seed + 1), c.size),
+    }
     log(f"[{minutes()} min] {len(train_scenes)} training scenes in {out / 'data'}")
 
     # 1. a random nano Qwen-Image in the official layout; 2. its VAE trained, its latent statistics measured
@@ -102,14 +105,13 @@ def build(c: NanoConfig, log=print, overwrite: bool = False) -> dict:
     )
     autoencoder = vae_file.load(model / "vae")
     pictures = scenes.pictures_of(train_scenes, c.size)
-    background = torch.tensor(scenes.BACKGROUND, dtype=torch.float32) / 127.5 - 1
+    others = other_pictures(c.vae_other_pictures, c.size, seed=c.seed + 6)  # keeps the VAE general
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(c.seed)
         rows = train_vae(
             autoencoder,
-            pictures,
+            torch.cat([pictures, others]),
             held_out,
-            background,
             c.vae_steps,
             batch=c.vae_batch,
             crop=c.vae_crop,
@@ -125,6 +127,7 @@ def build(c: NanoConfig, log=print, overwrite: bool = False) -> dict:
     report["vae"] = {
         **first_and_last([r["reconstruction"] for r in rows]),
         "held_out_psnr": rows[-1]["held_out_psnr"],
+        "outside_psnr": rows[-1]["outside_psnr"],
         "minutes": minutes(),
         "log": rows,
     }
@@ -145,6 +148,8 @@ def build(c: NanoConfig, log=print, overwrite: bool = False) -> dict:
         train_batch_size=c.dit_batch,
         max_train_steps=c.dit_steps,
         caption_dropout=c.caption_dropout,
+        use_ema=c.dit_ema_decay > 0,
+        ema_decay=c.dit_ema_decay or 0.9999,
         adam_weight_decay=0.0,
         seed=c.seed,
         checkpointing_steps=min(c.dit_checkpoint_every, c.dit_steps),

@@ -6,6 +6,13 @@ size and a cell of a 3 x 3 grid. Its caption states all of that in plain English
 
     "a small red circle at the top left and a large blue square at the bottom right"
 
+Each caption admits many pictures (`vary`): the object's size is drawn from its size word's range, its
+centre moves inside its cell as far as keeps the whole object there (about +-10 px for a small object at
+128 px), its colour varies slightly around the named one and the background's tint a little. So a model
+trained on them has a distribution to sample, not one right answer per caption, and different seeds draw
+different pictures. The scorer does not care: the named colour stays the nearest palette colour, the
+object stays in its cell.
+
 Everything is generated from a seed with PIL (no download) and is deterministic. Some combinations
 never appear in the training split, so that a model can be asked for them and shown to compose
 what it learnt rather than recall it:
@@ -23,7 +30,8 @@ its widest row is (circle ~ pi/4, square ~ 1, triangle ~ 1/2 widest at the botto
 widest in the middle).
 
     render(scene, size) -> PIL image          caption(scene) -> str          parse_caption(str) -> scene
-    make_scenes(n, seed, split) -> [Scene]    write_dataset(folder, n, seed) -> a folder train.py reads
+    vary(scene, rng) -> the scene with a drawn size, offset and tint (render draws it; caption ignores it)
+    make_scenes(n, seed, split) -> [Scene] (varied)   write_dataset(folder, n, seed) -> a folder train.py reads
     score(image, scene) -> per-object verdicts
     evaluate(images, scenes) -> accuracy by category (single object, two objects, colour, position,
                                 shape, attribute binding)
@@ -31,6 +39,7 @@ widest in the middle).
 
 from __future__ import annotations
 
+import math
 import random
 import re
 from dataclasses import dataclass
@@ -64,8 +73,20 @@ POSITIONS = {
     "bottom": (2, 1),
     "bottom right": (2, 2),
 }  # (row, column)
-SIZES = {"small": 0.45, "large": 0.8}  # the object's side, as a fraction of a grid cell
+SIZES = {
+    "small": 0.45,
+    "large": 0.8,
+}  # the object's side, as a fraction of a grid cell, undrawn (vary: below)
+SIZE_RANGES = {"small": (0.4, 0.6), "large": (0.7, 0.9)}  # what `vary` draws from for each size word
+COLOUR_JITTER = 12  # +- per RGB channel around the named colour: every palette pair stays > 90 apart
 BACKGROUND = (245, 245, 240)
+BACKGROUND_JITTER = 6
+
+# Colours and a shape the scene grammar can say but the training split never shows: the VAE's test of
+# generality (a brown star must come back brown), and the brown LoRA's new colour (checkpoints/nano_brown_lora).
+NEW_COLOURS = {"brown": (140, 90, 40), "black": (30, 30, 30), "grey": (128, 128, 128)}
+NEW_SHAPES = ("star",)
+ALL_COLOURS = {**COLOURS, **NEW_COLOURS}
 
 HELD_OUT_OBJECTS = {
     ("red", "triangle", "top left"),
@@ -86,11 +107,20 @@ class Thing:
     shape: str
     position: str
     size: str = "large"
+    # how this picture of it is drawn (vary); the defaults draw the canonical one: centred, SIZES, the named RGB
+    side: float | None = None  # as a fraction of a cell
+    offset: tuple = (0.0, 0.0)  # (dx, dy) of the centre, as fractions of a cell
+    rgb: tuple | None = None
 
 
 @dataclass(frozen=True)
 class Scene:
     things: tuple  # one or two Things, in caption order
+    background: tuple = BACKGROUND
+
+    def named(self) -> Scene:
+        """The scene as its caption states it, without the drawn variation (what a scorer compares)."""
+        return Scene(tuple(Thing(t.colour, t.shape, t.position, t.size) for t in self.things))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -107,7 +137,8 @@ def caption(scene: Scene) -> str:
 
 
 CAPTION_PATTERN = re.compile(
-    rf"an? (?:(?P<size>{'|'.join(SIZES)}) )?(?P<colour>{'|'.join(COLOURS)}) (?P<shape>{'|'.join(SHAPES)}) "
+    rf"an? (?:(?P<size>{'|'.join(SIZES)}) )?(?P<colour>{'|'.join(ALL_COLOURS)}) "
+    rf"(?P<shape>{'|'.join(SHAPES + NEW_SHAPES)}) "
     rf"(?:in the center|at the (?P<position>{'|'.join(sorted(POSITIONS, key=len, reverse=True))}))"
 )
 
@@ -126,25 +157,62 @@ def parse_caption(text: str) -> Scene:
     return Scene(tuple(things))
 
 
+def star(cx: float, cy: float, r: float) -> list:
+    """A five-pointed star's ten corners (outer radius r, inner 0.45 r), pointing up."""
+    corners = []
+    for k in range(10):
+        angle = math.pi * (k / 5 - 0.5)
+        radius = r if k % 2 == 0 else 0.45 * r
+        corners.append((cx + radius * math.cos(angle), cy + radius * math.sin(angle)))
+    return corners
+
+
 def render(scene: Scene, size: int = 128):
-    """The scene as a size x size RGB PIL image (objects centred in their grid cell)."""
-    image = Image.new("RGB", (size, size), BACKGROUND)
+    """The scene as a size x size RGB PIL image: each object in its grid cell, drawn as `vary` drew it (a
+    scene made by hand is drawn canonically: centred, at its size word's side, in the named colour)."""
+    image = Image.new("RGB", (size, size), tuple(scene.background))
     draw = ImageDraw.Draw(image)
     cell = size / 3
     for t in scene.things:
         row, col = POSITIONS[t.position]
-        cx, cy, r = (col + 0.5) * cell, (row + 0.5) * cell, SIZES[t.size] * cell / 2
-        box = [cx - r, cy - r, cx + r, cy + r]
-        fill = COLOURS[t.colour]
-        if t.shape == "circle":
-            draw.ellipse(box, fill=fill)
-        elif t.shape == "square":
-            draw.rectangle(box, fill=fill)
-        elif t.shape == "triangle":
-            draw.polygon([(cx, cy - r), (cx + r, cy + r), (cx - r, cy + r)], fill=fill)
-        else:
-            draw.polygon([(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)], fill=fill)
+        side = t.side if t.side is not None else SIZES[t.size]
+        cx, cy = (col + 0.5 + t.offset[0]) * cell, (row + 0.5 + t.offset[1]) * cell
+        r = side * cell / 2
+        draw_shape(draw, t.shape, cx, cy, r, tuple(t.rgb) if t.rgb is not None else ALL_COLOURS[t.colour])
     return image
+
+
+def draw_shape(draw, shape: str, cx: float, cy: float, r: float, fill: tuple) -> None:
+    """One shape of SHAPES + NEW_SHAPES, centred at (cx, cy), inside the square of half-side r."""
+    if shape == "circle":
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+    elif shape == "square":
+        draw.rectangle([cx - r, cy - r, cx + r, cy + r], fill=fill)
+    elif shape == "triangle":
+        draw.polygon([(cx, cy - r), (cx + r, cy + r), (cx - r, cy + r)], fill=fill)
+    elif shape == "diamond":
+        draw.polygon([(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)], fill=fill)
+    else:
+        draw.polygon(star(cx, cy, r), fill=fill)
+
+
+def vary(scene: Scene, rng: random.Random) -> Scene:
+    """One of the many pictures the caption admits: each object's side drawn from its size word's range, its
+    centre moved inside its cell as far as keeps the whole object there (less one pixel's worth of margin),
+    its colour moved by up to COLOUR_JITTER per channel; the background tinted by up to BACKGROUND_JITTER."""
+
+    def channel(value: int, jitter: int) -> int:
+        return min(255, max(0, value + rng.randint(-jitter, jitter)))
+
+    things = []
+    for t in scene.things:
+        side = rng.uniform(*SIZE_RANGES[t.size])
+        room = max(0.0, (1 - side) / 2 - 0.03)  # how far the centre may move, as a fraction of a cell
+        offset = (rng.uniform(-room, room), rng.uniform(-room, room))
+        rgb = tuple(channel(v, COLOUR_JITTER) for v in ALL_COLOURS[t.colour])
+        things.append(Thing(t.colour, t.shape, t.position, t.size, side, offset, rgb))
+    background = tuple(channel(v, BACKGROUND_JITTER) for v in BACKGROUND)
+    return Scene(tuple(things), background)
 
 
 def pictures_of(scene_list: list[Scene], size: int) -> torch.Tensor:
@@ -168,9 +236,12 @@ def random_scene(rng: random.Random, objects: int) -> Scene:
     )
 
 
-def make_scenes(n: int, seed: int = 0, split: str = "train", two_object_fraction: float = 0.5) -> list[Scene]:
+def make_scenes(
+    n: int, seed: int = 0, split: str = "train", two_object_fraction: float = 0.5, varied: bool = True
+) -> list[Scene]:
     """n scenes from `seed`: split="train" never holds a held-out combination; split="held_out" holds only
-    them (single objects from HELD_OUT_OBJECTS, two-object scenes with a HELD_OUT_PAIRS colour pair)."""
+    them (single objects from HELD_OUT_OBJECTS, two-object scenes with a HELD_OUT_PAIRS colour pair). Each is
+    `vary`'d (a picture of its own), unless varied=False (the canonical pictures)."""
     if split not in ("train", "held_out"):
         raise ValueError(f"split must be 'train' or 'held_out', got {split!r}")
     rng = random.Random(seed)
@@ -190,6 +261,23 @@ def make_scenes(n: int, seed: int = 0, split: str = "train", two_object_fraction
                 continue  # keep each held-out test about one thing
         if is_held_out(scene) == (split == "held_out"):
             out.append(scene)
+    return [vary(s, rng) for s in out] if varied else out
+
+
+def outside_scenes(n: int, seed: int = 0) -> list[Scene]:
+    """n varied scenes the training split never shows, each with at least one object in a NEW_COLOURS colour
+    or a star: what the VAE's generality is measured on (a VAE that only saw the palette draws brown as
+    orange)."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        scene = random_scene(rng, 1 + i % 2)
+        first = scene.things[0]
+        if i % 3 == 2:  # a star in a scene colour
+            first = Thing(first.colour, "star", first.position, first.size)
+        else:
+            first = Thing(rng.choice(sorted(NEW_COLOURS)), rng.choice(SHAPES + NEW_SHAPES), first.position)
+        out.append(vary(Scene((first,) + scene.things[1:]), rng))
     return out
 
 
@@ -211,10 +299,11 @@ def write_dataset(folder, n: int, seed: int = 0, split: str = "train", size: int
 
 
 def colour_map(image) -> np.ndarray:
-    """(H, W) index of the nearest palette colour per pixel: 0 = background, i + 1 = COLOURS' i-th; -1 =
-    far from every one (more than 120 in RGB distance)."""
+    """(H, W) index of the nearest palette colour per pixel: 0 = background, i + 1 = ALL_COLOURS' i-th (the
+    scenes' eight, then NEW_COLOURS: an orange drawn brownish is not orange); -1 = far from every one (more
+    than 120 in RGB distance)."""
     pixels = np.asarray(image.convert("RGB"), dtype=np.float32)  # (H, W, 3)
-    palette = np.array([BACKGROUND, *COLOURS.values()], dtype=np.float32)  # (1 + colours, 3)
+    palette = np.array([BACKGROUND, *ALL_COLOURS.values()], dtype=np.float32)  # (1 + colours, 3)
     distance = np.linalg.norm(pixels[:, :, None] - palette[None, None], axis=-1)  # (H, W, 1 + colours)
     nearest = distance.argmin(-1)
     nearest[distance.min(-1) > 120] = -1
@@ -280,7 +369,7 @@ def score(image, scene: Scene) -> list[dict]:
     min_pixels = max(4, labels.size // 400)  # ignore specks (0.25% of the image)
     verdicts = []
     for t in scene.things:
-        found = blobs(labels == list(COLOURS).index(t.colour) + 1, min_pixels)
+        found = blobs(labels == list(ALL_COLOURS).index(t.colour) + 1, min_pixels)
         v = {"present": bool(found), "colour": bool(found), "shape": False, "position": False}
         if found:
             v["shape"] = blob_shape(found[0]) == t.shape
