@@ -1,10 +1,12 @@
 """Full fine-tuning at scale on the CPU with gloo: FSDP2 built on the meta device, and sharded checkpoints
 (torch.distributed.checkpoint) saved on 2 processes that resume on 1 and on 3 as if never interrupted."""
 
+import json
 import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
@@ -65,3 +67,25 @@ def test_a_sharded_checkpoint_of_2_processes_resumes_on_1_and_on_3_as_if_uninter
         assert max((final[k] - want_weights[k]).abs().max().item() for k in final) <= 1e-6
     start = load_file(model / "transformer" / "diffusion_pytorch_model.safetensors")
     assert max((want_weights[k] - start[k]).abs().max().item() for k in start) > 1e-4  # and it trained
+
+
+def test_meta_initialisation_halves_the_start_up_memory_of_each_of_2_processes(tmp_path):
+    """Peak RSS of loading a 42 M-parameter (170 MB) transformer on 2 processes (benchmarks/bench_fsdp_memory.py):
+    loaded whole then sharded, each process pays the whole model; built on meta, about half."""
+    script = Path(__file__).parents[1] / "benchmarks" / "bench_fsdp_memory.py"
+    folder = tmp_path / "transformer"
+    subprocess.run([sys.executable, script, folder, "--write", "--layers", "1"], check=True, env=ENV)
+    load_mb = {}
+    for mode in ("whole", "meta"):
+        done = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", script, folder, mode],
+            capture_output=True,
+            text=True,
+            env=ENV,
+            timeout=300,
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        rows = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+        load_mb[mode] = max(row["load_mb"] for row in rows)
+    print("peak RSS of loading, per process (MB):", load_mb)
+    assert load_mb["meta"] < 0.7 * load_mb["whole"], load_mb
