@@ -351,9 +351,15 @@ def read_checkpoint(path: Path, identity: dict) -> tuple[int, dict, dict]:
         differ.pop("world_size", None), differ.pop("gradient_accumulation_steps", None)
     if differ:
         lines = "; ".join(f"{k}: checkpoint {a!r}, now {b!r}" for k, (a, b) in sorted(differ.items()))
+        hint = (
+            f" (another number of processes resumes it when processes x --gradient_accumulation_steps stays "
+            f"{per_step(saved)})"
+            if "world_size" in differ
+            else ""
+        )
         raise ValueError(
             f"--resume_from_checkpoint {path}: the checkpoint is from another run ({lines}); "
-            "resume with the settings it was trained with, or start a new --out"
+            f"resume with the settings it was trained with{hint}, or start a new --out"
         )
     tensors_file = path / "training_state.safetensors"
     if not tensors_file.is_file():  # a sharded checkpoint: its tensors are read by sharded.load
