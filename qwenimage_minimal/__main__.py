@@ -4,6 +4,8 @@
         [--height 1328] [--steps 50] [--cfg 4.0] [--seed 0] [--out image.png] [--device cuda] [--dtype bf16]
         [--tiled-vae] [--offload] [--gpu-memory GB] [--compile] [--overwrite] [--lora FILE[:SCALE] ...]
         [--scheduler lightning]
+    torchrun --nproc_per_node N -m qwenimage_minimal generate ... --tensor-parallel N [--cfg-parallel]
+        (2N processes with --cfg-parallel; docs/distributed.md)
     python -m qwenimage_minimal edit --model DIR --image A.png [B.png C.png] --prompt "..."
         [--negative-prompt " "] [--steps 50] [--cfg 4.0] [--seed 0] [--width W] [--height H]
         [--out edited.png] [--device cuda] [--dtype bf16] [--tiled-vae] [--offload] [--gpu-memory GB] [--compile]
@@ -358,6 +360,27 @@ def memory_options(args, device) -> dict:
     return dict(max_gpu_memory=args.gpu_memory, compile=args.compile)
 
 
+def parallel_options(args) -> dict:
+    """--tensor-parallel and --cfg-parallel (under torchrun) as from_pretrained's tensor_parallel and
+    cfg_parallel; the world size and the head count are checked there (parallel.py)."""
+    if args.tensor_parallel < 1:
+        raise SystemExit(f"error: --tensor-parallel must be an integer >= 1, got {args.tensor_parallel}")
+    if args.cfg_parallel and not args.cfg > 1:
+        raise SystemExit(
+            f"error: --cfg-parallel runs the two CFG passes on two processes: it needs --cfg > 1, got {args.cfg:g}"
+        )
+    if args.lora and args.tensor_parallel > 1:
+        raise SystemExit(
+            "error: --lora cannot be added to a tensor-parallel transformer (--tensor-parallel) yet"
+        )
+    return dict(tensor_parallel=args.tensor_parallel, cfg_parallel=args.cfg_parallel)
+
+
+def main_process() -> bool:
+    """Rank 0 under torchrun (the one that writes the picture), or the only process."""
+    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+
+
 def generate(args):
     fill_sampling_defaults(args, pipeline.read_pipeline_defaults(args.model) or OFFICIAL_DEFAULTS)
     check_sampling_options(args, args.overwrite)
@@ -366,7 +389,12 @@ def generate(args):
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     pipe = pipeline.QwenImagePipeline.from_pretrained(
-        args.model, device=device, dtype=dtype, offload=args.offload, **memory_options(args, device)
+        args.model,
+        device=device,
+        dtype=dtype,
+        offload=args.offload,
+        **memory_options(args, device),
+        **parallel_options(args),
     )
     apply_lora_and_scheduler(pipe, args)
     generator = torch.Generator().manual_seed(args.seed)
@@ -380,8 +408,9 @@ def generate(args):
         generator=generator,
         tiled_vae=args.tiled_vae,
     ).images[0]
-    images.save_image(image, args.out)
-    print(f"wrote {args.out} ({image.size[0]}x{image.size[1]})")
+    if main_process():
+        images.save_image(image, args.out)
+        print(f"wrote {args.out} ({image.size[0]}x{image.size[1]})")
 
 
 def edit(args):
@@ -399,7 +428,12 @@ def edit(args):
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     pipe = kind.from_pretrained(
-        args.model, device=device, dtype=dtype, offload=args.offload, **memory_options(args, device)
+        args.model,
+        device=device,
+        dtype=dtype,
+        offload=args.offload,
+        **memory_options(args, device),
+        **parallel_options(args),
     )
     apply_lora_and_scheduler(pipe, args)
     out = pipe(
@@ -413,8 +447,9 @@ def edit(args):
         generator=torch.Generator().manual_seed(args.seed),
         tiled_vae=args.tiled_vae,
     ).images[0]
-    images.save_image(out, args.out)
-    print(f"wrote {args.out} ({out.size[0]}x{out.size[1]})")
+    if main_process():
+        images.save_image(out, args.out)
+        print(f"wrote {args.out} ({out.size[0]}x{out.size[1]})")
 
 
 def add_sampling_options(parser):
@@ -457,6 +492,18 @@ def add_sampling_options(parser):
         choices=["default", "lightning"],
         default="default",
         help="lightning: for the Qwen-Image-Lightning LoRAs (with --steps 8 or 4 and --cfg 1)",
+    )
+    parser.add_argument(
+        "--tensor-parallel",
+        type=int,
+        default=1,
+        metavar="N",
+        help="under torchrun: split the transformer's blocks across N processes (N divides the 24 heads)",
+    )
+    parser.add_argument(
+        "--cfg-parallel",
+        action="store_true",
+        help="under torchrun: the two CFG passes on two processes (x --tensor-parallel processes in all)",
     )
 
 
@@ -562,6 +609,9 @@ def main(argv=None):
         ) from None
     except (weights.CheckpointError, ValueError, OSError, FloatingPointError) as e:  # one line, no traceback
         raise SystemExit(f"error: {e}") from None
+    finally:
+        if torch.distributed.is_initialized():  # --tensor-parallel / --cfg-parallel under torchrun
+            torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -10,6 +10,9 @@
 A checkpoint is written in a hidden staging folder and renamed into place, so a crash leaves the earlier
 checkpoints or the new one complete. No RNG state is saved: the data order and every draw are functions
 of the seed and the step (train_data.micro_batch_seed).
+
+Full fine-tuning on several processes (FSDP2) writes sharded checkpoints instead (sharded.py: every process
+its own shards, through torch.distributed.checkpoint), which resume on any number of processes.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from . import ema as ema_file
-from . import lora, mmdit, weights, writing
+from . import lora, mmdit, sharded, weights, writing
 from .distributed import unwrap
 from .train_config import TrainConfig
 
@@ -187,11 +190,39 @@ def save_checkpoint(
     return final
 
 
-def checkpoint(out, step, model, optimizer, trainable, c, identity, main_process, world, ema=None) -> Path:
-    """Gather the states (every process takes part), save on the main process; -> the checkpoint's path."""
-    model_state, optim = full_states(model, optimizer, c, world)
+def save_sharded(out: Path, step: int, model, optimizer, identity: dict, main_process: bool) -> Path:
+    """Every process: out/checkpoint-<step>/ with dcp/ (each process's shards, sharded.py) and
+    trainer_state.json, staged and renamed into place as save_checkpoint does."""
+    final, staging = out / f"checkpoint-{step}", out / f".checkpoint-{step}.partial-sharded"
     if main_process:
-        save_checkpoint(out, step, model, c, identity, trainable, model_state, optim, ema)
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+    dist.barrier()
+    sharded.save(staging / sharded.FOLDER, unwrap(model), optimizer)
+    dist.barrier()  # every shard written
+    if main_process:
+        groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+        writing.write_json(
+            staging / "trainer_state.json", {"step": step, "param_groups": groups, "run": identity}
+        )
+        old = out / f".checkpoint-{step}.old-{os.getpid()}"
+        if final.exists():
+            os.replace(final, old)
+        os.replace(staging, final)
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def checkpoint(out, step, model, optimizer, trainable, c, identity, main_process, world, ema=None) -> Path:
+    """Gather the states (every process takes part), save on the main process; or, for full fine-tuning on
+    several processes, every process saves its shards. -> the checkpoint's path."""
+    if c.finetune == "full" and world > 1:
+        save_sharded(out, step, model, optimizer, identity, main_process)
+    else:
+        model_state, optim = full_states(model, optimizer, c, world)
+        if main_process:
+            save_checkpoint(out, step, model, c, identity, trainable, model_state, optim, ema)
+    if main_process:
         if c.checkpoints_total_limit:
             for old in checkpoints_in(out)[: -c.checkpoints_total_limit]:
                 shutil.rmtree(old, ignore_errors=True)
@@ -213,8 +244,24 @@ def checkpoints_in(out: Path) -> list[Path]:
     )
 
 
-def finish(out: Path, last: Path, c: TrainConfig) -> None:
-    """The final result beside the checkpoints, from the last one saved: lora.safetensors, or transformer/."""
+def finish(out: Path, last: Path, c: TrainConfig, model=None, main_process: bool = True) -> None:
+    """The final result beside the checkpoints, from the last one saved: lora.safetensors, or transformer/.
+    Every process calls it: a sharded checkpoint's weights are gathered from the processes (sharded.py), once."""
+    if (last / sharded.FOLDER).is_dir():
+        whole = sharded.whole_weights(unwrap(model))  # on the main process only
+        if main_process:
+            staging = out / ".transformer.partial"
+            shutil.rmtree(staging, ignore_errors=True)
+            header = [(name, tuple(t.shape), t.dtype) for name, t in whole.items()]
+            config = unwrap(model).config.to_json()
+            writing.write_folder(
+                staging, mmdit.WEIGHTS_STEM, writing.plan_shards(header), whole.values(), config
+            )
+            shutil.rmtree(out / "transformer", ignore_errors=True)
+            os.replace(staging, out / "transformer")
+        return
+    if not main_process:
+        return
     if c.finetune == "lora":
         shutil.copyfile(last / "lora.safetensors", out / ".lora.safetensors.partial")
         os.replace(out / ".lora.safetensors.partial", out / "lora.safetensors")
@@ -279,10 +326,13 @@ def resume_from_flag(
 def read_trainer_state(path: Path) -> dict:
     """A checkpoint's trainer_state.json, its types checked: {"step": int, "run": {...}, ...}."""
     state_file = path / "trainer_state.json"
-    if not state_file.is_file() or not (path / "training_state.safetensors").is_file():
+    tensors = (path / "training_state.safetensors").is_file() or (
+        path / sharded.FOLDER / ".metadata"
+    ).is_file()
+    if not state_file.is_file() or not tensors:
         raise ValueError(
             f"--resume_from_checkpoint {path}: not a checkpoint of this trainer "
-            "(trainer_state.json and training_state.safetensors are missing)"
+            "(trainer_state.json and training_state.safetensors, or dcp/, are missing)"
         )
     state = weights.parse_json(state_file.read_bytes(), state_file)
     ok = (
@@ -301,19 +351,32 @@ def read_trainer_state(path: Path) -> dict:
 
 
 def read_checkpoint(path: Path, identity: dict) -> tuple[int, dict, dict]:
-    """-> (step, trainer_state, tensors), after checking the checkpoint belongs to this run and is whole."""
+    """-> (step, trainer_state, tensors), after checking the checkpoint belongs to this run and is whole.
+    The number of processes may change if the micro-batches per step do not: 2 processes accumulating 3
+    continue as 1 accumulating 6 or 3 accumulating 2 (the same micro-batches, train.optimizer_step)."""
     state = read_trainer_state(path)
     saved = state.get("run", {})
     differ = {
         k: (saved.get(k), identity.get(k)) for k in {*identity, *saved} if saved.get(k) != identity.get(k)
     }
+    per_step = lambda run: run.get("world_size", 0) * run.get("gradient_accumulation_steps", 0)
+    if per_step(saved) == per_step(identity):
+        differ.pop("world_size", None), differ.pop("gradient_accumulation_steps", None)
     if differ:
         lines = "; ".join(f"{k}: checkpoint {a!r}, now {b!r}" for k, (a, b) in sorted(differ.items()))
+        hint = (
+            f" (another number of processes resumes it when processes x --gradient_accumulation_steps stays "
+            f"{per_step(saved)})"
+            if "world_size" in differ
+            else ""
+        )
         raise ValueError(
             f"--resume_from_checkpoint {path}: the checkpoint is from another run ({lines}); "
-            "resume with the settings it was trained with, or start a new --out"
+            f"resume with the settings it was trained with{hint}, or start a new --out"
         )
     tensors_file = path / "training_state.safetensors"
+    if not tensors_file.is_file():  # a sharded checkpoint: its tensors are read by sharded.load
+        return state["step"], state, {}
     try:
         weights.SafetensorsFile(tensors_file)  # checks every offset against the file's size
         tensors = load_file(str(tensors_file))
@@ -331,6 +394,9 @@ def resume(
     """Load a checkpoint into the model, the optimizer and the average (--use_ema); -> its step."""
     step, state, tensors = read_checkpoint(path, identity)
     inner = unwrap(model)
+    if (path / sharded.FOLDER).is_dir():  # written by several processes: resharded to this run's
+        sharded.load(path / sharded.FOLDER, inner, optimizer)
+        return step
     options = StateDictOptions(
         full_state_dict=True, strict=False
     )  # a weight that never had a gradient has no state

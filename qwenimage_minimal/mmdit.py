@@ -266,7 +266,8 @@ class JointAttention(nn.Module):
 
     def forward(self, img, txt, img_rope, txt_rope, key_mask=None):
         # img (B, N, dim), txt (B, L, dim); key_mask (B, L + N) bool or None
-        split = lambda t: t.unflatten(-1, (self.heads, self.head_dim))  # (B, S, H, Dh)
+        # (B, S, H, Dh); -1, not self.heads: under tensor parallel (parallel.py) a process holds H / n heads
+        split = lambda t: t.unflatten(-1, (-1, self.head_dim))
         img_q = apply_rope(self.norm_q(split(self.to_q(img))), img_rope)
         img_k = apply_rope(self.norm_k(split(self.to_k(img))), img_rope)
         txt_q = apply_rope(self.norm_added_q(split(self.add_q_proj(txt))), txt_rope)

@@ -410,13 +410,12 @@ def startup_summary(
 def prepare_model(c: TrainConfig, root: Path, world: int, device, weight_dtype):
     """The transformer, with what is trained in fp32, wrapped for the processes, and its optimizer.
     -> (model, {name: trained parameter}, optimizer)"""
-    # FSDP2 moves each shard to the GPU as it shards: load on the CPU, so no GPU ever holds the whole model.
-    sharded = c.finetune == "full" and world > 1
-    transformer = pipeline.load_transformer(
-        root / "transformer",
-        device="cpu" if sharded else device,
-        dtype=weight_dtype if c.finetune == "lora" else torch.float32,
-    )
+    if c.finetune == "full" and world > 1:  # built on meta, sharded, each process reading its rows only
+        transformer = distributed.load_sharded_transformer(root / "transformer", world, device, weight_dtype)
+    else:
+        transformer = pipeline.load_transformer(
+            root / "transformer", device=device, dtype=weight_dtype if c.finetune == "lora" else torch.float32
+        )
     transformer.requires_grad_(False)
     if c.finetune == "lora":
         targets = (
@@ -542,9 +541,9 @@ def train(c: TrainConfig, progress: bool = True) -> Path:
                 save_samples(pipe, model, validation, c, png)
             bar.set_description("training")
     bar.close()
+    checkpoints.finish(out, saved, c, model, main_process)  # every process: sharded weights are gathered
     if main_process:
         images.plot_loss(checkpoints.read_log(log_path), out / "loss.png")
-        checkpoints.finish(out, saved, c)
         result = out / ("lora.safetensors" if c.finetune == "lora" else "transformer")
         print(f"done: {result} (checkpoints, log.jsonl and loss.png in {out})", flush=True)
     if world > 1:

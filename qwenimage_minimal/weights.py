@@ -181,9 +181,15 @@ class SafetensorsFile:
         _, _, begin, end = self.entries[name]
         return end - begin
 
-    def read(self, name: str, file=None) -> torch.Tensor:
-        """Read one tensor into a fresh CPU tensor (pass an open file handle to avoid reopening)."""
+    def read(self, name: str, file=None, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """Read one tensor into a fresh CPU tensor (pass an open file handle to avoid reopening).
+        rows=(start, stop): only those rows of dimension 0, a contiguous stretch of the file (what one
+        process holds of a weight split row-wise across processes: distributed.load_into_shards)."""
         dtype, shape, begin, end = self.entries[name]
+        if rows is not None:
+            row_bytes = math.prod(shape[1:]) * dtype.itemsize
+            begin, end = begin + rows[0] * row_bytes, begin + rows[1] * row_bytes
+            shape = (rows[1] - rows[0], *shape[1:])
         buffer = torch.empty(end - begin, dtype=torch.uint8)
         own = file is None
         f = open(self.path, "rb") if own else file

@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image, ImageDraw
+from safetensors.torch import load_file
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
 
@@ -57,3 +59,18 @@ def squares(folder: Path, size=(64, 64), captions=True) -> Path:
         if captions:
             (folder / f"{name}.txt").write_text(f"a {name} square\n")
     return folder
+
+
+def checkpoint_state(checkpoint: Path, tmp_path: Path) -> tuple[dict, dict]:
+    """A full fine-tuning checkpoint's weights and AdamW state ({"<name>.<exp_avg|exp_avg_sq|step>": tensor}),
+    from either format: one process's (transformer/ and training_state.safetensors) or a sharded one (dcp/,
+    read whole by torch.distributed.checkpoint's converter)."""
+    if (checkpoint / "dcp").is_dir():
+        converted = tmp_path / f"{checkpoint.parent.name}-{checkpoint.name}.pt"
+        dcp_to_torch_save(checkpoint / "dcp", converted)
+        saved = torch.load(converted)
+        moments = {f"{n}.{k}": v for n, s in saved["optim"]["state"].items() for k, v in s.items()}
+        return saved["model"], moments
+    tensors = load_file(checkpoint / "training_state.safetensors")
+    moments = {k[len("optim.") :]: v for k, v in tensors.items() if k.startswith("optim.")}
+    return load_file(checkpoint / "transformer" / "diffusion_pytorch_model.safetensors"), moments

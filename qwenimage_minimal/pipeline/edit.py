@@ -13,7 +13,7 @@ from typing import NamedTuple
 import torch
 
 from .. import images, mmdit, prompts, streaming, vision, weights
-from .loading import check_model_folder, load_components
+from .loading import check_model_folder, load_components, setup_parallel
 from .text_to_image import PipelineOutput, QwenImagePipeline
 
 
@@ -71,6 +71,7 @@ class QwenImageEditPipeline(QwenImagePipeline):
         offload: bool = False,
         max_gpu_memory=None,
         compile: bool = False,
+        mesh=None,
     ):
         super().__init__(
             tokenizer,
@@ -82,6 +83,7 @@ class QwenImageEditPipeline(QwenImagePipeline):
             offload=offload,
             max_gpu_memory=max_gpu_memory,
             compile=compile,
+            mesh=mesh,
         )
         self.vision_tower = vision_tower
         self.processor_config = processor_config or images.ImageProcessorConfig()
@@ -97,6 +99,8 @@ class QwenImageEditPipeline(QwenImagePipeline):
         load_transformer: bool = True,
         max_gpu_memory=None,
         compile: bool = False,
+        tensor_parallel: int = 1,
+        cfg_parallel: bool = False,
     ) -> "QwenImageEditPipeline":
         """Load an official Qwen-Image-Edit / -Edit-2509 / -Edit-2511 folder (same layout as Qwen-Image,
         plus processor/). Called on QwenImageEditPipeline it picks the class model_index.json names.
@@ -114,9 +118,10 @@ class QwenImageEditPipeline(QwenImagePipeline):
         if max_gpu_memory is not None:
             streaming.parse_memory(max_gpu_memory)
         offload_all = offload or max_gpu_memory is not None
+        mesh, device = setup_parallel(root, tensor_parallel, cfg_parallel, device, offload_all)
         place = torch.device("cpu") if offload_all else device
         return cls(
-            **load_components(root, device, dtype, offload_all, check_finite, load_transformer),
+            **load_components(root, device, dtype, offload_all, check_finite, load_transformer, mesh),
             vision_tower=vision.load(
                 root / "text_encoder", device=place, dtype=dtype, check_finite=check_finite
             ),
@@ -125,6 +130,7 @@ class QwenImageEditPipeline(QwenImagePipeline):
             offload=offload,
             max_gpu_memory=max_gpu_memory,
             compile=compile,
+            mesh=mesh,
         )
 
     # --- images ------------------------------------------------------------------------------

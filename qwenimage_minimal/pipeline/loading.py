@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from .. import fp8, mmdit, scheduler, text_encoder, tokenizer, vae, weights
+from .. import fp8, mmdit, parallel, scheduler, text_encoder, tokenizer, vae, weights
 
 COMPONENTS = ("tokenizer", "text_encoder", "transformer", "vae", "scheduler")
 # pipeline_defaults.json (this project's, optional): the sampling settings a folder's model was made for, named
@@ -78,23 +78,51 @@ def load_transformer(path, device=None, dtype=None, check_finite: bool = True) -
     return mmdit.load(path, device=device, dtype=dtype, check_finite=check_finite)
 
 
+def setup_parallel(root: Path, tensor_parallel, cfg_parallel, device, memory_options: bool):
+    """from_pretrained's tensor_parallel / cfg_parallel: checked against the transformer's config, then the
+    process group joined and the mesh made (parallel.py). -> (mesh or None for one process, device)."""
+    if tensor_parallel == 1 and cfg_parallel is False:
+        return None, device
+    heads = mmdit.config_from_folder(root / "transformer").num_attention_heads
+    parallel.check_layout(tensor_parallel, cfg_parallel, heads)
+    if memory_options:
+        raise ValueError(
+            "tensor_parallel / cfg_parallel split the transformer across processes and do not combine with "
+            "offload or max_gpu_memory (streaming): drop one of them"
+        )
+    if fp8.is_fp8_folder(root / "transformer"):
+        raise ValueError(
+            f"{root / 'transformer'} holds fp8 weights: tensor_parallel splits bf16/fp32 folders"
+        )
+    return parallel.make_mesh(tensor_parallel, cfg_parallel, device)
+
+
 def load_components(
-    root: Path, device, dtype, offload: bool, check_finite: bool = True, transformer_weights: bool = True
+    root: Path,
+    device,
+    dtype,
+    offload: bool,
+    check_finite: bool = True,
+    transformer_weights: bool = True,
+    mesh=None,
 ) -> dict:
     """The five components every Qwen-Image pipeline has, on `device` (on the CPU with offload).
     transformer_weights=False builds the transformer on the meta device (its config, no weights): a
-    pipeline that only encodes prompts and images, as the training loop's cache needs."""
+    pipeline that only encodes prompts and images, as the training loop's cache needs. With a mesh
+    (setup_parallel) the transformer's blocks are split across its "tp" dimension."""
     place = torch.device("cpu") if offload else device
     options = dict(device=place, dtype=dtype, check_finite=check_finite)
     config = mmdit.config_from_folder(root / "transformer")
+    if not transformer_weights:
+        transformer = weights.build_on_meta(lambda: mmdit.MMDiT(config))
+    elif mesh is not None:
+        transformer = parallel.load_transformer(root / "transformer", mesh, **options)
+    else:
+        transformer = load_transformer(root / "transformer", **options)
     return dict(
         tokenizer=tokenizer.load(root / "tokenizer"),
         text_encoder=text_encoder.load(root / "text_encoder", **options),
-        transformer=(
-            load_transformer(root / "transformer", **options)
-            if transformer_weights
-            else weights.build_on_meta(lambda: mmdit.MMDiT(config))
-        ),
+        transformer=transformer,
         vae=vae.load(root / "vae", **options),
         scheduler=scheduler.load(root / "scheduler"),
     )

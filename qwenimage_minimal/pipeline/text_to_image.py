@@ -24,8 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .. import images, lora, mmdit, prompts, sampling, scheduler, streaming, weights
-from .loading import check_model_folder, load_components
+from .. import images, lora, mmdit, parallel, prompts, sampling, scheduler, streaming, weights
+from .loading import check_model_folder, load_components, setup_parallel
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
@@ -49,8 +49,13 @@ class QwenImagePipeline:
         offload: bool = False,
         max_gpu_memory=None,
         compile: bool = False,
+        mesh=None,
     ):
         self.tokenizer, self.text_encoder, self.transformer = tokenizer, text_encoder, transformer
+        # Several processes (parallel.py): the (cfg, tp) device mesh; a "cfg" dimension of 2 runs the two CFG
+        # passes on two processes, as one batch of 2 split in halves (CFGParallel). None: one process.
+        self.mesh = mesh
+        self.cfg_parallel = mesh is not None and mesh["cfg"].size() > 1
         self.vae, self.scheduler = vae, scheduler
         self.device = torch.device(device or "cpu")
         self.offload = offload  # keep components on the CPU; move each to `device` only while it runs
@@ -62,7 +67,7 @@ class QwenImagePipeline:
                 transformer, self.device, streaming.parse_memory(max_gpu_memory)
             )
             self.offload = True
-        self.batch_cfg = self.streamer is not None
+        self.batch_cfg = self.streamer is not None or self.cfg_parallel
         if compile:
             mmdit.compile_blocks(transformer)
         dit, ae, te = transformer.config, vae.config, text_encoder.config
@@ -104,6 +109,8 @@ class QwenImagePipeline:
         load_transformer: bool = True,
         max_gpu_memory=None,
         compile: bool = False,
+        tensor_parallel: int = 1,
+        cfg_parallel: bool = False,
     ) -> "QwenImagePipeline":
         """Load an official Qwen-Image folder (model_index.json + component folders).
 
@@ -114,7 +121,10 @@ class QwenImagePipeline:
         streamed from pinned CPU memory at every step (streaming.py), the rest is offloaded as above.
         compile=True: torch.compile each transformer block (regional compilation, mmdit.compile_blocks).
         check_finite=False skips the scan of every weight for NaN/Inf (a little faster to load).
-        load_transformer=False: the transformer's config only (weights on meta), to encode prompts."""
+        load_transformer=False: the transformer's config only (weights on meta), to encode prompts.
+        tensor_parallel=n, cfg_parallel=True: under torchrun with cfg (2 or 1) x n processes, the transformer's
+        blocks split across n processes and the two CFG passes on two (parallel.py); every process returns
+        the same result."""
         root = Path(root)
         class_name = check_model_folder(root, "Qwen-Image")
         if "Edit" in class_name:
@@ -122,14 +132,15 @@ class QwenImagePipeline:
         device = torch.device(device or "cpu")
         if max_gpu_memory is not None:
             streaming.parse_memory(max_gpu_memory)  # a bad value fails before minutes of loading
+        memory = offload or max_gpu_memory is not None
+        mesh, device = setup_parallel(root, tensor_parallel, cfg_parallel, device, memory)
         return cls(
-            **load_components(
-                root, device, dtype, offload or max_gpu_memory is not None, check_finite, load_transformer
-            ),
+            **load_components(root, device, dtype, memory, check_finite, load_transformer, mesh),
             device=device,
             offload=offload,
             max_gpu_memory=max_gpu_memory,
             compile=compile,
+            mesh=mesh,
         )
 
     # --- LoRA, with diffusers' method names (lora.py) ------------------------------------------
@@ -137,6 +148,8 @@ class QwenImagePipeline:
     def load_lora_weights(self, path, adapter_name: str | None = None, scale: float = 1.0) -> str:
         """Add the transformer LoRA in `path` (any format lora.py reads) as `adapter_name`. -> its name."""
         lora.check_scale(scale, "scale")  # before the file is read
+        if self.mesh is not None and self.mesh["tp"].size() > 1:
+            raise ValueError("load_lora_weights: a LoRA cannot be added to a tensor-parallel transformer yet")
         adapters, _ = lora.read_lora(path, self.transformer)
         name = adapter_name or f"default_{len(lora.adapter_names(self.transformer))}"
         lora.load_adapter(self.transformer, adapters, name, scale)
@@ -436,9 +449,14 @@ class QwenImagePipeline:
                 out = callback_on_step_end(self, i, timesteps[i], {"latents": x})
                 return (out or {}).get("latents")
 
+        if self.cfg_parallel and uncond is None:
+            raise ValueError(
+                "cfg_parallel runs the two CFG passes on two processes: it needs true_cfg_scale > 1 and a "
+                "negative_prompt (the official examples use ' ')"
+            )
         with self.active(self.transformer) as dit:
             return sampling.denoise(
-                dit,
+                parallel.CFGParallel(dit, self.mesh["cfg"]) if self.cfg_parallel else dit,
                 latents,
                 cond,
                 sigmas,
