@@ -130,7 +130,9 @@ def test_img2img_low_strength_runs_one_step_and_stays_near_the_picture(pair):
 )
 def test_bad_arguments(pair, kwargs, message):
     _, ours = pair
-    args = dict(prompt="a cat", image=PICTURE, height=HEIGHT, width=WIDTH, num_inference_steps=4, progress=False)
+    args = dict(
+        prompt="a cat", image=PICTURE, height=HEIGHT, width=WIDTH, num_inference_steps=4, progress=False
+    )
     args.update(kwargs)
     with pytest.raises(ValueError, match=message):
         ours(**args)
