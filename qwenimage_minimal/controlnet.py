@@ -33,7 +33,7 @@ class ControlNetConfig:
 
     patch_size: int = 2
     in_channels: int = 64
-    out_channels: int = 16  # in the config; a ControlNet has no output projection
+    out_channels: int | None = 16  # in the config; a ControlNet has no output projection
     num_layers: int = 60
     attention_head_dim: int = 128
     num_attention_heads: int = 24
@@ -55,7 +55,7 @@ class ControlNetConfig:
     def block_config(self) -> mmdit.MMDiTConfig:
         """The MMDiT config whose dual-stream blocks these are."""
         fields = {k: v for k, v in asdict(self).items() if k != "extra_condition_channels"}
-        return mmdit.MMDiTConfig(**fields)
+        return mmdit.MMDiTConfig(**{**fields, "out_channels": self.out_channels or 16})
 
     def to_json(self) -> dict:
         return {
@@ -146,7 +146,15 @@ def config_from_folder(path) -> ControlNetConfig:
         raise weights.CheckpointError(
             f"{path}/config.json names {raw['_class_name']!r}: not a Qwen-Image ControlNet ({CLASS_NAME})"
         )
-    return weights.config_from_json(ControlNetConfig, raw, path, REQUIRED_FIELDS)
+    extra = raw.get("extra_condition_channels", 0)  # may be 0, which config_from_json's size check refuses
+    if type(extra) is not int or extra < 0:
+        raise weights.CheckpointError(
+            f"{path}/config.json: extra_condition_channels={extra!r} must be a whole number >= 0"
+        )
+    fields = {k: v for k, v in raw.items() if k != "extra_condition_channels"}
+    config = weights.config_from_json(ControlNetConfig, fields, path, REQUIRED_FIELDS)
+    config.extra_condition_channels = extra
+    return config
 
 
 def load(path, device=None, dtype=None, check_finite: bool = True) -> QwenImageControlNet:
