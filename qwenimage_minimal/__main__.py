@@ -3,8 +3,9 @@
     python -m qwenimage_minimal generate --model DIR --prompt "..." [--negative-prompt " "] [--width 1328]
         [--height 1328] [--steps 50] [--cfg 4.0] [--seed 0] [--out image.png] [--device cuda] [--dtype bf16]
         [--tiled-vae] [--offload] [--gpu-memory GB] [--compile] [--overwrite] [--lora FILE[:SCALE] ...]
-        [--scheduler lightning]
-    python -m qwenimage_minimal edit --model DIR --image A.png [B.png C.png] --prompt "..."
+        [--scheduler lightning] [--image IN.png [--strength 0.6] [--mask M.png]]
+        [--control-image C.png --controlnet DIR [--control-scale 1.0] [--mask M.png]]
+    python -m qwenimage_minimal edit --model DIR --image A.png [B.png C.png] --prompt "..." [--mask M.png [--strength S]]
         [--negative-prompt " "] [--steps 50] [--cfg 4.0] [--seed 0] [--width W] [--height H]
         [--out edited.png] [--device cuda] [--dtype bf16] [--tiled-vae] [--offload] [--gpu-memory GB] [--compile]
     python -m qwenimage_minimal demo [--model DIR | --random] [--prompt "..."] [--edit]
@@ -32,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from . import fp8, images, lora, mmdit, nano, pipeline, prompts, scheduler, sizes, weights
+from . import controlnet, fp8, images, lora, mmdit, nano, pipeline, prompts, scheduler, sizes, weights
 from .nano import scenes
 
 # ---------------------------------------------------------------------------------------------
@@ -358,16 +359,65 @@ def memory_options(args, device) -> dict:
     return dict(max_gpu_memory=args.gpu_memory, compile=args.compile)
 
 
+def check_strength_option(args) -> float:
+    """--strength (default 0.6, diffusers'): in (0, 1], and at least one of the --steps left to run."""
+    strength = 0.6 if args.strength is None else args.strength
+    pipeline.check_strength(strength, "--strength")
+    pipeline.strength_schedule(torch.zeros(args.steps + 1), strength, "--strength")
+    return strength
+
+
+def generate_inputs(args, root: Path):
+    """--image/--strength/--mask (img2img, inpainting), --control-image/--controlnet/--control-scale (ControlNet;
+    with --mask, ControlNet inpainting), checked and read before any model loads.
+    -> (pipeline class, the call's extra arguments, from_pretrained's extra arguments)."""
+    image, control, net = (getattr(args, k) is not None for k in ("image", "control_image", "controlnet"))
+    for wrong, message in [
+        ((control or net) and image, "--image and --control-image exclude each other"),
+        (control != net, "--control-image FILE and --controlnet DIR go together"),
+        (args.strength is not None and not image, "--strength needs --image (the picture to start from)"),
+        (args.mask is not None and not (image or control), "--mask needs --image or --control-image"),
+        (args.control_scale is not None and not net, "--control-scale needs --controlnet"),
+    ]:
+        if wrong:
+            raise SystemExit(f"error: {message}")
+    if net:
+        config = controlnet.config_from_folder(args.controlnet)
+        transformer = mmdit.config_from_folder(root / "transformer")
+        controlnet.check_fits(config, transformer, f"--controlnet {args.controlnet}")
+        scale = 1.0 if args.control_scale is None else args.control_scale
+        if not math.isfinite(scale):
+            raise SystemExit(f"error: --control-scale {scale}: must be a finite number")
+        picture = images.open_image(args.control_image, name="--control-image")
+        inputs = dict(control_image=picture, controlnet_conditioning_scale=scale)
+        if args.mask is None:
+            return pipeline.QwenImageControlNetPipeline, inputs, dict(controlnet=args.controlnet)
+        if config.extra_condition_channels != 4:
+            raise SystemExit(f"error: --mask needs an inpainting ControlNet; {args.controlnet} is not")
+        mask = images.open_image(args.mask, name="--mask")
+        inputs["control_mask"] = pipeline.load_mask(mask, picture, "--mask", "--control-image")
+        return pipeline.QwenImageControlNetInpaintPipeline, inputs, dict(controlnet=args.controlnet)
+    if not image:
+        return pipeline.QwenImagePipeline, {}, {}
+    picture = images.open_image(args.image, name="--image")
+    inputs = dict(image=picture, strength=check_strength_option(args))
+    if args.mask is None:
+        return pipeline.QwenImageImg2ImgPipeline, inputs, {}
+    mask = images.open_image(args.mask, name="--mask")
+    inputs["mask_image"] = pipeline.load_mask(mask, picture, "--mask", "--image")
+    return pipeline.QwenImageInpaintPipeline, inputs, {}
+
+
 def generate(args):
     fill_sampling_defaults(args, pipeline.read_pipeline_defaults(args.model) or OFFICIAL_DEFAULTS)
     check_sampling_options(args, args.overwrite)
     pipeline.check_model_folder(Path(args.model), "Qwen-Image")
+    kind, inputs, loading = generate_inputs(args, Path(args.model))
     check_loras(args)
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
-    pipe = pipeline.QwenImagePipeline.from_pretrained(
-        args.model, device=device, dtype=dtype, offload=args.offload, **memory_options(args, device)
-    )
+    options = dict(offload=args.offload, **loading, **memory_options(args, device))
+    pipe = kind.from_pretrained(args.model, device=device, dtype=dtype, **options)
     apply_lora_and_scheduler(pipe, args)
     generator = torch.Generator().manual_seed(args.seed)
     image = pipe(
@@ -379,6 +429,7 @@ def generate(args):
         num_inference_steps=args.steps,
         generator=generator,
         tiled_vae=args.tiled_vae,
+        **inputs,
     ).images[0]
     images.save_image(image, args.out)
     print(f"wrote {args.out} ({image.size[0]}x{image.size[1]})")
@@ -395,6 +446,14 @@ def edit(args):
     pictures = [images.open_image(path, args.max_image_pixels, name="--image") for path in args.image]
     kind = pipeline.edit_pipeline_class(Path(args.model))
     kind.load_images(pictures)  # count, sizes, modes: before the model loads
+    inputs, mask = {}, args.mask
+    if mask is not None or args.strength is not None:  # Edit inpainting: one picture, a mask of its size
+        kind = pipeline.QwenImageEditInpaintPipeline
+        if mask is None or len(pictures) > 1:
+            raise SystemExit("error: --mask (and --strength) inpaint one picture: one --image and its --mask")
+        mask = images.open_image(mask, args.max_image_pixels, name="--mask")
+        mask = pipeline.load_mask(mask, pictures[0], "--mask", "--image")
+        inputs = dict(mask_image=mask, strength=check_strength_option(args))
     check_loras(args)
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
@@ -412,6 +471,7 @@ def edit(args):
         num_inference_steps=args.steps,
         generator=torch.Generator().manual_seed(args.seed),
         tiled_vae=args.tiled_vae,
+        **inputs,
     ).images[0]
     images.save_image(out, args.out)
     print(f"wrote {args.out} ({out.size[0]}x{out.size[1]})")
@@ -494,6 +554,22 @@ def main(argv=None):
     )
     g.add_argument("--height", type=int, help="default: the model folder's, else 1328")
     g.add_argument("--out", type=Path, default=Path("out/image.png"))
+    g.add_argument(
+        "--image", type=Path, help="img2img: the picture to start from (resized to --width x --height)"
+    )
+    g.add_argument(
+        "--strength", type=float, help="with --image: how far from the picture, in (0, 1]; default 0.6"
+    )
+    g.add_argument(
+        "--mask", type=Path, help="inpainting: white where --image (or --control-image) is repainted"
+    )
+    g.add_argument(
+        "--control-image", type=Path, help="ControlNet: the picture it steers with (pose, edges, ...)"
+    )
+    g.add_argument(
+        "--controlnet", help="ControlNet: its folder (diffusers' layout: config.json + safetensors)"
+    )
+    g.add_argument("--control-scale", type=float, help="ControlNet: controlnet_conditioning_scale, default 1")
     add_sampling_options(g)
     e = sub.add_parser("edit", help="edit image(s) with an official Qwen-Image-Edit / -2509 / -2511 folder")
     e.add_argument("--model", required=True, help="the official Qwen-Image-Edit(-2509/-2511) folder")
@@ -508,6 +584,10 @@ def main(argv=None):
     e.add_argument("--width", type=int, help="default: the (last) image's aspect ratio at about 1024x1024")
     e.add_argument("--height", type=int)
     e.add_argument("--out", type=Path, default=Path("out/edited.png"))
+    e.add_argument("--mask", type=Path, help="inpainting: white where the (one) --image is repainted")
+    e.add_argument(
+        "--strength", type=float, help="with --mask: how far from the picture, in (0, 1]; default 0.6"
+    )
     e.add_argument(
         "--max-image-pixels",
         type=int,

@@ -14,8 +14,8 @@ pipe = pipeline.QwenImagePipeline.from_pretrained("Qwen-Image", device="cuda", d
 
 from .controlnet import QwenImageControlNetInpaintPipeline, QwenImageControlNetPipeline, load_controlnets
 from .edit import ImageFeatures, QwenImageEditPipeline, QwenImageEditPlusPipeline, edit_pipeline_class
-from .img2img import QwenImageImg2ImgPipeline
-from .inpaint import QwenImageEditInpaintPipeline, QwenImageInpaintPipeline
+from .img2img import QwenImageImg2ImgPipeline, check_strength, strength_schedule
+from .inpaint import QwenImageEditInpaintPipeline, QwenImageInpaintPipeline, load_mask
 from .loading import COMPONENTS, check_model_folder, load_components, load_transformer, read_pipeline_defaults
 from .text_to_image import MAX_SIDE, OUTPUT_TYPES, PipelineOutput, QwenImagePipeline
 
@@ -34,9 +34,12 @@ __all__ = [
     "QwenImageInpaintPipeline",
     "QwenImagePipeline",
     "check_model_folder",
+    "check_strength",
     "edit_pipeline_class",
     "load_components",
     "load_controlnets",
+    "load_mask",
     "load_transformer",
     "read_pipeline_defaults",
+    "strength_schedule",
 ]

@@ -19,7 +19,7 @@ from .. import images
 from .text_to_image import PipelineOutput, QwenImagePipeline
 
 
-def check_strength(strength) -> None:
+def check_strength(strength, name: str = "strength") -> None:
     if (
         not isinstance(strength, (int, float))
         or isinstance(strength, bool)
@@ -27,20 +27,19 @@ def check_strength(strength) -> None:
         or not 0 < strength <= 1
     ):
         raise ValueError(
-            f"strength must be a number in (0, 1] (1 = start from pure noise, small = stay close to the "
+            f"{name} must be a number in (0, 1] (1 = start from pure noise, small = stay close to the "
             f"image), got {strength!r}"
         )
 
 
-def strength_schedule(sigmas: torch.Tensor, strength: float) -> torch.Tensor:
+def strength_schedule(sigmas: torch.Tensor, strength: float, name: str = "strength") -> torch.Tensor:
     """The schedule (N + 1,) without its first int(N - N * strength) steps (diffusers' rule), so that sampling
     starts at sigmas[skip]; an error when no step would be left."""
     steps = len(sigmas) - 1
     skip = int(max(steps - min(steps * strength, steps), 0))
     if skip >= steps:
         raise ValueError(
-            f"strength {strength!r} leaves none of the {steps} steps to run: raise strength (or "
-            "num_inference_steps)"
+            f"{name} {strength!r} leaves none of the {steps} steps to run: raise it (or the number of steps)"
         )
     return sigmas[skip:]
 
