@@ -180,6 +180,28 @@ def test_controlnet_with_cfg_and_a_guidance_window(setup):
     assert max_rel_err(whole.images, got_z) > 1e-3
 
 
+def test_batched_cfg_gives_both_passes_the_same_residuals(setup):
+    """With both CFG passes in one call (as under a memory budget) the residuals are repeated for the batch of 2B:
+    the same result as two calls, up to rounding."""
+    ours = pipeline.QwenImageControlNetPipeline.from_pretrained(
+        setup["folder"], controlnet=setup["nets"]["a"][1]
+    )
+    kwargs = dict(
+        prompt="a cat in a hat",
+        negative_prompt=" ",
+        control_image=CONTROL,
+        height=HEIGHT,
+        width=WIDTH,
+        num_inference_steps=2,
+        output_type="latent",
+        progress=False,
+    )
+    apart = ours(generator=torch.Generator().manual_seed(0), **kwargs).images
+    ours.batch_cfg = True
+    together = ours(generator=torch.Generator().manual_seed(0), **kwargs).images
+    assert max_rel_err(together, apart) <= TOL
+
+
 def test_one_union_controlnet_with_two_images_and_a_batch(setup):
     """diffusers' QwenImageMultiControlNetModel with one net: the net runs once per control image."""
     ref_net, folder = setup["nets"]["a"]
@@ -296,3 +318,8 @@ def test_inpaint_needs_an_inpainting_controlnet_and_a_mask(setup):
         plain(progress=False, **args)
     with pytest.raises(ValueError, match="control_mask is 10x10 but control_image is 160x96"):
         plain(control_mask=Image.new("L", (10, 10)), progress=False, **args)
+    inpainting = pipeline.QwenImageControlNetPipeline.from_pretrained(
+        setup["folder"], controlnet=setup["nets"]["inpaint"][1]
+    )
+    with pytest.raises(ValueError, match="goes with QwenImageControlNetInpaintPipeline"):
+        inpainting(progress=False, **args)

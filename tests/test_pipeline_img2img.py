@@ -96,6 +96,27 @@ def test_img2img_batch_of_two_prompts_at_strength_one(pair):
     assert got.shape == (2, 60, 64) and max_rel_err(got, expected) <= TOL
 
 
+def test_img2img_num_images_per_prompt_with_a_generator_each(pair):
+    """One picture, two images of one prompt: the picture's posterior is drawn once, from the first generator,
+    then each image's noise from its own (diffusers' order)."""
+    ref, ours = pair
+    common = dict(
+        prompt="a dog wearing a hat",
+        image=PICTURE,
+        strength=0.5,
+        height=HEIGHT,
+        width=WIDTH,
+        num_inference_steps=4,
+        num_images_per_prompt=2,
+        true_cfg_scale=1.0,
+        output_type="latent",
+    )
+    gens = lambda: [torch.Generator().manual_seed(s) for s in (8, 9)]
+    expected = ref(generator=gens(), **common).images
+    got = ours(generator=gens(), progress=False, **common).images
+    assert got.shape == (2, 60, 64) and max_rel_err(got, expected) <= TOL
+
+
 def test_img2img_low_strength_runs_one_step_and_stays_near_the_picture(pair):
     _, ours = pair
     seen = []

@@ -32,7 +32,7 @@ from ..controlnet import load as load_controlnet
 from .img2img import load_image
 from .inpaint import load_mask
 from .loading import check_model_folder
-from .text_to_image import PipelineOutput, QwenImagePipeline
+from .text_to_image import PipelineOutput, QwenImagePipeline, check_generators
 
 
 def load_controlnets(controlnet, device=None, dtype=None, check_finite: bool = True) -> list:
@@ -86,7 +86,8 @@ class QwenImageControlNetPipeline(QwenImagePipeline):
 
     def set_controlnet(self, controlnet) -> None:
         """Use these ControlNets (as from_pretrained's controlnet=), each checked against the transformer."""
-        nets = load_controlnets(controlnet, self.device)
+        place = torch.device("cpu") if self.offload else self.device  # folders load as the transformer is
+        nets = load_controlnets(controlnet, place, self.transformer.img_in.weight.dtype)
         for i, net in enumerate(nets):
             check_fits(
                 net.config, self.transformer.config, f"controlnet[{i}]" if len(nets) > 1 else "controlnet"
@@ -127,14 +128,14 @@ class QwenImageControlNetPipeline(QwenImagePipeline):
         for net in nets:
             reads = net.config.in_channels + net.config.extra_condition_channels
             if reads != channels:
-                kind = (
-                    "an inpainting ControlNet (extra_condition_channels 4)"
+                fix = (
+                    "this pipeline needs an inpainting ControlNet (extra_condition_channels 4)"
                     if reads < channels
-                    else "a ControlNet"
+                    else "an inpainting ControlNet goes with QwenImageControlNetInpaintPipeline"
                 )
                 raise ValueError(
                     f"controlnet: this ControlNet reads {reads} channels but the control tokens have {channels}: "
-                    f"use {kind} with this pipeline"
+                    f"{fix}"
                 )
         scales = per_image(scale, count, "controlnet_conditioning_scale")
         starts = per_image(start, count, "control_guidance_start")
@@ -271,11 +272,7 @@ class QwenImageControlNetPipeline(QwenImagePipeline):
             max_sequence_length,
         )
         batch = len(cond[0])
-        if isinstance(generator, list) and len(generator) != batch:
-            raise ValueError(
-                f"generator is a list of {len(generator)} but the batch has {batch} images "
-                "(prompts x num_images_per_prompt): pass one generator per image, or one in all"
-            )
+        check_generators(generator, batch)  # before the control images' draws
         tokens = make_tokens(width, height, batch, generator)
         latents = self.prepare_latents(latents, batch, height, width, generator)
         img_shapes = [(1, height // self.size_multiple, width // self.size_multiple)]

@@ -37,6 +37,15 @@ class PipelineOutput:
     images: object  # list of PIL images, a (B, H, W, 3) array, a (B, 3, H, W) tensor, or packed latents
 
 
+def check_generators(generator, batch: int) -> None:
+    """A list of generators must have one per image of the batch."""
+    if isinstance(generator, list) and len(generator) != batch:
+        raise ValueError(
+            f"generator is a list of {len(generator)} but the batch has {batch} images "
+            "(prompts x num_images_per_prompt): pass one generator per image, or one in all"
+        )
+
+
 class QwenImagePipeline:
     def __init__(
         self,
@@ -398,11 +407,7 @@ class QwenImagePipeline:
         channels = self.vae.config.z_dim
         dtype = self.transformer.img_in.weight.dtype
         if latents is None:
-            if isinstance(generator, list) and len(generator) != batch:
-                raise ValueError(
-                    f"generator is a list of {len(generator)} but the batch has {batch} images "
-                    "(prompts x num_images_per_prompt): pass one generator per image, or one in all"
-                )
+            check_generators(generator, batch)
             noise = sampling.initial_noise(
                 (batch, 1, channels, h, w), generator, self.device, dtype
             )  # (B, 1, C, h, w)
@@ -435,11 +440,7 @@ class QwenImagePipeline:
         """PIL picture -> fitted to width x height (images.fit) -> a posterior draw, normalised and packed,
         repeated for the batch: (batch, N, C p²). With a list of generators the draw takes the first, as
         diffusers encodes its one picture with generator[0]."""
-        if isinstance(generator, list) and len(generator) != batch:
-            raise ValueError(
-                f"generator is a list of {len(generator)} but the batch has {batch} images "
-                "(prompts x num_images_per_prompt): pass one generator per image, or one in all"
-            )
+        check_generators(generator, batch)  # before the VAE runs
         pixels = images.to_tensor(images.fit(picture, width, height, crop, fill))  # (1, 3, H, W) in [-1, 1]
         first = generator[0] if isinstance(generator, list) else generator
         return self.encode_pixels(pixels, first).expand(batch, -1, -1)
