@@ -3,10 +3,11 @@
     python -m qwenimage_minimal generate --model DIR --prompt "..." [--negative-prompt " "] [--width 1328]
         [--height 1328] [--steps 50] [--cfg 4.0] [--seed 0] [--out image.png] [--device cuda] [--dtype bf16]
         [--tiled-vae] [--offload] [--gpu-memory GB] [--compile] [--overwrite] [--lora FILE[:SCALE] ...]
-        [--scheduler lightning]
+        [--scheduler lightning] [--image IN.png [--strength 0.6] [--mask M.png]]
+        [--control-image C.png --controlnet DIR [--control-scale 1.0] [--mask M.png]]
     torchrun --nproc_per_node N -m qwenimage_minimal generate ... --tensor-parallel N [--cfg-parallel]
         (2N processes with --cfg-parallel; docs/distributed.md)
-    python -m qwenimage_minimal edit --model DIR --image A.png [B.png C.png] --prompt "..."
+    python -m qwenimage_minimal edit --model DIR --image A.png [B.png C.png] --prompt "..." [--mask M.png [--strength S]]
         [--negative-prompt " "] [--steps 50] [--cfg 4.0] [--seed 0] [--width W] [--height H]
         [--out edited.png] [--device cuda] [--dtype bf16] [--tiled-vae] [--offload] [--gpu-memory GB] [--compile]
     python -m qwenimage_minimal demo [--model DIR | --random] [--prompt "..."] [--edit]
@@ -34,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from . import fp8, images, lora, mmdit, nano, pipeline, prompts, scheduler, sizes, weights
+from . import cli_options, fp8, images, lora, mmdit, nano, pipeline, prompts, scheduler, sizes, weights
 from .nano import scenes
 
 # ---------------------------------------------------------------------------------------------
@@ -360,42 +361,18 @@ def memory_options(args, device) -> dict:
     return dict(max_gpu_memory=args.gpu_memory, compile=args.compile)
 
 
-def parallel_options(args) -> dict:
-    """--tensor-parallel and --cfg-parallel (under torchrun) as from_pretrained's tensor_parallel and
-    cfg_parallel; the world size and the head count are checked there (parallel.py)."""
-    if args.tensor_parallel < 1:
-        raise SystemExit(f"error: --tensor-parallel must be an integer >= 1, got {args.tensor_parallel}")
-    if args.cfg_parallel and not args.cfg > 1:
-        raise SystemExit(
-            f"error: --cfg-parallel runs the two CFG passes on two processes: it needs --cfg > 1, got {args.cfg:g}"
-        )
-    if args.lora and args.tensor_parallel > 1:
-        raise SystemExit(
-            "error: --lora cannot be added to a tensor-parallel transformer (--tensor-parallel) yet"
-        )
-    return dict(tensor_parallel=args.tensor_parallel, cfg_parallel=args.cfg_parallel)
-
-
-def main_process() -> bool:
-    """Rank 0 under torchrun (the one that writes the picture), or the only process."""
-    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
-
-
 def generate(args):
     fill_sampling_defaults(args, pipeline.read_pipeline_defaults(args.model) or OFFICIAL_DEFAULTS)
     check_sampling_options(args, args.overwrite)
     pipeline.check_model_folder(Path(args.model), "Qwen-Image")
+    kind, inputs, loading = cli_options.generate_inputs(args, Path(args.model))
     check_loras(args)
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
-    pipe = pipeline.QwenImagePipeline.from_pretrained(
-        args.model,
-        device=device,
-        dtype=dtype,
-        offload=args.offload,
-        **memory_options(args, device),
-        **parallel_options(args),
+    options = dict(
+        offload=args.offload, **loading, **memory_options(args, device), **cli_options.parallel_options(args)
     )
+    pipe = kind.from_pretrained(args.model, device=device, dtype=dtype, **options)
     apply_lora_and_scheduler(pipe, args)
     generator = torch.Generator().manual_seed(args.seed)
     image = pipe(
@@ -407,8 +384,9 @@ def generate(args):
         num_inference_steps=args.steps,
         generator=generator,
         tiled_vae=args.tiled_vae,
+        **inputs,
     ).images[0]
-    if main_process():
+    if cli_options.main_process():
         images.save_image(image, args.out)
         print(f"wrote {args.out} ({image.size[0]}x{image.size[1]})")
 
@@ -424,6 +402,14 @@ def edit(args):
     pictures = [images.open_image(path, args.max_image_pixels, name="--image") for path in args.image]
     kind = pipeline.edit_pipeline_class(Path(args.model))
     kind.load_images(pictures)  # count, sizes, modes: before the model loads
+    inputs, mask = {}, args.mask
+    if mask is not None or args.strength is not None:  # Edit inpainting: one picture, a mask of its size
+        kind = pipeline.QwenImageEditInpaintPipeline
+        if mask is None or len(pictures) > 1:
+            raise SystemExit("error: --mask (and --strength) inpaint one picture: one --image and its --mask")
+        mask = images.open_image(mask, args.max_image_pixels, name="--mask")
+        mask = pipeline.load_mask(mask, pictures[0], "--mask", "--image")
+        inputs = dict(mask_image=mask, strength=cli_options.check_strength_option(args))
     check_loras(args)
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
@@ -433,7 +419,7 @@ def edit(args):
         dtype=dtype,
         offload=args.offload,
         **memory_options(args, device),
-        **parallel_options(args),
+        **cli_options.parallel_options(args),
     )
     apply_lora_and_scheduler(pipe, args)
     out = pipe(
@@ -446,8 +432,9 @@ def edit(args):
         num_inference_steps=args.steps,
         generator=torch.Generator().manual_seed(args.seed),
         tiled_vae=args.tiled_vae,
+        **inputs,
     ).images[0]
-    if main_process():
+    if cli_options.main_process():
         images.save_image(out, args.out)
         print(f"wrote {args.out} ({out.size[0]}x{out.size[1]})")
 
@@ -541,6 +528,22 @@ def main(argv=None):
     )
     g.add_argument("--height", type=int, help="default: the model folder's, else 1328")
     g.add_argument("--out", type=Path, default=Path("out/image.png"))
+    g.add_argument(
+        "--image", type=Path, help="img2img: the picture to start from (resized to --width x --height)"
+    )
+    g.add_argument(
+        "--strength", type=float, help="with --image: how far from the picture, in (0, 1]; default 0.6"
+    )
+    g.add_argument(
+        "--mask", type=Path, help="inpainting: white where --image (or --control-image) is repainted"
+    )
+    g.add_argument(
+        "--control-image", type=Path, help="ControlNet: the picture it steers with (pose, edges, ...)"
+    )
+    g.add_argument(
+        "--controlnet", help="ControlNet: its folder (diffusers' layout: config.json + safetensors)"
+    )
+    g.add_argument("--control-scale", type=float, help="ControlNet: controlnet_conditioning_scale, default 1")
     add_sampling_options(g)
     e = sub.add_parser("edit", help="edit image(s) with an official Qwen-Image-Edit / -2509 / -2511 folder")
     e.add_argument("--model", required=True, help="the official Qwen-Image-Edit(-2509/-2511) folder")
@@ -555,6 +558,10 @@ def main(argv=None):
     e.add_argument("--width", type=int, help="default: the (last) image's aspect ratio at about 1024x1024")
     e.add_argument("--height", type=int)
     e.add_argument("--out", type=Path, default=Path("out/edited.png"))
+    e.add_argument("--mask", type=Path, help="inpainting: white where the (one) --image is repainted")
+    e.add_argument(
+        "--strength", type=float, help="with --mask: how far from the picture, in (0, 1]; default 0.6"
+    )
     e.add_argument(
         "--max-image-pixels",
         type=int,

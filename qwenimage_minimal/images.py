@@ -219,6 +219,110 @@ def postprocess(image: torch.Tensor, output_type: str):
     return [Image.fromarray((a * 255).round().astype("uint8")) for a in array]
 
 
+# ---------------------------------------------------------------------------------------------
+# Inpainting: masks, the crop around them, and pasting the result back (as diffusers' VaeImageProcessor)
+# ---------------------------------------------------------------------------------------------
+
+
+def to_mask(mask, name: str = "mask_image"):
+    """A mask (white = repaint, black = keep) as a PIL image in its own mode: a PIL image as it is, an array or a
+    tensor as to_rgb reads it (a bool one: True = repaint). The pipelines turn it grey after resizing."""
+    if isinstance(mask, (np.ndarray, torch.Tensor)) and mask.dtype in (np.bool_, torch.bool):
+        mask = (mask.astype(np.uint8) if isinstance(mask, np.ndarray) else mask.to(torch.uint8)) * 255
+    return mask if isinstance(mask, Image.Image) else to_rgb(mask, name)
+
+
+def fit(image, width: int, height: int, crop=None, fill: bool = False):
+    """PIL image -> cut to `crop` (x1, y1, x2, y2), then to width x height: stretched (Lanczos), or with `fill`
+    its aspect kept and the rest filled by stretching its edge rows or columns (resize_and_fill)."""
+    if crop is not None:
+        image = image.crop(crop)
+    return resize_and_fill(image, width, height) if fill else image.resize((width, height), Image.LANCZOS)
+
+
+def mask_to_tensor(mask) -> torch.Tensor:
+    """PIL mask (already fitted) -> (1, 1, H, W) float32 of 0 (keep) and 1 (repaint), grey >= 0.5 is 1."""
+    grey = torch.from_numpy(np.asarray(mask.convert("L"), dtype=np.float32) / 255)
+    return (grey >= 0.5).float()[None, None]
+
+
+def crop_region(mask, width: int, height: int, pad: int) -> tuple[int, int, int, int]:
+    """The box (x1, y1, x2, y2) around the mask's white pixels, `pad` pixels wider on each side, then grown to
+    the width:height aspect (centred, kept inside the picture): inpainting a small region at full resolution."""
+    grey = np.asarray(mask.convert("L"))
+    rows, cols = np.flatnonzero(grey.any(axis=1)), np.flatnonzero(grey.any(axis=0))
+    if len(rows) == 0:
+        raise ValueError("mask_image is all black, so there is nothing to repaint: paint the region white")
+    h, w = grey.shape
+    x1, x2 = max(int(cols[0]) - pad, 0), min(int(cols[-1]) + 1 + pad, w)
+    y1, y2 = max(int(rows[0]) - pad, 0), min(int(rows[-1]) + 1 + pad, h)
+    aspect = width / height
+    if (x2 - x1) / (y2 - y1) > aspect:
+        y1, y2 = _grow(y1, y2, (x2 - x1) / aspect, h)
+    else:
+        x1, x2 = _grow(x1, x2, (y2 - y1) * aspect, w)
+    return x1, y1, x2, y2
+
+
+def _grow(lo: int, hi: int, length: float, size: int) -> tuple[int, int]:
+    """[lo, hi) grown to `length` (whole pixels, rounded down), about its centre, shifted back inside [0, size]."""
+    extra = int(length - (hi - lo))
+    lo, hi = lo - extra // 2, hi + extra - extra // 2
+    if hi >= size:
+        lo, hi = lo - (hi - size), size
+    if lo < 0:
+        lo, hi = 0, hi - lo
+    return lo, min(hi, size)
+
+
+def resize_and_fill(image, width: int, height: int):
+    """Aspect kept, centred on a width x height RGB canvas; the bands left over are the picture's edge row (or
+    column) stretched across them."""
+    ratio, src_ratio = width / height, image.width / image.height
+    src_w = width if ratio < src_ratio else image.width * height // image.height
+    src_h = height if ratio >= src_ratio else image.height * width // image.width
+    resized = image.resize((src_w, src_h), Image.LANCZOS)
+    canvas = Image.new("RGB", (width, height))
+    canvas.paste(resized, box=(width // 2 - src_w // 2, height // 2 - src_h // 2))
+    if ratio < src_ratio and (band := height // 2 - src_h // 2) > 0:  # bands above and below
+        canvas.paste(resized.resize((width, band), box=(0, 0, width, 0)), box=(0, 0))
+        bottom = (0, resized.height, width, resized.height)
+        canvas.paste(resized.resize((width, band), box=bottom), box=(0, band + src_h))
+    elif ratio > src_ratio and (band := width // 2 - src_w // 2) > 0:  # bands left and right
+        canvas.paste(resized.resize((band, height), box=(0, 0, 0, height)), box=(0, 0))
+        right = (resized.width, 0, resized.width, height)
+        canvas.paste(resized.resize((band, height), box=right), box=(band + src_w, 0))
+    return canvas
+
+
+def resize_and_crop(image, width: int, height: int):
+    """Aspect kept, scaled to cover width x height, centred; what sticks out is cut off."""
+    ratio, src_ratio = width / height, image.width / image.height
+    src_w = width if ratio > src_ratio else image.width * height // image.height
+    src_h = height if ratio <= src_ratio else image.height * width // image.width
+    canvas = Image.new("RGB", (width, height))
+    canvas.paste(
+        image.resize((src_w, src_h), Image.LANCZOS), box=(width // 2 - src_w // 2, height // 2 - src_h // 2)
+    )
+    return canvas
+
+
+def paste_back(mask, original, generated, crop=None):
+    """The generated picture (of the crop box, when one was used) pasted into the original, and the original's
+    pixels kept wherever the mask is black: only the repainted region changes."""
+    width, height = original.size
+    kept = Image.new("RGBa", (width, height))
+    kept.paste(original.convert("RGBA").convert("RGBa"), mask=ImageOps.invert(mask.convert("L")))
+    if crop is not None:
+        x1, y1, x2, y2 = crop
+        base = Image.new("RGBA", (width, height))
+        base.paste(resize_and_crop(generated, x2 - x1, y2 - y1), (x1, y1))
+        generated = base.convert("RGB")
+    out = generated.convert("RGBA")
+    out.alpha_composite(kept.convert("RGBA"))
+    return out.convert("RGB")
+
+
 def picture_grid(pictures: list, labels: list[str] | None = None, columns: int = 4, scale: int = 1):
     """PIL pictures in a grid, each enlarged `scale` times (nearest neighbour: pixels stay pixels), with its
     label under it wrapped to the tile's width in PIL's default font; labels=None: the pictures alone."""

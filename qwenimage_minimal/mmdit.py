@@ -162,6 +162,26 @@ def rope_tables(img_shapes, text_len: int, config: MMDiTConfig, device=None):
     return table(img_pos), table(txt_pos)
 
 
+def cached_rope_tables(cache: dict, img_shapes, text_len: int, config: MMDiTConfig, device):
+    """rope_tables, kept in `cache` (a model's own dict) by (img_shapes, text_len, device): the tables are the
+    same at every step, so they are built on the CPU and copied over once, not at every step."""
+    key = (tuple(img_shapes), text_len, device)
+    if key not in cache:
+        if len(cache) > 16:
+            cache.clear()
+        cache[key] = rope_tables(img_shapes, text_len, config, device=device)
+    return cache[key]
+
+
+def joint_key_mask(txt_mask, n_image: int):
+    """(B, L) text mask (1 = token) -> (B, L + n_image) bool keys over [text | image], or None without padding."""
+    if txt_mask is None:
+        return None
+    B = txt_mask.shape[0]
+    image = torch.ones(B, n_image, dtype=torch.bool, device=txt_mask.device)
+    return torch.cat([txt_mask.to(torch.bool), image], dim=1)
+
+
 def apply_rope(x: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
     """Rotate (B, S, H, D) queries/keys by (S, D/2) complex rotations, interleaved pairs, in fp32."""
     x_complex = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))  # (B, S, H, D/2)
@@ -370,7 +390,7 @@ class MMDiT(nn.Module):
         self._rope_cache = {}  # (img_shapes, text_len, device) -> RoPE tables: same every step
         self.streamer = None  # a streaming.WeightStreamer when the blocks do not all fit the GPU
 
-    def forward(self, img, txt, txt_mask, sigma, img_shapes):
+    def forward(self, img, txt, txt_mask, sigma, img_shapes, controlnet_block_samples=None):
         """
         img         (B, N, in_channels) packed latents; N = sum of f*h*w over `img_shapes`
         txt         (B, L, joint_attention_dim) prompt embeddings
@@ -379,6 +399,9 @@ class MMDiT(nn.Module):
                     scheduler's timestep / 1000)
         img_shapes  list of (frames, h, w) in packed-token units, one per image in the sequence
                     (the latent being denoised first, then any reference images), shared by the batch
+        controlnet_block_samples  None, or a list of K residuals (B, N, dim) from ControlNets
+                    (controlnet.py), added to the image stream after the blocks: block j gets residual
+                    j // ceil(num_layers / K), so 5 residuals serve 60 blocks, 12 blocks each (as diffusers)
         returns     (B, N, patch_size**2 * out_channels) velocity
         """
         img_shapes = [tuple(int(v) for v in s) for s in img_shapes]
@@ -396,21 +419,13 @@ class MMDiT(nn.Module):
             temb_ref = self.time_text_embed(torch.zeros_like(sigma, dtype=dtype), dtype)
             n_noise = math.prod(img_shapes[0])
 
-        key = (tuple(img_shapes), L, img.device)
-        if key not in self._rope_cache:  # built on the CPU and copied over once, not at every step
-            if len(self._rope_cache) > 16:
-                self._rope_cache.clear()
-            self._rope_cache[key] = rope_tables(img_shapes, L, self.config, device=img.device)
-        img_rope, txt_rope = self._rope_cache[key]  # (N, Dh/2), (L, Dh/2) complex
-        key_mask = None
-        if txt_mask is not None:
-            key_mask = torch.cat(
-                [
-                    txt_mask.to(device=img.device, dtype=torch.bool),
-                    torch.ones(B, N, dtype=torch.bool, device=img.device),
-                ],
-                dim=1,
-            )  # (B, L + N)
+        img_rope, txt_rope = cached_rope_tables(
+            self._rope_cache, img_shapes, L, self.config, img.device
+        )  # (N, Dh/2), (L, Dh/2) complex
+        key_mask = joint_key_mask(None if txt_mask is None else txt_mask.to(img.device), N)  # (B, L + N)
+        every = 0  # blocks per ControlNet residual
+        if controlnet_block_samples is not None:
+            every = -(-self.config.num_layers // len(controlnet_block_samples))  # ceil
 
         # The one place streaming (streaming.py) hooks in: a WeightStreamer sets `self.streamer`, and its
         # blocks() yields each block once its weights are on the device (a streamed one as a slot that was
@@ -418,12 +433,14 @@ class MMDiT(nn.Module):
         # the loop must hand out *other modules* (the slots) in the blocks' place, which forward hooks cannot,
         # and a wrapper model would duplicate this forward. Without a streamer it is the plain block list.
         blocks = self.transformer_blocks if self.streamer is None else self.streamer.blocks()
-        for block in blocks:
+        for index, block in enumerate(blocks):
             args = (img, txt, temb, img_rope, txt_rope, key_mask, temb_ref, n_noise)
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 img, txt = checkpoint(block, *args, use_reentrant=False)
             else:
                 img, txt = block(*args)
+            if every:  # a ControlNet's guidance: one residual per group of blocks
+                img = img + controlnet_block_samples[index // every]
 
         return self.proj_out(self.norm_out(img, temb))  # (B, N, 64)
 

@@ -64,6 +64,7 @@ def denoise(
     on_step: Callable | None = None,
     progress: bool = False,
     batch_cfg: bool = False,
+    control: Callable | None = None,
 ) -> torch.Tensor:
     """Integrate the flow from sigmas[0] to sigmas[-1] = 0 with Euler steps.
 
@@ -78,6 +79,9 @@ def denoise(
     batch_cfg        run the conditional and unconditional passes as one batch of 2B, the shorter prompt
                      padded and masked: equal up to rounding, and streamed weights (streaming.py) then
                      cross the bus once per step instead of twice
+    control          control(i, x, sigma) -> the ControlNets' residuals for this step (a list of (B, N, dim))
+                     or None; computed once per step with the positive prompt and given to both CFG
+                     passes, as diffusers does (mmdit.MMDiT.forward's controlnet_block_samples)
     returns          (B, N, C) latents at sigma = 0
     """
     batch, n_noise = x.shape[:2]
@@ -92,14 +96,18 @@ def denoise(
         t = (sigmas[i] * 1000).expand(batch).to(x.dtype)
         sigma = t / 1000  # (B,)
         tokens = x if reference is None else torch.cat([x, reference], dim=1)  # (B, N [+ M], C)
+        residuals = None if control is None else control(i, x, sigma)
+        steer = {} if residuals is None else {"controlnet_block_samples": residuals}
         if both is not None:  # one call of batch 2B
-            v, v_uncond = model(tokens.repeat(2, 1, 1), *both, sigma.repeat(2), img_shapes)[
+            if residuals is not None:
+                steer = {"controlnet_block_samples": [r.repeat(2, 1, 1) for r in residuals]}
+            v, v_uncond = model(tokens.repeat(2, 1, 1), *both, sigma.repeat(2), img_shapes, **steer)[
                 :, :n_noise
             ].chunk(2)
         else:
-            v = model(tokens, *prompt, sigma, img_shapes)[:, :n_noise]  # (B, N, C)
+            v = model(tokens, *prompt, sigma, img_shapes, **steer)[:, :n_noise]  # (B, N, C)
             if negative_prompt is not None:
-                v_uncond = model(tokens, *negative_prompt, sigma, img_shapes)[:, :n_noise]
+                v_uncond = model(tokens, *negative_prompt, sigma, img_shapes, **steer)[:, :n_noise]
         if negative_prompt is not None:
             v = cfg_combine(v, v_uncond, cfg_scale)
         x = euler_step(x, v, sigmas[i], sigmas[i + 1])

@@ -37,6 +37,15 @@ class PipelineOutput:
     images: object  # list of PIL images, a (B, H, W, 3) array, a (B, 3, H, W) tensor, or packed latents
 
 
+def check_generators(generator, batch: int) -> None:
+    """A list of generators must have one per image of the batch."""
+    if isinstance(generator, list) and len(generator) != batch:
+        raise ValueError(
+            f"generator is a list of {len(generator)} but the batch has {batch} images "
+            "(prompts x num_images_per_prompt): pass one generator per image, or one in all"
+        )
+
+
 class QwenImagePipeline:
     def __init__(
         self,
@@ -411,11 +420,7 @@ class QwenImagePipeline:
         channels = self.vae.config.z_dim
         dtype = self.transformer.img_in.weight.dtype
         if latents is None:
-            if isinstance(generator, list) and len(generator) != batch:
-                raise ValueError(
-                    f"generator is a list of {len(generator)} but the batch has {batch} images "
-                    "(prompts x num_images_per_prompt): pass one generator per image, or one in all"
-                )
+            check_generators(generator, batch)
             noise = sampling.initial_noise(
                 (batch, 1, channels, h, w), generator, self.device, dtype
             )  # (B, 1, C, h, w)
@@ -428,6 +433,31 @@ class QwenImagePipeline:
             )
         return latents.to(self.device, dtype)
 
+    def encode_pixels(self, pixels, generator=None, sample: bool = True) -> torch.Tensor:
+        """(B, 3, H, W) in [-1, 1] -> normalised, packed latents (B, H/16 * W/16, C p²), in the transformer's dtype.
+        sample=True draws from the VAE's posterior with `generator` (one per row when a list), as diffusers'
+        image-conditioned pipelines do; sample=False takes its mean."""
+        with self.active(self.vae) as ae:
+            posterior = ae.encode(pixels.to(self.device, ae.post_quant_conv.weight.dtype))  # (B, C, H/8, W/8)
+            z = posterior.mean
+            if sample:
+                z = z + posterior.std * sampling.initial_noise(z.shape, generator, z.device, z.dtype)
+            z = ae.normalize_latents(z)
+        return mmdit.pack_latents(z, self.transformer.config.patch_size).to(
+            self.transformer.img_in.weight.dtype
+        )
+
+    def picture_latents(
+        self, picture, width, height, generator, batch, crop=None, fill=False
+    ) -> torch.Tensor:
+        """PIL picture -> fitted to width x height (images.fit) -> a posterior draw, normalised and packed,
+        repeated for the batch: (batch, N, C p²). With a list of generators the draw takes the first, as
+        diffusers encodes its one picture with generator[0]."""
+        check_generators(generator, batch)  # before the VAE runs
+        pixels = images.to_tensor(images.fit(picture, width, height, crop, fill))  # (1, 3, H, W) in [-1, 1]
+        first = generator[0] if isinstance(generator, list) else generator
+        return self.encode_pixels(pixels, first).expand(batch, -1, -1)
+
     def denoise(
         self,
         latents,
@@ -439,15 +469,24 @@ class QwenImagePipeline:
         callback_on_step_end=None,
         progress=True,
         reference=None,
+        after_step=None,
+        control=None,
     ) -> torch.Tensor:
-        """sampling.denoise over `sigmas` (from `schedule`), with the transformer on the device."""
+        """sampling.denoise over `sigmas` (from `schedule`), with the transformer on the device.
+        after_step(i, x) -> x runs after each Euler step, before the user's callback (inpainting puts the
+        known pixels back there); control: sampling.denoise's (the ControlNet pipelines')."""
         on_step = None
-        if callback_on_step_end is not None:  # diffusers' signature: (pipeline, i, t, {"latents": x})
+        if callback_on_step_end is not None or after_step is not None:
             timesteps = sigmas[:-1] * self.scheduler.config.num_train_timesteps  # t = 1000 sigma, as reported
 
             def on_step(i, x):
+                if after_step is not None:
+                    x = after_step(i, x)
+                if callback_on_step_end is None:
+                    return x
+                # diffusers' signature: (pipeline, i, t, {"latents": x})
                 out = callback_on_step_end(self, i, timesteps[i], {"latents": x})
-                return (out or {}).get("latents")
+                return (out or {}).get("latents", x)
 
         if self.cfg_parallel and uncond is None:
             raise ValueError(
@@ -467,6 +506,7 @@ class QwenImagePipeline:
                 on_step=on_step,
                 progress=progress,
                 batch_cfg=self.batch_cfg,
+                control=control,
             )
 
     def decode(self, latents, height, width, output_type, tiled_vae=False) -> PipelineOutput:
