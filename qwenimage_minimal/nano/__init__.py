@@ -60,12 +60,8 @@ class NanoConfig:
     dit_weighting: str = "logit_normal"  # timesteps mostly at middle noise levels (SD3, Esser et al. 2024)
     dit_checkpoint_every: int = 3000  # run/checkpoint-N/transformer: scores against minutes
     caption_dropout: float = 0.1  # the empty prompt's share: what CFG's unconditional branch learns from
-    dit_ema_decay: float = (
-        0.999  # train.py --use_ema: the MMDiT saved is the average of its last ~1000 steps (0: off)
-    )
-    vae_other_pictures: int = (
-        2000  # pictures unlike the scenes the VAE also learns (vae_training.other_pictures)
-    )
+    dit_ema_decay: float = 0.999  # train.py --use_ema: the average of the last ~1000 steps (0: off)
+    vae_other_pictures: int = 2000  # pictures unlike the scenes, for a general VAE (other_pictures)
     vae_eval_every: int = 500  # steps between held-out PSNR measurements
     held_out_pictures: int = 32  # held-out scenes for the VAE's PSNR
     eval_scenes: int = 200  # held-out scenes drawn and scored at the end (as many training-like ones)

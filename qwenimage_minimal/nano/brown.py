@@ -1,6 +1,6 @@
 """A LoRA that teaches the nano model a colour it never saw: brown, RGB (140, 90, 40), appears nowhere in the base
 training data. From BROWN_PICTURES captioned pictures of brown objects, in two of the four shapes and five of
-the nine cells, the project's own `train` command trains a rank-8 LoRA in a few CPU minutes; it is then
+the nine cells, the project's own `train` command trains a rank-8 LoRA in about 1.5 CPU minutes; it is then
 measured on brown objects in the *other* shapes and cells (does the adapter teach "brown", or just these
 pictures?) and on the eight base colours (is anything forgotten?).
 
@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
 from .. import images, train, writing
 from ..pipeline import QwenImagePipeline
@@ -27,7 +28,8 @@ from . import COMMITTED, scenes
 from .measure import evaluate
 
 BROWN = "brown"
-BROWN_PICTURES = 32  # the issue's budget: at most 32 captioned pictures
+BROWN_PICTURES = 32  # the issue's budget: at most 32 captioned pictures of brown objects
+REGULAR_PICTURES = 16  # and half as many of the base colours, so that nothing is forgotten (write_data)
 TRAIN_SHAPES = ("circle", "square")  # brown is only ever shown as these...
 TRAIN_POSITIONS = ("top left", "top right", "center", "bottom left", "bottom right")  # ...in these cells
 COMMITTED_LORA = COMMITTED.parent / "nano_brown_lora.safetensors"
@@ -37,7 +39,7 @@ TRAIN_FLAGS = (
     "--finetune", "lora", "--rank", "8", "--lora_alpha", "8", "--lora_layers", "all-linear",
     "--resolution", "128", "--square", "--mixed_precision", "no",
     "--learning_rate", "1e-3", "--lr_scheduler", "cosine", "--lr_warmup_steps", "20",
-    "--train_batch_size", "8", "--max_train_steps", "300", "--checkpointing_steps", "300",
+    "--train_batch_size", "8", "--max_train_steps", "1000", "--checkpointing_steps", "1000",
     "--weighting_scheme", "logit_normal", "--caption_dropout", "0", "--adam_weight_decay", "0",
 )  # fmt: skip
 
@@ -56,12 +58,20 @@ def brown_scenes(n: int, seed: int, seen: bool) -> list[scenes.Scene]:
 
 
 def write_data(folder: Path, n: int = BROWN_PICTURES, seed: int = 0, size: int = 128) -> list[scenes.Scene]:
-    """The LoRA's training folder: n pictures of brown objects with their captions (the layout train reads)."""
+    """The LoRA's training folder (the layout train reads): n pictures of brown objects with their captions,
+    and beside them REGULAR_PICTURES scenes of the base colours from the base training split. Measured (32
+    prompts each, nano v2): trained on brown alone (300 steps), the adapter learnt "brown" (94% in unseen
+    shapes and cells) and also that everything is a little brown: the base colours fell from 100% to 75%.
+    With 32 base scenes beside the 32 brown ones they stayed at 100%, and brown reached 75% in 1,000 steps;
+    with 16, brown 100% and the base colours 100%. The base scenes keep what the model knew, as DreamBooth's
+    prior preservation keeps a class with pictures of it (Ruiz et al. 2023)."""
     writing.check_writable_folder(folder, f"cannot write the brown pictures to {folder}")
     made = brown_scenes(n, seed, seen=True)
-    for i, scene in enumerate(made):
-        images.save_image(scenes.render(scene, size), folder / f"brown-{i:03d}.png")
-        with writing.atomic_write(folder / f"brown-{i:03d}.txt", "w") as f:
+    regular = scenes.make_scenes(REGULAR_PICTURES, seed=seed + 100, split="train")
+    for i, scene in enumerate(made + regular):
+        stem = f"brown-{i:03d}" if i < len(made) else f"base-{i - len(made):03d}"
+        images.save_image(scenes.render(scene, size), folder / f"{stem}.png")
+        with writing.atomic_write(folder / f"{stem}.txt", "w") as f:
             f.write(scenes.caption(scene) + "\n")
     return made
 
@@ -95,6 +105,16 @@ def measure_lora(model, lora_path, n: int = 32, steps: int = 20, log=print) -> d
     return report
 
 
+def store_in_bf16(source: Path, target: Path) -> None:
+    """The adapter file with its tensors in bf16 and its metadata kept: half the bytes (0.6 MB, where the issue
+    allows 1 MB), as the nano model itself is stored; the pipelines compute in the model's dtype."""
+    with safe_open(source, "pt") as f:
+        metadata, names = f.metadata(), sorted(f.keys())
+        tensors = [f.get_tensor(n).to(torch.bfloat16) for n in names]
+    header = [(n, tuple(t.shape), t.dtype) for n, t in zip(names, tensors)]
+    writing.write_safetensors(target, header, tensors, metadata)
+
+
 def build(model: Path, out: Path, overwrite: bool = False, steps: int | None = None, log=print) -> dict:
     """Write the pictures, train the LoRA with `train`, measure it. -> the report (also out/report.json)."""
     if out.exists() and any(out.iterdir()) and not overwrite:
@@ -108,7 +128,7 @@ def build(model: Path, out: Path, overwrite: bool = False, steps: int | None = N
         at = flags.index("--max_train_steps")
         flags[at + 1] = flags[flags.index("--checkpointing_steps") + 1] = str(steps)
     train.main(["--model", str(model), "--data", str(out / "data"), "--out", str(out / "run"), *flags])
-    shutil.copyfile(out / "run" / "lora.safetensors", out / "lora.safetensors")
+    store_in_bf16(out / "run" / "lora.safetensors", out / "lora.safetensors")
     report = {"train_minutes": round((time.time() - start) / 60, 2), "flags": flags}
     log(f"trained in {report['train_minutes']} min")
     report.update(measure_lora(model, out / "lora.safetensors", log=log))
