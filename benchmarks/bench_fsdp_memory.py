@@ -65,7 +65,6 @@ def measure(folder: Path, mode: str) -> None:
         ),
         flush=True,
     )
-    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
@@ -77,4 +76,8 @@ if __name__ == "__main__":
     p.add_argument("--heads", type=int, default=8)
     a = p.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    write(a.folder, a.layers, a.heads) if a.write else measure(a.folder, a.mode)
+    if a.write:
+        write(a.folder, a.layers, a.heads)
+    else:
+        measure(a.folder, a.mode)
+        distributed.leave_process_group()

@@ -35,7 +35,20 @@ from pathlib import Path
 
 import torch
 
-from . import cli_options, fp8, images, lora, mmdit, nano, pipeline, prompts, scheduler, sizes, weights
+from . import (
+    cli_options,
+    distributed,
+    fp8,
+    images,
+    lora,
+    mmdit,
+    nano,
+    pipeline,
+    prompts,
+    scheduler,
+    sizes,
+    weights,
+)
 from .nano import scenes
 
 # ---------------------------------------------------------------------------------------------
@@ -617,8 +630,7 @@ def main(argv=None):
     except (weights.CheckpointError, ValueError, OSError, FloatingPointError) as e:  # one line, no traceback
         raise SystemExit(f"error: {e}") from None
     finally:
-        if torch.distributed.is_initialized():  # --tensor-parallel / --cfg-parallel under torchrun
-            torch.distributed.destroy_process_group()
+        distributed.leave_process_group()  # --tensor-parallel / --cfg-parallel under torchrun
 
 
 if __name__ == "__main__":

@@ -557,8 +557,7 @@ def main(argv=None) -> int:
     except (ValueError, weights.CheckpointError, OSError, FloatingPointError) as e:
         raise SystemExit(f"error: {e}") from None
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        distributed.leave_process_group()
     return 0
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from qwenimage_minimal import parallel, pipeline, sizes
+from qwenimage_minimal import distributed, parallel, pipeline, sizes
 
 # Edit-2509's areas shrunk for speed, as tests/test_pipeline_edit.py does (the same in every process)
 pipeline.QwenImageEditPlusPipeline.vae_area = 96 * 96
@@ -55,5 +55,4 @@ def main(t2i: str, edit: str, out: str, *layouts: str) -> None:
 
 if __name__ == "__main__":
     main(*sys.argv[1:])
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    distributed.leave_process_group()
