@@ -111,3 +111,41 @@ def test_the_brown_lora_teaches_brown_in_shapes_and_cells_it_never_saw_and_forge
     got = brown.measure_lora(nano.COMMITTED, brown.COMMITTED_LORA, n=16)
     assert got["new_brown"] >= 0.8 and got["new_brown_without"] <= 0.1, got
     assert got["base_colours"] >= 0.95, got
+
+
+@pytest.fixture(scope="module")
+def inpaint():
+    return pipeline.QwenImageInpaintPipeline.from_pretrained(nano.COMMITTED, dtype=torch.float32)
+
+
+def test_inpainting_draws_a_held_out_object_in_the_masked_cell_and_keeps_the_rest(inpaint):
+    """Inpainting with the committed model (issue 26), on 16 captions it never saw: the new object is drawn in
+    the masked cell, the old one kept, and the pixels outside the mask differ from the VAE's round trip by far
+    less than the round trip differs from the picture. On 64 cases (notebook 10, checkpoints/nano/README.md): 86%
+    added (large objects 100%, small 72%: the issue's 90% is not reached), 98% kept, outside 0.44 of 255 against
+    the round trip's 4.95; this set measures 87.5%, 100%, 0.46 against 4.36."""
+    cases = measure.inpainting_cases(16, seed=0)
+    assert all(scenes.is_held_out(target) for _, target in cases)
+    got = measure.inpainting(inpaint, cases)
+    print(got)
+    assert got["added"] >= 0.8 and got["kept"] >= 0.9, got
+    assert got["outside"] < 0.2 * got["round_trip"], got
+
+
+class DrawsNothing:
+    """An inpainting 'pipeline' that returns the picture's VAE round trip: the masked cell stays empty."""
+
+    def __init__(self, pipe):
+        self.pipe = pipe
+
+    def __call__(self, image, generator, **_):
+        latents = self.pipe.picture_latents(image, 128, 128, generator, 1)
+        return self.pipe.decode(latents, 128, 128, "np")
+
+    def __getattr__(self, name):
+        return getattr(self.pipe, name)
+
+
+def test_the_inpainting_measure_says_no_when_nothing_is_drawn(inpaint):
+    got = measure.inpainting(DrawsNothing(inpaint), measure.inpainting_cases(4, seed=0))
+    assert got["added"] == 0.0 and got["kept"] == 1.0 and got["outside"] == 0.0, got

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 from .. import checkpoints, images, mmdit, pipeline, weights, writing
@@ -283,4 +284,130 @@ def diversity(
             }
         )
         log(", ".join(f"{k} {v:.3f}" for k, v in rows[-1].items()))
+    return rows
+
+
+def inpainting_cases(n: int, seed: int = 0) -> list[tuple[scenes.Scene, scenes.Scene]]:
+    """n (source, target) pairs: a varied training-split scene of one object, and the scene its inpainting
+    prompt asks for: that object as named plus one of HELD_OUT_OBJECTS (in turn) in another cell, in another
+    colour. Every target is held out (scenes.is_held_out): the model never saw its caption."""
+    rng = random.Random(seed)
+    held = sorted(scenes.HELD_OUT_OBJECTS)
+    pool = scenes.make_scenes(20 * n, seed=seed, two_object_fraction=0.0)
+    cases = []
+    for i in range(n):
+        colour, shape, position = held[i % len(held)]
+        fits = [s for s in pool if s.things[0].position != position and s.things[0].colour != colour]
+        source = fits[rng.randrange(len(fits))]
+        added = scenes.Thing(colour, shape, position, rng.choice(sorted(scenes.SIZES)))
+        cases.append((source, scenes.Scene((source.named().things[0], added))))
+    return cases
+
+
+def as_pil(array: np.ndarray):
+    """An (H, W, 3) float picture in [0, 1] (a pipeline's "np" output) as the PIL image "pil" would give."""
+    return Image.fromarray((array * 255).round().astype("uint8"))
+
+
+def inpainting(
+    pipe,
+    cases,
+    steps: int = 20,
+    cfg: float = 2.0,
+    margin: int = 6,
+    grow: int = 8,
+    seed: int = 0,
+    size: int = 128,
+    pictures=None,
+) -> dict:
+    """Each source picture inpainted (strength 1, `steps` steps, CFG `cfg` against "") inside the cell of the
+    target's new object and `margin` pixels around it (scenes.cell_mask: room for an object drawn near its
+    cell's edge), prompted with the target's caption; read back from the pixels:
+
+    added       the share where the new object is entirely right (colour, shape, cell)
+    kept        the share where the source's object is still entirely right
+    outside     the mean difference (0..255 pixel values, the largest of the three channels) between a result
+                and its picture's VAE round trip (the same posterior draw, decoded) outside the cell grown by
+                `margin` + `grow` pixels. The loop keeps the latents there equal to the picture's, so what
+                differs is only the decoder's reach across the mask's edge (its convolutions, and the attention
+                of its middle block, which sees every position)
+    round_trip  the mean difference there between the round trip and the picture itself: the VAE's own error,
+                the yardstick for `outside`
+    The results (PIL) are appended to `pictures` if given."""
+    added, kept, outside, round_trip_error = [], [], [], []
+    for source, target in cases:
+        picture, new = scenes.render(source, size), target.things[1]
+        drawn = pipe(
+            prompt=scenes.caption(target),
+            negative_prompt="" if cfg > 1 else None,
+            true_cfg_scale=cfg,
+            image=picture,
+            mask_image=scenes.cell_mask(new.position, size, margin),
+            height=size,
+            width=size,
+            strength=1.0,
+            num_inference_steps=steps,
+            generator=torch.Generator().manual_seed(seed),
+            output_type="np",
+            progress=False,
+        ).images[0]  # (H, W, 3) in [0, 1]
+        draw = pipe.picture_latents(picture, size, size, torch.Generator().manual_seed(seed), 1)
+        round_trip = pipe.decode(draw, size, size, "np").images[0]  # the posterior draw the call started from
+        far = np.asarray(scenes.cell_mask(new.position, size, margin + grow)) == 0  # (H, W)
+        outside.append(np.abs(drawn - round_trip).max(-1)[far].mean() * 255)
+        exact = np.asarray(picture, np.float32) / 255
+        round_trip_error.append(np.abs(round_trip - exact).max(-1)[far].mean() * 255)
+        image = as_pil(drawn)
+        verdicts = scenes.score(image, target)
+        kept.append(verdicts[0]["correct"])
+        added.append(verdicts[1]["correct"])
+        if pictures is not None:
+            pictures.append(image)
+    return {
+        "added": float(np.mean(added)),
+        "kept": float(np.mean(kept)),
+        "outside": float(np.mean(outside)),
+        "round_trip": float(np.mean(round_trip_error)),
+    }
+
+
+def strength_table(pipe, pairs, strengths, steps: int = 20, cfg: float = 2.0, size: int = 128, pictures=None):
+    """img2img (SDEdit) of each (source, target) pair: the source picture, the target's caption, at each
+    strength (20 steps, CFG against ""); -> [{"strength", "steps_run", "prompt", "source", "change"}]: the
+    share where the target's object is entirely right, where the source's still is, and the mean |change|
+    of the pixels (0..255) from the source. The pictures of each strength are appended to `pictures` (a
+    list per strength) if given."""
+    rows = []
+    sources = [scenes.render(s, size) for s, _ in pairs]
+    for strength in strengths:
+        drawn = [
+            pipe(
+                prompt=scenes.caption(target.named()),
+                negative_prompt="" if cfg > 1 else None,
+                true_cfg_scale=cfg,
+                image=picture,
+                height=size,
+                width=size,
+                strength=strength,
+                num_inference_steps=steps,
+                generator=torch.Generator().manual_seed(0),
+                progress=False,
+            ).images[0]
+            for picture, (_, target) in zip(sources, pairs)
+        ]
+        change = [
+            np.abs(np.asarray(d, np.float32) - np.asarray(x, np.float32)).mean()
+            for d, x in zip(drawn, sources)
+        ]
+        rows.append(
+            {
+                "strength": strength,
+                "steps_run": len(pipeline.strength_schedule(torch.zeros(steps + 1), strength)) - 1,
+                "prompt": scenes.evaluate(drawn, [t.named() for _, t in pairs])["single_object"],
+                "source": scenes.evaluate(drawn, [s.named() for s, _ in pairs])["single_object"],
+                "change": float(np.mean(change)),
+            }
+        )
+        if pictures is not None:
+            pictures.append(drawn)
     return rows

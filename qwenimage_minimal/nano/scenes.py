@@ -30,6 +30,7 @@ its widest row is (circle ~ pi/4, square ~ 1, triangle ~ 1/2 widest at the botto
 widest in the middle).
 
     render(scene, size) -> PIL image          caption(scene) -> str          parse_caption(str) -> scene
+    cell_mask(position, size, grow) -> a PIL mask of one cell (what inpainting repaints)
     vary(scene, rng) -> the scene with a drawn size, offset and tint (render draws it; caption ignores it)
     make_scenes(n, seed, split) -> [Scene] (varied)   write_dataset(folder, n, seed) -> a folder train.py reads
     score(image, scene) -> per-object verdicts
@@ -180,6 +181,20 @@ def render(scene: Scene, size: int = 128):
         r = side * cell / 2
         draw_shape(draw, t.shape, cx, cy, r, tuple(t.rgb) if t.rgb is not None else ALL_COLOURS[t.colour])
     return image
+
+
+def cell_mask(position: str, size: int = 128, grow: int = 0):
+    """A PIL "L" mask, white over the grid cell `position` (grown by `grow` pixels on each side), black
+    elsewhere: what inpainting repaints."""
+    row, col = POSITIONS[position]
+    cell = size / 3
+    box = [round(col * cell) - grow, round(row * cell) - grow, round((col + 1) * cell) + grow - 1]
+    box.append(round((row + 1) * cell) + grow - 1)
+    mask = Image.new("L", (size, size), 0)
+    ImageDraw.Draw(mask).rectangle(
+        [max(0, v) for v in box[:2]] + [min(size - 1, v) for v in box[2:]], fill=255
+    )
+    return mask
 
 
 def draw_shape(draw, shape: str, cx: float, cy: float, r: float, fill: tuple) -> None:
