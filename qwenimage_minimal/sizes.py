@@ -139,7 +139,7 @@ def write_checkpoint(
             raise ValueError(f"size must be one of {sorted(SIZES)} or a ModelSize, got {size!r}")
         size = SIZES[size]
     root = Path(root)
-    edit = pipeline_class != "QwenImagePipeline"
+    edit = "Edit" in pipeline_class
     write_tokenizer_folder(root / "tokenizer")
 
     with torch.random.fork_rng(devices=[]):  # the caller's random state is left as it was

@@ -64,8 +64,19 @@ DTYPES_BY_NAME = {
 }
 
 
-# The `_class_name`s of model_index.json that this project runs (sizes.py writes them, pipeline/ reads them).
-PIPELINE_CLASSES = ("QwenImagePipeline", "QwenImageEditPipeline", "QwenImageEditPlusPipeline")
+# The `_class_name`s of model_index.json that this project runs (sizes.py writes them, pipeline/ reads them):
+# the official folders' three, and those diffusers' save_pretrained writes for its image-conditioned pipelines
+# over the same components (a ControlNet pipeline's folder also holds controlnet/).
+PIPELINE_CLASSES = (
+    "QwenImagePipeline",
+    "QwenImageImg2ImgPipeline",
+    "QwenImageInpaintPipeline",
+    "QwenImageControlNetPipeline",
+    "QwenImageControlNetInpaintPipeline",
+    "QwenImageEditPipeline",
+    "QwenImageEditInpaintPipeline",
+    "QwenImageEditPlusPipeline",
+)
 
 
 class CheckpointError(ValueError):

@@ -2,6 +2,8 @@
 folder layout with weights that are NOT zero (a residual left out would show), the tiny Qwen-Image of
 test_pipeline.py, the same control images, prompts, seeds, scales and guidance windows."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -178,6 +180,24 @@ def test_controlnet_with_cfg_and_a_guidance_window(setup):
         generator=torch.Generator().manual_seed(1), height=HEIGHT, width=WIDTH, progress=False, **common
     )
     assert max_rel_err(whole.images, got_z) > 1e-3
+
+
+def test_a_controlnet_pipeline_diffusers_saved_loads_here_with_its_controlnet(setup, tmp_path):
+    """diffusers' save_pretrained of its ControlNet pipeline: model_index.json names QwenImageControlNetPipeline
+    and controlnet/ sits beside the other components; ours loads the folder with that ControlNet when none is
+    given, and draws diffusers' latents."""
+    ref_net, _ = setup["nets"]["a"]
+    ref = setup["reference"](QwenImageControlNetPipeline, ref_net)
+    ref.save_pretrained(tmp_path / "saved")
+    assert json.loads((tmp_path / "saved" / "model_index.json").read_text())["_class_name"] == (
+        "QwenImageControlNetPipeline"
+    )
+    ours = pipeline.QwenImageControlNetPipeline.from_pretrained(tmp_path / "saved")
+    assert len(ours.controlnets) == 1
+    common = dict(prompt="a red fox", true_cfg_scale=1.0, num_inference_steps=2, control_image=CONTROL)
+    common.update(output_type="latent")
+    _, _, got_z, expected_z = run_both(ref, ours, **common)
+    assert max_rel_err(got_z, expected_z) <= TOL
 
 
 def test_batched_cfg_gives_both_passes_the_same_residuals(setup):

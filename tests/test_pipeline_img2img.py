@@ -2,6 +2,8 @@
 test_pipeline.py, the same picture, prompts, seeds and strengths (fp32, CPU). Both draw the picture's VAE
 posterior and then the noise from the one generator, so the final latents and pixels agree to rounding."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -157,3 +159,19 @@ def test_bad_arguments(pair, kwargs, message):
     args.update(kwargs)
     with pytest.raises(ValueError, match=message):
         ours(**args)
+
+
+def test_a_folder_diffusers_saved_as_img2img_loads_here(pair, tmp_path):
+    """diffusers' save_pretrained of its img2img pipeline names QwenImageImg2ImgPipeline in model_index.json:
+    ours loads that folder (as it loads the official QwenImagePipeline folders) and draws the same latents."""
+    ref, ours = pair
+    ref.save_pretrained(tmp_path / "saved")
+    index = json.loads((tmp_path / "saved" / "model_index.json").read_text())
+    assert index["_class_name"] == "QwenImageImg2ImgPipeline"
+    again = pipeline.QwenImageImg2ImgPipeline.from_pretrained(tmp_path / "saved")
+    common = dict(
+        image=PICTURE, prompt="a cat", true_cfg_scale=1.0, height=HEIGHT, width=WIDTH, num_inference_steps=2
+    )
+    common.update(output_type="latent", strength=0.5, progress=False)
+    expected = ours(generator=torch.Generator().manual_seed(0), **common).images
+    assert torch.equal(again(generator=torch.Generator().manual_seed(0), **common).images, expected)

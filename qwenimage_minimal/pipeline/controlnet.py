@@ -100,9 +100,12 @@ class QwenImageControlNetPipeline(QwenImagePipeline):
     ):
         """An official Qwen-Image folder and `controlnet`: a ControlNet folder, a loaded one, or a list. The
         ControlNets load and are checked against the transformer's config first: a misfit fails in seconds.
-        The other options are QwenImagePipeline.from_pretrained's."""
+        Without `controlnet`, the folder's own controlnet/ (what diffusers' save_pretrained of a ControlNet
+        pipeline writes) if it has one. The other options are QwenImagePipeline.from_pretrained's."""
         root = Path(root)
         check_model_folder(root, "Qwen-Image")
+        if controlnet is None and (root / "controlnet" / "config.json").is_file():
+            controlnet = root / "controlnet"
         place = torch.device("cpu") if offload or options.get("max_gpu_memory") is not None else device
         nets = load_controlnets(controlnet, place, dtype, options.get("check_finite", True))
         transformer = mmdit.config_from_folder(root / "transformer")

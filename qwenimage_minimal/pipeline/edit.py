@@ -29,6 +29,7 @@ def edit_pipeline_class(root: Path):
     class_name = check_model_folder(root, "Qwen-Image-Edit")
     kinds = {
         "QwenImageEditPipeline": QwenImageEditPipeline,
+        "QwenImageEditInpaintPipeline": QwenImageEditPipeline,  # diffusers' save_pretrained of Edit-inpainting
         "QwenImageEditPlusPipeline": QwenImageEditPlusPipeline,
     }
     if class_name not in kinds:
