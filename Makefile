@@ -7,7 +7,7 @@ PIP    := $(PY) -m pip
 # pulled in by another package would download a multi-GB CUDA build.
 TORCH  ?= torch==2.13.0
 
-.PHONY: test lint format demo nano nano-brown bench notebooks course cuda-check clean
+.PHONY: test lint format demo nano nano-edit nano-brown bench notebooks course cuda-check clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,11 @@ demo: $(VENV)/.installed
 # (~50 CPU minutes). out/nano/model is what checkpoints/nano holds; a finished one is kept unless OVERWRITE=1.
 nano: $(VENV)/.installed
 	$(PY) -m qwenimage_minimal train-nano --out out/nano $(if $(OVERWRITE),--overwrite)
+
+# The nano Edit model (nano/edit_recipe.py): edit pairs -> the nano model fine-tuned by train.py's Edit path ->
+# out/nano_edit (~30 CPU minutes). out/nano_edit/model is what checkpoints/nano_edit holds.
+nano-edit: $(VENV)/.installed
+	$(PY) -m qwenimage_minimal train-nano-edit --out out/nano_edit $(if $(OVERWRITE),--overwrite)
 
 # The brown LoRA (nano/brown.py): 32 pictures of brown objects -> `train` -> out/brown/lora.safetensors, measured
 # (what checkpoints/nano_brown_lora.safetensors holds; a few CPU minutes). MODEL=out/nano/model for your own build.

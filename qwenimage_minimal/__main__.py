@@ -14,6 +14,7 @@
     python -m qwenimage_minimal train --model DIR --data DIR --out DIR [--rank 16] [--learning_rate 1e-4]
         [--resolution 1024] [--max_train_steps 1000] ... (see `train --help`; torchrun for several GPUs)
     python -m qwenimage_minimal train-nano [--out out/nano] [--quick]    (the nano model from scratch: nano/recipe.py)
+    python -m qwenimage_minimal train-nano-edit [--out out/nano_edit]     (the nano Edit model: nano/edit_recipe.py)
 
 `demo` runs the whole pipeline on the CPU, printing each stage with shapes and times. Without --model
 it runs the NANO model committed in checkpoints/nano (Qwen-Image's architecture at 23 MB, trained from
@@ -49,7 +50,7 @@ from . import (
     sizes,
     weights,
 )
-from .nano import scenes
+from .nano import edits, scenes
 
 # ---------------------------------------------------------------------------------------------
 # Commands
@@ -218,13 +219,17 @@ def step_printer(stage, sigmas, note: str = ""):
 
 def demo(args):
     nano_model = not (args.model or args.random or args.edit)
-    # The nano model's own settings (trained at 128 x 128; its best CFG, against the empty prompt it learnt),
-    # from its folder; a toy size for the random models and --model.
+    nano_edit = args.edit and not (args.model or args.random)
+    # The nano models' own settings (trained at 128 x 128; the best CFG, against the empty prompt they learnt),
+    # from their folders; a toy size for the random models and --model.
     toy = dict(height=256, width=384, num_inference_steps=8, true_cfg_scale=4.0, negative_prompt=" ")
-    fill_sampling_defaults(args, pipeline.read_pipeline_defaults(nano.COMMITTED) if nano_model else toy)
+    own = nano.COMMITTED if nano_model else nano.COMMITTED_EDIT if nano_edit else None
+    fill_sampling_defaults(args, pipeline.read_pipeline_defaults(own) if own else toy)
     check_sampling_options(args, args.overwrite)
     t0 = time.perf_counter()
     stage = lambda text: print(f"[{time.perf_counter() - t0:7.2f}s] {text}", flush=True)
+    if nano_edit:
+        return demo_nano_edit(args, stage)
     if args.edit:
         args.prompt = args.prompt or "Paint the house blue and put a rainbow in the sky"
         return demo_edit(args, stage)
@@ -303,6 +308,57 @@ def demo(args):
         grid = images.picture_grid(pictures, labels, columns=4, scale=2)
         images.save_image(grid, args.out)
         stage(f"{n} images -> a labelled grid {grid.size[0]}x{grid.size[1]} -> {args.out}")
+
+
+def demo_nano_edit(args, stage):
+    """`demo --edit`'s default: the committed nano Edit model (checkpoints/nano_edit) carries out one edit of
+    each kind it was trained on and one of each held-out kind (edits.HELD_OUT_KINDS), or --prompt on a scene;
+    a grid of source | result pairs, each read back by the scorer (nano/edits.py)."""
+    root = nano.COMMITTED_EDIT
+    if not (root / "model_index.json").is_file():
+        raise SystemExit(
+            f"error: the nano Edit model is not in {root} (a clone of the repository has it; `make nano-edit` "
+            "trains it again): or pass --random for a tiny random-weight Edit model"
+        )
+    pipe = pipeline.QwenImageEditPlusPipeline.from_pretrained(root, dtype=torch.float32)
+    stage(
+        f"the NANO Edit model from {root}: the nano model fine-tuned on generated edits (nano/edit_recipe.py); "
+        f"areas: VAE {pipe.vae_area} px, vision tower {pipe.condition_area} px (its pipeline_defaults.json)"
+    )
+    chosen = edits.make_edits(5, seed=1) + edits.make_edits(5, seed=1, split="held_out")
+    if args.prompt:
+        chosen = chosen[:1]
+    pictures, labels = [], []
+    for e in chosen:
+        instruction = args.prompt or edits.instruction(e)
+        source = scenes.render(e.source)
+        result = pipe(
+            image=source,
+            prompt=instruction,
+            negative_prompt=args.negative_prompt,
+            true_cfg_scale=args.cfg,
+            num_inference_steps=args.steps,
+            generator=torch.Generator().manual_seed(args.seed),
+            progress=False,
+        ).images[0]
+        held_out = "[held out] " if edits.is_held_out(e) else ""
+        if args.prompt:
+            verdict = ""
+        else:
+            v = edits.judge(result, e)
+            verdict = (
+                "  OK"
+                if v["done"] and v["kept"]
+                else "  (scorer: " + ("not done" if not v["done"] else "an unnamed object changed") + ")"
+            )
+        stage(f"  {held_out}{instruction!r}: {scenes.caption(e.source.named())} -> edited{verdict}")
+        pictures += [source, result]
+        labels += [f"{held_out}source", f"{instruction}{verdict}"]
+    grid = images.picture_grid(pictures, labels, columns=4, scale=2)
+    images.save_image(grid, args.out)
+    stage(
+        f"{len(chosen)} edits -> a grid of source | result pairs {grid.size[0]}x{grid.size[1]} -> {args.out}"
+    )
 
 
 def demo_edit(args, stage):
@@ -518,6 +574,13 @@ def main(argv=None):
 
         recipe.main(argv[1:])
         return 0
+    if argv[:1] == [
+        "train-nano-edit"
+    ]:  # the nano Edit model, fine-tuned from the nano model: nano/edit_recipe.py
+        from .nano import edit_recipe
+
+        edit_recipe.main(argv[1:])
+        return 0
     p = argparse.ArgumentParser(
         prog="python -m qwenimage_minimal",
         description=__doc__.split("\n\n")[0],
@@ -531,6 +594,11 @@ def main(argv=None):
     sub.add_parser(
         "train-nano",
         help="train the nano model from scratch on generated scenes: train-nano --help",
+        add_help=False,
+    )
+    sub.add_parser(
+        "train-nano-edit",
+        help="fine-tune the nano model into a nano Edit model on generated edits: train-nano-edit --help",
         add_help=False,
     )
     g = sub.add_parser("generate", help="text-to-image with an official Qwen-Image folder")
@@ -611,7 +679,10 @@ def main(argv=None):
         "--overwrite", action="store_true", help="replace --out if it exists (make demo passes it)"
     )
     d.add_argument(
-        "--edit", action="store_true", help="the Edit-2509 pipeline instead (--model: an Edit folder)"
+        "--edit",
+        action="store_true",
+        help="the Edit-2509 pipeline instead: the committed nano Edit model (--model: an Edit folder; --random: "
+        "a tiny random one, stage by stage)",
     )
     a = p.parse_args(argv)
     if a.command == "demo" and a.model and a.random:

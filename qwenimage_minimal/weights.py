@@ -220,11 +220,25 @@ class SafetensorsFile:
 # ---------------------------------------------------------------------------------------------
 
 
+def pipeline_root(path: Path) -> Path | None:
+    """The pipeline folder (the one with model_index.json) that `path` is in, or None."""
+    return next((p for p in (path, *path.parents) if (p / "model_index.json").is_file()), None)
+
+
+def linked_to_a_sibling_pipeline(inside: Path, target: Path) -> bool:
+    """Whether a link from the component folder `inside` leads into another pipeline folder beside its own
+    (two model_index.json folders in one parent): a folder built on another keeps one copy of what they share,
+    as checkpoints/nano_edit links to checkpoints/nano's text encoder, tokenizer and VAE."""
+    own, other = pipeline_root(inside), pipeline_root(target.parent)
+    return own is not None and other is not None and own != other and own.parent == other.parent
+
+
 def file_in_folder(folder, name: str, what: str = "file") -> Path:
     """folder / name, refused unless it stays inside `folder`: no absolute path, no '..', no symlink
-    that leads out. One exception, the Hugging Face cache: there every file of a snapshot is a
+    that leads out. Two exceptions. The Hugging Face cache: there every file of a snapshot is a
     symlink into the `blobs/` folder of the same cached repository (models--org--name/), and that
-    is where the official folders are when downloaded with huggingface_hub."""
+    is where the official folders are when downloaded with huggingface_hub. And a link into a sibling
+    pipeline folder (linked_to_a_sibling_pipeline): the nano Edit model shares the nano model's files."""
     if not isinstance(name, str) or not name or Path(name).is_absolute() or ".." in Path(name).parts:
         raise CheckpointError(
             f"{folder}: the {what} {name!r} is not a plain file name inside the folder; "
@@ -238,6 +252,8 @@ def file_in_folder(folder, name: str, what: str = "file") -> Path:
         return path
     cache_repo = next((p for p in inside.parents if p.name.startswith("models--")), None)
     if cache_repo is not None and target.is_relative_to(cache_repo / "blobs"):
+        return path
+    if linked_to_a_sibling_pipeline(inside, target):
         return path
     raise CheckpointError(
         f"{folder}: the {what} {name!r} is a link to {target}, outside the checkpoint folder; "

@@ -260,6 +260,23 @@ def test_a_symlink_out_of_the_folder_is_refused_but_the_hugging_face_cache_works
     assert torch.equal(mmdit.load(snap).img_in.weight, mmdit.load(tiny / "transformer").img_in.weight)
 
 
+def test_a_link_into_a_sibling_pipeline_folder_is_read_and_one_into_any_other_folder_is_not(tiny, tmp_path):
+    """checkpoints/nano_edit links to checkpoints/nano's files: a link from one pipeline folder (its own
+    model_index.json) into another beside it is read; the same file in a folder that is not a pipeline is not."""
+    base, built = tmp_path / "base", tmp_path / "built"
+    shutil.copytree(tiny, base)
+    (built / "transformer").mkdir(parents=True)
+    shutil.copy(tiny / "model_index.json", built / "model_index.json")
+    for f in (tiny / "transformer").iterdir():
+        (built / "transformer" / f.name).symlink_to(Path("../../base/transformer") / f.name)
+    assert torch.equal(
+        mmdit.load(built / "transformer").img_in.weight, mmdit.load(base / "transformer").img_in.weight
+    )
+    (base / "model_index.json").unlink()  # base is no longer a pipeline folder: the links lead outside
+    with pytest.raises(weights.CheckpointError, match="outside the checkpoint"):
+        mmdit.load(built / "transformer")
+
+
 def write_raw_safetensors(path: Path, header: dict, data: bytes) -> None:
     blob = json.dumps(header).encode() if isinstance(header, dict) else header
     path.write_bytes(struct.pack("<Q", len(blob)) + blob + data)

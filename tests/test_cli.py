@@ -84,7 +84,9 @@ def test_generate_writes_png(tmp_path, demo_run):
 @pytest.fixture(scope="module")
 def edit_demo_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("edit_demo") / "edit.png"
-    cli.main(["demo", "--edit", "--out", str(out), "--steps", "2", "--height", "64", "--width", "96"])
+    cli.main(
+        ["demo", "--edit", "--random", "--out", str(out), "--steps", "2", "--height", "64", "--width", "96"]
+    )
     return out
 
 

@@ -26,6 +26,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 COMMITTED = Path(__file__).resolve().parents[2] / "checkpoints" / "nano"  # the trained model, in git
+COMMITTED_EDIT = (
+    COMMITTED.parent / "nano_edit"
+)  # the nano Edit model fine-tuned from it (edit_recipe.py), in git
 
 # `demo`'s prompts: the first four are combinations the training split allows, the last four never appear in it
 # (scenes.HELD_OUT_OBJECTS: a red triangle at the top left, a blue circle at the bottom right; HELD_OUT_PAIRS:

@@ -13,7 +13,7 @@ from typing import NamedTuple
 import torch
 
 from .. import images, mmdit, prompts, streaming, vision, weights
-from .loading import check_model_folder, load_components, setup_parallel
+from .loading import AREA_KEYS, check_model_folder, load_components, read_pipeline_defaults, setup_parallel
 from .text_to_image import PipelineOutput, QwenImagePipeline
 
 
@@ -105,7 +105,9 @@ class QwenImageEditPipeline(QwenImagePipeline):
     ) -> "QwenImageEditPipeline":
         """Load an official Qwen-Image-Edit / -Edit-2509 / -Edit-2511 folder (same layout as Qwen-Image,
         plus processor/). Called on QwenImageEditPipeline it picks the class model_index.json names.
-        The options are QwenImagePipeline.from_pretrained's."""
+        A folder's pipeline_defaults.json may set the image areas (`vae_area`, `condition_area`,
+        `output_area`: the nano Edit model's are 128², 96², 128²); the official folders have none, and the
+        official areas apply. The options are QwenImagePipeline.from_pretrained's."""
         root = Path(root)
         named = edit_pipeline_class(root)
         if cls is QwenImageEditPipeline:
@@ -121,7 +123,8 @@ class QwenImageEditPipeline(QwenImagePipeline):
         offload_all = offload or max_gpu_memory is not None
         mesh, device = setup_parallel(root, tensor_parallel, cfg_parallel, device, offload_all)
         place = torch.device("cpu") if offload_all else device
-        return cls(
+        areas = {k: v for k, v in read_pipeline_defaults(root).items() if k in AREA_KEYS}
+        pipe = cls(
             **load_components(root, device, dtype, offload_all, check_finite, load_transformer, mesh),
             vision_tower=vision.load(
                 root / "text_encoder", device=place, dtype=dtype, check_finite=check_finite
@@ -133,6 +136,9 @@ class QwenImageEditPipeline(QwenImagePipeline):
             compile=compile,
             mesh=mesh,
         )
+        for name, area in areas.items():  # a folder trained at another size states its areas (the nano Edit)
+            setattr(pipe, name, area)
+        return pipe
 
     # --- images ------------------------------------------------------------------------------
 

@@ -21,7 +21,13 @@ DEFAULT_TYPES = {
     "num_inference_steps": int,
     "true_cfg_scale": float,
     "negative_prompt": str,
+    # Edit's image areas in pixels (QwenImageEditPipeline's attributes of the same names; the official ~1024² and
+    # ~384² are far too large for a model trained at 128 px, so the nano Edit folder states its own)
+    "vae_area": int,
+    "condition_area": int,
+    "output_area": int,
 }
+AREA_KEYS = ("vae_area", "condition_area", "output_area")
 
 
 def check_model_folder(root: Path, what: str) -> str:
