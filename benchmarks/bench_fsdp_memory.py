@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import resource
+import sys
 from pathlib import Path
 
 import torch
@@ -51,20 +52,18 @@ def measure(folder: Path, mode: str) -> None:
     else:
         model = distributed.load_sharded_transformer(folder, world, device, torch.float32)
     held = sum(p.to_local().numel() * 4 for p in model.parameters())
-    print(
-        json.dumps(
-            {
-                "mode": mode,
-                "rank": rank,
-                "world": world,
-                "baseline_mb": round(baseline),
-                "peak_mb": round(peak_mb()),
-                "load_mb": round(peak_mb() - baseline),
-                "held_mb": round(held / 2**20),
-            }
-        ),
-        flush=True,
-    )
+    row = {
+        "mode": mode,
+        "rank": rank,
+        "world": world,
+        "baseline_mb": round(baseline),
+        "peak_mb": round(peak_mb()),
+        "load_mb": round(peak_mb() - baseline),
+        "held_mb": round(held / 2**20),
+    }
+    # one write per line: the processes share torchrun's stdout, and print's separate "\n" could interleave
+    sys.stdout.write(json.dumps(row) + "\n")
+    sys.stdout.flush()
 
 
 if __name__ == "__main__":

@@ -224,6 +224,11 @@ def demo(args):
     # from their folders; a toy size for the random models and --model.
     toy = dict(height=256, width=384, num_inference_steps=8, true_cfg_scale=4.0, negative_prompt=" ")
     own = nano.COMMITTED if nano_model else nano.COMMITTED_EDIT if nano_edit else None
+    if own is not None and not (own / "model_index.json").is_file():
+        raise SystemExit(
+            f"error: the nano model is not in {own} (a clone of the repository has it; `make "
+            f"{'nano-edit' if nano_edit else 'nano'}` trains it again): or pass --random for a tiny random-weight model"
+        )
     fill_sampling_defaults(args, pipeline.read_pipeline_defaults(own) if own else toy)
     check_sampling_options(args, args.overwrite)
     t0 = time.perf_counter()

@@ -229,8 +229,13 @@ def linked_to_a_sibling_pipeline(inside: Path, target: Path) -> bool:
     """Whether a link from the component folder `inside` leads into another pipeline folder beside its own
     (two model_index.json folders in one parent): a folder built on another keeps one copy of what they share,
     as checkpoints/nano_edit links to checkpoints/nano's text encoder, tokenizer and VAE."""
-    own, other = pipeline_root(inside), pipeline_root(target.parent)
-    return own is not None and other is not None and own != other and own.parent == other.parent
+    own = pipeline_root(inside)
+    if own is None or not target.is_relative_to(own.parent) or target.is_relative_to(own):
+        return False
+    sibling = (
+        own.parent / target.relative_to(own.parent).parts[0]
+    )  # the folder beside `own` holding the target
+    return sibling.is_dir() and (sibling / "model_index.json").is_file()
 
 
 def file_in_folder(folder, name: str, what: str = "file") -> Path:

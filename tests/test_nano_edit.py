@@ -4,6 +4,7 @@ QwenImageEditPlusPipeline and in diffusers' with equal latents, and carries out 
 pixels."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -64,6 +65,40 @@ def test_the_scorer_passes_the_targets_and_fails_the_sources_and_wrong_edits():
             e.source.background,
         )
         assert edits.judge(scenes.render(wrong), e) == {"done": False, "kept": False}
+
+
+def test_an_unknown_kind_is_an_error_not_a_remove():
+    with pytest.raises(ValueError, match="kinds must be"):
+        edits.make_edits(5, kinds=("recolor",))
+    with pytest.raises(ValueError, match="kinds must be"):
+        edits.make_edits(5, kinds="move")
+
+
+def test_share_with_links_equal_files_of_a_sibling_folder_and_refuses_anything_else(tmp_path):
+    base, built = tmp_path / "base", tmp_path / "built"
+    for folder, text in ((base, "same"), (built, "same")):
+        (folder / "part").mkdir(parents=True)
+        (folder / "part" / "a.json").write_text(text)
+    (base / "part" / "b.json").write_text("base only")
+    (built / "part" / "c.json").write_text("built only")
+    assert edit_recipe.share_with(built, base) == ["part/a.json"]
+    assert (built / "part" / "a.json").is_symlink() and (built / "part" / "a.json").read_text() == "same"
+    assert not (built / "part" / "c.json").is_symlink()
+    with pytest.raises(ValueError, match="side by side"):
+        edit_recipe.share_with(base, base)
+    with pytest.raises(ValueError, match="side by side"):
+        edit_recipe.share_with(built / "part", base)
+
+
+def test_the_recipe_refuses_a_base_inside_its_out_before_removing_anything(tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(nano.COMMITTED, out / "model")  # e.g. --out out/nano --base out/nano/model
+    (out / ".train-nano").write_text("an earlier run's work folder\n")
+    with pytest.raises(ValueError, match="inside --out"):
+        edit_recipe.build(edit_recipe.NanoEditConfig(out=str(out), base=str(out / "model")))
+    assert (out / "model" / "model_index.json").is_file()
+    with pytest.raises(ValueError, match="QwenImageEditPlusPipeline folder"):
+        edit_recipe.build(edit_recipe.NanoEditConfig(out=str(tmp_path / "o2"), base=str(nano.COMMITTED_EDIT)))
 
 
 # --- the recipe, minute-sized ------------------------------------------------------------------
@@ -194,3 +229,17 @@ def test_the_committed_model_carries_out_held_out_edits(nano_edit):
     got = edits.evaluate(edit_recipe.edit_all(nano_edit, held, 2.0, 20), held)
     print({k: (v["done"], round(v["kept"], 2)) for k, v in got.items()})
     assert got["all"]["done"] >= 0.65 and got["all"]["kept"] >= 0.55, got
+
+
+@committed
+def test_demo_edit_runs_the_nano_edit_model_and_scores_each_edit(tmp_path, capsys):
+    from qwenimage_minimal import __main__ as cli
+
+    out = tmp_path / "edits.png"
+    cli.main(["demo", "--edit", "--out", str(out), "--steps", "8"])
+    printed = capsys.readouterr().out
+    assert "the NANO Edit model" in printed and printed.count("[held out]") == 5
+    assert printed.count("  OK") + printed.count("(scorer:") == 10
+    from PIL import Image
+
+    assert Image.open(out).size[0] == 4 * 256  # source | result pairs, two per row, at scale 2

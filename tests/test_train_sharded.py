@@ -3,6 +3,7 @@
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -85,7 +86,8 @@ def test_meta_initialisation_halves_the_start_up_memory_of_each_of_2_processes(t
             timeout=300,
         )
         assert done.returncode == 0, done.stderr[-3000:]
-        rows = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+        rows = [json.loads(row) for row in re.findall(r"\{[^{}]*\}", done.stdout)]  # one per process
+        assert len(rows) == 2, done.stdout
         load_mb[mode] = max(row["load_mb"] for row in rows)
     print("peak RSS of loading, per process (MB):", load_mb)
     assert load_mb["meta"] < 0.7 * load_mb["whole"], load_mb

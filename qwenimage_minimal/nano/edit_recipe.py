@@ -9,8 +9,8 @@ image areas a 128-pixel model needs in pipeline_defaults.json (the official pipe
 ~384² for the vision tower would be 64 and 9 times the pictures' size).
 
     python -m qwenimage_minimal train-nano-edit [--out out/nano_edit] [--quick] [--overwrite]
-        (make nano-edit; out/nano_edit/model is checkpoints/nano_edit, whose files equal to checkpoints/nano's
-        are links to them)
+        (make nano-edit; out/nano_edit/model is what checkpoints/nano_edit holds, committed as a copy whose
+        files equal to checkpoints/nano's were then made links to them by `share_with`)
 """
 
 from __future__ import annotations
@@ -98,12 +98,14 @@ def make_folder(model: Path, base: Path, c: NanoEditConfig) -> None:
     writing.write_json(model / pipeline_loading.DEFAULTS_FILE, defaults)
 
 
-def edit_all(pipe, edit_list, cfg: float, steps: int, negative: str = "", seed: int = 0) -> list:
-    """Each edit's source picture edited by its instruction (`steps` steps, CFG `cfg` against `negative`, noise
-    from `seed`) -> the PIL results."""
+def edit_all(
+    pipe, edit_list, cfg: float, steps: int, negative: str = "", seed: int = 0, size: int = 128
+) -> list:
+    """Each edit's source picture (`size` px) edited by its instruction (`steps` steps, CFG `cfg` against
+    `negative`, noise from `seed`) -> the PIL results."""
     return [
         pipe(
-            image=scenes.render(e.source, 128),
+            image=scenes.render(e.source, size),
             prompt=edits.instruction(e),
             negative_prompt=negative if cfg > 1 else None,
             true_cfg_scale=cfg,
@@ -129,7 +131,9 @@ def measure(c: NanoEditConfig, log=print) -> dict:
         edit_list = edits.make_edits(c.eval_edits, seed=seed, split=split)
         report[name] = {}
         for cfg in c.eval_cfgs:
-            scores = edits.evaluate(edit_all(pipe, edit_list, cfg, c.eval_steps, c.negative), edit_list)
+            scores = edits.evaluate(
+                edit_all(pipe, edit_list, cfg, c.eval_steps, c.negative, size=c.size), edit_list
+            )
             report[name][str(cfg)] = scores
             log(
                 f"{name} CFG {cfg}: "
@@ -141,12 +145,31 @@ def measure(c: NanoEditConfig, log=print) -> dict:
     return report
 
 
+def check_base(base: Path, out: Path) -> None:
+    """--base: a nano text-to-image folder (QwenImagePipeline, its text encoder in one file, which the Edit
+    folder's language-model shard takes as it is), not inside --out (whose model/ a new run removes)."""
+    class_name = pipeline.check_model_folder(base, "Qwen-Image")
+    if class_name != "QwenImagePipeline":
+        raise ValueError(
+            f"--base {base} is a {class_name} folder: give a text-to-image one (checkpoints/nano)"
+        )
+    if not (base / "text_encoder" / "model.safetensors").is_file():
+        raise ValueError(
+            f"--base {base}: text_encoder/model.safetensors is missing (a nano folder keeps its text encoder "
+            "in one file)"
+        )
+    if base.resolve().is_relative_to(out.resolve()):
+        raise ValueError(
+            f"--base {base} is inside --out {out}, which the recipe clears: choose another --out"
+        )
+
+
 def build(c: NanoEditConfig, log=print, overwrite: bool = False) -> dict:
     """Run the recipe; -> the report. The model is written to <out>/model (prepare_out's rules for <out>)."""
     start = time.time()
     minutes = lambda: round((time.time() - start) / 60, 2)
     out, base = Path(c.out), Path(c.base)
-    pipeline.check_model_folder(base, "Qwen-Image")
+    check_base(base, out)  # before prepare_out removes an earlier run's data/, run/ and model/
     prepare_out(out, overwrite)
     made = write_data(out / "data", c.train_edits, c.seed, c.size)
     log(f"[{minutes()} min] {len(made)} training edits in {out / 'data'}")
@@ -198,17 +221,28 @@ def build(c: NanoEditConfig, log=print, overwrite: bool = False) -> dict:
 
 
 def share_with(folder: Path, base: Path) -> list[str]:
-    """Replace every file of `folder` whose bytes equal a file of `base` by a relative link to it (the committed
-    nano Edit folder keeps one copy of the text encoder, tokenizer and VAE it shares with checkpoints/nano).
-    -> the linked files."""
+    """Replace each file of `folder` that is byte-equal to a file in the same component folder of `base` (e.g.
+    text_encoder/model-00001-of-00002.safetensors and text_encoder/model.safetensors) by a relative link to
+    it: the committed nano Edit folder keeps one copy of what it shares with checkpoints/nano. The two must be
+    different pipeline folders side by side, which is where the loaders read such links
+    (weights.linked_to_a_sibling_pipeline). -> the linked files, relative to `folder`."""
+    folder, base = Path(folder), Path(base)
+    if folder.resolve().parent != base.resolve().parent or folder.resolve() == base.resolve():
+        raise ValueError(f"{folder} and {base} must be two different folders side by side (one parent)")
     digest = lambda p: hashlib.sha256(p.read_bytes()).hexdigest()
-    known = {digest(p): p for p in sorted(base.rglob("*")) if p.is_file() and not p.is_symlink()}
     linked = []
     for path in sorted(folder.rglob("*")):
-        if path.is_file() and not path.is_symlink() and digest(path) in known:
-            target = os.path.relpath(known[digest(path)], path.parent)
+        if not path.is_file() or path.is_symlink() or path.stat().st_size == 0:
+            continue
+        part = base / path.parent.relative_to(folder)
+        same = [
+            p
+            for p in sorted(part.glob("*"))
+            if p.is_file() and not p.is_symlink() and digest(p) == digest(path)
+        ]
+        if same:
             path.unlink()
-            path.symlink_to(target)
+            path.symlink_to(os.path.relpath(same[0], path.parent))
             linked.append(str(path.relative_to(folder)))
     return linked
 
@@ -225,4 +259,7 @@ def main(argv=None) -> dict:
     p.add_argument("--overwrite", action="store_true", help="replace a finished model in --out")
     a = p.parse_args(argv)
     c = NanoEditConfig(out=a.out, base=a.base, **(QUICK_EDIT if a.quick else {}))
-    return build(c, overwrite=a.overwrite)
+    try:
+        return build(c, overwrite=a.overwrite)
+    except (ValueError, OSError, weights.CheckpointError) as e:
+        raise SystemExit(f"error: {e}") from None

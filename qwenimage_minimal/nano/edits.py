@@ -18,7 +18,8 @@ is what Qwen-Image-Edit's reference latents are for.
 Held out of training, so that the model is measured on edits it never saw:
 
     HELD_OUT_KINDS      (kind, colour) pairs: e.g. no purple object is ever moved in training, though purple
-                        objects and moves are both seen (the colour: the named object's; for add, the new one's)
+                        objects and moves are both seen (the colour: the named object's; for add the new
+                        object's; for recolour the new colour, so ("recolour", "cyan") is recolouring *to* cyan)
     HELD_OUT_RECOLOURS  (from, to) colour pairs never recoloured in training, e.g. red to blue
 
     make_edits(n, seed, split) -> [Edit]      instruction(edit) -> str
@@ -80,8 +81,11 @@ def is_held_out(edit: Edit) -> bool:
 
 
 def random_edit(rng: random.Random, kind: str) -> Edit:
-    """One edit of `kind` on a varied training-split scene of one or two objects (add: at most one, so that two
-    remain distinct in colour and cell)."""
+    """One edit of `kind` on a varied training-split scene of one or two objects (add: one, so that the result
+    has at most two). Only the source is kept out of scenes.is_held_out's combinations: a target may hold one
+    (a move may make a text-to-image held-out object), which does not matter to the edit's scores."""
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     while True:
         objects = 1 if kind == "add" or rng.random() < 0.5 else 2
         source = scenes.vary(scenes.random_scene(rng, objects), rng)
@@ -119,6 +123,8 @@ def make_edits(n: int, seed: int = 0, split: str = "train", kinds=KINDS) -> list
     """n edits from `seed`, the kinds in turn: split="train" never holds a held-out edit, "held_out" only them."""
     if split not in ("train", "held_out"):
         raise ValueError(f"split must be 'train' or 'held_out', got {split!r}")
+    if isinstance(kinds, str) or not kinds or any(k not in KINDS for k in kinds):
+        raise ValueError(f"kinds must be a non-empty sequence of {KINDS}, got {kinds!r}")
     rng = random.Random(seed)
     out = []
     while len(out) < n:
@@ -167,24 +173,25 @@ def judge(picture, edit: Edit) -> dict:
         done = right(labels, edit.changed)
         if edit.kind == "recolour":
             done = done and not found(labels, edit.thing.colour)
-    others = [t for t in edit.target.things if t is not edit.changed]
+    others = [t for t in edit.target.things if edit.changed is None or t.colour != edit.changed.colour]
     kept = all(right(labels, t) for t in others)
     return {"done": bool(done), "kept": bool(kept)}
 
 
 def evaluate(pictures, edits) -> dict:
-    """-> {kind: {"done", "kept", "n"}} and "all": the shares of edits carried out, and of edits whose unnamed
-    objects were all kept (over the edits that have any)."""
+    """-> {kind: {"done", "kept", "n", "n_kept"}} and "all": the shares of edits carried out, and of edits whose
+    unnamed objects were all kept (over the n_kept edits that have any; 1.0 when none has)."""
+    judged = [(judge(p, e), e) for p, e in zip(pictures, edits, strict=True)]
     rows = {}
     for kind in (*KINDS, "all"):
-        mine = [(p, e) for p, e in zip(pictures, edits) if kind in ("all", e.kind)]
+        mine = [(v, e) for v, e in judged if kind in ("all", e.kind)]
         if not mine:
             continue
-        verdicts = [judge(p, e) for p, e in mine]
-        with_others = [v for v, (_, e) in zip(verdicts, mine) if len(e.target.things) > (e.kind != "remove")]
+        with_others = [v for v, e in mine if len(e.target.things) > (e.kind != "remove")]
         rows[kind] = {
-            "done": float(np.mean([v["done"] for v in verdicts])),
+            "done": float(np.mean([v["done"] for v, _ in mine])),
             "kept": float(np.mean([v["kept"] for v in with_others])) if with_others else 1.0,
             "n": len(mine),
+            "n_kept": len(with_others),  # the edits that leave an object unnamed: kept's denominator
         }
     return rows
