@@ -7,7 +7,7 @@ PIP    := $(PY) -m pip
 # pulled in by another package would download a multi-GB CUDA build.
 TORCH  ?= torch==2.13.0
 
-.PHONY: test lint format demo nano nano-edit nano-brown bench notebooks course cuda-check clean
+.PHONY: test lint format demo grade nano nano-edit nano-brown bench notebooks course cuda-check clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,11 @@ format: $(VENV)/.installed
 # MODEL=/path/to/Qwen-Image runs the real weights.
 demo: $(VENV)/.installed
 	$(PY) -m qwenimage_minimal demo --overwrite $(if $(MODEL),--model "$(MODEL)")
+
+# The course's assignments (assignments/README.md): grade your functions against the package and diffusers, all
+# or one lesson (LESSON=02); ASSIGNMENTS=assignments/solutions grades the reference solutions.
+grade: $(VENV)/.installed
+	$(PY) -m pytest -q -p no:cacheprovider $(if $(LESSON),assignments/grader/test_$(LESSON)_*.py,assignments/grader)
 
 # The nano model from scratch on this machine (nano/recipe.py): scenes, the VAE, the MMDiT, held-out scores -> out/nano
 # (~50 CPU minutes). out/nano/model is what checkpoints/nano holds; a finished one is kept unless OVERWRITE=1.
