@@ -7,7 +7,7 @@ PIP    := $(PY) -m pip
 # pulled in by another package would download a multi-GB CUDA build.
 TORCH  ?= torch==2.13.0
 
-.PHONY: test lint format demo grade nano nano-edit nano-brown bench notebooks course cuda-check clean
+.PHONY: test lint format demo grade student nano nano-edit nano-brown bench notebooks course cuda-check clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,10 @@ demo: $(VENV)/.installed
 # or one lesson (LESSON=02); ASSIGNMENTS=assignments/solutions grades the reference solutions.
 grade: $(VENV)/.installed
 	$(PY) -m pytest -q -p no:cacheprovider $(if $(LESSON),assignments/grader/test_$(LESSON)_*.py,assignments/grader)
+
+# The student edition: the lessons without outputs or answers and the assignments without solutions -> out/student
+student: $(VENV)/.installed
+	$(PY) assignments/student_edition.py --out out/student
 
 # The nano model from scratch on this machine (nano/recipe.py): scenes, the VAE, the MMDiT, held-out scores -> out/nano
 # (~50 CPU minutes). out/nano/model is what checkpoints/nano holds; a finished one is kept unless OVERWRITE=1.

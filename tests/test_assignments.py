@@ -57,3 +57,44 @@ def test_each_typical_mistake_fails_with_its_own_message(mistake):
     lesson, message = WRONG[mistake]
     passed, failed, out = grade(ROOT / "assignments" / "wrong" / mistake, lesson)
     assert failed >= 1 and message in out, out[-3000:]
+
+
+def test_the_student_edition_holds_no_answer(tmp_path):
+    """`make student`: every lesson, with no solution's printed answer, no solution source, no collapsed answer;
+    the assignments' stubs and grader without the solutions."""
+    import nbformat
+
+    out = tmp_path / "student"
+    subprocess.run(
+        [sys.executable, ROOT / "assignments" / "student_edition.py", "--out", out], check=True, cwd=ROOT
+    )
+    lessons = sorted((ROOT / "notebooks").glob("*.ipynb"))
+    written = {p.name: p.read_text() for p in (out / "notebooks").glob("*.ipynb")}
+    assert set(written) == {p.name for p in lessons} and (out / "notebooks" / "course.py").is_file()
+    answers, lesson_text = [], ""  # the solutions' lines and printed results; everything else the lessons say
+    for path in lessons:
+        for cell in nbformat.read(path, as_version=4).cells:
+            if "solution" in cell.metadata.get("tags", []):
+                answers += [line.strip() for line in cell.source.splitlines() if len(line.strip()) > 20]
+                for output in cell.outputs:
+                    text = output.get("text", "") or output.get("data", {}).get("text/plain", "")
+                    answers += [line.strip() for line in text.splitlines() if len(line.strip()) > 8]
+            else:
+                lesson_text += cell.source + "\n"
+    answers = [a for a in answers if a not in lesson_text]  # only what the solutions alone reveal
+    assert len(answers) > 50
+    leaked = [a for a in answers if any(a in text for text in written.values())]
+    assert not leaked, leaked[:5]
+    assert not any("<summary>Answer" in text for text in written.values())
+    assert (out / "assignments" / "rope.py").is_file() and (out / "assignments" / "grader").is_dir()
+    assert not (out / "assignments" / "solutions").exists() and not (out / "assignments" / "wrong").exists()
+    with pytest.raises(subprocess.CalledProcessError):  # a folder it did not write is left alone
+        (tmp_path / "mine").mkdir()
+        (tmp_path / "mine" / "notes.txt").write_text("mine")
+        subprocess.run(
+            [sys.executable, ROOT / "assignments" / "student_edition.py", "--out", tmp_path / "mine"],
+            check=True,
+            cwd=ROOT,
+            capture_output=True,
+        )
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "mine"
