@@ -6,11 +6,12 @@ one-sentence error naming the flag."""
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 
 import torch
 
-from . import controlnet, images, mmdit, pipeline
+from . import controlnet, images, mmdit, pipeline, scheduler
 
 
 def parallel_options(args) -> dict:
@@ -81,3 +82,82 @@ def generate_inputs(args, root: Path):
     mask = images.open_image(args.mask, name="--mask")
     inputs["mask_image"] = pipeline.load_mask(mask, picture, "--mask", "--image")
     return pipeline.QwenImageInpaintPipeline, inputs, {}
+
+
+def resolve_device(device: str | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise SystemExit(f"--device {device}: not a device name (cpu, cuda, cuda:1, ...)") from None
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit(f"--device {device}: CUDA is not available on this machine (use --device cpu)")
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise SystemExit(
+                f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)"
+            )
+    elif resolved.type != "cpu":
+        raise SystemExit(f"--device {device}: only cpu and cuda are supported")
+    return resolved
+
+
+def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
+    """--dtype bf16 | fp32; by default bf16 on a GPU (the official weights' dtype), fp32 on the CPU."""
+    if name is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"bf16": torch.bfloat16, "fp32": torch.float32}[name]
+
+
+# The official model's sampling settings (diffusers' examples): what `generate` and `edit` use for a folder
+# without a pipeline_defaults.json of its own.
+OFFICIAL_DEFAULTS = dict(
+    height=1328, width=1328, num_inference_steps=50, true_cfg_scale=4.0, negative_prompt=" "
+)
+FLAGS = dict(
+    height="height",
+    width="width",
+    num_inference_steps="steps",
+    true_cfg_scale="cfg",
+    negative_prompt="negative_prompt",
+)
+
+
+def fill_sampling_defaults(args, defaults: dict, sizes_too: bool = True) -> None:
+    """Every sampling flag the user left out takes the model's value (pipeline_defaults.json, or `defaults`)."""
+    for key, flag in FLAGS.items():
+        if key in ("height", "width") and not sizes_too:
+            continue
+        if getattr(args, flag) is None and key in defaults:
+            setattr(args, flag, defaults[key])
+
+
+def check_sampling_options(args, overwrite: bool) -> None:
+    """Everything `generate`, `edit` and `demo` can check before a model is loaded."""
+    for name in ("width", "height"):
+        value = getattr(args, name)
+        if value is not None and not 16 <= value <= pipeline.MAX_SIDE:
+            raise SystemExit(f"--{name} {value}: must be between 16 and {pipeline.MAX_SIDE} pixels")
+    if not 1 <= args.steps <= scheduler.MAX_STEPS:
+        raise SystemExit(f"--steps {args.steps}: must be between 1 and {scheduler.MAX_STEPS}")
+    if not math.isfinite(args.cfg) or args.cfg < 0:
+        raise SystemExit(f"--cfg {args.cfg}: must be a finite number >= 0 (1 turns guidance off)")
+    if not 0 <= args.seed < 2**64:
+        raise SystemExit(f"--seed {args.seed}: must be between 0 and 2**64 - 1 (a torch.Generator's seed)")
+    if args.device is not None:
+        resolve_device(args.device)
+    lightning = getattr(args, "scheduler", "default") == "lightning"  # generate and edit have --scheduler
+    if lightning and not args.lora:
+        warnings.warn(
+            "--scheduler lightning is the schedule of Qwen-Image-Lightning's distilled LoRAs: without "
+            "one (--lora FILE) the base model samples badly on it",
+            stacklevel=2,
+        )
+    if lightning and (args.steps > 8 or args.cfg > 1):
+        warnings.warn(
+            f"--scheduler lightning with --steps {args.steps} --cfg {args.cfg}: the Lightning LoRAs are "
+            "distilled for 4 or 8 steps without guidance (--steps 8 --cfg 1)",
+            stacklevel=2,
+        )
+    images.check_output_path(args.out, overwrite)
