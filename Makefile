@@ -7,7 +7,7 @@ PIP    := $(PY) -m pip
 # pulled in by another package would download a multi-GB CUDA build.
 TORCH  ?= torch==2.13.0
 
-.PHONY: test lint format demo grade student nano nano-edit nano-brown bench notebooks course cuda-check clean
+.PHONY: test lint format demo grade capstone capstone-pieces capstone-lora student nano nano-edit nano-brown bench notebooks course cuda-check clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,17 @@ demo: $(VENV)/.installed
 # or one lesson (LESSON=02); ASSIGNMENTS=assignments/solutions grades the reference solutions.
 grade: $(VENV)/.installed
 	$(PY) -m pytest -q -p no:cacheprovider $(if $(LESSON),assignments/grader/test_$(LESSON)_*.py,assignments/grader)
+
+# The capstones (assignments/capstone.py): your pieces drawing the nano model's demo grid, scored beside the package's
+# (-> out/capstone/pieces.png), and a LoRA trained with your lora_forward (~2 CPU minutes; -> out/capstone/lora.*).
+# ASSIGNMENTS=assignments/solutions runs the reference solutions.
+capstone: capstone-pieces capstone-lora
+
+capstone-pieces: $(VENV)/.installed
+	$(PY) assignments/capstone.py pieces $(if $(ASSIGNMENTS),--assignments "$(ASSIGNMENTS)")
+
+capstone-lora: $(VENV)/.installed
+	$(PY) assignments/capstone.py lora $(if $(ASSIGNMENTS),--assignments "$(ASSIGNMENTS)")
 
 # The student edition: the lessons without outputs or answers and the assignments without solutions -> out/student
 student: $(VENV)/.installed

@@ -2,7 +2,8 @@
 
     notebooks/   every lesson with all outputs cleared (an executed cell shows its result; students run them),
                  each exercise's solution cell replaced by an empty one to write in, and the collapsed
-                 "Answer" blocks of the Markdown removed; course.py beside them
+                 "Answer" blocks of the Markdown removed; course.py, the syllabus (README.md), the glossary and the
+                 lesson map beside them
     assignments/ the stubs, the grader and its README; not solutions/ nor wrong/
 
 The committed notebooks stay the instructor's edition. The folder is written only if it is new, empty or an
@@ -63,7 +64,8 @@ def write(out: Path) -> list[Path]:
         nb = student_notebook(nbformat.read(path, as_version=4))
         nbformat.write(nb, out / "notebooks" / path.name)
         written.append(out / "notebooks" / path.name)
-    shutil.copy(ROOT / "notebooks" / "course.py", out / "notebooks" / "course.py")
+    for name in ("course.py", "README.md", "GLOSSARY.md", "lesson_map.png"):
+        shutil.copy(ROOT / "notebooks" / name, out / "notebooks" / name)
     keep = ("solutions", "wrong", "student_edition.py", "__pycache__")
     shutil.copytree(
         ROOT / "assignments", out / "assignments", ignore=lambda d, names: [n for n in names if n in keep]

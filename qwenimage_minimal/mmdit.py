@@ -150,26 +150,27 @@ def rope_table(positions: torch.Tensor, axes_dims: tuple[int, ...], theta: float
     return torch.polar(torch.ones_like(angles), angles)
 
 
-def rope_tables(img_shapes, text_len: int, config: MMDiTConfig, device=None):
-    """RoPE rotations for the image tokens (all images, in sequence order) and the text tokens.
+def rope_tables(img_shapes, text_len: int, config: MMDiTConfig, device=None, table=rope_table):
+    """RoPE rotations for the image tokens (all images, in sequence order) and the text tokens, each
+    built by `table` (rope_table unless MMDiT.use_rope chose another).
 
     Text positions start just after the largest image's half-extent, max(h//2, w//2), so no text
     token shares a position with an image token (image positions are centred around 0)."""
     img_pos = torch.cat([image_positions(f, h, w, i) for i, (f, h, w) in enumerate(img_shapes)])
     text_start = max(max(h // 2, w // 2) for _, h, w in img_shapes)
     txt_pos = text_positions(text_len, text_start)
-    table = lambda p: rope_table(p, config.axes_dims_rope, config.rope_theta).to(device)
-    return table(img_pos), table(txt_pos)
+    rotations = lambda p: table(p, config.axes_dims_rope, config.rope_theta).to(device)
+    return rotations(img_pos), rotations(txt_pos)
 
 
-def cached_rope_tables(cache: dict, img_shapes, text_len: int, config: MMDiTConfig, device):
+def cached_rope_tables(cache: dict, img_shapes, text_len: int, config: MMDiTConfig, device, table=rope_table):
     """rope_tables, kept in `cache` (a model's own dict) by (img_shapes, text_len, device): the tables are the
     same at every step, so they are built on the CPU and copied over once, not at every step."""
     key = (tuple(img_shapes), text_len, device)
     if key not in cache:
         if len(cache) > 16:
             cache.clear()
-        cache[key] = rope_tables(img_shapes, text_len, config, device=device)
+        cache[key] = rope_tables(img_shapes, text_len, config, device=device, table=table)
     return cache[key]
 
 
@@ -283,15 +284,16 @@ class JointAttention(nn.Module):
         self.norm_added_q, self.norm_added_k = RMSNorm(head_dim, eps), RMSNorm(head_dim, eps)
         self.to_out = nn.Sequential(nn.Linear(heads * head_dim, dim))  # the checkpoint names it `to_out.0`
         self.to_add_out = nn.Linear(heads * head_dim, dim)
+        self.apply_rope = apply_rope  # the rotation q and k get; MMDiT.use_rope may swap in another
 
     def forward(self, img, txt, img_rope, txt_rope, key_mask=None):
         # img (B, N, dim), txt (B, L, dim); key_mask (B, L + N) bool or None
         # (B, S, H, Dh); -1, not self.heads: under tensor parallel (parallel.py) a process holds H / n heads
         split = lambda t: t.unflatten(-1, (-1, self.head_dim))
-        img_q = apply_rope(self.norm_q(split(self.to_q(img))), img_rope)
-        img_k = apply_rope(self.norm_k(split(self.to_k(img))), img_rope)
-        txt_q = apply_rope(self.norm_added_q(split(self.add_q_proj(txt))), txt_rope)
-        txt_k = apply_rope(self.norm_added_k(split(self.add_k_proj(txt))), txt_rope)
+        img_q = self.apply_rope(self.norm_q(split(self.to_q(img))), img_rope)
+        img_k = self.apply_rope(self.norm_k(split(self.to_k(img))), img_rope)
+        txt_q = self.apply_rope(self.norm_added_q(split(self.add_q_proj(txt))), txt_rope)
+        txt_k = self.apply_rope(self.norm_added_k(split(self.add_k_proj(txt))), txt_rope)
         img_v, txt_v = split(self.to_v(img)), split(self.add_v_proj(txt))
 
         q = torch.cat([txt_q, img_q], dim=1).transpose(1, 2)  # (B, H, L + N, Dh)
@@ -388,7 +390,29 @@ class MMDiT(nn.Module):
         self.proj_out = nn.Linear(dim, config.patch_size**2 * config.out_channels)
         self.gradient_checkpointing = False  # recompute each block in backward to save activation memory
         self._rope_cache = {}  # (img_shapes, text_len, device) -> RoPE tables: same every step
+        self.rope_table = rope_table  # builds those tables; use_rope may swap in another
         self.streamer = None  # a streaming.WeightStreamer when the blocks do not all fit the GPU
+
+    def use_rope(self, table=None, apply=None) -> None:
+        """Rotate with other RoPE functions than this file's (the course's capstone, assignments/capstone.py,
+        swaps in a student's and draws with them):
+
+            table   table(positions (S, 3), axes_dims, theta) -> (S, head_dim/2) complex rotations, as
+                    rope_table: what the model builds its tables with (the tables built so far are dropped)
+            apply   apply(x (B, S, H, head_dim), rotations) -> x rotated, as apply_rope: what every
+                    JointAttention rotates its queries and keys with, the blocks a WeightStreamer has
+                    copied into its slots included
+        None is this file's function, so use_rope() undoes a swap. Not reached: a ControlNet's own blocks
+        and tables (controlnet.py builds them with this file's functions whatever the MMDiT uses)."""
+        for name, fn in (("table", table), ("apply", apply)):
+            if fn is not None and not callable(fn):
+                raise ValueError(f"{name} must be a function or None, got {type(fn).__name__}")
+        self.rope_table = rope_table if table is None else table
+        self._rope_cache.clear()
+        slots = [] if self.streamer is None else self.streamer.slots
+        for module in [*self.modules(), *(m for slot in slots for m in slot.modules())]:
+            if isinstance(module, JointAttention):
+                module.apply_rope = apply_rope if apply is None else apply
 
     def forward(self, img, txt, txt_mask, sigma, img_shapes, controlnet_block_samples=None):
         """
@@ -420,7 +444,7 @@ class MMDiT(nn.Module):
             n_noise = math.prod(img_shapes[0])
 
         img_rope, txt_rope = cached_rope_tables(
-            self._rope_cache, img_shapes, L, self.config, img.device
+            self._rope_cache, img_shapes, L, self.config, img.device, table=self.rope_table
         )  # (N, Dh/2), (L, Dh/2) complex
         key_mask = joint_key_mask(None if txt_mask is None else txt_mask.to(img.device), N)  # (B, L + N)
         every = 0  # blocks per ControlNet residual

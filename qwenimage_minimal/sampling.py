@@ -65,6 +65,8 @@ def denoise(
     progress: bool = False,
     batch_cfg: bool = False,
     control: Callable | None = None,
+    cfg_combine: Callable = cfg_combine,
+    euler_step: Callable = euler_step,
 ) -> torch.Tensor:
     """Integrate the flow from sigmas[0] to sigmas[-1] = 0 with Euler steps.
 
@@ -82,6 +84,10 @@ def denoise(
     control          control(i, x, sigma) -> the ControlNets' residuals for this step (a list of (B, N, dim))
                      or None; computed once per step with the positive prompt and given to both CFG
                      passes, as diffusers does (mmdit.MMDiT.forward's controlnet_block_samples)
+    cfg_combine      cfg_combine(v, v_uncond, cfg_scale) -> the guided velocity: this file's unless given
+    euler_step       euler_step(x, v, sigma, sigma_next) -> x at sigma_next: scheduler.euler_step unless given
+                     (the pipelines pass their `cfg_combine` and `euler_step` attributes: the course's
+                     capstone, assignments/capstone.py, puts a student's there)
     returns          (B, N, C) latents at sigma = 0
     """
     batch, n_noise = x.shape[:2]

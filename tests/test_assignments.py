@@ -2,6 +2,7 @@
 all pass with the reference solutions, and each typical wrong solution in assignments/wrong fails with the
 message written for it."""
 
+import json
 import os
 import re
 import subprocess
@@ -12,22 +13,71 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 GRADER = ROOT / "assignments" / "grader"
-LESSONS = {"02": "rope", "05": "guidance", "07": "lora_linear"}
+LESSONS = sorted({p.name[5:7] for p in GRADER.glob("test_*.py")})  # "02", "05", ...
+# Each typical wrong solution: assignments/wrong/<name>/ holds the graded module(s) with the mistake, and
+# mistake.txt says which lesson grades it ("lesson: 02") and what the grader must tell the student ("says: ...").
+WRONG = {
+    p.parent.name: dict(line.split(": ", 1) for line in p.read_text().splitlines() if ": " in line)
+    for p in sorted((ROOT / "assignments" / "wrong").glob("*/mistake.txt"))
+}
 
 
-def grade(folder: Path, lesson: str | None = None) -> tuple[int, int, str]:
-    """Run the grader on the modules in `folder` -> (passed, failed, its output)."""
-    files = [str(next(GRADER.glob(f"test_{lesson}_*.py")))] if lesson else [str(GRADER)]
+def pytest_summary(out: str) -> tuple[int, int]:
+    """(passed, failed + errors) from pytest's last line."""
+    last = out.strip().splitlines()[-1] if out.strip() else ""
+    count = lambda word: sum(int(n) for n in re.findall(rf"(\d+) {word}", last))
+    return count("passed"), count("failed") + count("error")
+
+
+def grade(folder: Path) -> tuple[int, int, str]:
+    """Run the whole grader on the modules in `folder` -> (passed, failed, its output)."""
     done = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *files],
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(GRADER)],
         capture_output=True,
         text=True,
         cwd=ROOT,
         env={**os.environ, "ASSIGNMENTS": str(folder), "OMP_NUM_THREADS": "1"},
         timeout=300,
     )
-    count = lambda word: sum(int(n) for n in re.findall(rf"(\d+) {word}", done.stdout.splitlines()[-1]))
-    return count("passed"), count("failed") + count("error"), done.stdout
+    return (*pytest_summary(done.stdout), done.stdout)
+
+
+def graders_of(folder: Path, lesson: str) -> list[str]:
+    """The lesson's grader files that load a module the folder holds (test_02_rope.py for wrong/rope_halves)."""
+    modules = {p.stem for p in folder.glob("*.py")}
+    return [
+        str(p)
+        for p in sorted(GRADER.glob(f"test_{lesson}_*.py"))
+        if any(f'load("{m}")' in p.read_text() for m in modules)
+    ]
+
+
+def grade_each(folders: dict) -> dict:
+    """{name: [grader files]} graded in one process (pytest and diffusers are imported once, not per mistake:
+    ~5 s each) -> {name: that run's output}. Each run re-imports the grader's modules under its ASSIGNMENTS."""
+    script = (
+        "import contextlib, io, json, os, sys, pytest\n"
+        "out = {}\n"
+        "for name, (folder, files) in json.loads(sys.argv[1]).items():\n"
+        "    os.environ['ASSIGNMENTS'] = folder\n"
+        "    for module in [m for m in sys.modules if m == 'conftest' or m.startswith(('test_', 'graded_', 'assignments'))]:\n"
+        "        del sys.modules[module]\n"
+        "    buffer = io.StringIO()\n"
+        "    with contextlib.redirect_stdout(buffer):\n"
+        "        pytest.main(['-q', '-p', 'no:cacheprovider', *files])\n"
+        "    out[name] = buffer.getvalue()\n"
+        "print(json.dumps(out))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, json.dumps(folders)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def test_every_test_fails_on_the_stubs_and_says_which_lesson():
@@ -42,21 +92,18 @@ def test_the_reference_solutions_pass_every_test():
     assert failed == 0 and passed >= 20, out[-2000:]
 
 
-WRONG = {
-    "rope_halves": ("02", "the 'halves' layout of"),
-    "rope_one_axis": ("02", "one frequency ladder over the whole head"),
-    "cfg_no_rescale": ("05", "is not rescaled"),
-    "euler_sign": ("05", "the step has the wrong sign"),
-    "lora_r_over_alpha": ("07", "scaled by r / alpha"),
-    "fuse_in_bf16": ("07", "computed in the weight's dtype"),
-}
-
-
-@pytest.mark.parametrize("mistake", sorted(WRONG))
-def test_each_typical_mistake_fails_with_its_own_message(mistake):
-    lesson, message = WRONG[mistake]
-    passed, failed, out = grade(ROOT / "assignments" / "wrong" / mistake, lesson)
-    assert failed >= 1 and message in out, out[-3000:]
+def test_each_typical_mistake_fails_with_its_own_message():
+    assert len(WRONG) >= 6 and all({"lesson", "says"} <= set(m) for m in WRONG.values()), WRONG
+    folders = {}
+    for name, mistake in WRONG.items():
+        folder = ROOT / "assignments" / "wrong" / name
+        files = graders_of(folder, mistake["lesson"])
+        assert files, f"wrong/{name}: no grader of lesson {mistake['lesson']} loads its modules"
+        folders[name] = (str(folder), files)
+    outputs = grade_each(folders)
+    for name, mistake in WRONG.items():
+        passed, failed = pytest_summary(outputs[name])
+        assert failed >= 1 and mistake["says"] in outputs[name], (name, outputs[name][-3000:])
 
 
 def test_the_student_edition_holds_no_answer(tmp_path):
@@ -70,7 +117,9 @@ def test_the_student_edition_holds_no_answer(tmp_path):
     )
     lessons = sorted((ROOT / "notebooks").glob("*.ipynb"))
     written = {p.name: p.read_text() for p in (out / "notebooks").glob("*.ipynb")}
-    assert set(written) == {p.name for p in lessons} and (out / "notebooks" / "course.py").is_file()
+    assert set(written) == {p.name for p in lessons}
+    for name in ("course.py", "README.md", "GLOSSARY.md", "lesson_map.png"):  # the syllabus comes along
+        assert (out / "notebooks" / name).is_file(), name
     answers, lesson_text = [], ""  # the solutions' lines and printed results; everything else the lessons say
     for path in lessons:
         for cell in nbformat.read(path, as_version=4).cells:
