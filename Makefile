@@ -84,8 +84,8 @@ bench: $(VENV)/.installed
 notebooks: $(VENV)/.installed
 	$(VENV)/bin/jupyter nbconvert --to notebook --execute --inplace notebooks/*.ipynb
 
-# Your own executed copies of the notebooks in out/notebooks/ (the committed ones are left alone):
-# open them with `.venv/bin/jupyter lab out/notebooks`, edit, do the exercises.
+# The instructor's edition, executed: every notebook run into out/notebooks/ with its solutions and answers (the
+# committed ones are left alone). Students work in the student edition instead (make student -> out/student/).
 course: $(VENV)/.installed
 	mkdir -p out/notebooks && cp notebooks/course.py out/notebooks/
 	$(VENV)/bin/jupyter nbconvert --to notebook --execute --output-dir out/notebooks notebooks/*.ipynb

@@ -21,8 +21,8 @@ def training_sigmas(u: torch.Tensor, num_train_timesteps: int = 1000) -> torch.T
     """u (B,) in [0, 1] -> the training noise levels sigma (B,) float32.
 
     The training schedule has timesteps t = 1000, 999, ..., 1 (index 0 is pure noise) and sigma = t / 1000.
-    u picks the entry int(1000 u) (truncated; u = 1 takes the last one), so sigma = 1 - int(1000 u) / 1000:
-    a multiple of 1/1000 close to 1 - u, never 0."""
+    u picks the entry index = min(int(1000 u), 999) (truncated; u = 1 takes the last one), so
+    sigma = 1 - index / 1000: a multiple of 1/1000 close to 1 - u, at least 0.001, never 0."""
     raise NotImplementedError("training_sigmas: see lesson 08, section 2 (u picks the timestep)")
 
 

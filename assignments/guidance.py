@@ -1,7 +1,8 @@
 """Assignment for lesson 05 (notebooks/05_text_to_image.ipynb): one step of the sampling loop.
 
 Write the two functions below, then run `make grade LESSON=05`. The package's own are
-`qwenimage_minimal.sampling.cfg_combine` and the Euler update inside `sampling.denoise`.
+`qwenimage_minimal.sampling.cfg_combine` and `qwenimage_minimal.scheduler.euler_step` (which
+`sampling.denoise` calls at every step).
 """
 
 import torch

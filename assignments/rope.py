@@ -1,4 +1,5 @@
-"""Assignment for lesson 02 (notebooks/02_mmdit_and_rope.ipynb, section 2): RoPE, the MMDiT's positions.
+"""Assignment for lesson 02 (notebooks/02_mmdit_and_rope.ipynb, section 3; section 4 applies it): RoPE, the
+MMDiT's positions.
 
 Write the two functions below, then run `make grade LESSON=02`. The package's own versions are
 `qwenimage_minimal.mmdit.rope_table` and `apply_rope`: do not call them (the grader compares against them).
@@ -14,7 +15,7 @@ def rope_table(positions: torch.Tensor, axes_dims: tuple, theta: float) -> torch
     k = 0 .. axes_dims[a] / 2 - 1, and its angles are positions[:, a] * inv_freq. The three axes' angles are
     concatenated (frame first), and each angle becomes e^{i angle} (torch.polar). Qwen-Image: axes_dims
     (16, 56, 56), theta 10000."""
-    raise NotImplementedError("rope_table: see lesson 02, section 2 (MSRoPE, the per-axis formula)")
+    raise NotImplementedError("rope_table: see lesson 02, section 3 (MSRoPE, the per-axis formula)")
 
 
 def apply_rope(x: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
@@ -23,5 +24,5 @@ def apply_rope(x: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
     The pairs are *interleaved*: channels (0, 1) are the first complex number, (2, 3) the second, ...; each
     pair is multiplied by its rotation, the same for every head. Compute in float32 and return x's dtype."""
     raise NotImplementedError(
-        "apply_rope: see lesson 02, section 2 (interleaved pairs, one rotation per pair)"
+        "apply_rope: see lesson 02, sections 3 and 4 (interleaved pairs, one rotation per pair)"
     )

@@ -16,8 +16,10 @@ def grouped_query_attention(
     """Causal self-attention of one Qwen2.5-VL decoder layer, with grouped-query heads and padding.
 
     q (B, Hq, S, D) query heads; k, v (B, Hkv, S, D) key/value heads, Hq a multiple of Hkv (28 and 4 in the
-    real model); RoPE is already applied. attention_mask (B, S): 1 = token, 0 = padding, or None (nothing
-    padded). Returns (B, Hq, S, D): softmax(q kᵀ / sqrt(D)) v per head, where
+    real model); RoPE is already applied; float32 or bfloat16. attention_mask (B, S), integer or bool: 1 = token,
+    0 = padding, or None (nothing padded). Returns (B, Hq, S, D) in q's dtype: softmax(q kᵀ / sqrt(D)) v per
+    head (in bfloat16 the grader allows 2e-2: compute the scores and the softmax in float32 and cast the result
+    back, as transformers does for the softmax), where
 
     - key/value head j serves the g = Hq / Hkv query heads j·g ... j·g + g - 1 (neighbours, as transformers'
       repeat_kv and torch.repeat_interleave lay them out);

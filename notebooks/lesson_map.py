@@ -77,21 +77,22 @@ PART_NAMES = {
 }
 
 # Where each box sits: (column, height). A lesson's column is one more than the latest column among the
-# lessons it builds on; the heights were searched once so that no arrow passes through a box.
+# lessons it builds on; the heights were searched once so that no arrow passes through a box, which
+# `boxes_crossed` checks on every drawing.
 POSITION = {
-    "00": (0, 0.0),
-    "01": (1, 1.65),
-    "04": (1, -1.1),
-    "02": (2, 1.1),
-    "03": (3, -3.3),
-    "05": (4, 0.0),
-    "07": (4, -2.2),
-    "06": (5, 2.75),
-    "10": (5, -0.55),
-    "08": (5, -2.75),
-    "C1": (6, 2.2),
-    "09": (6, 0.55),
-    "C2": (6, -1.65),
+    "00": (0, -0.275),
+    "01": (1, 2.475),
+    "04": (1, -3.85),
+    "02": (2, -1.1),
+    "03": (3, 2.475),
+    "05": (4, -0.55),
+    "07": (4, -4.4),
+    "06": (5, -3.85),
+    "10": (5, 2.475),
+    "08": (5, 0.275),
+    "C1": (6, -2.75),
+    "09": (6, -1.375),
+    "C2": (6, 0.55),
 }
 
 
@@ -113,13 +114,41 @@ def reachable(edges: dict, start: str, skip: tuple) -> set:
 
 
 def arrows_to_draw(needs: dict, helps: dict) -> tuple[list, list]:
-    """The (earlier, later) pairs worth an arrow: an edge that another path already implies is left out
-    (00 -> 05 -> 10 says that 10 builds on 00). A solid edge goes only when solid edges imply it, so a
-    prerequisite is never hidden behind a path that only helps."""
-    both = {k: needs.get(k, []) + helps.get(k, []) for k in set(needs) | set(helps)}
+    """The (earlier, later) pairs worth an arrow. A solid edge that other solid edges already imply is left
+    out (00 -> 05 -> 10 says that 10 needs 00), so a prerequisite is never hidden behind a path that only
+    helps. Every dashed edge is drawn, even when a path through other lessons joins the two (01 -> 02 -> 05
+    does not say that 01 helps with 05), so each lesson's list in HELPS shows in full."""
     solid = [(b, n) for n, bs in needs.items() for b in bs if n not in reachable(needs, b, skip=(b, n))]
-    dashed = [(b, n) for n, bs in helps.items() for b in bs if n not in reachable(both, b, skip=(b, n))]
+    dashed = [(b, n) for n, bs in helps.items() for b in bs]
     return solid, dashed
+
+
+def boxes_crossed(xy: dict, pairs: list, width: float, height: float, margin: float = 0.2) -> list:
+    """The (earlier, later, box) triples where the straight arrow earlier -> later passes through another
+    lesson's box (grown by `margin` on every side): the segment clipped to the box (Liang-Barsky) is not empty."""
+    crossed = []
+    for earlier, later in pairs:
+        (x0, y0), (x1, y1) = xy[earlier], xy[later]
+        for box, (cx, cy) in xy.items():
+            if box in (earlier, later):
+                continue
+            low, high = 0.0, 1.0  # the part of the segment inside the box, as fractions of its length
+            for step, room in (
+                (x0 - x1, x0 - (cx - width / 2 - margin)),
+                (x1 - x0, (cx + width / 2 + margin) - x0),
+                (y0 - y1, y0 - (cy - height / 2 - margin)),
+                (y1 - y0, (cy + height / 2 + margin) - y0),
+            ):
+                if step == 0:
+                    if room < 0:  # parallel to this side and outside it
+                        low, high = 1.0, 0.0
+                elif step < 0:
+                    low = max(low, room / step)
+                else:
+                    high = min(high, room / step)
+            if low < high:
+                crossed.append((earlier, later, box))
+    return crossed
 
 
 def draw(out: Path) -> None:
@@ -130,7 +159,7 @@ def draw(out: Path) -> None:
     xy = {lesson: (column * 3.6, height) for lesson, (column, height) in POSITION.items()}
     width, height = 3.0, 0.8  # box size, in the units of xy
 
-    fig, ax = plt.subplots(figsize=(14, 5.2))
+    fig, ax = plt.subplots(figsize=(14, 5.8))
     boxes = {}
     for lesson, (title, writes, part) in LESSONS.items():
         x, y = xy[lesson]
@@ -144,6 +173,11 @@ def draw(out: Path) -> None:
         ax.text(x, y - 0.18, writes, ha="center", va="center", fontsize=8, color="#333333", zorder=3)
 
     solid, dashed = arrows_to_draw(NEEDS, HELPS)
+    crossed = boxes_crossed(xy, solid + dashed, width, height)
+    if crossed:
+        raise ValueError(
+            f"arrows pass through boxes (earlier, later, box): {crossed}; move the boxes in POSITION"
+        )
     for pairs, style in (
         (dashed, dict(linestyle=(0, (4, 3)), color="#8a8a8a")),
         (solid, dict(color="#222222")),
@@ -159,8 +193,12 @@ def draw(out: Path) -> None:
 
     legend = [Patch(facecolor=COLOURS[p], edgecolor="#444444", label=PART_NAMES[p]) for p in COLOURS]
     legend += [
-        plt.Line2D([], [], color="#222222", label="A → B: B needs A (arrows that others imply are left out)"),
-        plt.Line2D([], [], color="#8a8a8a", linestyle=(0, (4, 3)), label="A → B: A helps with B"),
+        plt.Line2D(
+            [], [], color="#222222", label="A → B: B needs A (solid arrows that others imply are left out)"
+        ),
+        plt.Line2D(
+            [], [], color="#8a8a8a", linestyle=(0, (4, 3)), label="A → B: A helps with B (every one drawn)"
+        ),
     ]
     fig.legend(handles=legend, loc="lower center", ncol=4, fontsize=9, frameon=False)
     xs = [x for x, _ in xy.values()]

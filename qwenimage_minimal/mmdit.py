@@ -164,9 +164,9 @@ def rope_tables(img_shapes, text_len: int, config: MMDiTConfig, device=None, tab
 
 
 def cached_rope_tables(cache: dict, img_shapes, text_len: int, config: MMDiTConfig, device, table=rope_table):
-    """rope_tables, kept in `cache` (a model's own dict) by (img_shapes, text_len, device): the tables are the
-    same at every step, so they are built on the CPU and copied over once, not at every step."""
-    key = (tuple(img_shapes), text_len, device)
+    """rope_tables, kept in `cache` (a model's own dict) by (img_shapes, text_len, device, table): the tables are
+    the same at every step, so they are built on the CPU and copied over once, not at every step."""
+    key = (tuple(img_shapes), text_len, device, table)
     if key not in cache:
         if len(cache) > 16:
             cache.clear()

@@ -2,6 +2,7 @@
 all pass with the reference solutions, and each typical wrong solution in assignments/wrong fails with the
 message written for it."""
 
+import functools
 import json
 import os
 import re
@@ -80,16 +81,31 @@ def grade_each(folders: dict) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+@functools.cache
+def graded_tests() -> int:
+    """How many tests the grader holds (pytest --collect-only): every one must fail on the stubs and pass on the
+    solutions, so that a grader file that collects nothing, or a lost parametrisation, is noticed."""
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "--collect-only", "-p", "no:cacheprovider", str(GRADER)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "ASSIGNMENTS": str(ROOT / "assignments" / "solutions"), "OMP_NUM_THREADS": "1"},
+        timeout=300,
+    )
+    return sum("::" in line for line in done.stdout.splitlines())
+
+
 def test_every_test_fails_on_the_stubs_and_says_which_lesson():
     passed, failed, out = grade(ROOT / "assignments")
-    assert passed == 0 and failed >= 20, out[-2000:]
+    assert passed == 0 and failed == graded_tests() >= 129, out[-2000:]
     for lesson in LESSONS:
         assert f"see lesson {lesson}" in out, out[-2000:]
 
 
 def test_the_reference_solutions_pass_every_test():
     passed, failed, out = grade(ROOT / "assignments" / "solutions")
-    assert failed == 0 and passed >= 20, out[-2000:]
+    assert failed == 0 and passed == graded_tests() >= 129, out[-2000:]
 
 
 def test_each_typical_mistake_fails_with_its_own_message():
@@ -103,7 +119,10 @@ def test_each_typical_mistake_fails_with_its_own_message():
     outputs = grade_each(folders)
     for name, mistake in WRONG.items():
         passed, failed = pytest_summary(outputs[name])
-        assert failed >= 1 and mistake["says"] in outputs[name], (name, outputs[name][-3000:])
+        # Only the failures' own lines ("E   ..."): the traceback also prints the test's source, which holds every
+        # hint as a literal, so a search of the whole output would find the hint whichever mistake was made.
+        said = "\n".join(line for line in outputs[name].splitlines() if line.startswith("E "))
+        assert failed >= 1 and mistake["says"] in said, (name, said[-3000:] or outputs[name][-3000:])
 
 
 def test_the_student_edition_holds_no_answer(tmp_path):

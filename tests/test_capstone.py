@@ -44,7 +44,27 @@ def test_the_package_pieces_pass_and_leave_the_pipeline_as_it_was(pipe):
         pipe, {"apply_rope": mmdit.apply_rope, "cfg_combine": sampling.cfg_combine}, TWO, 4
     )
     assert out["passed"] and out["difference"] == 0 and capstone.same_scores(*out["scores"])
-    assert pipe.cfg_combine is sampling.cfg_combine and pipe.transformer.rope_table is mmdit.rope_table
+    assert pipe.cfg_combine is sampling.cfg_combine and pipe.euler_step is sampling.euler_step
+    assert pipe.transformer.rope_table is mmdit.rope_table
+    attentions = [m for m in pipe.transformer.modules() if isinstance(m, mmdit.JointAttention)]
+    assert attentions and all(m.apply_rope is mmdit.apply_rope for m in attentions)
+
+
+@pytest.mark.parametrize("folder", ["empty", "missing"])
+def test_a_folder_without_pieces_fails_instead_of_comparing_the_package_with_itself(capsys, tmp_path, folder):
+    (tmp_path / "empty").mkdir()
+    assert capstone.main(["pieces", "--assignments", str(tmp_path / folder), "--out", str(tmp_path)]) == 1
+    printed = capsys.readouterr().out
+    assert "FAIL" in printed and "PASS" not in printed, printed
+
+
+def test_a_lora_forward_that_detaches_its_adapter_is_refused():
+    detached = lambda x, W, b, A, B, alpha, scale=1.0: lora_forward(
+        x, W, b, A.detach(), B.detach(), alpha, scale
+    )
+    assert capstone.check_forward(lora_forward) < 1e-6
+    with pytest.raises(capstone.NotWritten, match="detach"):
+        capstone.check_forward(detached)
 
 
 def test_the_stubs_say_which_lesson_to_read(capsys, tmp_path):
@@ -90,6 +110,7 @@ def test_the_lora_capstone_trains_measures_and_writes_a_lora_the_package_reads(c
         assert row in printed, printed
     adapters, _ = lora.read_lora(tmp_path / "lora.safetensors", pipe.transformer)
     assert len(adapters) == len(lora.target_names(pipe.transformer, "all-linear"))
+    assert any(B.abs().max() > 0 for _, B, *_ in adapters.values())  # B starts at 0: the steps moved it
 
 
 @pytest.mark.parametrize(

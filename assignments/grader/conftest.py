@@ -18,15 +18,31 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))  # the typical mistakes of assignments/wrong reuse assignments.solutions
 
 
+class Unloadable:
+    """Stands in for a module that cannot be loaded: every function of it fails its test with the reason, so one
+    missing or broken file fails its own lesson's tests and the other lessons are still graded."""
+
+    def __init__(self, reason: str):
+        self.reason = reason
+
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        pytest.fail(self.reason, pytrace=False)
+
+
 def load(name: str):
     """The graded module `name` (e.g. "rope"): from $ASSIGNMENTS (a folder), else from assignments/."""
     folder = Path(os.environ.get("ASSIGNMENTS", ROOT / "assignments"))
     path = folder / f"{name}.py"
     if not path.is_file():
-        pytest.fail(f"{path} does not exist: the assignment file is assignments/{name}.py")
+        return Unloadable(f"{path} does not exist: the assignment file is assignments/{name}.py")
     spec = importlib.util.spec_from_file_location(f"graded_{name}", path)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as e:  # a syntax error, a failing import: this file's tests fail, saying why
+        return Unloadable(f"{path} cannot be loaded: {type(e).__name__}: {e}")
     return module
 
 

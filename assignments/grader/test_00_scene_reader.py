@@ -20,12 +20,14 @@ SCENES = (
 PICTURES = [scenes.render(s, 128) for s in SCENES]
 
 
-def labels_with(image, palette, squared=False) -> torch.Tensor:
-    """colour_map as a typical mistake computes it: another palette, or the squared distance against 120."""
+def labels_with(image, palette, squared=False, threshold=True) -> torch.Tensor:
+    """colour_map as a typical mistake computes it: another palette, the squared distance against 120, or
+    no threshold at all (every pixel gets its nearest palette colour)."""
     pixels = np.asarray(image, dtype=np.float64)[:, :, None]
     distance = ((pixels - np.array(palette, dtype=np.float64)) ** 2).sum(-1) ** (1 if squared else 0.5)
     labels = distance.argmin(-1)
-    labels[distance.min(-1) > 120] = -1
+    if threshold:
+        labels[distance.min(-1) > 120] = -1
     return torch.from_numpy(labels)
 
 
@@ -51,7 +53,10 @@ def test_colour_map_matches_the_package():
                 "the palette holds only the eight scene colours: ALL_COLOURS adds brown, black and grey, "
                 "so that a brown object is not read as orange",
             ),
-            (expected.clamp(min=0), "no pixel is -1: one farther than 120 from every palette colour is -1"),
+            (
+                torch.stack([labels_with(p, palette, threshold=False) for p in pictures]),
+                "no pixel is -1: one farther than 120 from every palette colour is -1",
+            ),
         ],
         atol=0,
         rtol=0,
@@ -60,6 +65,18 @@ def test_colour_map_matches_the_package():
 
 def shape_index(names) -> torch.Tensor:
     return torch.tensor([scenes.SHAPES.index(n) if n in scenes.SHAPES else -1 for n in names]).float()
+
+
+def shape_uncropped(blob) -> str:
+    """blob_shape's rule as a typical mistake applies it: to the whole picture, not the blob's bounding box."""
+    spans = np.array([row.nonzero()[0][-1] - row.nonzero()[0][0] + 1 if row.any() else 0 for row in blob])
+    fill = spans.sum() / blob.size  # over the whole picture, of which a blob fills little
+    if fill > 0.88:
+        return "square"
+    if fill > 0.66:
+        return "circle"
+    widest = (np.argmax(np.convolve(spans, np.ones(3) / 3, mode="same")) + 0.5) / len(spans)
+    return "triangle" if widest > 0.68 else "diamond"
 
 
 def test_blob_shape_matches_the_package():
@@ -81,10 +98,9 @@ def test_blob_shape_matches_the_package():
                 "from the top, (row + 0.5) / h, and a triangle is widest at the bottom (> 0.68)",
             ),
             (
-                shape_index(
-                    "triangle" if s == "triangle" else "diamond" for s in map(scenes.blob_shape, blobs)
-                ),
-                "no square or circle: the fill is over the blob's bounding box, not the whole picture",
+                shape_index(shape_uncropped(b) for b in blobs + flipped),
+                "the fill is over the blob's bounding box, not the whole picture (nor is the widest row's "
+                "place counted in the picture's height): crop the blob to its bounding box first",
             ),
         ],
         atol=0,

@@ -14,6 +14,14 @@ g = torch.Generator().manual_seed(0)
 HEADS, HEAD_DIM, AXES = 2, 16, (4, 6, 6)
 
 
+def seeded(make):
+    """make() with its random weights drawn from seed 0, leaving the global generator as it was: the same
+    weights in every run, whatever ran before in the process."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        return make()
+
+
 def inputs(B, L, N, padded=True, dtype=torch.float32):
     """Image and text hidden states, their RoPE tables, and a text mask with padding at the end of row 0."""
     img, txt = torch.randn(B, N, 32, generator=g).to(dtype), torch.randn(B, L, 32, generator=g).to(dtype)
@@ -52,7 +60,7 @@ def caught(out_proj, add_out_proj, call):
 def package_case(B, L, N, padded=True, dtype=torch.float32):
     """Per-stream q, k, v from the package's JointAttention, its attention output (img, txt), the text mask."""
     img, txt, tables, txt_mask = inputs(B, L, N, padded, dtype)
-    attn = mmdit.JointAttention(32, HEADS, HEAD_DIM, 1e-6).to(dtype)
+    attn = seeded(lambda: mmdit.JointAttention(32, HEADS, HEAD_DIM, 1e-6)).to(dtype)
     call = lambda: attn(img, txt, *tables, mmdit.joint_key_mask(txt_mask, N))
     return (
         streams(attn, img, txt, tables, mmdit.apply_rope),
@@ -118,7 +126,8 @@ def test_matches_the_package(B, L, N, padded):
 
 def test_padded_text_keys_and_values_do_not_matter():
     img, txt, tables, txt_mask = inputs(2, 6, 5)
-    qkv = list(streams(mmdit.JointAttention(32, HEADS, HEAD_DIM, 1e-6), img, txt, tables, mmdit.apply_rope))
+    attn = seeded(lambda: mmdit.JointAttention(32, HEADS, HEAD_DIM, 1e-6))
+    qkv = list(streams(attn, img, txt, tables, mmdit.apply_rope))
     img_out, txt_out = attention.joint_attention(*qkv, txt_mask)
     for i in (4, 5):  # the padded text keys and values -> noise
         qkv[i] = torch.where(
@@ -137,7 +146,7 @@ def test_matches_diffusers():
     )
 
     img, txt, tables, txt_mask = inputs(2, 5, 7)
-    attn = QwenImageTransformerBlock(32, HEADS, HEAD_DIM).attn
+    attn = seeded(lambda: QwenImageTransformerBlock(32, HEADS, HEAD_DIM).attn)
     rotate = lambda x, r: apply_rotary_emb_qwen(x, r, use_real=False)
     with torch.no_grad():
         qkv = streams(attn, img, txt, tables, rotate)

@@ -24,8 +24,9 @@ IGNORES_THE_PAST = (
 
 
 def conv_layer(kernel, padding):
-    torch.manual_seed(0)  # the layer's random initial weights
-    layer = vae.CausalConv3d(3, 4, kernel, padding=padding)
+    with torch.random.fork_rng():  # the layer's random initial weights, the same in every run
+        torch.manual_seed(0)
+        layer = vae.CausalConv3d(3, 4, kernel, padding=padding)
     return (
         layer,
         layer.weight.detach(),
@@ -107,7 +108,8 @@ def test_a_chunk_after_a_past_matches_diffusers(kernel, padding, past_frames):
     from diffusers.models.autoencoders.autoencoder_kl_qwenimage import QwenImageCausalConv3d
 
     layer, w, b, p = conv_layer(kernel, padding)
-    reference = QwenImageCausalConv3d(3, 4, kernel, padding=padding)
+    with torch.random.fork_rng():  # its random initial weights are replaced by the layer's just below
+        reference = QwenImageCausalConv3d(3, 4, kernel, padding=padding)
     reference.load_state_dict(layer.state_dict())
     x, past = video(4), video(past_frames)
     y, keep = causal.causal_conv3d(x, w, b, p, past)
