@@ -117,7 +117,10 @@ class StandInEncoder:
     """Takes the decoder's place in prompts.encode_prompts: answers the given hidden states."""
 
     def __init__(self, hidden):
-        self.hidden, self.embed_tokens = hidden, torch.nn.Embedding(1, 1)
+        self.hidden = (
+            hidden  # embed_tokens: looked up, never used; zeros, so the global generator is not drawn from
+        )
+        self.embed_tokens = torch.nn.Embedding(1, 1, _weight=torch.zeros(1, 1))
 
     def __call__(self, input_ids, attention_mask, position_ids, inputs_embeds):
         return self.hidden
