@@ -10,8 +10,9 @@ pieces  Your rope_table and apply_rope (lesson 02) and cfg_combine and euler_ste
         nano model and its sampling loop through the package's public hook (MMDiT.use_rope, the pipeline's
         `cfg_combine` and `euler_step` attributes), and the demo grid's prompts are drawn twice from the same
         noise: with the package's pieces and with yours. Both are scored by the nano scorer (nano/scenes.py)
-        and saved side by side in out/capstone/pieces.png. PASS when the scores are equal and the latents agree
-        to TOLERANCE; otherwise each piece is tried alone, and the ones that change the picture are named.
+        and saved side by side in out/capstone/pieces.png. PASS when the latents agree to TOLERANCE (the scores
+        are printed beside them); otherwise each piece is tried alone, and the ones that change the picture
+        are named.
 lora    A rank-8 LoRA trained with your lora_forward (lesson 07), inside `LoRALinear` below, on the brown
         pictures of nano/brown.py, with the recipe of the committed checkpoints/nano_brown_lora.safetensors
         (brown.TRAIN_FLAGS) and the package's flow-matching loss; then brown objects in shapes and cells the
