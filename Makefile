@@ -56,7 +56,7 @@ student: $(VENV)/.installed
 	$(PY) assignments/student_edition.py --out out/student
 
 # The nano model from scratch on this machine (nano/recipe.py): scenes, the VAE, the MMDiT, held-out scores -> out/nano
-# (~50 CPU minutes). out/nano/model is what checkpoints/nano holds; a finished one is kept unless OVERWRITE=1.
+# (~70 CPU minutes). out/nano/model is what checkpoints/nano holds; a finished one is kept unless OVERWRITE=1.
 nano: $(VENV)/.installed
 	$(PY) -m qwenimage_minimal train-nano --out out/nano $(if $(OVERWRITE),--overwrite)
 

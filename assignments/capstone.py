@@ -40,7 +40,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # 7e-6 at most with every piece written another right way (the table in float64, the rotation in real
 # arithmetic, the norms as square roots of sums, the step as x - (sigma - sigma_next) v), 32 prompts, 20 steps.
 # Each typical mistake of wrong/ moves them by 3 or more on the demo grid (cfg_no_rescale 3.0, rope_halves 13,
-# euler_sign 22), while some of its pictures still score right: the latents catch what the scorer may not.
+# euler_sign 22: measured on the nano model before its warm restart, at CFG 2), while some of its pictures
+# still score right: the latents catch what the scorer may not.
 TOLERANCE = 1e-4
 PIECES = {"rope_table": "rope", "apply_rope": "rope", "cfg_combine": "guidance", "euler_step": "guidance"}
 LESSON = {"rope": "02, section 3", "guidance": "05", "lora_linear": "07"}
@@ -359,7 +360,9 @@ def measure(pipe, n: int, steps: int, pictures=None) -> dict:
 
 def report_lora(rows: dict, pictures: list, a) -> None:
     """The scores' table, and the first 8 unseen prompts drawn with your LoRA and the committed one."""
-    print(f'\nmeasured on {a.n} prompts each ({a.steps} steps, CFG 2 against ""), as brown.measure_lora:')
+    print(
+        f'\nmeasured on {a.n} prompts each ({a.steps} steps, CFG {nano.NanoConfig.eval_cfg:g} against ""), as brown.measure_lora:'
+    )
     print(f"{'':<20} {'brown drawn brown, in the right cell':>38} {'base colours right':>20}")
     for label, row in rows.items():
         print(f"{label:<20} {row['new_brown']:>38.0%} {row['base_colours']:>20.0%}")

@@ -346,7 +346,11 @@ def main(argv=None):
     d.add_argument("--height", type=int, help="default 128 (nano), else 256")
     d.add_argument("--width", type=int, help="default 128 (nano), else 384")
     d.add_argument("--steps", type=int, help="default 20 (nano), else 8")
-    d.add_argument("--cfg", type=float, help="true CFG scale; default 2 (nano, measured best), else 4")
+    d.add_argument(
+        "--cfg",
+        type=float,
+        help="true CFG scale; default: the model folder's (nano 3, nano Edit 2: measured best), else 4",
+    )
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--device")
     d.add_argument("--out", type=Path, default=Path("out/demo.png"))

@@ -423,7 +423,7 @@ def check_device(name: str | None) -> None:
 
 def with_model_defaults(c: TrainConfig) -> TrainConfig:
     """The validation settings not given, from the model folder's pipeline_defaults.json (what its model was
-    made to sample with, e.g. the nano model's CFG 2 against the empty prompt), else the official pipelines'
+    made to sample with, e.g. the nano model's CFG 3 against the empty prompt), else the official pipelines'
     defaults (VALIDATION_DEFAULTS)."""
     folder = pipeline.read_pipeline_defaults(Path(c.model))
     found = {

@@ -34,7 +34,11 @@ def test_generate_takes_its_defaults_from_the_model_folder(tmp_path, capsys):
     """The nano folder carries its size, steps, CFG and negative prompt: `generate` with no sampling flag
     draws 128 x 128 (the official defaults would draw 1328 x 1328 for minutes), and a flag still wins."""
     assert pipeline.read_pipeline_defaults(nano.COMMITTED) == dict(
-        height=128, width=128, num_inference_steps=20, true_cfg_scale=2.0, negative_prompt=""
+        height=128,
+        width=128,
+        num_inference_steps=20,
+        true_cfg_scale=nano.NanoConfig.eval_cfg,
+        negative_prompt="",
     )
     cli.main(
         [

@@ -53,6 +53,7 @@ class NanoEditConfig:
     eval_edits: int = 100  # per split, the five kinds in turn
     eval_steps: int = 20
     eval_cfgs: tuple = (1.0, 2.0, 4.0)
+    cfg: float = 2.0  # the folder's default (pipeline_defaults.json): the best of eval_cfgs, measured
     negative: str = ""
 
 
@@ -90,6 +91,7 @@ def make_folder(model: Path, base: Path, c: NanoEditConfig) -> None:
     defaults = pipeline_loading.read_pipeline_defaults(base)
     defaults.update(
         num_inference_steps=c.eval_steps,
+        true_cfg_scale=c.cfg,  # not the text-to-image model's: its own measured best
         negative_prompt=c.negative,
         vae_area=c.size * c.size,
         output_area=c.size * c.size,

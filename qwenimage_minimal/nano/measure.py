@@ -1,5 +1,5 @@
 """The nano model measured as committed: stored in bf16, then scored from pixels (scenes.evaluate, a nano
-GenEval) on held-out prompts, per checkpoint of the MMDiT run, and at several CFG scales and step counts."""
+GenEval) on held-out prompts, per checkpoint of both MMDiT runs, and at several CFG scales and step counts."""
 
 from __future__ import annotations
 
@@ -25,9 +25,10 @@ def measure(c: NanoConfig, log=print) -> dict:
     and <out>/model/training/samples_over_training.png. -> the report.
 
     vae.held_out_psnr_bf16   the stored VAE's reconstruction PSNR on held-out scenes
-    progress                 the held-out scores of every checkpoint of the MMDiT run, against its minutes
+    progress                 the held-out scores of every checkpoint of both MMDiT runs, against their minutes
     quality.held_out         c.eval_scenes held-out scenes, c.eval_steps steps, CFG c.eval_cfg: the headline
     quality.train_like       as many scenes of the training split's kind (not the training scenes themselves)
+    quality.held_out_at      the held-out scenes at the CFG scales c.eval_cfg_neighbours (the choice of eval_cfg)
     quality.table            CFG scales and step counts, on c.table_scenes held-out scenes"""
     start = time.time()
     out = Path(c.out)
@@ -68,6 +69,16 @@ def measure(c: NanoConfig, log=print) -> dict:
                 f"{k} {v:.3f}" for k, v in quality[split if split == "held_out" else "train_like"].items()
             )
         )
+    quality["held_out_at"] = {  # the same held-out scenes at the neighbouring scales: how eval_cfg was chosen
+        f"{cfg:g}": evaluate(
+            pipe,
+            scenes.make_scenes(c.eval_scenes, seed=c.seed + 3, split="held_out"),
+            steps=c.eval_steps,
+            cfg=cfg,
+            size=c.size,
+        )
+        for cfg in c.eval_cfg_neighbours
+    }
     quality["table"] = quality_table(
         pipe, scenes.make_scenes(c.table_scenes, seed=c.seed + 3, split="held_out"), size=c.size, log=log
     )
@@ -82,6 +93,9 @@ def measure(c: NanoConfig, log=print) -> dict:
     report["scores"] = quality["held_out"]
     rows = checkpoints.read_log(out / "run" / "log.jsonl")
     report["mmdit"]["log"] = [r for r in rows if r["step"] % 10 == 0]  # every 10th step: the curve, small
+    if "refine" in report["mmdit"]:  # the warm restart's curve
+        rows = checkpoints.read_log(out / "refine_run" / "log.jsonl")
+        report["mmdit"]["refine"]["log"] = [r for r in rows if r["step"] % 10 == 0]
     report["measure_minutes"] = round((time.time() - start) / 60, 2)
     writing.write_json(out / "report.json", report)
     writing.write_json(model / "report.json", report)
@@ -192,28 +206,37 @@ def quality_table(pipe, scene_list, settings=TABLE_SETTINGS, size: int = 128, lo
 def scores_over_training(
     work, scene_list, steps: int = 20, cfg: float = NanoConfig.eval_cfg, size: int = 128, log=print
 ) -> tuple[list[dict], list]:
-    """The scores of every checkpoint that train.py kept in <work>/run (the MMDiT after 1500, 3000, ... steps,
-    fp32 as trained), drawn on the same scenes and noise: how quality grows with training time.
+    """The scores of every checkpoint that train.py kept in <work>/run and then <work>/refine_run (the MMDiT
+    after 3000, 6000, ... steps, the warm restart's counted on from the first run's last), drawn on the same
+    scenes and noise: how quality grows with training time.
     -> ([{"step", "minutes" (MMDiT training only), **scores}], [the pictures of each checkpoint])"""
     work = Path(work)
     pipe = pipeline.QwenImagePipeline.from_pretrained(work / "model", dtype=torch.float32)
-    seconds = {
-        r["step"]: r["seconds"] for r in checkpoints.read_log(work / "run" / "log.jsonl") if "seconds" in r
-    }
     rows, pictures = [], []
-    for folder in checkpoints.checkpoints_in(work / "run"):
-        step = checkpoints.checkpoint_step(folder)
-        pipe.transformer = mmdit.load(folder / "transformer", dtype=torch.float32).eval()
-        drawn = []
-        rows.append(
-            {
-                "step": step,
-                "minutes": round(seconds.get(step, float("nan")) / 60, 2),
-                **evaluate(pipe, scene_list, steps=steps, cfg=cfg, size=size, pictures=drawn),
-            }
-        )
-        pictures.append(drawn)
-        log(f"step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in rows[-1].items() if k != "step"))
+    step_before, seconds_before = 0, 0.0
+    for run in (work / "run", work / "refine_run"):
+        if not run.is_dir():
+            continue
+        log_rows = checkpoints.read_log(run / "log.jsonl")
+        seconds = {r["step"]: r["seconds"] for r in log_rows if "seconds" in r}
+        for folder in checkpoints.checkpoints_in(run):
+            step = checkpoints.checkpoint_step(folder)
+            pipe.transformer = mmdit.load(folder / "transformer", dtype=torch.float32).eval()
+            drawn = []
+            rows.append(
+                {
+                    "step": step_before + step,
+                    "minutes": round((seconds_before + seconds.get(step, float("nan"))) / 60, 2),
+                    **evaluate(pipe, scene_list, steps=steps, cfg=cfg, size=size, pictures=drawn),
+                }
+            )
+            pictures.append(drawn)
+            log(
+                f"step {rows[-1]['step']}: "
+                + ", ".join(f"{k} {v:.3f}" for k, v in rows[-1].items() if k != "step")
+            )
+        step_before += max((r["step"] for r in log_rows), default=0)
+        seconds_before += max(seconds.values(), default=0.0)
     return rows, pictures
 
 
@@ -313,7 +336,7 @@ def inpainting(
     pipe,
     cases,
     steps: int = 20,
-    cfg: float = 2.0,
+    cfg: float = NanoConfig.eval_cfg,
     margin: int = 6,
     grow: int = 8,
     seed: int = 0,
@@ -371,7 +394,9 @@ def inpainting(
     }
 
 
-def strength_table(pipe, pairs, strengths, steps: int = 20, cfg: float = 2.0, size: int = 128, pictures=None):
+def strength_table(
+    pipe, pairs, strengths, steps: int = 20, cfg: float = NanoConfig.eval_cfg, size: int = 128, pictures=None
+):
     """img2img (SDEdit) of each (source, target) pair: the source picture, the target's caption, at each
     strength (20 steps, CFG against ""); -> [{"strength", "steps_run", "prompt", "source", "change"}]: the
     share where the target's object is entirely right, where the source's still is, and the mean |change|
