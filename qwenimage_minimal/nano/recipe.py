@@ -38,11 +38,11 @@ ENTRIES = (MARKER, "data", "run", "refine_data", "refine_run", "model", "report.
 
 def prepare_out(out: Path, overwrite: bool = False) -> None:
     """--out before a build: a new or empty folder, or the work folder of an earlier build (its MARKER, and
-    nothing the recipe does not write), whose data/, run/, refine_data/, refine_run/ and model/ are then removed; a finished model
-    (model/report.json, written last) only with `overwrite`. Checked before any work."""
+    nothing the recipe does not write), whose data/, run/, refine_data/, refine_run/ and model/ are then
+    removed; a finished model (model/report.json, written last) only with `overwrite`. Checked before any work."""
     if out.exists() and not out.is_dir():
         raise ValueError(
-            f"--out {out} is a file: give a folder (the recipe writes data/, run/, refine_data/, refine_run/ and model/ in it)"
+            f"--out {out} is a file: give a folder (the recipe writes its data, runs and model/ in it)"
         )
     writing.check_writable_folder(out, f"--out {out}")
     entries = sorted(p.name for p in out.iterdir())
