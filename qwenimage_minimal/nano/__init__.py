@@ -50,9 +50,8 @@ DEMO_PROMPTS = (
 class NanoConfig:
     """Every setting of the recipe; QUICK (below) is the CI-sized run, the defaults the committed model's."""
 
-    out: str = (
-        "out/nano"  # data/, run/ (train.py's output), refine_data/, refine_run/, model/ (the checkpoint)
-    )
+    # data/, run/ (train.py's output), refine_data/ and refine_run/ (the warm restart's), model/ (the checkpoint)
+    out: str = "out/nano"
     seed: int = 0
     size: int = 128  # pixels: 4 x 16 x 16 latents, 64 image tokens
     train_scenes: int = 4000
@@ -81,9 +80,8 @@ class NanoConfig:
     progress_scenes: int = 48  # held-out scenes drawn with every checkpoint of the MMDiT run
     diversity_captions: int = 4  # single-object held-out captions drawn with 16 seeds at several CFG scales
     eval_steps: int = 20
-    eval_cfg: float = (
-        3.0  # measured best on the eval scenes against its neighbours (report: quality.held_out_at)
-    )
+    # measured best on the eval scenes against its neighbours (report.json: quality.held_out_at)
+    eval_cfg: float = 3.0
     eval_cfg_neighbours: tuple = (2.0, 4.0)
     eval_negative: str = ""  # CFG's negative prompt: the empty one that caption dropout trained
 
