@@ -16,9 +16,10 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install -q -e ".[test,notebooks]"
 	touch $@
 
-# The whole test suite on CPU: parity against diffusers, loading, conversion, notebooks.
+# The whole test suite on CPU: parity against diffusers, loading, conversion, notebooks. --durations lists the
+# 20 slowest tests at the end, so a CI log says where its minutes went (the guide's limit is ~15 minutes).
 test: $(VENV)/.installed lint
-	$(PY) -m pytest -q -m "not cuda" tests
+	$(PY) -m pytest -q -m "not cuda" --durations=20 tests
 
 # ruff, configured in pyproject.toml: the linter, and the formatter's check (`make format` applies it).
 lint: $(VENV)/.installed
